@@ -1,0 +1,1 @@
+"""Data loading, client partitions and fixed-shape packing."""

@@ -1,0 +1,128 @@
+"""Which client parameters each federated method trains, sends and keeps (METHOD.md §6).
+
+A client's parameters are one pytree ``{"lora": adapters, "params": base_subset}`` where
+``base_subset`` holds the base parameters the client fine-tunes itself (LayerNorms and the
+task head by default). Every leaf gets one role:
+
+- ``"shared"``: trained locally and exchanged with the server each round (up and down);
+- ``"personal"``: trained locally, never leaves the client;
+- ``"frozen"``: not trained (e.g. FFA-LoRA's random A).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+from flax import traverse_util
+
+from celora_jax.adapters import LORA, TRI
+
+SHARED = "shared"
+PERSONAL = "personal"
+FROZEN = "frozen"
+ROLES = (SHARED, PERSONAL, FROZEN)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """The client-side contract of a federated fine-tuning method.
+
+    Attributes:
+      name: identifier used in configs and results.
+      adapter_kind: "tri" (A·C·B) or "lora" (A·B).
+      trained: adapter factors trained locally.
+      shared: adapter factors sent to the server and replaced by its answer each round.
+      personalized: whether the server answers each client with its own mixture
+        (learned weights, METHOD.md §5) instead of one common average.
+      description: one line for tables and help texts.
+    """
+
+    name: str
+    adapter_kind: str
+    trained: frozenset
+    shared: frozenset
+    personalized: bool
+    description: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec for spec in (
+        MethodSpec("celora", TRI, frozenset("ACB"), frozenset("C"), True,
+                   "CE-LoRA: tri-matrix adapters, personalized mixtures of cores"),
+        MethodSpec("celora_avg", TRI, frozenset("ACB"), frozenset("C"), False,
+                   "CE-LoRA without personalization: cores averaged with weights n_i/n"),
+        MethodSpec("fedavg_lora", LORA, frozenset("AB"), frozenset("AB"), False,
+                   "FedIT / FedAvg-LoRA: A and B averaged"),
+        MethodSpec("ffa_lora", LORA, frozenset("B"), frozenset("B"), False,
+                   "FFA-LoRA: A frozen at its shared random init, B averaged"),
+        MethodSpec("fedsa_lora", LORA, frozenset("AB"), frozenset("A"), False,
+                   "FedSA-LoRA: A averaged, B personal"),
+        MethodSpec("local", LORA, frozenset("AB"), frozenset(), False,
+                   "local-only: LoRA trained on each client, nothing sent"),
+    )
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    """Looks up a method by name with a clear error for unknown names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
+
+
+def parameter_roles(client_params: Mapping[str, Any], method: MethodSpec, *,
+                    core_only: bool = False, share_base: bool = False) -> dict:
+    """Labels every leaf of ``client_params`` with its role under ``method``.
+
+    Args:
+      client_params: ``{"lora": adapters, "params": base_subset}`` (either may be absent).
+      method: the federated method.
+      core_only: CE-LoRA ablation where only the cores are trained (A and B frozen).
+      share_base: also average the client-trained base parameters (LayerNorms and head),
+        which are personal by default under every method (METHOD.md §6, [decided]).
+
+    Returns:
+      A pytree with the structure of ``client_params`` whose leaves are role strings.
+    """
+    trained = frozenset("C") if core_only else method.trained
+    roles = {}
+    for path in traverse_util.flatten_dict(dict(client_params)):
+        if path[0] == "lora":
+            factor = path[-1]
+            if factor not in trained:
+                roles[path] = FROZEN
+            else:
+                roles[path] = SHARED if factor in method.shared else PERSONAL
+        else:
+            roles[path] = SHARED if share_base and method.shared else PERSONAL
+    return traverse_util.unflatten_dict(roles)
+
+
+def select(tree: Mapping[str, Any], roles: Mapping[str, Any], *wanted: str) -> dict:
+    """The sub-pytree of ``tree`` whose leaves have one of the ``wanted`` roles."""
+    unknown = set(wanted) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown roles {sorted(unknown)}; roles are {ROLES}")
+    flat_roles = traverse_util.flatten_dict(dict(roles))
+    flat = {path: leaf for path, leaf in traverse_util.flatten_dict(dict(tree)).items()
+            if flat_roles[path] in wanted}
+    return traverse_util.unflatten_dict(flat)
+
+
+def combine(*trees: Mapping[str, Any]) -> dict:
+    """Merges disjoint nested dicts (e.g. the parts returned by ``select``) into one."""
+    flat: dict = {}
+    for tree in trees:
+        for path, leaf in traverse_util.flatten_dict(dict(tree)).items():
+            if path in flat:
+                raise ValueError(f"combine: leaf {'/'.join(path)} appears twice")
+            flat[path] = leaf
+    return traverse_util.unflatten_dict(flat)
+
+
+def trainable_mask(roles: Mapping[str, Any]) -> dict:
+    """Boolean pytree, True where a leaf is trained (for ``optax.masked``)."""
+    return jax.tree.map(lambda role: role != FROZEN, dict(roles))

