@@ -1,0 +1,391 @@
+"""CE-LoRA personalized aggregation of r×r cores: learned weights and mixtures (METHOD.md §5).
+
+One jitted server step per round, static shapes for a fixed client population:
+
+    D_data = similarity.data_distance(stats)              # once, after the statistic upload
+    out = server_step(cores, None, sizes, mask, config, data_distance=D_data)   # every round
+    out.mixed_cores[i]                                     # C̃_i, sent back to client i
+
+Inside: D_param = 1 − cos(vec(C_i − I), vec(C_j − I)); both distances divided by their
+median off-diagonal value over reporting clients; D = β D̂_data + (1 − β) D̂_param; for every
+client w_i = Proj_simplex(p − D_i / (2λ)) (the minimizer of Σ_j w_j D_ij + λ‖w − p‖² on the
+simplex, p_j = n_j / Σ n); C̃ = W @ C per layer.
+
+**[decided]** Clients that did not report this round (``mask`` False) or whose upload is
+unusable (non-finite core, statistic or size: ``excluded``) get weight 0 in every row, and
+p is renormalized over the remaining *active* clients. Rows of inactive clients:
+
+* a client whose own core is finite gets the identity row (it keeps its own core);
+* a client whose own core is non-finite gets p over the active clients (the plain average
+  of the usable cores), or, if no client is active, the initial core I.
+
+So every row of W is on the simplex and ``mixed_cores`` is always finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import numbers
+from typing import NamedTuple, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from optax import projections
+
+from celora_jax import similarity
+from celora_jax.gmm import ClassMixtures
+
+Array = jax.Array
+
+logger = logging.getLogger(__name__)
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class AggregationConfig:
+    """Server-side aggregation options (hashable: passed to jit as a static argument).
+
+    Attributes:
+      beta: β, weight of the data distance in the blend D = β D̂_data + (1 − β) D̂_param;
+        1 = data only, 0 = parameters only (METHOD.md §5 ablations). In [0, 1].
+      lam: λ > 0, pull of each client's weights towards the size prior p. λ → ∞ gives
+        FedAvg (W rows = p); λ → 0 gives local training (W = I).
+      personalized: False is the "CE-LoRA without personalization" ablation: every
+        active row of W is p, i.e. the size-weighted average of the reported cores.
+      normalize: divide each distance matrix by its median off-diagonal value over the
+        active clients before blending, so that β mixes comparable scales (METHOD.md §5).
+        A median of 0 (e.g. all cores still the identity) leaves the matrix unscaled.
+      bandwidth_sq: ℓ² of the MMD kernel when the data distance is computed inside
+        ``server_step``; None = median heuristic over component means (METHOD.md §3).
+      mmd_block_clients: clients per row block of the pairwise MMD computation (bounds
+        memory; see ``similarity.data_distance``).
+      projection: how each row is projected onto the simplex. "optax" is
+        ``optax.projections.projection_simplex`` (sort-based); "bisection" finds the same
+        threshold without sorting (identical up to float rounding, ~30x faster on CPU
+        for N = 1000, where the sort dominates the step).
+    """
+
+    beta: float = 0.5
+    lam: float = 1.0
+    personalized: bool = True
+    normalize: bool = True
+    bandwidth_sq: float | None = None
+    mmd_block_clients: int = 8
+    projection: str = "optax"
+
+    def __post_init__(self):
+        if not (isinstance(self.beta, numbers.Real) and 0.0 <= self.beta <= 1.0):
+            raise ValueError(f"beta must be a number in [0, 1], got {self.beta!r}")
+        if not (isinstance(self.lam, numbers.Real) and math.isfinite(self.lam) and self.lam > 0.0):
+            raise ValueError(f"lam must be a finite number > 0, got {self.lam!r}")
+        if self.bandwidth_sq is not None and not (
+            isinstance(self.bandwidth_sq, numbers.Real) and math.isfinite(self.bandwidth_sq) and self.bandwidth_sq > 0
+        ):
+            raise ValueError(f"bandwidth_sq must be None or a finite number > 0, got {self.bandwidth_sq!r}")
+        if not isinstance(self.mmd_block_clients, int) or self.mmd_block_clients < 1:
+            raise ValueError(f"mmd_block_clients must be a positive integer, got {self.mmd_block_clients!r}")
+        if self.projection not in ("optax", "bisection"):
+            raise ValueError(f"projection must be 'optax' or 'bisection', got {self.projection!r}")
+
+
+class ServerOutputs(NamedTuple):
+    """Everything one server step returns (all arrays; log W and the distances each round).
+
+    Attributes:
+      weights: [N, N] W, every row on the simplex; column j is 0 unless j is active.
+      mixed_cores: [N, L, r, r] C̃_i = Σ_j W_ij C_j, the personalized core sent to client i.
+      data_distance: [N, N] raw squared-MMD matrix used this round (non-finite entries,
+        i.e. clients with invalid statistics, shown as 0; see ``excluded``); zeros when
+        neither statistics nor a precomputed matrix were given (β = 0).
+      param_distance: [N, N] raw 1 − cos matrix of this round's cores (0 for rows of
+        clients with non-finite cores).
+      excluded: [N] bool, clients dropped because their core, statistic or size is
+        non-finite (or invalid); they are treated as not reporting.
+    """
+
+    weights: Array
+    mixed_cores: Array
+    data_distance: Array
+    param_distance: Array
+    excluded: Array
+
+
+def client_prior(sizes: Array, active: Array) -> Array:
+    """p_j = n_j / Σ_active n over active clients, 0 elsewhere, [N].
+
+    If every active client has size 0 the prior is uniform over them; if none is active it
+    is all zeros.
+    """
+    sizes = jnp.where(active, sizes, 0.0)
+    total = jnp.sum(sizes)
+    uniform = active / jnp.maximum(jnp.sum(active), 1)
+    return jnp.where(total > 0, sizes / jnp.where(total > 0, total, 1.0), uniform)
+
+
+def normalize_by_median(distance: Array, active: Array) -> Array:
+    """distance / median of its off-diagonal entries among active pairs (unscaled if 0)."""
+    n = distance.shape[0]
+    pairs = active[:, None] & active[None, :] & ~jnp.eye(n, dtype=bool)
+    median = similarity.masked_median(distance, pairs)
+    return distance / jnp.where(median > 0, median, 1.0)
+
+
+def _project_rows_optax(target: Array) -> Array:
+    return jax.vmap(projections.projection_simplex)(target)
+
+
+def _project_rows_bisection(target: Array, iterations: int = 32) -> Array:
+    """Row-wise simplex projection without sorting; same result as the sort-based one.
+
+    Finds the threshold θ with Σ_j max(v_j − θ, 0) = 1 by bisection on [max − 1, max],
+    then recomputes θ exactly from the identified support, θ = (Σ_S v − 1) / |S| (the
+    sort-based formula). Sorting N rows of N entries dominates the whole server step on
+    CPU (~0.1 s at N = 1000); this is ~30x faster.
+    """
+    row_max = jnp.max(target, axis=-1, keepdims=True)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        too_low = jnp.sum(jnp.maximum(target - mid, 0.0), axis=-1, keepdims=True) > 1.0
+        return jnp.where(too_low, mid, lo), jnp.where(too_low, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, iterations, body, (row_max - 1.0, row_max))
+    support = target > lo
+    size = jnp.sum(support, axis=-1, keepdims=True)
+    theta = (jnp.sum(jnp.where(support, target, 0.0), axis=-1, keepdims=True) - 1.0) / size
+    return jnp.maximum(target - theta, 0.0)
+
+
+_PROJECTIONS = {"optax": _project_rows_optax, "bisection": _project_rows_bisection}
+
+
+def personalized_weights(
+    data_distance: Array,
+    param_distance: Array,
+    sizes: Array,
+    active: Array,
+    config: AggregationConfig,
+) -> Array:
+    """W [N, N] with w_i = Proj_simplex(p − D_i / (2λ)) for every active client i.
+
+    Args:
+      data_distance: [N, N] finite, symmetric, zero diagonal.
+      param_distance: [N, N] finite, symmetric, zero diagonal.
+      sizes: [N] n_i (example counts), the prior p ∝ n over active clients.
+      active: [N] bool; inactive clients get 0 in every row and the identity as own row.
+      config: β, λ, normalization, personalization switch.
+
+    Returns:
+      [N, N] row-stochastic W.
+    """
+    chex.assert_rank([data_distance, param_distance, sizes, active], [2, 2, 1, 1])
+    n = sizes.shape[0]
+    prior = client_prior(sizes, active)
+    if config.personalized:
+        if config.normalize:
+            data_distance = normalize_by_median(data_distance, active)
+            param_distance = normalize_by_median(param_distance, active)
+        blended = config.beta * data_distance + (1.0 - config.beta) * param_distance
+        target = prior[None, :] - blended / (2.0 * config.lam)  # [N, N]
+        # Projection onto the simplex is invariant to adding a constant to a row, so shift
+        # each row's active maximum to 0: the support then lies in [−1, 0], which keeps
+        # float32 accurate even when λ is tiny and |target| huge. An entry below −1 always
+        # projects to 0 (the threshold is ≥ max − 1), so −2 removes inactive columns
+        # exactly without ±inf.
+        row_max = jnp.max(jnp.where(active[None, :], target, -jnp.inf), axis=1, keepdims=True)
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+        target = jnp.where(active[None, :], target - row_max, -2.0)
+        weights = _PROJECTIONS[config.projection](target)
+        weights = jnp.where(active[None, :], weights, 0.0)
+    else:
+        weights = jnp.broadcast_to(prior, (n, n))
+    return jnp.where(active[:, None], weights, jnp.eye(n, dtype=weights.dtype))
+
+
+def mix_cores(weights: Array, cores: Array) -> Array:
+    """C̃_i = Σ_j W_ij C_j for all clients and layers in one einsum, [N, L, r, r]."""
+    chex.assert_rank([weights, cores], [2, 4])
+    return jnp.einsum("ij,jlab->ilab", weights, cores, precision=_HIGHEST)
+
+
+def weighted_average_cores(cores: Array, sizes: Array, mask: Array | None = None) -> Array:
+    """Size-weighted average of the reported, finite cores, [L, r, r] (plain CE-LoRA).
+
+    The non-personalized ablation: every client receives this same core (W rows = p).
+    Returns the identity cores if no client is usable.
+    """
+    cores = _as_core_array(cores)
+    n, num_layers, r, _ = cores.shape
+    _check_vector(sizes, n, "sizes")
+    if mask is None:
+        mask = jnp.ones((n,), bool)
+    _check_vector(mask, n, "mask")
+    ok = jnp.asarray(mask, bool) & _core_is_finite(cores) & _size_is_valid(sizes)
+    prior = client_prior(jnp.asarray(sizes, jnp.float32), ok)
+    safe = jnp.where(ok[:, None, None, None], cores, 0.0)
+    average = jnp.einsum("j,jlab->lab", prior, safe, precision=_HIGHEST)
+    identity = jnp.broadcast_to(jnp.eye(r, dtype=cores.dtype), (num_layers, r, r))
+    return jnp.where(jnp.any(ok), average, identity)
+
+
+def _core_is_finite(cores: Array) -> Array:
+    return jnp.all(jnp.isfinite(cores), axis=(1, 2, 3))
+
+
+def _size_is_valid(sizes: Array) -> Array:
+    return jnp.isfinite(sizes) & (sizes >= 0)
+
+
+def _data_distance_ok(distance: Array) -> Array:
+    """[N] bool: client i's data-distance row is usable.
+
+    ``similarity.data_distance`` marks invalid statistics with a NaN row and column; any
+    other non-finite entry between two clients excludes both of them.
+    """
+    finite = jnp.isfinite(distance)
+    diag_ok = jnp.diagonal(finite)
+    bad_pair = ~finite & diag_ok[None, :] & diag_ok[:, None]
+    return diag_ok & ~jnp.any(bad_pair, axis=1)
+
+
+def _server_step_impl(cores, stats, sizes, mask, data_distance, config: AggregationConfig) -> ServerOutputs:
+    n, _, r, _ = cores.shape
+    identity = jnp.eye(r, dtype=cores.dtype)
+
+    core_ok = _core_is_finite(cores)
+    cores = jnp.where(core_ok[:, None, None, None], cores, identity)
+    size_ok = _size_is_valid(sizes)
+    sizes = jnp.where(size_ok, sizes, 0.0)
+
+    if data_distance is None and stats is not None:
+        data_distance = similarity._data_distance_impl(stats, config.bandwidth_sq, config.mmd_block_clients)
+    if data_distance is None:
+        data_distance = jnp.zeros((n, n), cores.dtype)
+    stat_ok = _data_distance_ok(data_distance)
+    data_distance = jnp.where(jnp.isfinite(data_distance), data_distance, 0.0)
+
+    excluded = ~(core_ok & size_ok & stat_ok)
+    active = mask & ~excluded
+
+    # Computed even where the weights ignore it (β = 1, plain average): it is logged.
+    param_distance = similarity.parameter_distance(cores)
+
+    weights = personalized_weights(data_distance, param_distance, sizes, active, config)
+    # Inactive clients with an unusable own core get the plain average of the active ones.
+    fallback = client_prior(sizes, active)
+    fallback = jnp.where(jnp.any(active), fallback, jnp.eye(n, dtype=weights.dtype))
+    weights = jnp.where((~core_ok & ~active)[:, None], fallback, weights)
+    mixed = mix_cores(weights.astype(cores.dtype), cores)
+    return ServerOutputs(weights, mixed, data_distance, param_distance, excluded)
+
+
+_server_step_jit = jax.jit(_server_step_impl, static_argnames=("config",))
+
+
+def _as_core_array(cores) -> Array:
+    """Stacks a per-client sequence of cores and checks the [N, L, r, r] layout."""
+    if isinstance(cores, (list, tuple)):
+        if not cores:
+            raise ValueError("cores is empty")
+        shapes = [tuple(np.shape(c)) for c in cores]
+        for index, shape in enumerate(shapes):
+            if shape != shapes[0]:
+                raise ValueError(f"cores[{index}] has shape {shape}, but cores[0] has shape {shapes[0]}")
+        cores = jnp.stack([jnp.asarray(c) for c in cores])
+    cores = jnp.asarray(cores)
+    if cores.ndim != 4 or cores.shape[-1] != cores.shape[-2]:
+        raise ValueError(f"cores must be [clients, layers, r, r], got shape {tuple(cores.shape)}")
+    if not jnp.issubdtype(cores.dtype, jnp.floating):
+        cores = cores.astype(jnp.float32)
+    return cores
+
+
+def _check_vector(value, n: int, name: str) -> None:
+    if tuple(np.shape(value)) != (n,):
+        raise ValueError(f"{name} must have shape ({n},) (one entry per client), got {tuple(np.shape(value))}")
+
+
+def server_step(
+    cores: Array | Sequence[Array],
+    stats: ClassMixtures | None,
+    sizes: Array,
+    mask: Array | None,
+    config: AggregationConfig = AggregationConfig(),
+    *,
+    data_distance: Array | None = None,
+) -> ServerOutputs:
+    """One round of CE-LoRA personalized aggregation: distances, W and C̃ in one jitted call.
+
+    Args:
+      cores: [N, L, r, r] uploaded cores C_i (stale entries for non-reporting clients are
+        fine), or a length-N sequence of [L, r, r] arrays.
+      stats: the one-time statistics; used only when ``data_distance`` is None (then the
+        MMD is recomputed inside this call, which is the expensive part: pass the
+        precomputed matrix every round instead). May be None when β = 0.
+      sizes: [N] n_i, the clients' example counts (prior p ∝ n).
+      mask: [N] bool, True for clients that reported this round; None = all.
+      config: static aggregation options (hashable; one compilation per config and N).
+      data_distance: [N, N] output of :func:`similarity.data_distance` (NaN rows mark
+        invalid statistics and exclude those clients).
+
+    Returns:
+      ServerOutputs(weights, mixed_cores, data_distance, param_distance, excluded).
+
+    Raises:
+      ValueError: on shape mismatches, an invalid config, or missing data inputs with β > 0.
+    """
+    if not isinstance(config, AggregationConfig):
+        raise ValueError(f"config must be an AggregationConfig, got {type(config).__name__}")
+    cores = _as_core_array(cores)
+    n = cores.shape[0]
+    _check_vector(sizes, n, "sizes")
+    if mask is None:
+        mask = jnp.ones((n,), bool)
+    _check_vector(mask, n, "mask")
+    if data_distance is not None:
+        if tuple(np.shape(data_distance)) != (n, n):
+            raise ValueError(f"data_distance must have shape ({n}, {n}), got {tuple(np.shape(data_distance))}")
+        data_distance = jnp.asarray(data_distance, cores.dtype)
+        stats = None  # precomputed: the statistics are not needed inside the kernel
+    elif stats is not None:
+        similarity.check_statistics(stats, n)
+    elif config.beta > 0 and config.personalized:
+        raise ValueError("stats or data_distance is required when config.beta > 0")
+    return _server_step_jit(
+        cores, stats, jnp.asarray(sizes, cores.dtype), jnp.asarray(mask, bool), data_distance, config
+    )
+
+
+def logged_server_step(
+    cores: Array | Sequence[Array],
+    stats: ClassMixtures | None,
+    sizes: Array,
+    mask: Array | None,
+    config: AggregationConfig = AggregationConfig(),
+    *,
+    data_distance: Array | None = None,
+    round_index: int | None = None,
+) -> ServerOutputs:
+    """``server_step`` plus a logged warning naming excluded clients (caller side, not jitted).
+
+    Use this from the Python round loop; inside a larger jitted program call
+    ``server_step`` and inspect ``outputs.excluded`` afterwards.
+    """
+    outputs = server_step(cores, stats, sizes, mask, config, data_distance=data_distance)
+    excluded = np.asarray(outputs.excluded)
+    if excluded.any():
+        where = "" if round_index is None else f" (round {round_index})"
+        logger.warning(
+            "server_step%s: clients %s excluded from aggregation (non-finite core, statistic "
+            "or size); they received no weight this round",
+            where,
+            np.flatnonzero(excluded).tolist(),
+        )
+    return outputs
+

@@ -1,0 +1,165 @@
+"""Run configuration: one frozen dataclass of frozen dataclasses, with ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import typing
+from typing import Any
+
+from celora_jax.adapters import AdapterConfig
+from celora_jax.data.partition import PartitionConfig
+from celora_jax.data.text import TextDataConfig
+from celora_jax.federated.client import OptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The pre-trained encoder and how it is fine-tuned.
+
+    Attributes:
+      path: local HF BERT/RoBERTa directory (config.json + safetensors); None means the
+        shipped all-MiniLM-L6-v2.
+      pooling: "mean", "first" or "pooler" (see ``models.bert.SequenceClassifier``).
+      max_length: tokens per example (longer texts are truncated).
+      dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
+      trainable_base: regex over base parameter paths that every client trains and keeps
+        personal (LayerNorms and the task head by default, METHOD.md §1).
+    """
+
+    path: str | None = None
+    pooling: str = "mean"
+    max_length: int = 64
+    dtype: str = "float32"
+    trainable_base: str = r"(LayerNorm|classifier|pooler)"
+
+
+@dataclasses.dataclass(frozen=True)
+class FederationConfig:
+    """Rounds, local work and evaluation.
+
+    Attributes:
+      method: one of ``celora_jax.methods.METHODS``.
+      rounds: communication rounds.
+      local_steps: local optimizer steps per round; None means one local epoch
+        (ceil(train_examples / batch_size)).
+      batch_size: local batch size.
+      eval_every: evaluate clients on their own test split every k rounds (and always at
+        the last round).
+      eval_batch_size: chunk size of evaluation forward passes.
+      share_base: also average the client-trained base parameters (LayerNorms, head);
+        personal under every method by default (METHOD.md §6).
+      num_devices: devices on the ``clients`` mesh axis (None: all visible devices).
+    """
+
+    method: str = "celora"
+    rounds: int = 8
+    local_steps: int | None = None
+    batch_size: int = 16
+    eval_every: int = 1
+    eval_batch_size: int = 64
+    share_base: bool = False
+    num_devices: int | None = None
+
+    def __post_init__(self):
+        from celora_jax.methods import get_method
+
+        get_method(self.method)
+        for name in ("rounds", "batch_size", "eval_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"federation.{name} must be at least 1, got {getattr(self, name)}")
+        if self.local_steps is not None and self.local_steps < 1:
+            raise ValueError(f"federation.local_steps must be at least 1 or None, got {self.local_steps}")
+
+
+def _aggregation_config_type():
+    from celora_jax.aggregation import AggregationConfig
+
+    return AggregationConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a federated run needs.
+
+    Attributes:
+      name: run name; outputs go to ``output_dir/name/method``.
+      seed: seed of adapter init, dropout and batch order (the partition has its own).
+      model, data, partition, adapter, optimizer, federation, aggregation: see their types.
+        ``adapter.kind`` is decided by the method (tri for CE-LoRA, lora otherwise).
+      output_dir: root directory of run outputs.
+    """
+
+    name: str = "default"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: TextDataConfig = TextDataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    federation: FederationConfig = FederationConfig()
+    aggregation: Any = dataclasses.field(default_factory=lambda: _aggregation_config_type()())
+    output_dir: str = "runs"
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_json(config) -> str:
+    return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+def apply_overrides(config, overrides: list[str]):
+    """Returns ``config`` with ``section.field=value`` overrides applied.
+
+    Values are parsed as Python literals (``3``, ``0.5``, ``True``, ``None``, ``'x'``) and
+    fall back to plain strings; a value must fit the field's type.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        config = _replace_path(config, key.strip().split("."), _parse(raw.strip()), key)
+    return config
+
+
+def _parse(raw: str):
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def _replace_path(node, path: list[str], value, full_key: str):
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    head = path[0]
+    if head not in fields:
+        raise ValueError(f"unknown config key {full_key!r}: {type(node).__name__} has fields "
+                         f"{sorted(fields)}")
+    current = getattr(node, head)
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"config key {full_key!r}: {head} is not a section")
+        return dataclasses.replace(node, **{head: _replace_path(current, path[1:], value, full_key)})
+    if dataclasses.is_dataclass(current):
+        raise ValueError(f"config key {full_key!r} names a section; set one of its fields")
+    return dataclasses.replace(node, **{head: _coerce(value, current, type(node), head, full_key)})
+
+
+def _coerce(value, current, owner, name, full_key):
+    hints = typing.get_type_hints(owner)
+    allowed = typing.get_args(hints.get(name)) or (hints.get(name),)
+    if value is None and type(None) in allowed:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
+        return float(value)
+    if isinstance(value, bool) and bool not in allowed:
+        raise ValueError(f"config key {full_key!r} expects {hints.get(name)}, got {value!r}")
+    for kind in allowed:
+        if isinstance(kind, type) and isinstance(value, kind):
+            return value
+    if str in allowed:
+        return str(value)
+    raise ValueError(f"config key {full_key!r} expects {hints.get(name)}, got {value!r}")

@@ -1,0 +1,171 @@
+"""Split a labelled dataset into non-IID clients, each with its own train and test split.
+
+All schemes give equal-size clients (as the authors' code does) and draw every client's
+test split from the same distribution as its training split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from celora_jax.data.text import DataError
+
+SCHEMES = ("iid", "dirichlet", "pathological", "source")
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionConfig:
+    """How examples are dealt to clients.
+
+    Attributes:
+      scheme: "iid"; "dirichlet" (label proportions of each client ~ Dir(alpha · global
+        label proportions)); "pathological" (each client sees labels_per_client classes);
+        "source" (client i draws only from source/group i mod #groups, e.g. IMDB vs
+        Rotten Tomatoes, labels IID within its source).
+      num_clients: N.
+      alpha: Dirichlet concentration (scheme "dirichlet"); smaller is more skewed.
+      labels_per_client: classes per client (scheme "pathological").
+      train_examples: training examples per client.
+      test_examples: test examples per client, from the client's own distribution.
+      global_test_examples: examples of a common test set drawn from the remaining data
+        with the global label distribution (0 disables it).
+      seed: seed of the partition (independent of the training seed).
+    """
+
+    scheme: str = "dirichlet"
+    num_clients: int = 10
+    alpha: float = 0.5
+    labels_per_client: int = 1
+    train_examples: int = 128
+    test_examples: int = 64
+    global_test_examples: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise DataError(f"unknown partition scheme {self.scheme!r}; choose one of {SCHEMES}")
+        if self.num_clients < 1:
+            raise DataError(f"num_clients must be at least 1, got {self.num_clients}")
+        if self.scheme == "dirichlet" and not self.alpha > 0:
+            raise DataError(f"Dirichlet alpha must be > 0, got {self.alpha}")
+        if self.train_examples < 1 or self.test_examples < 1:
+            raise DataError("every client needs at least one train and one test example "
+                            f"(got train_examples={self.train_examples}, test_examples={self.test_examples})")
+        if self.labels_per_client < 1:
+            raise DataError(f"labels_per_client must be at least 1, got {self.labels_per_client}")
+        if self.global_test_examples < 0:
+            raise DataError("global_test_examples must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSplit:
+    """Example indices into the dataset: ``train [N, n_train]``, ``test [N, n_test]``,
+    ``global_test [n_global]``."""
+
+    train: np.ndarray
+    test: np.ndarray
+    global_test: np.ndarray
+
+
+def partition(labels: np.ndarray, config: PartitionConfig, groups: np.ndarray | None = None) -> ClientSplit:
+    """Deals disjoint examples to clients following ``config.scheme``.
+
+    Raises:
+      DataError: the scheme cannot be satisfied with the data (too many clients or examples
+        per client for some class or source, no groups for the "source" scheme).
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(config.seed)
+    num_classes = int(labels.max()) + 1
+    per_client = config.train_examples + config.test_examples
+    needed = config.num_clients * per_client + config.global_test_examples
+    if needed > len(labels):
+        raise DataError(f"{config.num_clients} clients x {per_client} examples + "
+                        f"{config.global_test_examples} global test examples need {needed} "
+                        f"examples, the data has {len(labels)}")
+    pools = _Pools(labels, groups, rng)
+    if config.scheme == "iid":
+        counts = rng.multinomial(per_client, np.bincount(labels, minlength=num_classes) / len(labels),
+                                 size=config.num_clients)
+        cells = [{(None, c): n for c, n in enumerate(row)} for row in counts]
+    elif config.scheme == "dirichlet":
+        prior = np.bincount(labels, minlength=num_classes) / len(labels)
+        proportions = rng.dirichlet(config.alpha * prior, size=config.num_clients)
+        counts = np.stack([rng.multinomial(per_client, p) for p in proportions])
+        cells = [{(None, c): n for c, n in enumerate(row)} for row in counts]
+    elif config.scheme == "pathological":
+        if config.labels_per_client > num_classes:
+            raise DataError(f"labels_per_client={config.labels_per_client} exceeds the "
+                            f"{num_classes} classes in the data")
+        cells = []
+        for client in range(config.num_clients):
+            # Consecutive class windows so that every class is used when N·k >= #classes.
+            chosen = [(client * config.labels_per_client + j) % num_classes
+                      for j in range(config.labels_per_client)]
+            counts = np.bincount(rng.choice(chosen, size=per_client), minlength=num_classes)
+            cells.append({(None, c): n for c, n in enumerate(counts)})
+    else:  # source
+        if groups is None:
+            raise DataError("the 'source' partition needs a group column (data.group_column)")
+        num_groups = int(np.max(groups)) + 1
+        cells = []
+        for client in range(config.num_clients):
+            group = client % num_groups
+            in_group = labels[groups == group]
+            prior = np.bincount(in_group, minlength=num_classes) / len(in_group)
+            counts = rng.multinomial(per_client, prior)
+            cells.append({(group, c): n for c, n in enumerate(counts)})
+    train, test = [], []
+    for client, cell in enumerate(cells):
+        indices = np.concatenate([pools.take(g, c, n, client) for (g, c), n in cell.items() if n])
+        rng.shuffle(indices)
+        train.append(indices[: config.train_examples])
+        test.append(indices[config.train_examples:])
+    global_test = pools.take_global(config.global_test_examples, num_classes)
+    return ClientSplit(np.stack(train), np.stack(test), global_test)
+
+
+class _Pools:
+    """Shuffled per-(group, class) pools of unused example indices."""
+
+    def __init__(self, labels, groups, rng):
+        self._labels, self._groups, self._rng = labels, groups, rng
+        self._used = np.zeros(len(labels), bool)
+        self._order = rng.permutation(len(labels))
+
+    def _available(self, group, label):
+        keep = (self._labels[self._order] == label) & ~self._used[self._order]
+        if group is not None:
+            keep &= self._groups[self._order] == group
+        return self._order[keep]
+
+    def take(self, group, label, count, client):
+        available = self._available(group, label)
+        if len(available) < count:
+            where = f"class {label}" + ("" if group is None else f" of source {group}")
+            raise DataError(f"client {client} needs {count} examples of {where} but only "
+                            f"{len(available)} remain; use fewer clients or examples per client")
+        chosen = available[:count]
+        self._used[chosen] = True
+        return chosen
+
+    def take_global(self, count, num_classes):
+        """``count`` unused examples with the dataset's label proportions (stratified, so
+        that what the clients took does not skew the common test set)."""
+        if count == 0:
+            return np.zeros((0,), np.int64)
+        prior = np.bincount(self._labels, minlength=num_classes) / len(self._labels)
+        per_class = np.floor(prior * count).astype(int)
+        per_class[np.argsort(-(prior * count - per_class))[: count - per_class.sum()]] += 1
+        chosen = []
+        for label, wanted in enumerate(per_class):
+            available = self._available(None, label)
+            if len(available) < wanted:
+                raise DataError(f"only {len(available)} unused examples of class {label} remain "
+                                f"for a global test set of {count}")
+            chosen.append(available[len(available) - wanted:])
+        chosen = np.concatenate(chosen)
+        self._used[chosen] = True
+        return self._rng.permutation(chosen)

@@ -1,0 +1,1 @@
+"""Federated simulation: client updates, server strategies and the round engine."""

@@ -1,0 +1,163 @@
+"""Local training and evaluation of one client, written to be ``jax.vmap``-ed over clients.
+
+What travels where:
+  base_params: frozen pre-trained parameters, one copy shared by all clients (vmap in_axes=None).
+  client_state: {"params": {"lora": adapters, "params": client-trained base subset},
+                 "opt_state": optimizer state of the trained leaves} — one per client.
+  batches: one round of data, ``[S, B, ...]`` per client (see ``celora_jax.data.packing``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from celora_jax import methods
+
+Array = jax.Array
+PyTree = Any
+# logits_fn(params, lora, batch, dropout_key or None) -> logits [B, classes]; params is the
+# full base pytree (frozen part merged with the client's trained part).
+LogitsFn = Callable[[Mapping, Mapping, Mapping, Array | None], Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Local AdamW with linear warmup and linear decay over the whole run.
+
+    Attributes:
+      learning_rate: peak learning rate.
+      warmup_fraction: fraction of all local steps (rounds x steps) spent warming up.
+      weight_decay: decoupled weight decay of AdamW.
+      max_grad_norm: global-norm gradient clipping (0 disables it).
+      reset_each_round: start every round with fresh Adam moments (METHOD.md §2, [decided]);
+        the learning-rate schedule always follows the global step.
+      dropout: train with the model's dropout (otherwise deterministic forward passes).
+    """
+
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    reset_each_round: bool = True
+    dropout: bool = True
+
+    def __post_init__(self):
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+
+def learning_rate_at(step: Array, total_steps: int, config: OptimizerConfig) -> Array:
+    """Linear warmup to the peak, then linear decay to zero at ``total_steps``."""
+    warmup = max(1, int(config.warmup_fraction * total_steps))
+    step = jnp.asarray(step, jnp.float32)
+    rise = (step + 1) / warmup
+    fall = jnp.maximum(total_steps - step, 0) / max(1, total_steps - warmup)
+    return config.learning_rate * jnp.minimum(rise, fall)
+
+
+def local_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """AdamW with unit step size; the caller multiplies by the scheduled learning rate so
+    the schedule can follow the global step while Adam's moments are reset per round."""
+    parts = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm > 0 else []
+    parts.append(optax.adamw(learning_rate=1.0, weight_decay=config.weight_decay))
+    return optax.chain(*parts)
+
+
+def classification_loss(logits: Array, labels: Array, example_mask: Array) -> tuple[Array, tuple[Array, Array]]:
+    """Mean cross-entropy over real examples, plus (#correct, #examples)."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    count = example_mask.sum()
+    loss = (losses * example_mask).sum() / jnp.maximum(count, 1.0)
+    correct = ((logits.argmax(-1) == labels) * example_mask).sum()
+    return loss, (correct, count)
+
+
+def full_params(base_params: Mapping, client_params: Mapping) -> dict:
+    """The model's parameter pytree: frozen base plus the client's trained base subset."""
+    return methods.combine(base_params, client_params.get("params", {}))
+
+
+def init_client_state(client_params: Mapping, roles: Mapping, config: OptimizerConfig) -> dict:
+    """Optimizer state over the trained leaves of one client."""
+    trained = methods.select(client_params, roles, methods.SHARED, methods.PERSONAL)
+    return {"params": dict(client_params), "opt_state": local_optimizer(config).init(trained)}
+
+
+def make_client_update(logits_fn: LogitsFn, roles: Mapping, config: OptimizerConfig,
+                       total_steps: int) -> Callable:
+    """Builds ``client_update(base_params, client_state, batches, key, round_index)``.
+
+    The returned function trains the client's trained leaves for the ``S`` steps in
+    ``batches [S, B, ...]`` with ``lax.scan`` and returns ``(client_state, metrics)`` where
+    metrics hold the round's mean loss and accuracy over real examples.
+    """
+    optimizer = local_optimizer(config)
+
+    def loss_fn(trained, fixed, base_params, batch, dropout_key):
+        client_params = methods.combine(trained, fixed)
+        logits = logits_fn(full_params(base_params, client_params), client_params.get("lora", {}),
+                           batch, dropout_key)
+        return classification_loss(logits, batch["labels"], batch["example_mask"])
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def client_update(base_params, client_state, batches, key, round_index):
+        client_params = client_state["params"]
+        trained = methods.select(client_params, roles, methods.SHARED, methods.PERSONAL)
+        fixed = methods.select(client_params, roles, methods.FROZEN)
+        opt_state = optimizer.init(trained) if config.reset_each_round else client_state["opt_state"]
+        num_steps = jax.tree.leaves(batches)[0].shape[0]
+
+        def step(carry, inputs):
+            trained, opt_state = carry
+            batch, step_key, local_step = inputs
+            dropout_key = step_key if config.dropout else None
+            (loss, (correct, count)), grads = grad_fn(trained, fixed, base_params, batch, dropout_key)
+            updates, opt_state = optimizer.update(grads, opt_state, trained)
+            rate = learning_rate_at(round_index * num_steps + local_step, total_steps, config)
+            trained = jax.tree.map(lambda p, u: p + rate * u, trained, updates)
+            return (trained, opt_state), (loss * count, correct, count)
+
+        keys = jax.random.split(key, num_steps)
+        (trained, opt_state), (loss_sums, correct, counts) = jax.lax.scan(
+            step, (trained, opt_state), (batches, keys, jnp.arange(num_steps)))
+        total = jnp.maximum(counts.sum(), 1.0)
+        metrics = {"train_loss": loss_sums.sum() / total, "train_accuracy": correct.sum() / total}
+        new_state = {"params": methods.combine(trained, fixed), "opt_state": opt_state}
+        return new_state, metrics
+
+    return client_update
+
+
+def make_evaluate(logits_fn: LogitsFn, chunk_size: int) -> Callable:
+    """Builds ``evaluate(base_params, client_params, examples) -> {"loss", "correct", "count"}``
+    for one client's examples ``[n, ...]``, processed in chunks of ``chunk_size``."""
+
+    def evaluate(base_params, client_params, examples):
+        n = examples["labels"].shape[0]
+        size = min(chunk_size, n)
+        chunks = -(-n // size)
+
+        def pad(x):
+            # Padded rows carry example_mask 0 and so do not count.
+            return jnp.pad(x, [(0, chunks * size - n)] + [(0, 0)] * (x.ndim - 1))
+
+        chunked = jax.tree.map(lambda x: pad(x).reshape(chunks, size, *x.shape[1:]), examples)
+        params = full_params(base_params, client_params)
+
+        def body(_, batch):
+            logits = logits_fn(params, client_params.get("lora", {}), batch, None)
+            loss, (correct, count) = classification_loss(logits, batch["labels"], batch["example_mask"])
+            return None, (loss * count, correct, count)
+
+        _, (loss_sums, correct, counts) = jax.lax.scan(body, None, chunked)
+        return {"loss": loss_sums.sum(), "correct": correct.sum(), "count": counts.sum()}
+
+    return evaluate

@@ -1,0 +1,309 @@
+"""The federated simulation: every client in one jitted, vmapped, sharded round step.
+
+``prepare(config)`` does the host-side work once (data, partition, tokenization, model,
+adapters, strategy); ``run(config)`` then loops over rounds, calling one compiled program
+per round and evaluating every client on its own test split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import re
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from celora_jax import adapters as adapters_lib
+from celora_jax import methods, sharding
+from celora_jax.config import RunConfig, to_dict
+from celora_jax.data import packing
+from celora_jax.data.partition import partition
+from celora_jax.data.text import DataError, load_text_dataset
+from celora_jax.federated import client as client_lib
+from celora_jax.federated import strategies
+from celora_jax.models import loading
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class FederatedSetup:
+    """Host-side state of a prepared run (arrays are numpy or unsharded jax arrays)."""
+
+    config: RunConfig
+    method: methods.MethodSpec
+    adapter_config: adapters_lib.AdapterConfig
+    model: Any
+    logits_fn: Callable
+    base_params: dict            # frozen, shared by all clients
+    client_params: dict          # one client's initial trained/sent parameters
+    roles: dict                  # role of every leaf of client_params
+    train: dict                  # [N, n_train, ...]
+    test: dict                   # [N, n_test, ...]
+    global_test: dict            # [n_global, ...]
+    num_clients: int
+    local_steps: int
+    num_classes: int
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self.train["example_mask"].sum(1).astype(np.float32)
+
+
+def split_base_params(params: dict, trainable_regex: str) -> tuple[dict, dict]:
+    """(frozen, client-trained) parts of the base parameters by path regex."""
+    pattern = re.compile(trainable_regex)
+    flat = traverse_util.flatten_dict(params)
+    trained = {p: v for p, v in flat.items() if pattern.search("/".join(p))}
+    frozen = {p: v for p, v in flat.items() if p not in trained}
+    return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(trained)
+
+
+def prepare(config: RunConfig) -> FederatedSetup:
+    """Loads data and model, partitions clients and builds the initial client parameters."""
+    method = methods.get_method(config.federation.method)
+    adapter_config = dataclasses.replace(config.adapter, kind=method.adapter_kind)
+    if config.model.dtype not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {config.model.dtype!r}")
+    model_dir = loading.default_model_dir() if config.model.path is None else pathlib.Path(config.model.path)
+    model_config = loading.read_encoder_config(model_dir)  # fails early on a bad directory
+
+    dataset = load_text_dataset(config.data)
+    split = partition(dataset.labels, config.partition, dataset.groups)
+    tokenizer = loading.load_tokenizer(model_dir)
+    needed = np.unique(np.concatenate([split.train.ravel(), split.test.ravel(), split.global_test]))
+    encoded = loading.encode_texts(tokenizer, [dataset.texts[i] for i in needed],
+                                   config.model.max_length, model_config.pad_token_id)
+    position = np.full(len(dataset.labels), -1, np.int64)
+    position[needed] = np.arange(len(needed))
+    labels = dataset.labels[needed]
+    train = packing.gather_examples(encoded, labels, position[split.train])
+    test = packing.gather_examples(encoded, labels, position[split.test])
+    global_test = packing.gather_examples(encoded, labels, position[split.global_test][None])
+    global_test = {k: v[0] for k, v in global_test.items()}
+
+    key_model, key_adapter = jax.random.split(jax.random.key(config.seed))
+    model, params = loading.load_classifier(
+        model_dir, key_model, num_labels=dataset.num_classes, pooling=config.model.pooling,
+        lora_scale=adapter_config.scale, dtype=_DTYPES[config.model.dtype])
+    base_params, trained_base = split_base_params(params, config.model.trainable_base)
+    # One key for every client: all start from the same A (METHOD.md §1).
+    lora = adapters_lib.init_adapters(key_adapter, params, adapter_config)
+    client_params = {"lora": lora, "params": trained_base}
+    roles = methods.parameter_roles(client_params, method, core_only=adapter_config.core_only,
+                                    share_base=config.federation.share_base)
+
+    def logits_fn(full_params, lora_params, batch, dropout_key):
+        variables = {"params": full_params, "lora": lora_params}
+        if dropout_key is None:
+            return model.apply(variables, batch["input_ids"], batch["attention_mask"])
+        return model.apply(variables, batch["input_ids"], batch["attention_mask"],
+                           deterministic=False, rngs={"dropout": dropout_key})
+
+    fed = config.federation
+    local_steps = fed.local_steps or math.ceil(config.partition.train_examples / fed.batch_size)
+    return FederatedSetup(config, method, adapter_config, model, logits_fn, base_params,
+                          client_params, roles, train, test, global_test,
+                          config.partition.num_clients, local_steps, dataset.num_classes)
+
+
+def make_strategy(setup: FederatedSetup) -> strategies.Strategy:
+    if not setup.method.shared:
+        return strategies.local_only()
+    if setup.method.personalized:
+        from celora_jax.federated import personalized
+
+        return personalized.celora_strategy(setup)
+    return strategies.weighted_average()
+
+
+def bytes_per_client(client_params: dict, roles: dict) -> int:
+    """Bytes of the arrays one client uploads (and downloads) per round."""
+    shared = methods.select(client_params, roles, methods.SHARED)
+    return int(sum(np.dtype(x.dtype).itemsize * math.prod(x.shape) for x in jax.tree.leaves(shared)))
+
+
+def _stack(tree, count: int):
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *x.shape)), tree)
+
+
+def _where_clients(mask, new, old):
+    def pick(n, o):
+        return jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o)
+    return jax.tree.map(pick, new, old)
+
+
+def build_round_step(setup: FederatedSetup, strategy: strategies.Strategy, mesh) -> Callable:
+    """The jitted round: local training of all clients, aggregation, download.
+
+    ``round_step(base, client_state, server_state, batches, mask, sizes, key, round_index)
+    -> (client_state, server_state, metrics, logs)``; clients with ``mask`` False are
+    trained (static shapes) but neither counted by the server nor updated.
+    """
+    config = setup.config
+    total_steps = config.federation.rounds * setup.local_steps
+    client_update = client_lib.make_client_update(setup.logits_fn, setup.roles, config.optimizer, total_steps)
+    roles = setup.roles
+
+    def round_step(base, client_state, server_state, batches, mask, sizes, key, round_index):
+        keys = jax.random.split(key, mask.shape[0])
+        trained, metrics = jax.vmap(client_update, in_axes=(None, 0, 0, 0, None))(
+            base, client_state, batches, keys, round_index)
+        uploads = methods.select(trained["params"], roles, methods.SHARED)
+        server_state, downloads, logs = strategy.aggregate(server_state, uploads, sizes, mask)
+        received = methods.combine(downloads, methods.select(trained["params"], roles,
+                                                             methods.PERSONAL, methods.FROZEN))
+        new_state = {"params": received, "opt_state": trained["opt_state"]}
+        return _where_clients(mask, new_state, client_state), server_state, metrics, logs
+
+    clients, replicated = sharding.clients_sharding(mesh), sharding.replicated(mesh)
+    return jax.jit(
+        round_step,
+        in_shardings=(replicated, clients, replicated, clients, clients, clients, replicated, replicated),
+        out_shardings=(clients, replicated, clients, replicated),
+        donate_argnums=(1,))
+
+
+def build_evaluate(setup: FederatedSetup, mesh) -> tuple[Callable, Callable]:
+    """Jitted evaluation on each client's own test split and on the common test set."""
+    evaluate = client_lib.make_evaluate(setup.logits_fn, setup.config.federation.eval_batch_size)
+    clients, replicated = sharding.clients_sharding(mesh), sharding.replicated(mesh)
+    own = jax.jit(jax.vmap(evaluate, in_axes=(None, 0, 0)),
+                  in_shardings=(replicated, clients, clients), out_shardings=clients)
+    common = jax.jit(jax.vmap(evaluate, in_axes=(None, 0, None)),
+                     in_shardings=(replicated, clients, replicated), out_shardings=clients)
+    return own, common
+
+
+@dataclasses.dataclass
+class RunResult:
+    history: list[dict]
+    summary: dict
+    client_params: Any = None
+
+
+def iterate_rounds(setup: FederatedSetup) -> Iterator[dict]:
+    """Runs the federated rounds, yielding one record per round."""
+    config, fed = setup.config, setup.config.federation
+    mesh = sharding.client_mesh(fed.num_devices)
+    n, n_pad = setup.num_clients, sharding.padded_client_count(setup.num_clients, mesh)
+    strategy = make_strategy(setup)
+    round_step = build_round_step(setup, strategy, mesh)
+    evaluate_own, evaluate_common = build_evaluate(setup, mesh)
+
+    base = sharding.put_replicated(setup.base_params, mesh)
+    stacked = _stack(setup.client_params, n_pad)
+    state = client_lib.init_client_state(setup.client_params, setup.roles, config.optimizer)
+    client_state = sharding.put_clients({"params": stacked, "opt_state": _stack(state["opt_state"], n_pad)}, mesh)
+    sizes_np = np.concatenate([setup.sizes, np.zeros(n_pad - n, np.float32)])
+    mask_np = np.arange(n_pad) < n
+    uploads0 = methods.select(stacked, setup.roles, methods.SHARED)
+    server_state = sharding.put_replicated(strategy.init(uploads0, jnp.asarray(sizes_np)), mesh)
+    test = sharding.put_clients(packing.pad_clients(setup.test, n_pad), mesh)
+    padded_train = packing.pad_clients(setup.train, n_pad)
+    sizes, mask = sharding.put_clients((sizes_np, mask_np), mesh)
+    per_client_bytes = bytes_per_client(setup.client_params, setup.roles)
+    root_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    cumulative_bytes = 0
+
+    for round_index in range(fed.rounds):
+        started = time.perf_counter()
+        batches = packing.round_batches(padded_train, setup.local_steps, fed.batch_size,
+                                        config.seed, round_index)
+        batches = sharding.put_clients(batches, mesh)
+        client_state, server_state, metrics, logs = round_step(
+            base, client_state, server_state, batches, mask, sizes,
+            jax.random.fold_in(root_key, round_index), jnp.int32(round_index))
+        participants = int(mask_np[:n].sum())
+        round_bytes = 2 * per_client_bytes * participants
+        cumulative_bytes += round_bytes
+        record = {
+            "round": round_index + 1,
+            "method": setup.method.name,
+            "train_loss": float(np.mean(np.asarray(metrics["train_loss"])[:n])),
+            "train_accuracy": float(np.mean(np.asarray(metrics["train_accuracy"])[:n])),
+            "participants": participants,
+            "bytes_up_per_client": per_client_bytes,
+            "bytes_down_per_client": per_client_bytes,
+            "bytes_round": round_bytes,
+            "bytes_cumulative": cumulative_bytes,
+        }
+        last = round_index + 1 == fed.rounds
+        if last or (round_index + 1) % fed.eval_every == 0:
+            scores = jax.device_get(evaluate_own(base, client_state["params"], test))
+            accuracy = scores["correct"][:n] / np.maximum(scores["count"][:n], 1)
+            record.update(test_accuracy_mean=float(accuracy.mean()), test_accuracy_std=float(accuracy.std()),
+                          test_loss=float((scores["loss"][:n] / np.maximum(scores["count"][:n], 1)).mean()),
+                          client_test_accuracy=[float(a) for a in accuracy])
+        if last and len(setup.global_test["labels"]):
+            scores = jax.device_get(evaluate_common(base, client_state["params"], setup.global_test))
+            accuracy = scores["correct"][:n] / np.maximum(scores["count"][:n], 1)
+            record.update(global_test_accuracy_mean=float(accuracy.mean()),
+                          global_test_accuracy_std=float(accuracy.std()))
+        for name, value in jax.device_get(logs).items():
+            value = np.asarray(value)
+            record[name] = value[:n, :n].tolist() if value.ndim == 2 else value[:n].tolist()
+        record["seconds"] = time.perf_counter() - started
+        record["_client_params"] = client_state["params"]
+        yield record
+
+
+def summarize(history: list[dict], setup: FederatedSetup) -> dict:
+    final = history[-1]
+    return {
+        "method": setup.method.name,
+        "description": setup.method.description,
+        "rounds": len(history),
+        "num_clients": setup.num_clients,
+        "test_accuracy_mean": final.get("test_accuracy_mean"),
+        "test_accuracy_std": final.get("test_accuracy_std"),
+        "global_test_accuracy_mean": final.get("global_test_accuracy_mean"),
+        "global_test_accuracy_std": final.get("global_test_accuracy_std"),
+        "mb_per_round": final["bytes_round"] / 1e6,
+        "mb_up_per_client_round": final["bytes_up_per_client"] / 1e6,
+        "mb_total": final["bytes_cumulative"] / 1e6,
+        "seconds": float(sum(r["seconds"] for r in history)),
+    }
+
+
+def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.Path | None = None) -> RunResult:
+    """Prepares and runs one method; writes ``metrics.jsonl``, ``config.json`` and
+    ``summary.json`` to ``output_dir`` when given."""
+    setup = prepare(config)
+    out = None
+    if output_dir is not None:
+        out = pathlib.Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
+        (out / "metrics.jsonl").write_text("")
+    history, client_params = [], None
+    rounds = iterate_rounds(setup)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rounds = tqdm(rounds, total=config.federation.rounds, desc=setup.method.name, unit="round")
+    for record in rounds:
+        client_params = record.pop("_client_params")
+        history.append(record)
+        if progress:
+            rounds.set_postfix(loss=f"{record['train_loss']:.3f}",
+                               acc=f"{record.get('test_accuracy_mean', float('nan')):.3f}",
+                               MB=f"{record['bytes_cumulative'] / 1e6:.2f}")
+        if out is not None:
+            with open(out / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+    summary = summarize(history, setup)
+    client_params = jax.tree.map(lambda x: x[: setup.num_clients], client_params)  # drop mesh padding
+    if out is not None:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(history, summary, client_params)

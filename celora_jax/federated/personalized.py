@@ -1,0 +1,83 @@
+"""CE-LoRA's personalized server strategy (METHOD.md §3–5) wired into the engine.
+
+Once, before round 1, every client embeds its training examples with the frozen
+pre-trained encoder and fits a per-class diagonal Gaussian mixture (``celora_jax.gmm``);
+the server turns those statistics into the data distance matrix. Every round the server
+stacks the uploaded cores, computes the parameter distance, learns the personalized
+weights W and returns each client its own mixture of cores (``celora_jax.aggregation``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from celora_jax import adapters, aggregation, gmm, methods, similarity
+from celora_jax.federated import strategies
+from celora_jax.models.bert import BertModel, pool
+
+if TYPE_CHECKING:
+    from celora_jax.federated.engine import FederatedSetup
+
+logger = logging.getLogger(__name__)
+
+
+def client_features(setup: "FederatedSetup", chunk_size: int = 64) -> np.ndarray:
+    """Frozen pre-trained features ``[N, n_train, hidden]`` of every client's training
+    examples (the model's own pooling, no adapters, no fine-tuning)."""
+    model = setup.model
+    trunk = BertModel(model.config, dtype=model.dtype)
+    backbone = methods.combine(setup.base_params, setup.client_params["params"])["backbone"]
+
+    @jax.jit
+    def embed(input_ids, attention_mask):
+        hidden = trunk.apply({"params": backbone}, input_ids, attention_mask)
+        return pool(hidden, attention_mask, "first" if model.pooling != "mean" else "mean").astype(jnp.float32)
+
+    ids, mask = setup.train["input_ids"], setup.train["attention_mask"]
+    flat_ids, flat_mask = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
+    total = flat_ids.shape[0]
+    padded = -(-total // chunk_size) * chunk_size
+    pad = lambda x: np.concatenate([x, np.zeros((padded - total, x.shape[1]), x.dtype)])
+    flat_ids, flat_mask = pad(flat_ids), pad(flat_mask)
+    outputs = [np.asarray(embed(flat_ids[i:i + chunk_size], flat_mask[i:i + chunk_size]))
+               for i in range(0, padded, chunk_size)]
+    return np.concatenate(outputs)[:total].reshape(ids.shape[0], ids.shape[1], -1)
+
+
+def client_statistics(setup: "FederatedSetup") -> gmm.ClassMixtures:
+    """The once-uploaded data statistic of every client."""
+    features = client_features(setup)
+    key = jax.random.fold_in(jax.random.key(setup.config.seed), 2)
+    return gmm.fit_class_mixtures(jnp.asarray(features), jnp.asarray(setup.train["labels"]),
+                                  jnp.asarray(setup.train["example_mask"] > 0), setup.num_classes, key)
+
+
+def celora_strategy(setup: "FederatedSetup") -> strategies.Strategy:
+    """Personalized mixtures of cores with learned weights (CE-LoRA)."""
+    config = setup.config.aggregation
+    stats = client_statistics(setup)
+    data_distance = np.asarray(similarity.data_distance(stats))
+
+    def init(uploads, sizes):
+        n_pad = sizes.shape[0]
+        padded = np.zeros((n_pad, n_pad), np.float32)
+        padded[: data_distance.shape[0], : data_distance.shape[0]] = data_distance
+        return {"data_distance": jnp.asarray(padded)}
+
+    def aggregate(state, uploads, sizes, mask):
+        cores = adapters.stack_cores(uploads["lora"])  # [N, L, r, r]
+        out = aggregation.server_step(cores, None, sizes, mask, config, data_distance=state["data_distance"])
+        lora = adapters.unstack_cores(uploads["lora"], out.mixed_cores)
+        others = {k: v for k, v in uploads.items() if k != "lora"}
+        # Shared non-core leaves (only with federation.share_base) get the same mixture.
+        mixed_others = jax.tree.map(lambda leaf: jnp.tensordot(out.weights, leaf, axes=1), others)
+        logs = {"weights": out.weights, "data_distance": out.data_distance,
+                "param_distance": out.param_distance, "excluded": out.excluded}
+        return state, {"lora": lora, **mixed_others}, logs
+
+    return strategies.Strategy("celora_personalized", init, aggregate)

@@ -1,0 +1,77 @@
+"""Server strategies behind one interface: ``init`` and ``aggregate``.
+
+A strategy never sees a model, only pytrees of uploaded arrays stacked over clients:
+
+  uploads:   the ``shared`` leaves of every client, ``[N, ...]`` per leaf.
+  sizes:     ``[N]`` training examples per client (aggregation weights p ∝ sizes).
+  mask:      ``[N]`` bool, True for clients that reported this round.
+  downloads: what each client receives, same structure as ``uploads``, ``[N, ...]``
+             (one row per client, so personalized strategies fit the same interface).
+
+``aggregate(state, uploads, sizes, mask) -> (state, downloads, logs)`` is pure and jittable;
+``logs`` is a dict of arrays recorded every round (e.g. the personalized weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """A server aggregation rule.
+
+    Attributes:
+      name: identifier.
+      init: ``init(uploads, sizes) -> state`` from the round-0 uploads (shapes only matter).
+      aggregate: ``aggregate(state, uploads, sizes, mask) -> (state, downloads, logs)``.
+    """
+
+    name: str
+    init: Callable[[PyTree, Array], PyTree]
+    aggregate: Callable[[PyTree, PyTree, Array, Array], tuple[PyTree, PyTree, Mapping[str, Array]]]
+
+
+def participation_weights(sizes: Array, mask: Array) -> Array:
+    """p_j = n_j / Σ n over the clients that reported (zeros if none did)."""
+    weights = jnp.where(mask, sizes.astype(jnp.float32), 0.0)
+    return weights / jnp.maximum(weights.sum(), 1e-12)
+
+
+def broadcast_average(uploads: PyTree, weights: Array) -> PyTree:
+    """Every client receives Σ_j w_j · upload_j."""
+    def average(leaf):
+        mean = jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1)
+        return jnp.broadcast_to(mean, leaf.shape)
+    return jax.tree.map(average, uploads)
+
+
+def _no_state(uploads, sizes):
+    return {}
+
+
+def weighted_average() -> Strategy:
+    """FedAvg of the uploaded leaves with weights n_i / n over reporting clients
+    (FedAvg-LoRA, FFA-LoRA, FedSA-LoRA and CE-LoRA without personalization)."""
+
+    def aggregate(state, uploads, sizes, mask):
+        weights = participation_weights(sizes, mask)
+        return state, broadcast_average(uploads, weights), {}
+
+    return Strategy("weighted_average", _no_state, aggregate)
+
+
+def local_only() -> Strategy:
+    """Nothing is exchanged; every client keeps what it trained."""
+
+    def aggregate(state, uploads, sizes, mask):
+        return state, uploads, {}
+
+    return Strategy("local_only", _no_state, aggregate)

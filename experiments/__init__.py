@@ -1,0 +1,1 @@
+"""Experiment presets and study entry points (see presets.py)."""

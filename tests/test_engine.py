@@ -1,0 +1,139 @@
+"""The federated engine end to end on a tiny HF-format BERT and the real movie reviews."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from celora_jax import methods
+from celora_jax.config import FederationConfig, ModelConfig, RunConfig, apply_overrides
+from celora_jax.data.partition import PartitionConfig
+from celora_jax.data.text import DataError, TextDataConfig
+from celora_jax.federated import engine
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_dir):
+    """A randomly initialised 2-layer BERT saved by transformers (config.json + safetensors),
+    with MiniLM's tokenizer: a real HF directory that trains in seconds."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("tiny_bert")
+    transformers.BertModel(config).save_pretrained(str(path), safe_serialization=True)
+    shutil.copy(minilm_dir / "tokenizer.json", path / "tokenizer.json")
+    return path
+
+
+def tiny_config(model_dir, method="celora", **federation):
+    return RunConfig(
+        name="tiny",
+        model=ModelConfig(path=str(model_dir), max_length=16),
+        partition=PartitionConfig(num_clients=5, alpha=0.5, train_examples=16, test_examples=8,
+                                  global_test_examples=16),
+        federation=FederationConfig(method=method, rounds=2, batch_size=8, **federation),
+    )
+
+
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+def test_every_method_runs_and_counts_bytes(tiny_model_dir, method, tmp_path):
+    result = engine.run(tiny_config(tiny_model_dir, method), output_dir=tmp_path)
+    assert len(result.history) == 2
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2]
+    final = result.history[-1]
+    assert np.isfinite(final["train_loss"])
+    assert 0.0 <= final["test_accuracy_mean"] <= 1.0
+    assert len(final["client_test_accuracy"]) == 5
+    assert "global_test_accuracy_mean" in final
+    if method == "local":
+        assert final["bytes_cumulative"] == 0
+    else:
+        assert final["bytes_round"] == 2 * 5 * final["bytes_up_per_client"] > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method"] == method
+
+
+def test_fedavg_gives_every_client_the_same_shared_factors(tiny_model_dir):
+    result = engine.run(tiny_config(tiny_model_dir, "fedavg_lora"))
+    a = result.client_params["lora"]["backbone"]["encoder"]["layer_0"]["attention"]["self"]["query"]["A"]
+    np.testing.assert_allclose(a[0], a[3], atol=1e-6)
+    head = result.client_params["params"]["classifier"]["kernel"]
+    assert float(np.abs(head[0] - head[1]).max()) > 1e-6  # the head stays personal
+
+
+_EIGHT_DEVICES = textwrap.dedent("""
+    import json, sys, numpy as np, jax
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {tests!r})
+    from test_engine import tiny_config
+    from celora_jax.federated import engine
+    assert len(jax.devices()) == 8, jax.devices()
+    result = engine.run(tiny_config({model!r}, {method!r}))
+    np.savez({out!r}, *[np.asarray(x) for x in jax.tree.leaves(result.client_params)])
+    json.dump([r["train_loss"] for r in result.history] + result.history[-1]["client_test_accuracy"],
+              open({out!r} + ".json", "w"))
+""")
+
+
+@pytest.mark.parametrize("method", ["celora", "fedavg_lora"])
+def test_one_device_and_eight_devices_give_the_same_run(tiny_model_dir, tmp_path, method):
+    """5 clients padded to 8 on an 8-device mesh equal 5 clients on one device."""
+    one = engine.run(tiny_config(tiny_model_dir, method, num_devices=1))
+    out = str(tmp_path / "eight.npz")
+    script = _EIGHT_DEVICES.format(root=str(ROOT), tests=str(ROOT / "tests"), model=str(tiny_model_dir),
+                                   method=method, out=out)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
+    eight = np.load(out)
+    leaves = jax.tree.leaves(one.client_params)
+    assert len(leaves) == len(eight.files)
+    for index, leaf in enumerate(leaves):
+        np.testing.assert_allclose(np.asarray(leaf), eight[f"arr_{index}"], atol=2e-5, rtol=1e-4)
+    expected = [r["train_loss"] for r in one.history] + one.history[-1]["client_test_accuracy"]
+    np.testing.assert_allclose(json.load(open(out + ".json")), expected, atol=1e-5)
+
+
+def test_bad_input_fails_before_compiling(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        FederationConfig(method="fedprox")
+    with pytest.raises(DataError, match="alpha must be > 0"):
+        apply_overrides(tiny_config(tiny_model_dir), ["partition.alpha=0"])
+    with pytest.raises(DataError, match="need .* examples, the data has"):
+        engine.prepare(apply_overrides(tiny_config(tiny_model_dir), ["partition.num_clients=5000"]))
+    bad_csv = tmp_path / "reviews.csv"
+    bad_csv.write_text("review,stars\nfine,1\nbad,0\n")
+    config = dataclasses.replace(tiny_config(tiny_model_dir), data=TextDataConfig(path=str(bad_csv)))
+    with pytest.raises(DataError, match=r"no column\(s\) \['text', 'label'\]"):
+        engine.prepare(config)
+    with pytest.raises(ValueError, match="unknown config key"):
+        apply_overrides(tiny_config(tiny_model_dir), ["federation.round=3"])
+    with pytest.raises(ValueError, match="expects"):
+        apply_overrides(tiny_config(tiny_model_dir), ["federation.rounds=many"])
+
+
+def test_any_local_csv_with_text_and_label_columns_works(tiny_model_dir, tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["good", "great", "fine", "bad", "awful", "dull"]
+    rows = ["sentence,sentiment"] + [f"{words[i % 6]} film {j},{'pos' if i % 6 < 3 else 'neg'}"
+                                     for j, i in enumerate(rng.integers(0, 6, 400))]
+    path = tmp_path / "mine.csv"
+    path.write_text("\n".join(rows) + "\n")
+    config = dataclasses.replace(
+        tiny_config(tiny_model_dir, "celora_avg"),
+        data=TextDataConfig(path=str(path), text_column="sentence", label_column="sentiment", group_column=None))
+    result = engine.run(config)
+    assert result.history[-1]["test_accuracy_mean"] >= 0.0
