@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from celora_jax import adapters, methods
-from celora_jax.federated import engine, strategies
+from celora_jax.aggregation import AggregationConfig
+from celora_jax.federated import engine, personalized, strategies
 
 MINILM_SHAPES = {"q": (384, 384), "k": (384, 384), "v": (384, 384), "o": (384, 384),
                  "up": (384, 1536), "down": (1536, 384)}
@@ -80,14 +81,21 @@ def test_select_and_combine_round_trip():
 
 
 def _uploads(num_clients, key, identical=False):
-    base = {"a": jax.random.normal(key, (3, 2)), "b": {"c": jax.random.normal(key, (4,))}}
+    # Cores live under "lora" (what the personalized strategy mixes); "b" is another shared leaf.
+    base = {"lora": {"q": {"C": jax.random.normal(key, (3, 3))}, "v": {"C": jax.random.normal(key, (3, 3))}},
+            "b": {"c": jax.random.normal(key, (4,))}}
     if identical:
         return jax.tree.map(lambda x: jnp.stack([x] * num_clients), base)
     keys = jax.random.split(key, num_clients)
     return jax.vmap(lambda k: jax.tree.map(lambda x: x + jax.random.normal(k, x.shape), base))(keys)
 
 
-ALL_STRATEGIES = {"weighted_average": strategies.weighted_average, "local_only": strategies.local_only}
+ALL_STRATEGIES = {
+    "weighted_average": strategies.weighted_average,
+    "local_only": strategies.local_only,
+    "celora_personalized": lambda: personalized.personalized(
+        np.abs(np.subtract.outer(np.arange(5.0), np.arange(5.0))), AggregationConfig()),
+}
 
 
 @pytest.mark.parametrize("name", sorted(ALL_STRATEGIES))
@@ -110,12 +118,29 @@ def test_weighted_average_uses_sizes_and_ignores_masked_clients():
     sizes = jnp.array([1.0, 3.0, 100.0, 0.0])
     mask = jnp.array([True, True, False, True])
     _, downloads, _ = strategies.weighted_average().aggregate({}, uploads, sizes, mask)
-    expected = (uploads["a"][0] * 1 + uploads["a"][1] * 3) / 4
+    expected = (uploads["b"]["c"][0] * 1 + uploads["b"]["c"][1] * 3) / 4
     for row in range(4):
-        np.testing.assert_allclose(downloads["a"][row], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(downloads["b"]["c"][row], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_local_only_returns_each_clients_own_upload():
     uploads = _uploads(3, jax.random.key(2))
     _, downloads, _ = strategies.local_only().aggregate({}, uploads, jnp.ones(3), jnp.ones(3, bool))
     np.testing.assert_array_equal(downloads["b"]["c"], uploads["b"]["c"])
+
+
+def test_personalized_strategy_mixes_every_shared_leaf_with_its_weights():
+    uploads = _uploads(4, jax.random.key(3))
+    data_distance = np.array([[0, 1, 5, 5], [1, 0, 5, 5], [5, 5, 0, 1], [5, 5, 1, 0]], np.float32)
+    strategy = personalized.personalized(data_distance, AggregationConfig(beta=1.0, lam=1.0))
+    sizes, mask = jnp.ones(4), jnp.array([True, True, True, False])
+    state = strategy.init(uploads, sizes)
+    _, downloads, logs = jax.jit(strategy.aggregate)(state, uploads, sizes, mask)
+    weights = np.asarray(logs["weights"])
+    np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(weights[:3, 3], 0.0)  # the absent client is in no mixture
+    assert weights[0, 1] > weights[0, 2]  # the nearer client gets more weight
+    for sent, got in ((uploads["lora"]["q"]["C"], downloads["lora"]["q"]["C"]),
+                      (uploads["b"]["c"], downloads["b"]["c"])):
+        expected = np.tensordot(weights, np.asarray(sent), axes=1)
+        np.testing.assert_allclose(got[:3], expected[:3], rtol=1e-5, atol=1e-5)

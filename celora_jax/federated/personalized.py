@@ -58,10 +58,22 @@ def client_statistics(setup: "FederatedSetup") -> gmm.ClassMixtures:
 
 
 def celora_strategy(setup: "FederatedSetup") -> strategies.Strategy:
-    """Personalized mixtures of cores with learned weights (CE-LoRA)."""
-    config = setup.config.aggregation
+    """CE-LoRA for a prepared run: fits the clients' statistics, then ``personalized``."""
     stats = client_statistics(setup)
-    data_distance = np.asarray(similarity.data_distance(stats))
+    return personalized(np.asarray(similarity.data_distance(stats)), setup.config.aggregation)
+
+
+def personalized(data_distance: np.ndarray, config: aggregation.AggregationConfig) -> strategies.Strategy:
+    """Personalized mixtures of cores with learned weights (CE-LoRA, METHOD.md §4–5).
+
+    Args:
+      data_distance: ``[N, N]`` squared MMD between the clients' statistics, computed
+        once; clients beyond N (mesh padding) get zero rows and are always masked.
+      config: β, λ and the other aggregation options.
+
+    Uploads must hold the cores under ``"lora"``; any other shared leaves (only with
+    ``federation.share_base``) are mixed with the same weights W.
+    """
 
     def init(uploads, sizes):
         n_pad = sizes.shape[0]
@@ -74,7 +86,6 @@ def celora_strategy(setup: "FederatedSetup") -> strategies.Strategy:
         out = aggregation.server_step(cores, None, sizes, mask, config, data_distance=state["data_distance"])
         lora = adapters.unstack_cores(uploads["lora"], out.mixed_cores)
         others = {k: v for k, v in uploads.items() if k != "lora"}
-        # Shared non-core leaves (only with federation.share_base) get the same mixture.
         mixed_others = jax.tree.map(lambda leaf: jnp.tensordot(out.weights, leaf, axes=1), others)
         logs = {"weights": out.weights, "data_distance": out.data_distance,
                 "param_distance": out.param_distance, "excluded": out.excluded}
