@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-from pathlib import Path
 
 import chex
 import jax
@@ -16,21 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from optax import projections
 
-from celora_jax import aggregation, gmm, similarity
+from helpers import load_benchmark_module
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "aggregation.py"
+from celora_jax import aggregation, gmm, similarity
 
 N, L, R = 6, 3, 4
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("_celora_bench_aggregation_t", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark_module("aggregation")
 
 
 def _random_round(seed: int, n: int = N):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,21 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import load_benchmark_module
+
 from celora_jax import similarity
 from celora_jax.gmm import ClassMixtures
 
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "aggregation.py"
 
-
-def _load_reference():
-    """The benchmark's float64 numpy implementation, an independent reference."""
-    spec = importlib.util.spec_from_file_location("_celora_bench_aggregation", _BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-reference = _load_reference()
+reference = load_benchmark_module("aggregation")
 _median = jax.jit(similarity.masked_median)
 
 # Two 2-D clients, two classes with two components each: small enough for Monte Carlo.
