@@ -253,6 +253,10 @@ def iterate_rounds(setup: FederatedSetup) -> Iterator[dict]:
         for name, value in jax.device_get(logs).items():
             value = np.asarray(value)
             record[name] = value[:n, :n].tolist() if value.ndim == 2 else value[:n].tolist()
+        excluded = [i for i, flag in enumerate(record.get("excluded", [])) if flag]
+        if excluded:
+            logger.warning("round %d: clients %s sent non-finite uploads and were left out of "
+                           "aggregation", round_index + 1, excluded)
         record["seconds"] = time.perf_counter() - started
         record["_client_params"] = client_state["params"]
         yield record
