@@ -51,6 +51,9 @@ class FederationConfig:
       share_base: also average the client-trained base parameters (LayerNorms, head);
         personal under every method by default (METHOD.md §6).
       num_devices: devices on the ``clients`` mesh axis (None: all visible devices).
+      participation: fraction of clients sampled each round (at least one).
+      client_dropout: probability that a sampled client drops out before reporting. Absent
+        clients keep their personal state and are left out of aggregation (no recompile).
     """
 
     method: str = "celora"
@@ -61,6 +64,8 @@ class FederationConfig:
     eval_batch_size: int = 64
     share_base: bool = False
     num_devices: int | None = None
+    participation: float = 1.0
+    client_dropout: float = 0.0
 
     def __post_init__(self):
         from celora_jax.methods import get_method
@@ -69,6 +74,10 @@ class FederationConfig:
         for name in ("rounds", "batch_size", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"federation.{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.participation <= 1:
+            raise ValueError(f"federation.participation must be in (0, 1], got {self.participation}")
+        if not 0 <= self.client_dropout < 1:
+            raise ValueError(f"federation.client_dropout must be in [0, 1), got {self.client_dropout}")
         if self.local_steps is not None and self.local_steps < 1:
             raise ValueError(f"federation.local_steps must be at least 1 or None, got {self.local_steps}")
 

@@ -137,3 +137,35 @@ def test_any_local_csv_with_text_and_label_columns_works(tiny_model_dir, tmp_pat
         data=TextDataConfig(path=str(path), text_column="sentence", label_column="sentiment", group_column=None))
     result = engine.run(config)
     assert result.history[-1]["test_accuracy_mean"] >= 0.0
+
+
+def test_reporting_clients_sampling():
+    counts = [engine.reporting_clients(10, 0.3, 0.0, seed=0, round_index=r).sum() for r in range(20)]
+    assert set(counts) == {3}
+    assert engine.reporting_clients(10, 0.05, 0.0, seed=0, round_index=0).sum() == 1
+    kept = np.mean([engine.reporting_clients(100, 1.0, 0.25, seed=1, round_index=r).mean() for r in range(50)])
+    assert 0.7 < kept < 0.8
+    np.testing.assert_array_equal(engine.reporting_clients(10, 0.5, 0.2, 3, 4),
+                                  engine.reporting_clients(10, 0.5, 0.2, 3, 4))
+    with pytest.raises(ValueError, match="participation"):
+        FederationConfig(participation=0.0)
+    with pytest.raises(ValueError, match="client_dropout"):
+        FederationConfig(client_dropout=1.0)
+
+
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+def test_absent_clients_keep_their_state_and_are_not_aggregated(tiny_model_dir, method):
+    config = tiny_config(tiny_model_dir, method, participation=0.6, client_dropout=0.2)
+    setup = engine.prepare(config)
+    previous = jax.tree.map(lambda x: np.broadcast_to(x, (5, *x.shape)), setup.client_params)
+    for record in engine.iterate_rounds(setup):
+        current = jax.tree.map(lambda x: np.asarray(x)[:5], record["_client_params"])
+        absent = sorted(set(range(5)) - set(record["reporting_clients"]))
+        assert record["participants"] == len(record["reporting_clients"]) <= 3
+        for before, after in zip(jax.tree.leaves(previous), jax.tree.leaves(current)):
+            np.testing.assert_array_equal(after[absent], before[absent])
+        if "weights" in record:
+            weights = np.asarray(record["weights"])
+            present = record["reporting_clients"]
+            np.testing.assert_array_equal(weights[np.ix_(present, absent)], 0.0)
+        previous = current

@@ -133,6 +133,21 @@ def bytes_per_client(client_params: dict, roles: dict) -> int:
     return int(sum(np.dtype(x.dtype).itemsize * math.prod(x.shape) for x in jax.tree.leaves(shared)))
 
 
+def reporting_clients(num_clients: int, participation: float, client_dropout: float, seed: int,
+                      round_index: int) -> np.ndarray:
+    """Which clients report in a round: ``ceil(participation · N)`` sampled without
+    replacement, then each sampled client drops out with probability ``client_dropout``.
+
+    Depends only on (seed, round), so a resumed run samples the same clients.
+    """
+    rng = np.random.default_rng((seed, round_index, 0x5EED))
+    sampled = np.zeros(num_clients, bool)
+    # The tolerance keeps e.g. 0.3 x 10 at 3 clients despite float rounding (3.0000000000000004).
+    count = max(1, math.ceil(participation * num_clients - 1e-9))
+    sampled[rng.choice(num_clients, size=count, replace=False)] = True
+    return sampled & (rng.random(num_clients) >= client_dropout)
+
+
 def _stack(tree, count: int):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *x.shape)), tree)
 
@@ -206,12 +221,11 @@ def iterate_rounds(setup: FederatedSetup) -> Iterator[dict]:
     state = client_lib.init_client_state(setup.client_params, setup.roles, config.optimizer)
     client_state = sharding.put_clients({"params": stacked, "opt_state": _stack(state["opt_state"], n_pad)}, mesh)
     sizes_np = np.concatenate([setup.sizes, np.zeros(n_pad - n, np.float32)])
-    mask_np = np.arange(n_pad) < n
     uploads0 = methods.select(stacked, setup.roles, methods.SHARED)
     server_state = sharding.put_replicated(strategy.init(uploads0, jnp.asarray(sizes_np)), mesh)
     test = sharding.put_clients(packing.pad_clients(setup.test, n_pad), mesh)
     padded_train = packing.pad_clients(setup.train, n_pad)
-    sizes, mask = sharding.put_clients((sizes_np, mask_np), mesh)
+    sizes = sharding.put_clients(sizes_np, mesh)
     per_client_bytes = bytes_per_client(setup.client_params, setup.roles)
     root_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     cumulative_bytes = 0
@@ -221,6 +235,9 @@ def iterate_rounds(setup: FederatedSetup) -> Iterator[dict]:
         batches = packing.round_batches(padded_train, setup.local_steps, fed.batch_size,
                                         config.seed, round_index)
         batches = sharding.put_clients(batches, mesh)
+        mask_np = np.zeros(n_pad, bool)
+        mask_np[:n] = reporting_clients(n, fed.participation, fed.client_dropout, config.seed, round_index)
+        mask = sharding.put_clients(mask_np, mesh)
         client_state, server_state, metrics, logs = round_step(
             base, client_state, server_state, batches, mask, sizes,
             jax.random.fold_in(root_key, round_index), jnp.int32(round_index))
@@ -233,6 +250,7 @@ def iterate_rounds(setup: FederatedSetup) -> Iterator[dict]:
             "train_loss": float(np.mean(np.asarray(metrics["train_loss"])[:n])),
             "train_accuracy": float(np.mean(np.asarray(metrics["train_accuracy"])[:n])),
             "participants": participants,
+            "reporting_clients": [int(i) for i in np.flatnonzero(mask_np[:n])],
             "bytes_up_per_client": per_client_bytes,
             "bytes_down_per_client": per_client_bytes,
             "bytes_round": round_bytes,
