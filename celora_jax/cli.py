@@ -43,8 +43,25 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", default=None, help="root of outputs (default: the preset's output_dir)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--resume", default=None, metavar="DIR",
+                     help="continue an interrupted run from its latest checkpoint: DIR is a method's "
+                          "output directory (with config.json) or a run directory holding several")
     commands.add_parser("presets", help="list the named presets")
     return parser
+
+
+def _resume_plan(directory: str, overrides: list[str]):
+    """(run root, [(method config, method dir)]) of an interrupted run."""
+    from celora_jax.config import apply_overrides, from_dict
+
+    directory = pathlib.Path(directory)
+    method_dirs = ([directory] if (directory / "config.json").is_file()
+                   else sorted(p.parent for p in directory.glob("*/config.json")))
+    if not method_dirs:
+        raise ValueError(f"--resume {directory}: no config.json there or in its subdirectories")
+    plan = [(apply_overrides(from_dict(json.loads((d / "config.json").read_text())), overrides), d)
+            for d in method_dirs]
+    return method_dirs[0].parent, plan
 
 
 def _run(args) -> int:
@@ -55,23 +72,29 @@ def _run(args) -> int:
     from celora_jax.reporting import plot_curves, plot_heatmaps, summary_table
     from experiments.presets import get_preset
 
-    config = apply_overrides(get_preset(args.preset), args.overrides)
-    method_names = _parse_methods(args.methods, config.federation.method)
+    if args.resume:
+        root, plan = _resume_plan(args.resume, args.overrides)
+    else:
+        config = apply_overrides(get_preset(args.preset), args.overrides)
+        root = pathlib.Path(args.output_dir or config.output_dir) / config.name
+        plan = [(dataclasses.replace(config, federation=dataclasses.replace(config.federation, method=name)),
+                 root / name)
+                for name in _parse_methods(args.methods, config.federation.method)]
     if args.print_config:
-        print(to_json(config))
+        for method_config, _ in plan:
+            print(to_json(method_config))
         return 0
-    root = pathlib.Path(args.output_dir or config.output_dir) / config.name
     root.mkdir(parents=True, exist_ok=True)
     summaries, histories = [], {}
-    for name in method_names:
-        method_config = dataclasses.replace(
-            config, federation=dataclasses.replace(config.federation, method=name))
-        result = engine.run(method_config, progress=not args.no_progress, output_dir=root / name)
+    for method_config, method_dir in plan:
+        name = method_config.federation.method
+        result = engine.run(method_config, progress=not args.no_progress, output_dir=method_dir,
+                            resume=bool(args.resume))
         summaries.append(result.summary)
         histories[name] = result.history
         final = result.history[-1]
         if all(key in final for key in _HEATMAP_KEYS):
-            plot_heatmaps({key: final[key] for key in _HEATMAP_KEYS}, root / name / "weights_final.png",
+            plot_heatmaps({key: final[key] for key in _HEATMAP_KEYS}, method_dir / "weights_final.png",
                           title=f"{name}: round {final['round']}")
     table = summary_table(summaries)
     (root / "summary.md").write_text(table + "\n")

@@ -82,6 +82,24 @@ class FederationConfig:
             raise ValueError(f"federation.local_steps must be at least 1 or None, got {self.local_steps}")
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints of the whole run state (see ``celora_jax.checkpoint``).
+
+    Attributes:
+      every: save after every k-th round and after the last (0 disables checkpoints).
+      keep: how many of the latest checkpoints to keep.
+    """
+
+    every: int = 0
+    keep: int = 2
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep < 1:
+            raise ValueError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, "
+                             f"got every={self.every}, keep={self.keep}")
+
+
 def _aggregation_config_type():
     from celora_jax.aggregation import AggregationConfig
 
@@ -95,7 +113,8 @@ class RunConfig:
     Attributes:
       name: run name; outputs go to ``output_dir/name/method``.
       seed: seed of adapter init, dropout and batch order (the partition has its own).
-      model, data, partition, adapter, optimizer, federation, aggregation: see their types.
+      model, data, partition, adapter, optimizer, federation, aggregation, checkpoint: see
+        their types.
         ``adapter.kind`` is decided by the method (tri for CE-LoRA, lora otherwise).
       output_dir: root directory of run outputs.
     """
@@ -109,6 +128,7 @@ class RunConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     federation: FederationConfig = FederationConfig()
     aggregation: Any = dataclasses.field(default_factory=lambda: _aggregation_config_type()())
+    checkpoint: CheckpointConfig = CheckpointConfig()
     output_dir: str = "runs"
 
 
@@ -118,6 +138,24 @@ def to_dict(config) -> dict:
 
 def to_json(config) -> str:
     return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+def from_dict(data: dict, cls: type = None):
+    """Rebuilds a config (``RunConfig`` by default) from ``to_dict`` output, e.g. a run's
+    ``config.json``; unknown keys are an error."""
+    cls = RunConfig if cls is None else cls
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = _aggregation_config_type() if (cls is RunConfig and name == "aggregation") else hints[name]
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            value = from_dict(value, kind)
+        kwargs[name] = value
+    return cls(**kwargs)
 
 
 def apply_overrides(config, overrides: list[str]):

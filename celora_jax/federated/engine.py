@@ -22,7 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from celora_jax import adapters as adapters_lib
-from celora_jax import methods, sharding
+from celora_jax import checkpoint, methods, sharding
 from celora_jax.config import RunConfig, to_dict
 from celora_jax.data import packing
 from celora_jax.data.partition import partition
@@ -207,8 +207,18 @@ class RunResult:
     client_params: Any = None
 
 
-def iterate_rounds(setup: FederatedSetup) -> Iterator[dict]:
-    """Runs the federated rounds, yielding one record per round."""
+def _scalars(record: dict) -> dict:
+    return {k: v for k, v in record.items() if isinstance(v, (int, float, str)) and not k.startswith("_")}
+
+
+def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | None = None,
+                   resume: bool = False) -> Iterator[dict]:
+    """Runs the federated rounds, yielding one record per round.
+
+    With ``checkpoint_dir`` the state is saved every ``config.checkpoint.every`` rounds (and
+    after the last); with ``resume`` the latest checkpoint there is restored first and only
+    the remaining rounds run (the first yielded record tells which round that is).
+    """
     config, fed = setup.config, setup.config.federation
     mesh = sharding.client_mesh(fed.num_devices)
     n, n_pad = setup.num_clients, sharding.padded_client_count(setup.num_clients, mesh)
@@ -228,9 +238,26 @@ def iterate_rounds(setup: FederatedSetup) -> Iterator[dict]:
     sizes = sharding.put_clients(sizes_np, mesh)
     per_client_bytes = bytes_per_client(setup.client_params, setup.roles)
     root_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    cumulative_bytes = 0
+    cumulative_bytes, start, saved_history = 0, 0, []
 
-    for round_index in range(fed.rounds):
+    checkpoints = None
+    if checkpoint_dir is not None and (config.checkpoint.every > 0 or resume):
+        checkpoints = checkpoint.manager(checkpoint_dir, config.checkpoint.keep)
+    unpad = lambda tree: jax.tree.map(lambda x: np.asarray(x)[:n], jax.device_get(tree))
+    if resume:
+        found = checkpoint.restore(checkpoints, unpad(client_state), jax.device_get(server_state))
+        if found is None:
+            logger.warning("no checkpoint in %s; starting from round 1", checkpoint_dir)
+        else:
+            start, clients, server, meta = found
+            client_state = sharding.put_clients(
+                jax.tree.map(lambda x: np.concatenate([x, np.zeros((n_pad - n, *x.shape[1:]), x.dtype)]), clients),
+                mesh)
+            if server is not None:
+                server_state = sharding.put_replicated(server, mesh)
+            cumulative_bytes, saved_history = meta["bytes_cumulative"], meta["history"]
+
+    for round_index in range(start, fed.rounds):
         started = time.perf_counter()
         batches = packing.round_batches(padded_train, setup.local_steps, fed.batch_size,
                                         config.seed, round_index)
@@ -276,6 +303,12 @@ def iterate_rounds(setup: FederatedSetup) -> Iterator[dict]:
             logger.warning("round %d: clients %s sent non-finite uploads and were left out of "
                            "aggregation", round_index + 1, excluded)
         record["seconds"] = time.perf_counter() - started
+        saved_history.append(_scalars(record))
+        every = config.checkpoint.every
+        if checkpoints is not None and every > 0 and (last or (round_index + 1) % every == 0):
+            checkpoint.save(checkpoints, round_index + 1, unpad(client_state), jax.device_get(server_state),
+                            {"round": round_index + 1, "bytes_cumulative": cumulative_bytes,
+                             "history": saved_history})
         record["_client_params"] = client_state["params"]
         yield record
 
@@ -298,34 +331,54 @@ def summarize(history: list[dict], setup: FederatedSetup) -> dict:
     }
 
 
-def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.Path | None = None) -> RunResult:
-    """Prepares and runs one method; writes ``metrics.jsonl``, ``config.json`` and
-    ``summary.json`` to ``output_dir`` when given."""
+def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.Path | None = None,
+        resume: bool = False) -> RunResult:
+    """Prepares and runs one method.
+
+    With ``output_dir``, writes ``config.json``, ``metrics.jsonl`` (one line per round),
+    ``summary.json`` and, when ``config.checkpoint.every`` > 0, orbax checkpoints under
+    ``checkpoints/``. ``resume=True`` continues from the latest checkpoint there.
+    """
     setup = prepare(config)
-    out = None
+    out = checkpoint_dir = None
+    history: list[dict] = []
     if output_dir is not None:
         out = pathlib.Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
-        (out / "metrics.jsonl").write_text("")
-    history, client_params = [], None
-    rounds = iterate_rounds(setup)
+        checkpoint_dir = out / "checkpoints"
+        metrics_path = out / "metrics.jsonl"
+        if resume and metrics_path.exists():
+            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+        else:
+            metrics_path.write_text("")
+    elif resume:
+        raise ValueError("resume needs the output_dir that holds the checkpoints")
+    client_params = None
+    rounds = iterate_rounds(setup, checkpoint_dir, resume)
     if progress:
         from tqdm.auto import tqdm
 
         rounds = tqdm(rounds, total=config.federation.rounds, desc=setup.method.name, unit="round")
     for record in rounds:
         client_params = record.pop("_client_params")
+        if resume and out is not None and history and history[-1]["round"] >= record["round"]:
+            # Rounds after the checkpoint were lost with the interrupted run: drop them.
+            history = [r for r in history if r["round"] < record["round"]]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
         history.append(record)
         if progress:
             rounds.set_postfix(loss=f"{record['train_loss']:.3f}",
                                acc=f"{record.get('test_accuracy_mean', float('nan')):.3f}",
                                MB=f"{record['bytes_cumulative'] / 1e6:.2f}")
         if out is not None:
-            with open(out / "metrics.jsonl", "a") as handle:
+            with open(metrics_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
+    if not history:
+        raise ValueError("the run produced no rounds")
     summary = summarize(history, setup)
-    client_params = jax.tree.map(lambda x: x[: setup.num_clients], client_params)  # drop mesh padding
+    if client_params is not None:
+        client_params = jax.tree.map(lambda x: x[: setup.num_clients], client_params)  # drop mesh padding
     if out is not None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(history, summary, client_params)
