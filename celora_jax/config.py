@@ -54,6 +54,9 @@ class FederationConfig:
       participation: fraction of clients sampled each round (at least one).
       client_dropout: probability that a sampled client drops out before reporting. Absent
         clients keep their personal state and are left out of aggregation (no recompile).
+      outlier_factor: reject a client's round when the norm of its uploaded change exceeds
+        this multiple of the median over reporting clients (0 disables the rule). Updates
+        with NaN/Inf are always rejected. Rejected clients keep their previous state.
     """
 
     method: str = "celora"
@@ -66,6 +69,7 @@ class FederationConfig:
     num_devices: int | None = None
     participation: float = 1.0
     client_dropout: float = 0.0
+    outlier_factor: float = 10.0
 
     def __post_init__(self):
         from celora_jax.methods import get_method
@@ -78,6 +82,8 @@ class FederationConfig:
             raise ValueError(f"federation.participation must be in (0, 1], got {self.participation}")
         if not 0 <= self.client_dropout < 1:
             raise ValueError(f"federation.client_dropout must be in [0, 1), got {self.client_dropout}")
+        if self.outlier_factor < 0:
+            raise ValueError(f"federation.outlier_factor must be >= 0, got {self.outlier_factor}")
         if self.local_steps is not None and self.local_steps < 1:
             raise ValueError(f"federation.local_steps must be at least 1 or None, got {self.local_steps}")
 

@@ -169,3 +169,48 @@ def test_absent_clients_keep_their_state_and_are_not_aggregated(tiny_model_dir, 
             present = record["reporting_clients"]
             np.testing.assert_array_equal(weights[np.ix_(present, absent)], 0.0)
         previous = current
+
+
+def test_rejected_updates_rule():
+    before = {"c": np.zeros((5, 2))}
+    after = {"c": np.array([[1.0, 0], [1.1, 0], [0.9, 0], [50.0, 0], [1.0, 0]])}
+    trained = {"c": after["c"].copy(), "head": np.zeros((5, 3))}
+    trained["head"][4, 1] = np.inf
+    mask = np.array([True, True, True, True, True])
+    rejected = engine.rejected_updates(before, after, trained, mask, outlier_factor=10.0)
+    np.testing.assert_array_equal(rejected, [False, False, False, True, True])
+    lenient = engine.rejected_updates(before, after, trained, mask, outlier_factor=0.0)
+    np.testing.assert_array_equal(lenient, [False, False, False, False, True])
+    absent = engine.rejected_updates(before, after, trained, np.array([1, 1, 1, 0, 0], bool), 10.0)
+    assert not absent.any()
+
+
+@pytest.mark.parametrize("method", ["celora", "fedavg_lora"])
+def test_nan_client_is_rejected_and_others_are_unaffected(tiny_model_dir, method, monkeypatch, caplog):
+    config = tiny_config(tiny_model_dir, method)
+    original_stack = engine._stack
+
+    def poisoned(tree, count):
+        stacked = original_stack(tree, count)
+        if "lora" in tree:  # the client parameters: client 2 starts with a NaN head
+            kernel = stacked["params"]["classifier"]["kernel"]
+            stacked["params"]["classifier"]["kernel"] = kernel.at[2].set(np.nan)
+        return stacked
+
+    monkeypatch.setattr(engine, "_stack", poisoned)
+    with caplog.at_level("WARNING"):
+        poisoned_run = engine.run(config)
+    assert all(r["rejected_clients"] == [2] for r in poisoned_run.history)
+    assert "clients [2] sent non-finite" in caplog.text
+    monkeypatch.setattr(engine, "_stack", original_stack)
+
+    # Reference: the same run in which client 2 simply never reports.
+    original_reporting = engine.reporting_clients
+    monkeypatch.setattr(engine, "reporting_clients",
+                        lambda n, *args: original_reporting(n, *args) & (np.arange(n) != 2))
+    reference = engine.run(config)
+    others = [0, 1, 3, 4]
+    for got, want in zip(jax.tree.leaves(poisoned_run.client_params), jax.tree.leaves(reference.client_params)):
+        np.testing.assert_allclose(np.asarray(got)[others], np.asarray(want)[others], rtol=1e-6, atol=1e-7)
+    accuracy = np.asarray(poisoned_run.history[-1]["client_test_accuracy"])
+    np.testing.assert_allclose(accuracy[others], np.asarray(reference.history[-1]["client_test_accuracy"])[others])

@@ -33,6 +33,8 @@ from celora_jax.models import loading
 
 logger = logging.getLogger(__name__)
 
+Array = jax.Array
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -148,6 +150,33 @@ def reporting_clients(num_clients: int, participation: float, client_dropout: fl
     return sampled & (rng.random(num_clients) >= client_dropout)
 
 
+def _per_client(tree, reduce_leaf) -> Array:
+    """Sums ``reduce_leaf(leaf [N, ...]) -> [N]`` over the leaves of a client-stacked tree."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return None
+    return sum(reduce_leaf(leaf.reshape(leaf.shape[0], -1)) for leaf in leaves)
+
+
+def rejected_updates(sent_before, uploads, trained, mask, outlier_factor: float) -> Array:
+    """``[N]`` bool: reporting clients whose round must be discarded.
+
+    A client is rejected when any trained parameter is NaN/Inf, or (``outlier_factor`` > 0)
+    when the norm of its uploaded change exceeds ``outlier_factor`` times the median norm
+    over the reporting clients with finite updates.
+    """
+    finite_count = _per_client(trained, lambda x: jnp.sum(~jnp.isfinite(x), axis=1))
+    finite = jnp.ones_like(mask) if finite_count is None else finite_count == 0
+    rejected = mask & ~finite
+    change = jax.tree.map(lambda new, old: new - old, uploads, sent_before)
+    squared = _per_client(change, lambda x: jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0) ** 2, axis=1))
+    if outlier_factor > 0 and squared is not None:
+        norms = jnp.sqrt(squared)
+        median = jnp.nanmedian(jnp.where(mask & finite, norms, jnp.nan))
+        rejected |= mask & finite & (median > 0) & (norms > outlier_factor * median)
+    return rejected
+
+
 def _stack(tree, count: int):
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *x.shape)), tree)
 
@@ -175,11 +204,19 @@ def build_round_step(setup: FederatedSetup, strategy: strategies.Strategy, mesh)
         trained, metrics = jax.vmap(client_update, in_axes=(None, 0, 0, 0, None))(
             base, client_state, batches, keys, round_index)
         uploads = methods.select(trained["params"], roles, methods.SHARED)
-        server_state, downloads, logs = strategy.aggregate(server_state, uploads, sizes, mask)
+        accepted = mask & ~rejected_updates(
+            methods.select(client_state["params"], roles, methods.SHARED), uploads,
+            methods.select(trained["params"], roles, methods.SHARED, methods.PERSONAL), mask,
+            config.federation.outlier_factor)
+        # Zero what rejected clients sent: a weight of 0 does not cancel NaN in a weighted sum.
+        uploads = _where_clients(accepted, uploads, jax.tree.map(jnp.zeros_like, uploads))
+        server_state, downloads, logs = strategy.aggregate(server_state, uploads, sizes, accepted)
         received = methods.combine(downloads, methods.select(trained["params"], roles,
                                                              methods.PERSONAL, methods.FROZEN))
         new_state = {"params": received, "opt_state": trained["opt_state"]}
-        return _where_clients(mask, new_state, client_state), server_state, metrics, logs
+        logs = {**logs, "rejected": mask & ~accepted}
+        # Absent and rejected clients keep the state they had before the round.
+        return _where_clients(accepted, new_state, client_state), server_state, metrics, logs
 
     clients, replicated = sharding.clients_sharding(mesh), sharding.replicated(mesh)
     return jax.jit(
@@ -298,10 +335,11 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
         for name, value in jax.device_get(logs).items():
             value = np.asarray(value)
             record[name] = value[:n, :n].tolist() if value.ndim == 2 else value[:n].tolist()
-        excluded = [i for i, flag in enumerate(record.get("excluded", [])) if flag]
-        if excluded:
-            logger.warning("round %d: clients %s sent non-finite uploads and were left out of "
-                           "aggregation", round_index + 1, excluded)
+        rejected = [i for i, flag in enumerate(record.pop("rejected")) if flag]
+        record["rejected_clients"] = rejected
+        if rejected:
+            logger.warning("round %d: clients %s sent non-finite or outlier updates; their round was "
+                           "discarded and they were left out of aggregation", round_index + 1, rejected)
         record["seconds"] = time.perf_counter() - started
         saved_history.append(_scalars(record))
         every = config.checkpoint.every
