@@ -36,14 +36,29 @@ def manager(directory: str | pathlib.Path, keep: int = 2) -> ocp.CheckpointManag
     return ocp.CheckpointManager(directory, options=options)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, truncated or was written by another config."""
+
+
 def _shapes(tree: Any) -> list[list[int]]:
     return [list(np.shape(leaf)) for leaf in jax.tree.leaves(tree)]
+
+
+def _named_shapes(tree: Any) -> dict[str, list[int]]:
+    return {jax.tree_util.keystr(path): list(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def has_checkpoints(directory: str | pathlib.Path) -> bool:
+    directory = pathlib.Path(directory)
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, clients: Any, server: Any, meta: dict) -> None:
     """Writes the state after round ``step`` (blocking, atomic)."""
     items = {"clients": ocp.args.StandardSave(clients),
-             "meta": ocp.args.JsonSave({**meta, "server_shapes": _shapes(server)})}
+             "meta": ocp.args.JsonSave({**meta, "server_shapes": _shapes(server),
+                                        "client_shapes": _named_shapes(clients)})}
     if jax.tree.leaves(server):  # orbax stores no empty trees; stateless strategies have {}
         items["server"] = ocp.args.StandardSave(server)
     checkpoints.save(step, args=ocp.args.Composite(**items))
@@ -67,13 +82,30 @@ def restore(checkpoints: ocp.CheckpointManager, clients_like: Any, server_like: 
     step = checkpoints.latest_step() if step is None else step
     if step is None:
         return None
-    meta = checkpoints.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    where = f"checkpoint {step} in {checkpoints.directory}"
+    try:
+        meta = checkpoints.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as err:  # orbax raises many types for damaged files
+        raise CheckpointError(f"{where} is unreadable or truncated: {type(err).__name__}: {err}") from err
+    if not isinstance(meta, dict) or "client_shapes" not in meta or "server_shapes" not in meta:
+        raise CheckpointError(f"{where} has no celora-jax metadata")
+    expected = _named_shapes(clients_like)
+    saved = meta.pop("client_shapes")
+    if saved != expected:
+        differing = sorted(set(saved) ^ set(expected)) or sorted(k for k in saved if saved[k] != expected[k])
+        name = differing[0]
+        raise CheckpointError(
+            f"{where} was written by an incompatible config: client state {name} is "
+            f"{saved.get(name, 'absent')} there, this config expects {expected.get(name, 'absent')}")
     args = {"clients": ocp.args.StandardRestore(_abstract(clients_like))}
     server_fits = meta.pop("server_shapes") == _shapes(server_like)
     if server_fits and jax.tree.leaves(server_like):
         args["server"] = ocp.args.StandardRestore(_abstract(server_like))
-    restored = checkpoints.restore(step, args=ocp.args.Composite(**args))
+    try:
+        restored = checkpoints.restore(step, args=ocp.args.Composite(**args))
+    except Exception as err:
+        raise CheckpointError(f"{where} is unreadable or truncated: {type(err).__name__}: {err}") from err
     if not server_fits:
-        logger.info("checkpoint %d: server state shapes differ (other device count); re-initializing it", step)
+        logger.info("%s: server state shapes differ (other device count); re-initializing it", where)
         return step, restored["clients"], None, meta
     return step, restored["clients"], restored.get("server", server_like), meta

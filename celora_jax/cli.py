@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return _run(args)
-    except ValueError as err:  # config, data and model errors carry clear messages
-        print(f"celora-jax: error: {err}", file=sys.stderr)
+    except ValueError as err:  # config, data, model and checkpoint errors carry clear messages
+        print(f"celora-jax: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

@@ -204,15 +204,16 @@ def _replace_path(node, path: list[str], value, full_key: str):
 def _coerce(value, current, owner, name, full_key):
     hints = typing.get_type_hints(owner)
     allowed = typing.get_args(hints.get(name)) or (hints.get(name),)
+    expected = " or ".join("None" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
     if value is None and type(None) in allowed:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
         return float(value)
     if isinstance(value, bool) and bool not in allowed:
-        raise ValueError(f"config key {full_key!r} expects {hints.get(name)}, got {value!r}")
+        raise ValueError(f"config key {full_key!r} expects {expected}, got {value!r}")
     for kind in allowed:
         if isinstance(kind, type) and isinstance(value, kind):
             return value
     if str in allowed:
         return str(value)
-    raise ValueError(f"config key {full_key!r} expects {hints.get(name)}, got {value!r}")
+    raise ValueError(f"config key {full_key!r} expects {expected}, got {value!r}")

@@ -82,7 +82,14 @@ def load_text_dataset(config: TextDataConfig = TextDataConfig()) -> TextDataset:
     if builder is None:
         raise DataError(f"cannot read {path}: supported extensions are {sorted(_FORMATS)}")
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-    table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    # Reading one local file takes a second; its progress bars would only clutter the CLI.
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
     wanted = [config.text_column, config.label_column]
     # The shipped data has a source column; a user file without one simply has no groups.
     group_column = config.group_column if config.group_column in table.column_names else None

@@ -86,6 +86,11 @@ def prepare(config: RunConfig) -> FederatedSetup:
     needed = np.unique(np.concatenate([split.train.ravel(), split.test.ravel(), split.global_test]))
     encoded = loading.encode_texts(tokenizer, [dataset.texts[i] for i in needed],
                                    config.model.max_length, model_config.pad_token_id)
+    largest_id = int(encoded["input_ids"].max())
+    if largest_id >= model_config.vocab_size:
+        raise loading.ModelLoadError(
+            f"the tokenizer of {model_dir} produced token id {largest_id} but the model's vocabulary "
+            f"has {model_config.vocab_size} entries: tokenizer and model do not match")
     position = np.full(len(dataset.labels), -1, np.int64)
     position[needed] = np.arange(len(needed))
     labels = dataset.labels[needed]
@@ -284,15 +289,14 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
     if resume:
         found = checkpoint.restore(checkpoints, unpad(client_state), jax.device_get(server_state))
         if found is None:
-            logger.warning("no checkpoint in %s; starting from round 1", checkpoint_dir)
-        else:
-            start, clients, server, meta = found
-            client_state = sharding.put_clients(
-                jax.tree.map(lambda x: np.concatenate([x, np.zeros((n_pad - n, *x.shape[1:]), x.dtype)]), clients),
-                mesh)
-            if server is not None:
-                server_state = sharding.put_replicated(server, mesh)
-            cumulative_bytes, saved_history = meta["bytes_cumulative"], meta["history"]
+            raise checkpoint.CheckpointError(f"no checkpoint to resume from in {checkpoint_dir}")
+        start, clients, server, meta = found
+        client_state = sharding.put_clients(
+            jax.tree.map(lambda x: np.concatenate([x, np.zeros((n_pad - n, *x.shape[1:]), x.dtype)]), clients),
+            mesh)
+        if server is not None:
+            server_state = sharding.put_replicated(server, mesh)
+        cumulative_bytes, saved_history = meta["bytes_cumulative"], meta["history"]
 
     for round_index in range(start, fed.rounds):
         started = time.perf_counter()
@@ -377,22 +381,27 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
     ``summary.json`` and, when ``config.checkpoint.every`` > 0, orbax checkpoints under
     ``checkpoints/``. ``resume=True`` continues from the latest checkpoint there.
     """
+    if output_dir is None and resume:
+        raise ValueError("resume needs the output_dir that holds the checkpoints")
+    if output_dir is not None and not resume and checkpoint.has_checkpoints(pathlib.Path(output_dir) / "checkpoints"):
+        raise ValueError(f"{output_dir} already holds checkpoints of a run; resume it (--resume) "
+                         "or choose another output directory")
     setup = prepare(config)
     out = checkpoint_dir = None
     history: list[dict] = []
+    config_text = json.dumps(to_dict(config), indent=2, sort_keys=True)
     if output_dir is not None:
         out = pathlib.Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(config), indent=2, sort_keys=True))
         checkpoint_dir = out / "checkpoints"
         metrics_path = out / "metrics.jsonl"
-        if resume and metrics_path.exists():
-            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+        if resume:
+            if metrics_path.exists():
+                history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
         else:
+            (out / "config.json").write_text(config_text)
             metrics_path.write_text("")
-    elif resume:
-        raise ValueError("resume needs the output_dir that holds the checkpoints")
-    client_params = None
+    client_params, files_updated = None, False
     rounds = iterate_rounds(setup, checkpoint_dir, resume)
     if progress:
         from tqdm.auto import tqdm
@@ -400,10 +409,13 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
         rounds = tqdm(rounds, total=config.federation.rounds, desc=setup.method.name, unit="round")
     for record in rounds:
         client_params = record.pop("_client_params")
-        if resume and out is not None and history and history[-1]["round"] >= record["round"]:
-            # Rounds after the checkpoint were lost with the interrupted run: drop them.
+        if resume and out is not None and not files_updated:
+            # The checkpoint restored fine: only now touch the files of the interrupted run.
+            # Rounds after the checkpoint were lost with it, so their lines go.
+            files_updated = True
             history = [r for r in history if r["round"] < record["round"]]
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+            (out / "config.json").write_text(config_text)
         history.append(record)
         if progress:
             rounds.set_postfix(loss=f"{record['train_loss']:.3f}",

@@ -1,0 +1,105 @@
+"""Bad input across the CLI and library: one clear one-line error, a non-zero exit, and
+nothing written over an existing good run."""
+
+import hashlib
+import json
+import pathlib
+import shutil
+
+import pytest
+
+from celora_jax import cli
+from celora_jax.config import CheckpointConfig, to_dict
+from test_engine import tiny_config, tiny_model_dir  # noqa: F401  (fixture)
+
+
+def _tree_digest(root: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def good_run(tiny_model_dir, tmp_path_factory):
+    """A finished tiny run with checkpoints, written through the library."""
+    from celora_jax.federated import engine
+    import dataclasses
+
+    config = dataclasses.replace(tiny_config(tiny_model_dir, "celora"), checkpoint=CheckpointConfig(every=1))
+    out = tmp_path_factory.mktemp("good") / "tiny" / "celora"
+    engine.run(config, output_dir=out)
+    return out
+
+
+@pytest.fixture
+def bad_dirs(tmp_path, tiny_model_dir, good_run):
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", no_weights)
+    small_vocab = tmp_path / "small_vocab"
+    shutil.copytree(tiny_model_dir, small_vocab)
+    config = json.loads((small_vocab / "config.json").read_text())
+    config["vocab_size"] = 1000
+    (small_vocab / "config.json").write_text(json.dumps(config))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(good_run, corrupt)
+    for path in (corrupt / "checkpoints" / "2").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\x00garbage")
+    empty_run = tmp_path / "empty_run"
+    empty_run.mkdir()
+    shutil.copy(good_run / "config.json", empty_run)
+    (tmp_path / "notes.txt").write_text("not a table")
+    (tmp_path / "columns.csv").write_text("review,stars\ngood,1\n")
+    return {"tmp": tmp_path, "model": tiny_model_dir, "no_weights": no_weights, "small_vocab": small_vocab,
+            "corrupt": corrupt, "empty_run": empty_run, "good": good_run}
+
+
+# (argv with {placeholders}, expected fragment of the one-line error)
+CASES = [
+    ("run --preset huge", "unknown preset 'huge'"),
+    ("run --methods fedprox", "unknown method 'fedprox'"),
+    ("run --set federation.round=3", "unknown config key 'federation.round'"),
+    ("run --set federation.rounds=many", "expects int"),
+    ("run --set federation.rounds=-1", "federation.rounds must be at least 1"),
+    ("run --set federation.rounds", "not of the form key=value"),
+    ("run --set federation=3", "names a section"),
+    ("run --set adapter.rank=0", "adapter rank must be a positive integer"),
+    ("run --set adapter.rank=1000 --set model.path={model}", "adapter rank 1000 exceeds min(d_in, d_out) = 32"),
+    ("run --set adapter.target=decoder --set model.path={model}", "matches no 2-D kernel"),
+    ("run --set adapter.target=( ", "not a valid regex"),
+    ("run --set partition.alpha=0", "alpha must be > 0"),
+    ("run --set partition.num_clients=5000", "examples, the data has 33530"),
+    ("run --set federation.participation=1.5", "participation must be in (0, 1]"),
+    ("run --set federation.client_dropout=1", "client_dropout must be in [0, 1)"),
+    ("run --set model.dtype=int8", "model.dtype must be one of"),
+    ("run --set model.path={tmp}/nowhere", "does not exist"),
+    ("run --set model.path={no_weights}", "has no *.safetensors file"),
+    ("run --set model.path={small_vocab}", "tokenizer and model do not match"),
+    ("run --set data.path={tmp}/missing.csv", "does not exist"),
+    ("run --set data.path={tmp}/notes.txt", "supported extensions are"),
+    ("run --set data.path={tmp}/columns.csv", "has no column(s) ['text', 'label']"),
+    ("run --set checkpoint.keep=0", "checkpoint.keep >= 1"),
+    ("run --resume {tmp}/nowhere", "no config.json"),
+    ("run --resume {empty_run}", "no checkpoint to resume from"),
+    ("run --resume {corrupt}", "is unreadable or truncated"),
+    ("run --resume {good} --set adapter.rank=4", "written by an incompatible config"),
+    ("run --preset smoke --set name=tiny --set model.path={model} --output-dir {good_root}",
+     "already holds checkpoints"),
+]
+
+
+@pytest.mark.parametrize("argv, message", CASES, ids=[c[0].split(" --set ")[-1][:40] for c in CASES])
+def test_bad_input_gives_one_line_error_and_nonzero_exit(argv, message, bad_dirs, capsys):
+    good = bad_dirs["good"]
+    before = _tree_digest(good)
+    values = {k: str(v) for k, v in bad_dirs.items()}
+    values["good_root"] = str(good.parent.parent)
+    args = argv.format(**values).split()
+    assert cli.main(args + ["--no-progress"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1, err
+    assert _tree_digest(good) == before  # the good run and its checkpoints are untouched
