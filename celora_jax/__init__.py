@@ -18,6 +18,7 @@ from celora_jax.adapters import (
 )
 from celora_jax.aggregation import AggregationConfig, ServerOutputs, server_step
 from celora_jax.config import RunConfig
+from celora_jax.functional import adapt
 from celora_jax.gmm import ClassMixtures, fit_class_mixtures
 from celora_jax.methods import METHODS, MethodSpec, get_method, parameter_roles
 from celora_jax.similarity import data_distance, parameter_distance
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "AdapterConfigError", "AggregationConfig", "ClassMixtures", "METHODS",
-    "MethodSpec", "RunConfig", "ServerOutputs", "adapted_linear", "adapter_delta", "adapter_output",
+    "MethodSpec", "RunConfig", "ServerOutputs", "adapt", "adapted_linear", "adapter_delta", "adapter_output",
     "data_distance", "fit_class_mixtures", "get_method", "init_adapters", "merge_adapters",
     "merge_kernel", "parameter_distance", "parameter_roles", "server_step", "stack_cores",
     "to_two_factor", "unstack_cores",

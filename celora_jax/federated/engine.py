@@ -249,6 +249,11 @@ class RunResult:
     client_params: Any = None
 
 
+def _mean_over(values, mask: np.ndarray) -> float:
+    values = np.asarray(values)
+    return float(values[mask].mean()) if mask.any() else float("nan")
+
+
 def _scalars(record: dict) -> dict:
     return {k: v for k, v in record.items() if isinstance(v, (int, float, str)) and not k.startswith("_")}
 
@@ -315,8 +320,9 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
         record = {
             "round": round_index + 1,
             "method": setup.method.name,
-            "train_loss": float(np.mean(np.asarray(metrics["train_loss"])[:n])),
-            "train_accuracy": float(np.mean(np.asarray(metrics["train_accuracy"])[:n])),
+            # Absent clients are computed too (static shapes) but their round does not count.
+            "train_loss": _mean_over(metrics["train_loss"], mask_np),
+            "train_accuracy": _mean_over(metrics["train_accuracy"], mask_np),
             "participants": participants,
             "reporting_clients": [int(i) for i in np.flatnonzero(mask_np[:n])],
             "bytes_up_per_client": per_client_bytes,
