@@ -1,0 +1,134 @@
+"""Study grids reproducing CE-LoRA's comparisons (METHOD.md §7), resumable run by run.
+
+    python -m experiments.grid --study main                 # full CPU-sized grid
+    python -m experiments.grid --study all --smoke          # CI-sized: 2 rounds, 3 clients
+    python -m experiments.grid --study ablation_lambda --seeds 0,1,2 --set federation.rounds=20
+
+Every run writes ``<out>/<study>/<run id>/`` (``metrics.jsonl``, ``summary.json``,
+``config.json``); a run whose ``summary.json`` exists is skipped, so an interrupted grid
+resumes where it stopped. ``python -m experiments.report`` turns the results into tables and
+plots. Studies:
+
+- main: methods x {Dirichlet alpha 0.1, 0.5, 1.0 over labels, split by source (IMDB vs
+  Rotten Tomatoes)}; rank 8.
+- ablation_beta: CE-LoRA with beta 0 (parameters only), 0.5, 1 (data only), alpha 0.5.
+- ablation_lambda: CE-LoRA with lambda 0.1, 0.3, 1, 3, 10, alpha 0.5.
+- ablation_rank: CE-LoRA and FedAvg-LoRA with r 4, 8, 16, alpha 0.5.
+
+Size (``STUDY`` below), chosen for the 2-core CPU machines: MiniLM, 10 clients with 64
+training and 64 test reviews each, 48 tokens, batch 16, 4 local steps (one local epoch) per
+round, 12 rounds; about 2-3 CPU-minutes per run. On a GPU/TPU raise clients, examples,
+tokens and rounds with ``--set``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import pathlib
+import sys
+from typing import Iterator
+
+from celora_jax.config import FederationConfig, ModelConfig, RunConfig, apply_overrides
+from celora_jax.data.partition import PartitionConfig
+from celora_jax.methods import METHODS
+
+logger = logging.getLogger(__name__)
+
+STUDY = RunConfig(
+    name="study",
+    model=ModelConfig(max_length=48),
+    partition=PartitionConfig(scheme="dirichlet", num_clients=10, alpha=0.5, train_examples=64,
+                              test_examples=64, global_test_examples=256),
+    federation=FederationConfig(method="celora", rounds=12, batch_size=16),
+)
+
+SMOKE = dataclasses.replace(
+    STUDY,
+    name="study_smoke",
+    model=ModelConfig(max_length=24),
+    partition=PartitionConfig(scheme="dirichlet", num_clients=3, alpha=0.5, train_examples=8,
+                              test_examples=8, global_test_examples=16),
+    federation=FederationConfig(method="celora", rounds=2, batch_size=8),
+)
+
+SPLITS = {
+    "alpha0.1": ["partition.scheme='dirichlet'", "partition.alpha=0.1"],
+    "alpha0.5": ["partition.scheme='dirichlet'", "partition.alpha=0.5"],
+    "alpha1.0": ["partition.scheme='dirichlet'", "partition.alpha=1.0"],
+    "source": ["partition.scheme='source'"],
+}
+
+
+def _study_runs(study: str) -> Iterator[tuple[str, list[str]]]:
+    """(run id without seed, overrides) of one study."""
+    if study == "main":
+        for split, overrides in SPLITS.items():
+            for method in sorted(METHODS):
+                yield f"{split}/{method}", overrides + [f"federation.method='{method}'"]
+    elif study == "ablation_beta":
+        for beta in (0.0, 0.5, 1.0):
+            yield f"beta{beta}", ["federation.method='celora'", f"aggregation.beta={beta}"]
+    elif study == "ablation_lambda":
+        for lam in (0.1, 0.3, 1.0, 3.0, 10.0):
+            yield f"lambda{lam}", ["federation.method='celora'", f"aggregation.lam={lam}"]
+    elif study == "ablation_rank":
+        for method in ("celora", "fedavg_lora"):
+            for rank in (4, 8, 16):
+                yield f"rank{rank}/{method}", [f"federation.method='{method}'", f"adapter.rank={rank}"]
+    else:
+        raise ValueError(f"unknown study {study!r}; choose one of {STUDIES} or 'all'")
+
+
+STUDIES = ("main", "ablation_beta", "ablation_lambda", "ablation_rank")
+
+
+def grid(study: str, seeds: list[int], smoke: bool, overrides: list[str]) -> list[tuple[str, RunConfig]]:
+    """Every (run id, config) of ``study`` ('all' for every study)."""
+    base = SMOKE if smoke else STUDY
+    studies = STUDIES if study == "all" else (study,)
+    runs = []
+    for name in studies:
+        for run_id, run_overrides in _study_runs(name):
+            for seed in seeds:
+                config = apply_overrides(base, run_overrides + [f"seed={seed}", f"partition.seed={seed}"]
+                                         + overrides)
+                runs.append((f"{name}/{run_id}/seed{seed}", config))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default="main", help=f"one of {STUDIES} or 'all'")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--smoke", action="store_true", help="tiny CI-sized runs")
+    parser.add_argument("--out", default=None, help="results root (default experiments/results/raw[_smoke])")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from celora_jax.federated import engine
+    from tqdm.auto import tqdm
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        runs = grid(args.study, seeds, args.smoke, args.overrides)
+    except ValueError as err:
+        print(f"grid: error: {err}", file=sys.stderr)
+        return 2
+    default_out = "experiments/results/raw_smoke" if args.smoke else "experiments/results/raw"
+    root = pathlib.Path(args.out or default_out)
+    todo = [(run_id, config) for run_id, config in runs if not (root / run_id / "summary.json").exists()]
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to go")
+    if args.dry_run:
+        for run_id, _ in todo:
+            print(run_id)
+        return 0
+    for run_id, config in tqdm(todo, desc="grid", unit="run"):
+        engine.run(config, output_dir=root / run_id)  # writes summary.json last
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
