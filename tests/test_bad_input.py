@@ -103,3 +103,10 @@ def test_bad_input_gives_one_line_error_and_nonzero_exit(argv, message, bad_dirs
     assert message in err
     assert len(err.splitlines()) == 1, err
     assert _tree_digest(good) == before  # the good run and its checkpoints are untouched
+
+
+def test_cli_resume_of_a_finished_run_reports_without_training(good_run, capsys):
+    before = _tree_digest(good_run / "checkpoints")
+    assert cli.main(["run", "--resume", str(good_run), "--no-progress"]) == 0
+    assert "| celora |" in capsys.readouterr().out
+    assert _tree_digest(good_run / "checkpoints") == before
