@@ -48,13 +48,19 @@ def bad_dirs(tmp_path, tiny_model_dir, good_run):
     for path in (corrupt / "checkpoints" / "2").rglob("*"):
         if path.is_file():
             path.write_bytes(b"\x00garbage")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good_run, truncated)
+    for path in (truncated / "checkpoints" / "2").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     empty_run = tmp_path / "empty_run"
     empty_run.mkdir()
     shutil.copy(good_run / "config.json", empty_run)
     (tmp_path / "notes.txt").write_text("not a table")
     (tmp_path / "columns.csv").write_text("review,stars\ngood,1\n")
+    (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 8)
     return {"tmp": tmp_path, "model": tiny_model_dir, "no_weights": no_weights, "small_vocab": small_vocab,
-            "corrupt": corrupt, "empty_run": empty_run, "good": good_run}
+            "corrupt": corrupt, "truncated": truncated, "empty_run": empty_run, "good": good_run}
 
 
 # (argv with {placeholders}, expected fragment of the one-line error)
@@ -81,10 +87,12 @@ CASES = [
     ("run --set data.path={tmp}/missing.csv", "does not exist"),
     ("run --set data.path={tmp}/notes.txt", "supported extensions are"),
     ("run --set data.path={tmp}/columns.csv", "has no column(s) ['text', 'label']"),
+    ("run --set data.path={tmp}/binary.csv", "cannot read"),
     ("run --set checkpoint.keep=0", "checkpoint.keep >= 1"),
     ("run --resume {tmp}/nowhere", "no config.json"),
     ("run --resume {empty_run}", "no checkpoint to resume from"),
     ("run --resume {corrupt}", "is unreadable or truncated"),
+    ("run --resume {truncated}", "is unreadable or truncated"),
     ("run --resume {good} --set adapter.rank=4", "written by an incompatible config"),
     ("run --preset smoke --set name=tiny --set model.path={model} --output-dir {good_root}",
      "already holds checkpoints"),

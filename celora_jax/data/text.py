@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import pathlib
 import re
 from typing import Sequence
@@ -82,12 +83,20 @@ def load_text_dataset(config: TextDataConfig = TextDataConfig()) -> TextDataset:
     if builder is None:
         raise DataError(f"cannot read {path}: supported extensions are {sorted(_FORMATS)}")
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-    # Reading one local file takes a second; its progress bars would only clutter the CLI.
+    # Reading one local file takes a second; its progress bars and its own error logging
+    # would only clutter the one clear error we raise.
     bars_were_on = datasets.is_progress_bar_enabled()
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
     datasets.disable_progress_bars()
+    datasets_logger.setLevel(logging.CRITICAL)
     try:
         table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as err:  # datasets wraps parser errors of every format differently
+        cause = err.__cause__ or err
+        raise DataError(f"cannot read {path} as {builder}: {type(cause).__name__}: {cause}") from err
     finally:
+        datasets_logger.setLevel(level)
         if bars_were_on:
             datasets.enable_progress_bars()
     wanted = [config.text_column, config.label_column]
