@@ -33,8 +33,10 @@ def client_features(setup: "FederatedSetup", chunk_size: int = 64) -> np.ndarray
     trunk = BertModel(model.config, dtype=model.dtype)
     backbone = methods.combine(setup.base_params, setup.client_params["params"])["backbone"]
 
+    # The weights are an argument, not a closure: closed-over arrays would be baked into the
+    # compiled program as constants.
     @jax.jit
-    def embed(input_ids, attention_mask):
+    def embed(backbone, input_ids, attention_mask):
         hidden = trunk.apply({"params": backbone}, input_ids, attention_mask)
         return pool(hidden, attention_mask, "first" if model.pooling != "mean" else "mean").astype(jnp.float32)
 
@@ -44,7 +46,7 @@ def client_features(setup: "FederatedSetup", chunk_size: int = 64) -> np.ndarray
     padded = -(-total // chunk_size) * chunk_size
     pad = lambda x: np.concatenate([x, np.zeros((padded - total, x.shape[1]), x.dtype)])
     flat_ids, flat_mask = pad(flat_ids), pad(flat_mask)
-    outputs = [np.asarray(embed(flat_ids[i:i + chunk_size], flat_mask[i:i + chunk_size]))
+    outputs = [np.asarray(embed(backbone, flat_ids[i:i + chunk_size], flat_mask[i:i + chunk_size]))
                for i in range(0, padded, chunk_size)]
     return np.concatenate(outputs)[:total].reshape(ids.shape[0], ids.shape[1], -1)
 
