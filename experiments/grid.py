@@ -17,8 +17,10 @@ plots. Studies:
 
 Size (``STUDY`` below), chosen for the 2-core CPU machines: MiniLM, 10 clients with 64
 training and 64 test reviews each, 48 tokens, batch 16, 4 local steps (one local epoch) per
-round, 12 rounds; about 2-3 CPU-minutes per run. On a GPU/TPU raise clients, examples,
-tokens and rounds with ``--set``.
+round, 12 rounds; about 4 CPU-minutes per run measured (compile included), so the main
+table (72 runs with 3 seeds) takes about 5 CPU-hours and the ablations (42 runs) about 3:
+run them across sessions, the grid resumes. On a GPU/TPU raise clients, examples, tokens
+and rounds with ``--set``.
 """
 
 from __future__ import annotations
