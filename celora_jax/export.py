@@ -22,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from celora_jax import adapters as adapters_lib
+from celora_jax.models.loading import hf_module_path
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -84,15 +85,6 @@ def load_peft(directory: str | pathlib.Path) -> tuple[dict, dict]:
     flat = {}
     for key, value in tensors.items():
         name, factor = key[len(_PEFT_PREFIX):].rsplit(".lora_", 1)
-        flat[_our_module_path(name) + (factor[0],)] = value.T
+        flat[hf_module_path(name) + (factor[0],)] = value.T
     return traverse_util.unflatten_dict(flat), config
 
-
-def _our_module_path(hf_name: str) -> tuple[str, ...]:
-    path: list[str] = []
-    for part in hf_name.split("."):
-        if part.isdigit() and path and path[-1] == "layer":
-            path[-1] = f"layer_{part}"
-        else:
-            path.append(part)
-    return tuple(path)

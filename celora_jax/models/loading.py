@@ -86,6 +86,17 @@ def _existing_dir(model_dir) -> pathlib.Path:
     return model_dir
 
 
+def hf_module_path(hf_name: str) -> tuple[str, ...]:
+    """HF dotted name as our path: ``encoder.layer.0.x`` -> ``("encoder", "layer_0", "x")``."""
+    path: list[str] = []
+    for part in hf_name.split("."):
+        if part.isdigit() and path and path[-1] == "layer":
+            path[-1] = f"layer_{part}"
+        else:
+            path.append(part)
+    return tuple(path)
+
+
 def _our_path(hf_name: str) -> tuple[str, ...] | None:
     for prefix in _PREFIXES:
         if hf_name.startswith(prefix):
@@ -93,13 +104,7 @@ def _our_path(hf_name: str) -> tuple[str, ...] | None:
             break
     if _IGNORED.search(hf_name):
         return None
-    parts = hf_name.split(".")
-    merged: list[str] = []
-    for part in parts:
-        if part.isdigit() and merged and merged[-1] == "layer":
-            merged[-1] = f"layer_{part}"
-        else:
-            merged.append(part)
+    merged = list(hf_module_path(hf_name))
     leaf = merged[-1]
     owner = merged[-2] if len(merged) > 1 else ""
     if owner.endswith("_embeddings"):
