@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from celora_jax import _checks
+
 Array = jax.Array
 PyTree = Any
 # A nested dict whose leaves are arrays, keyed by module names.
@@ -50,6 +52,16 @@ class AdapterConfig:
       a_init_std: standard deviation of A's normal init (1e-3 in the authors' code).
       core_only: ablation of METHOD.md §1: A and B frozen, B drawn random instead of zero,
         C = 0, so that only the core is trained (only meaningful for kind="tri").
+
+    Examples:
+      >>> from celora_jax import AdapterConfig
+      >>> config = AdapterConfig(rank=4, alpha=8.0, target=r"dense/kernel$")
+      >>> config.scale
+      2.0
+      >>> AdapterConfig(rank=0)
+      Traceback (most recent call last):
+      ...
+      celora_jax.adapters.AdapterConfigError: adapter rank must be a positive integer, got 0
     """
 
     kind: str = TRI
@@ -109,7 +121,19 @@ def init_adapters(key: Array, params: Params, config: AdapterConfig) -> dict:
     Raises:
       AdapterConfigError: the regex matches no 2-D parameter, or the rank exceeds
         min(d_in, d_out) of a matched kernel.
+      ValueError: ``params`` is not a mapping.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from celora_jax import AdapterConfig, init_adapters
+      >>> params = {"mlp": {"kernel": jnp.zeros((16, 32)), "bias": jnp.zeros(32)}}
+      >>> adapters = init_adapters(jax.random.key(0), params, AdapterConfig(rank=4, target="kernel"))
+      >>> {name: factor.shape for name, factor in adapters["mlp"].items()}
+      {'A': (16, 4), 'B': (4, 32), 'C': (4, 4)}
     """
+    if not isinstance(params, Mapping):
+        raise ValueError(f"init_adapters: params must be a nested mapping of arrays, got "
+                         f"{type(params).__name__} (for other pytrees use celora_jax.adapt)")
     paths = target_kernel_paths(params, config.target)
     if not paths:
         kernels = [path_string(p) for p, v in traverse_util.flatten_dict(params).items()
@@ -146,13 +170,51 @@ def _init_factors(key: Array, d_in: int, d_out: int, config: AdapterConfig) -> d
 
 
 def adapter_delta(adapter: Mapping[str, Array]) -> Array:
-    """The dense update A·C·B (or A·B) of one adapter, unscaled. [d_in, d_out]."""
+    """The dense update A·C·B (or A·B) of one adapter, unscaled.
+
+    Args:
+      adapter: ``{"A": [..., d_in, r], "C": [..., r, r], "B": [..., r, d_out]}`` ("C"
+        absent for two-factor LoRA); leading axes (layers, clients) batch the product.
+
+    Returns:
+      ``[..., d_in, d_out]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from celora_jax import adapter_delta
+      >>> adapter = {"A": jnp.ones((3, 2)), "C": 2 * jnp.eye(2), "B": jnp.ones((2, 5))}
+      >>> adapter_delta(adapter)[0]
+      Array([4., 4., 4., 4., 4.], dtype=float32)
+    """
+    _checks.factor_dims("adapter_delta", adapter)
     inner = adapter["A"] @ adapter["C"] if "C" in adapter else adapter["A"]
     return inner @ adapter["B"]
 
 
 def adapter_output(x: Array, adapter: Mapping[str, Array], scale: float) -> Array:
-    """s · ((x A) C) B for inputs ``x [..., d_in]``; never forms the dense d_in × d_out update."""
+    """s · ((x A) C) B, never forming the dense d_in × d_out update.
+
+    Args:
+      x: ``[..., d_in]`` inputs; the factors are cast to ``x.dtype``.
+      adapter: ``{"A": [d_in, r], "C": [r, r], "B": [r, d_out]}`` ("C" optional).
+      scale: s = alpha / r.
+
+    Returns:
+      ``[..., d_out]``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from celora_jax import adapter_output
+      >>> adapter = {"A": jnp.ones((3, 2)), "C": jnp.eye(2), "B": jnp.ones((2, 4))}
+      >>> adapter_output(jnp.ones((5, 3)), adapter, scale=0.5).shape
+      (5, 4)
+      >>> adapter_output(jnp.ones((5, 7)), adapter, scale=0.5)
+      Traceback (most recent call last):
+      ...
+      ValueError: adapter_output: x must have shape [..., 3] (inputs, d_in = 3 from adapter['A']), got (5, 7)
+    """
+    d_in, _, _ = _checks.factor_dims("adapter_output", adapter)
+    _checks.check_trailing("adapter_output", "x", x, (d_in,), f"inputs, d_in = {d_in} from adapter['A']")
     dtype = x.dtype
     hidden = x @ adapter["A"].astype(dtype)
     if "C" in adapter:
@@ -162,7 +224,34 @@ def adapter_output(x: Array, adapter: Mapping[str, Array], scale: float) -> Arra
 
 def adapted_linear(x: Array, kernel: Array, bias: Array | None,
                    adapter: Mapping[str, Array] | None, scale: float) -> Array:
-    """x W0 + b + s · ((x A) C) B."""
+    """x W0 + b + s · ((x A) C) B: a linear layer with an adapter beside its frozen kernel.
+
+    Args:
+      x: ``[..., d_in]``.
+      kernel: W0, ``[d_in, d_out]``.
+      bias: ``[d_out]`` or None.
+      adapter: the kernel's adapter (shapes as in :func:`adapter_output`) or None.
+      scale: s = alpha / r.
+
+    Returns:
+      ``[..., d_out]``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from celora_jax import adapted_linear
+      >>> kernel = jnp.eye(3)
+      >>> adapter = {"A": jnp.ones((3, 1)), "C": jnp.eye(1), "B": jnp.zeros((1, 3))}
+      >>> adapted_linear(jnp.arange(3.0), kernel, None, adapter, 1.0)  # B = 0: the base layer
+      Array([0., 1., 2.], dtype=float32)
+    """
+    d_in, d_out = _checks.check_trailing("adapted_linear", "kernel", kernel, (None, None), "[d_in, d_out]")
+    if len(_checks.shape_of(kernel)) != 2:
+        _checks.fail("adapted_linear", f"kernel must be 2-D [d_in, d_out], got {_checks.shape_of(kernel)}")
+    _checks.check_trailing("adapted_linear", "x", x, (d_in,), f"inputs, d_in = {d_in} from kernel")
+    if bias is not None:
+        _checks.check_trailing("adapted_linear", "bias", bias, (d_out,), f"d_out = {d_out} from kernel")
+    if adapter is not None:
+        _check_adapter_fits("adapted_linear", adapter, (d_in, d_out))
     y = x @ kernel
     if bias is not None:
         y = y + bias
@@ -171,13 +260,48 @@ def adapted_linear(x: Array, kernel: Array, bias: Array | None,
     return y
 
 
+def _check_adapter_fits(function: str, adapter: Mapping[str, Array], kernel_dims: tuple[int, int],
+                        name: str = "adapter") -> None:
+    d_in, _, d_out = _checks.factor_dims(function, adapter, name)
+    if (d_in, d_out) != tuple(kernel_dims):
+        _checks.fail(function, f"{name} maps {d_in} -> {d_out} (A is [{d_in}, r], B is [r, {d_out}]) "
+                               f"but the kernel is {tuple(kernel_dims)}")
+
+
 def merge_kernel(kernel: Array, adapter: Mapping[str, Array], scale: float) -> Array:
-    """Folds one adapter into its dense kernel: W0 + s · A C B."""
+    """Folds one adapter into its dense kernel: W0 + s · A C B, in the kernel's dtype.
+
+    Args:
+      kernel: ``[..., d_in, d_out]`` (a leading layer axis needs the same on the factors).
+      adapter: ``{"A": [..., d_in, r], "C": [..., r, r], "B": [..., r, d_out]}``.
+      scale: s = alpha / r.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from celora_jax import merge_kernel
+      >>> adapter = {"A": jnp.ones((2, 1)), "C": jnp.eye(1), "B": jnp.ones((1, 2))}
+      >>> merge_kernel(jnp.zeros((2, 2)), adapter, scale=0.5)
+      Array([[0.5, 0.5],
+             [0.5, 0.5]], dtype=float32)
+    """
+    _check_adapter_fits("merge_kernel", adapter, _checks.shape_of(kernel)[-2:])
     return kernel + scale * adapter_delta(adapter).astype(kernel.dtype)
 
 
 def merge_adapters(params: Params, adapters: Params, scale: float) -> dict:
-    """Returns ``params`` with every adapted kernel replaced by W0 + s·A·C·B."""
+    """Returns ``params`` with every adapted kernel replaced by W0 + s·A·C·B.
+
+    Use it to serve a client's model without the adapter path (one dense kernel per layer).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from celora_jax import AdapterConfig, init_adapters, merge_adapters
+      >>> params = {"mlp": {"kernel": jnp.zeros((8, 8))}}
+      >>> adapters = init_adapters(jax.random.key(0), params, AdapterConfig(rank=2, target="kernel"))
+      >>> merged = merge_adapters(params, adapters, scale=1.0)
+      >>> bool(jnp.all(merged["mlp"]["kernel"] == 0))  # B starts at zero: nothing changes yet
+      True
+    """
     flat_params = dict(traverse_util.flatten_dict(params))
     for module_path, adapter in adapter_modules(adapters).items():
         kernel_path = module_path + ("kernel",)
@@ -196,9 +320,21 @@ def adapter_modules(adapters: Params) -> dict[tuple[str, ...], dict]:
 
 
 def to_two_factor(adapters: Params) -> dict:
-    """Exports tri-matrix adapters as standard LoRA pairs (A, C·B), same scale."""
+    """Exports tri-matrix adapters as standard LoRA pairs (A, C·B), same scale.
+
+    Any LoRA runtime (e.g. PEFT) can then serve a CE-LoRA client: A (C B) = A C B.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from celora_jax import AdapterConfig, init_adapters, to_two_factor
+      >>> params = {"mlp": {"kernel": jnp.zeros((8, 6))}}
+      >>> adapters = init_adapters(jax.random.key(0), params, AdapterConfig(rank=2, target="kernel"))
+      >>> {name: factor.shape for name, factor in to_two_factor(adapters)["mlp"].items()}
+      {'A': (8, 2), 'B': (2, 6)}
+    """
     flat = {}
     for module_path, adapter in adapter_modules(adapters).items():
+        _checks.factor_dims("to_two_factor", adapter, f"adapter {path_string(module_path)!r}")
         flat[module_path + ("A",)] = adapter["A"]
         flat[module_path + ("B",)] = adapter["C"] @ adapter["B"] if "C" in adapter else adapter["B"]
     return traverse_util.unflatten_dict(flat)
@@ -207,16 +343,61 @@ def to_two_factor(adapters: Params) -> dict:
 def stack_cores(adapters: Params) -> Array:
     """All cores of a (possibly client-stacked) adapter pytree as one array.
 
-    Returns ``[..., L, r, r]`` with layers in sorted path order, the order
-    ``unstack_cores`` expects.
+    Args:
+      adapters: tri-matrix adapters; every core ``[..., r, r]`` with the same leading axes
+        (e.g. a client axis).
+
+    Returns:
+      ``[..., L, r, r]`` with layers in sorted path order, the order :func:`unstack_cores`
+      expects and the layout :func:`celora_jax.server_step` takes.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from celora_jax import AdapterConfig, init_adapters, stack_cores
+      >>> params = {"q": {"kernel": jnp.zeros((8, 8))}, "v": {"kernel": jnp.zeros((8, 8))}}
+      >>> adapters = init_adapters(jax.random.key(0), params, AdapterConfig(rank=2, target="kernel"))
+      >>> clients = jax.tree.map(lambda x: jnp.stack([x] * 5), adapters)  # 5 clients
+      >>> stack_cores(clients).shape
+      (5, 2, 2, 2)
     """
     modules = adapter_modules(adapters)
+    _stacked_core_shape("stack_cores", modules)
     return jnp.stack([modules[p]["C"] for p in sorted(modules)], axis=-3)
 
 
+def _stacked_core_shape(function: str, modules: Mapping[tuple[str, ...], Mapping]) -> tuple[int, ...]:
+    """[..., L, r, r] of the cores of ``modules``, after checking that they can be stacked."""
+    if not modules:
+        _checks.fail(function, "adapters is empty")
+    missing = [path_string(p) for p, adapter in modules.items() if "C" not in adapter]
+    if missing:
+        _checks.fail(function, f"adapters at {missing} have no core 'C' (two-factor LoRA "
+                               f"adapters have no cores to stack)")
+    shapes = {path_string(p): _checks.shape_of(modules[p]["C"]) for p in sorted(modules)}
+    first = next(iter(shapes.values()))
+    if len(set(shapes.values())) > 1 or len(first) < 2 or first[-1] != first[-2]:
+        _checks.fail(function, f"all cores must share one shape [..., r, r]; got {shapes}")
+    return (*first[:-2], len(modules), *first[-2:])
+
+
 def unstack_cores(adapters: Params, cores: Array) -> dict:
-    """Inverse of ``stack_cores``: writes ``cores [..., L, r, r]`` back into ``adapters``."""
+    """Inverse of :func:`stack_cores`: writes ``cores [..., L, r, r]`` back into ``adapters``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from celora_jax import AdapterConfig, init_adapters, stack_cores, unstack_cores
+      >>> params = {"q": {"kernel": jnp.zeros((8, 8))}, "v": {"kernel": jnp.zeros((8, 8))}}
+      >>> adapters = init_adapters(jax.random.key(0), params, AdapterConfig(rank=2, target="kernel"))
+      >>> updated = unstack_cores(adapters, 3 * stack_cores(adapters))
+      >>> updated["v"]["C"]
+      Array([[3., 0.],
+             [0., 3.]], dtype=float32)
+    """
     modules = adapter_modules(adapters)
+    expected = _stacked_core_shape("unstack_cores", modules)
+    if _checks.shape_of(cores) != expected:
+        _checks.fail("unstack_cores", f"cores must have shape {expected} ([..., L, r, r] for the "
+                                      f"{len(modules)} cores of adapters), got {_checks.shape_of(cores)}")
     flat = dict(traverse_util.flatten_dict(adapters))
     for index, module_path in enumerate(sorted(modules)):
         flat[module_path + ("C",)] = cores[..., index, :, :]

@@ -43,6 +43,21 @@ def export_peft(adapters: Mapping, directory: str | pathlib.Path, *, rank: int, 
       rank: r.
       alpha: LoRA alpha; the scale alpha / r is the same in PEFT and here.
       base_model: recorded as ``base_model_name_or_path``.
+
+    Returns:
+      ``directory``.
+
+    Examples:
+      >>> import tempfile, jax, jax.numpy as jnp
+      >>> from celora_jax import AdapterConfig, export_peft, init_adapters, load_peft
+      >>> params = {"encoder": {"layer_0": {"query": {"kernel": jnp.zeros((8, 8))}}}}
+      >>> adapters = init_adapters(jax.random.key(0), params, AdapterConfig(rank=2, target="kernel"))
+      >>> folder = export_peft(adapters, tempfile.mkdtemp(), rank=2, alpha=2.0)
+      >>> sorted(p.name for p in folder.iterdir())
+      ['adapter_config.json', 'adapter_model.safetensors']
+      >>> pairs, peft_config = load_peft(folder)
+      >>> peft_config["target_modules"], pairs["encoder"]["layer_0"]["query"]["A"].shape
+      (['encoder.layer.0.query'], (8, 2))
     """
     from safetensors.numpy import save_file
 
@@ -76,10 +91,37 @@ def export_peft(adapters: Mapping, directory: str | pathlib.Path, *, rank: int, 
 
 
 def load_peft(directory: str | pathlib.Path) -> tuple[dict, dict]:
-    """Reads a PEFT LoRA folder back as ``(two-factor adapters without 'backbone', config)``."""
+    """Reads a PEFT LoRA folder back as ``(two-factor adapters without 'backbone', config)``.
+
+    The adapters are ``{module path: {"A": [d_in, r], "B": [r, d_out]}}`` (our layout, i.e.
+    PEFT's ``lora_A.weight`` and ``lora_B.weight`` transposed); the config is the parsed
+    ``adapter_config.json``.
+
+    Examples:
+      >>> import tempfile, jax, jax.numpy as jnp
+      >>> from celora_jax import AdapterConfig, export_peft, init_adapters, load_peft
+      >>> params = {"encoder": {"layer_0": {"value": {"kernel": jnp.zeros((8, 8))}}}}
+      >>> adapters = init_adapters(jax.random.key(0), params, AdapterConfig(rank=2, target="kernel"))
+      >>> adapters = jax.tree.map(lambda x: x + 0.1, adapters)
+      >>> pairs, _ = load_peft(export_peft(adapters, tempfile.mkdtemp(), rank=2, alpha=2.0))
+      >>> two_factor = pairs["encoder"]["layer_0"]["value"]   # A and C·B
+      >>> original = adapters["encoder"]["layer_0"]["value"]
+      >>> bool(jnp.allclose(two_factor["A"] @ two_factor["B"], original["A"] @ original["C"] @ original["B"]))
+      True
+      >>> load_peft(tempfile.mkdtemp())
+      Traceback (most recent call last):
+      ...
+      ValueError: load_peft: ... is not a PEFT LoRA folder (adapter_config.json is missing)
+
+    Raises:
+      ValueError: the folder or one of its two files is missing.
+    """
     from safetensors.numpy import load_file
 
     directory = pathlib.Path(directory)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (directory / name).is_file():
+            raise ValueError(f"load_peft: {directory} is not a PEFT LoRA folder ({name} is missing)")
     config = json.loads((directory / "adapter_config.json").read_text())
     tensors = load_file(str(directory / "adapter_model.safetensors"))
     flat = {}

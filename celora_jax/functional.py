@@ -346,6 +346,22 @@ def adapt(apply_fn: ApplyFn, params: PyTree, config: AdapterConfig, key: Array,
     Raises:
       ValueError (AdapterConfigError): bad method, config or apply_fn, no kernel matches,
         rank too large, or stacked kernels with method="intercept".
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from celora_jax import AdapterConfig, adapt
+      >>> model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(2)])
+      >>> variables = model.init(jax.random.key(0), jnp.ones((1, 8)))
+      >>> config = AdapterConfig(rank=2, target=r"kernel$")
+      >>> adapters, adapted_apply = adapt(model.apply, variables, config, jax.random.key(1))
+      >>> sorted(adapters["params"])
+      ['layers_0', 'layers_2']
+      >>> x = jnp.ones((4, 8))
+      >>> bool(jnp.allclose(adapted_apply(variables, adapters, x), model.apply(variables, x)))  # B = 0
+      True
+      >>> grads = jax.grad(lambda a: adapted_apply(variables, a, x).sum())(adapters)
+      >>> grads["params"]["layers_0"]["C"].shape
+      (2, 2)
     """
     if not callable(apply_fn):
         raise ValueError(f"argument 'apply_fn' must be callable, got {type(apply_fn).__name__}")

@@ -47,6 +47,15 @@ class ClassMixtures(NamedTuple):
       variances: [clients, classes, components, dim] diagonal variances (reg_covar added).
       class_counts: [clients, classes] n_c, the number of examples of each class (float).
       component_mask: [clients, classes, components] bool, True for fitted components.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from celora_jax import fit_class_mixtures
+      >>> features = jax.random.normal(jax.random.key(0), (3, 20, 4))   # 3 clients, 20 examples
+      >>> labels = jnp.tile(jnp.arange(20) % 2, (3, 1))
+      >>> stats = fit_class_mixtures(features, labels, None, 2, jax.random.key(1))
+      >>> stats.means.shape, stats.class_counts[0].tolist()
+      ((3, 2, 3, 4), [10.0, 10.0])
     """
 
     weights: Array
@@ -73,6 +82,15 @@ class MixtureConfig:
       client_batch_size: None fits all clients in one vmap; an integer fits them in
         sequential batches of that many clients (``lax.map``) to bound memory, since each
         (client, class) pair works on the client's full padded example array.
+
+    Examples:
+      >>> from celora_jax import MixtureConfig
+      >>> MixtureConfig(max_components=2).local_trials   # 2 + floor(log 2)
+      2
+      >>> MixtureConfig(max_components=0)
+      Traceback (most recent call last):
+      ...
+      ValueError: max_components must be a positive integer, got 0
     """
 
     max_components: int = 3
@@ -303,6 +321,18 @@ def fit_class_mixtures(
 
     Raises:
       ValueError: on inconsistent shapes or a non-positive num_classes.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from celora_jax import MixtureConfig, fit_class_mixtures
+      >>> key_a, key_b = jax.random.split(jax.random.key(0))
+      >>> features = jnp.concatenate([jax.random.normal(key_a, (1, 30, 2)) - 5,
+      ...                             jax.random.normal(key_b, (1, 30, 2)) + 5], axis=1)
+      >>> labels = jnp.zeros((1, 60), int)          # one client, one class, two clusters
+      >>> stats = fit_class_mixtures(features, labels, None, 1, jax.random.key(2),
+      ...                            MixtureConfig(max_components=2))
+      >>> sorted(round(float(m)) for m in stats.means[0, 0, :, 0])
+      [-5, 5]
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")

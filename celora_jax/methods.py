@@ -37,6 +37,12 @@ class MethodSpec:
       personalized: whether the server answers each client with its own mixture
         (learned weights, METHOD.md §5) instead of one common average.
       description: one line for tables and help texts.
+
+    Examples:
+      >>> from celora_jax import METHODS
+      >>> spec = METHODS["celora"]
+      >>> sorted(spec.trained), sorted(spec.shared), spec.personalized
+      (['A', 'B', 'C'], ['C'], True)
     """
 
     name: str
@@ -66,7 +72,17 @@ METHODS: dict[str, MethodSpec] = {
 
 
 def get_method(name: str) -> MethodSpec:
-    """Looks up a method by name with a clear error for unknown names."""
+    """Looks up a method by name with a clear error for unknown names.
+
+    Examples:
+      >>> from celora_jax import get_method
+      >>> get_method("ffa_lora").description
+      'FFA-LoRA: A frozen at its shared random init, B averaged'
+      >>> get_method("fedprox")
+      Traceback (most recent call last):
+      ...
+      ValueError: unknown method 'fedprox'; choose one of ['celora', 'celora_avg', 'fedavg_lora', 'fedsa_lora', 'ffa_lora', 'local']
+    """
     try:
         return METHODS[name]
     except KeyError:
@@ -86,6 +102,15 @@ def parameter_roles(client_params: Mapping[str, Any], method: MethodSpec, *,
 
     Returns:
       A pytree with the structure of ``client_params`` whose leaves are role strings.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from celora_jax import get_method, parameter_roles
+      >>> client = {"lora": {"query": {"A": jnp.zeros((8, 2)), "C": jnp.eye(2), "B": jnp.zeros((2, 8))}},
+      ...           "params": {"head": {"kernel": jnp.zeros((8, 2))}}}
+      >>> roles = parameter_roles(client, get_method("celora"))
+      >>> sorted(roles["lora"]["query"].items()), roles["params"]["head"]["kernel"]
+      ([('A', 'personal'), ('B', 'personal'), ('C', 'shared')], 'personal')
     """
     trained = frozenset("C") if core_only else method.trained
     roles = {}

@@ -284,6 +284,17 @@ def data_distance(stats: ClassMixtures, bandwidth_sq: float | None = None, block
 
     Raises:
       ValueError: on inconsistent statistic shapes or a non-positive bandwidth.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from celora_jax import data_distance, fit_class_mixtures
+      >>> features = jax.random.normal(jax.random.key(0), (3, 40, 4))
+      >>> features = features.at[2].add(3.0)              # client 2's data is shifted
+      >>> labels = jnp.zeros((3, 40), int)
+      >>> stats = fit_class_mixtures(features, labels, None, 1, jax.random.key(1))
+      >>> distance = data_distance(stats)
+      >>> distance.shape, bool(distance[0, 2] > 10 * distance[0, 1])
+      ((3, 3), True)
     """
     check_statistics(stats)
     if bandwidth_sq is not None and not bandwidth_sq > 0:
@@ -312,12 +323,32 @@ def parameter_distance(cores: Array | None, num_clients: int | None = None) -> A
     Returns:
       [N, N] in [0, 2], zero diagonal. Zeros everywhere in round 1 (cores None). A client
       whose Δ is exactly zero (core still the identity) has no direction: its distances are 0.
+
+    Raises:
+      ValueError: ``cores`` is not [N, L, r, r] or not floating point.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from celora_jax import parameter_distance
+      >>> eye = jnp.eye(2)
+      >>> cores = jnp.stack([eye + jnp.diag(jnp.array([1.0, 0.0])),
+      ...                    eye + jnp.diag(jnp.array([2.0, 0.0])),
+      ...                    eye - jnp.diag(jnp.array([1.0, 0.0]))])[:, None]   # [3, 1, 2, 2]
+      >>> parameter_distance(cores)
+      Array([[0., 0., 2.],
+             [0., 0., 2.],
+             [2., 2., 0.]], dtype=float32)
     """
     if cores is None:
         if num_clients is None:
             raise ValueError("num_clients is required when cores is None")
         return jnp.zeros((num_clients, num_clients), jnp.float32)
-    chex.assert_rank(cores, 4)
+    shape = tuple(np.shape(cores))
+    if len(shape) != 4 or shape[-1] != shape[-2]:
+        raise ValueError(f"parameter_distance: cores must have shape [N, L, r, r] (clients, layers, "
+                         f"rank, rank), got {shape}")
+    if not jnp.issubdtype(cores.dtype, jnp.floating):
+        raise ValueError(f"parameter_distance: cores must be floating point, got {cores.dtype}")
     n, _, r, _ = cores.shape
     delta = (cores - jnp.eye(r, dtype=cores.dtype)).reshape(n, -1)
     norm = jnp.sqrt(jnp.sum(delta * delta, axis=-1))

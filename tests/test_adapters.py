@@ -162,3 +162,45 @@ def test_core_gradient_is_zero_with_b_zero_and_nonzero_after_one_step():
     assert float(jnp.abs(grads["B"]).sum()) > 0
     stepped = jax.tree.map(lambda p, g: p - 0.1 * g, adapter, grads)
     assert float(jnp.abs(jax.grad(loss)(stepped)["C"]).sum()) > 0
+
+
+def _tri(d_in=6, r=2, d_out=5):
+    return {"A": jnp.ones((d_in, r)), "C": jnp.eye(r), "B": jnp.ones((r, d_out))}
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: adapters.adapter_output(jnp.ones((3, 7)), _tri(), 1.0),
+     r"adapter_output: x must have shape \[\.\.\., 6\]"),
+    (lambda: adapters.adapter_output(jnp.ones((3, 6)), {"A": jnp.ones((6, 2))}, 1.0),
+     r"adapter_output: adapter must be a mapping with factors 'A', 'B'"),
+    (lambda: adapters.adapter_output(jnp.ones((3, 6)), {**_tri(), "C": jnp.eye(3)}, 1.0),
+     r"adapter\['C'\] must have shape \[\.\.\., 2, 2\]"),
+    (lambda: adapters.adapter_output(jnp.ones((3, 6)), {**_tri(), "B": jnp.ones((3, 5))}, 1.0),
+     r"adapter\['B'\] must have shape \[\.\.\., 2, \?\] \(\[r, d_out\] with r = 2 from A\)"),
+    (lambda: adapters.adapter_output(jnp.ones((3, 6)), {**_tri(), "A": jnp.ones((6, 2), jnp.int32)}, 1.0),
+     r"adapter\['A'\] must be a floating-point array"),
+    (lambda: adapters.adapted_linear(jnp.ones((3, 6)), jnp.ones((6, 4)), None, _tri(), 1.0),
+     r"adapted_linear: adapter maps 6 -> 5 .* but the kernel is \(6, 4\)"),
+    (lambda: adapters.adapted_linear(jnp.ones((3, 6)), jnp.ones((6, 5)), jnp.ones(4), None, 1.0),
+     r"adapted_linear: bias must have shape \[\.\.\., 5\]"),
+    (lambda: adapters.merge_kernel(jnp.ones((5, 6)), _tri(), 1.0),
+     r"merge_kernel: adapter maps 6 -> 5 .* but the kernel is \(5, 6\)"),
+    (lambda: adapters.stack_cores({"q": {"A": jnp.ones((4, 2)), "B": jnp.ones((2, 4))}}),
+     r"stack_cores: adapters at \['q'\] have no core 'C'"),
+    (lambda: adapters.stack_cores({"q": {"C": jnp.eye(2)}, "v": {"C": jnp.eye(3)}}),
+     r"stack_cores: all cores must share one shape"),
+    (lambda: adapters.unstack_cores({"q": {"C": jnp.eye(2)}, "v": {"C": jnp.eye(2)}}, jnp.ones((3, 2, 2))),
+     r"unstack_cores: cores must have shape \(2, 2, 2\)"),
+    (lambda: adapters.init_adapters(jax.random.key(0), [jnp.ones((4, 4))], adapters.AdapterConfig()),
+     r"init_adapters: params must be a nested mapping"),
+])
+def test_bad_arguments_fail_at_the_boundary_with_named_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_boundary_checks_allow_leading_layer_and_client_axes():
+    stacked = {"A": jnp.ones((3, 6, 2)), "C": jnp.tile(jnp.eye(2), (3, 1, 1)), "B": jnp.ones((3, 2, 5))}
+    chex.assert_shape(adapters.merge_kernel(jnp.zeros((3, 6, 5)), stacked, 1.0), (3, 6, 5))
+    per_client = jax.vmap(lambda a, x: adapters.adapter_output(x, a, 1.0))(stacked, jnp.ones((3, 4, 6)))
+    chex.assert_shape(per_client, (3, 4, 5))

@@ -161,3 +161,10 @@ def test_masked_median_matches_numpy(values, keep):
     got = float(_median(jnp.asarray(x), jnp.asarray(valid)))
     want = float(np.median(x[valid].astype(np.float64))) if valid.any() else 0.0
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_parameter_distance_rejects_bad_core_shape_and_dtype():
+    with pytest.raises(ValueError, match=r"parameter_distance: cores must have shape \[N, L, r, r\]"):
+        similarity.parameter_distance(jnp.ones((3, 2, 2)))
+    with pytest.raises(ValueError, match=r"parameter_distance: cores must be floating point"):
+        similarity.parameter_distance(jnp.ones((3, 1, 2, 2), jnp.int32))

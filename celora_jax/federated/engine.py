@@ -182,8 +182,8 @@ def rejected_updates(sent_before, uploads, trained, mask, outlier_factor: float)
     return rejected
 
 
-def _stack(tree, count: int):
-    return jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *x.shape)), tree)
+# Every client starts from the same state (a module-level name so tests can poison one client).
+_stack = strategies.broadcast
 
 
 def _where_clients(mask, new, old):

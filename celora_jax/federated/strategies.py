@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from celora_jax import baselines
+
 Array = jax.Array
 PyTree = Any
 
@@ -39,18 +41,9 @@ class Strategy:
     aggregate: Callable[[PyTree, PyTree, Array, Array], tuple[PyTree, PyTree, Mapping[str, Array]]]
 
 
-def participation_weights(sizes: Array, mask: Array) -> Array:
-    """p_j = n_j / Σ n over the clients that reported (zeros if none did)."""
-    weights = jnp.where(mask, sizes.astype(jnp.float32), 0.0)
-    return weights / jnp.maximum(weights.sum(), 1e-12)
-
-
-def broadcast_average(uploads: PyTree, weights: Array) -> PyTree:
-    """Every client receives Σ_j w_j · upload_j."""
-    def average(leaf):
-        mean = jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1)
-        return jnp.broadcast_to(mean, leaf.shape)
-    return jax.tree.map(average, uploads)
+def broadcast(tree: PyTree, count: int) -> PyTree:
+    """Every one of ``count`` clients receives the same ``tree``: ``[count, ...]`` per leaf."""
+    return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (count, *leaf.shape)), tree)
 
 
 def _no_state(uploads, sizes):
@@ -62,8 +55,7 @@ def weighted_average() -> Strategy:
     (FedAvg-LoRA, FFA-LoRA, FedSA-LoRA and CE-LoRA without personalization)."""
 
     def aggregate(state, uploads, sizes, mask):
-        weights = participation_weights(sizes, mask)
-        return state, broadcast_average(uploads, weights), {}
+        return state, broadcast(baselines.fedavg(uploads, sizes, mask), sizes.shape[0]), {}
 
     return Strategy("weighted_average", _no_state, aggregate)
 
