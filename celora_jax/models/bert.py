@@ -110,16 +110,17 @@ class Dense(nn.Module):
     features: int
     lora_scale: float = 1.0
     dtype: Any = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", nn.initializers.normal(0.02),
                             (x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        bias = (self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+                if self.use_bias else None)
         adapter = {name: self.get_variable("lora", name) for name in ("A", "C", "B")
                    if self.has_variable("lora", name)} or None
-        return adapted_linear(x.astype(self.dtype), kernel.astype(self.dtype),
-                              bias.astype(self.dtype), adapter, self.lora_scale)
+        return adapted_linear(x.astype(self.dtype), kernel.astype(self.dtype), bias, adapter, self.lora_scale)
 
 
 def _layer_norm(config: EncoderConfig, name: str) -> nn.LayerNorm:
