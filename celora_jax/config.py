@@ -26,6 +26,11 @@ class ModelConfig:
       dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
       trainable_base: regex over base parameter paths that every client trains and keeps
         personal (LayerNorms and the task head by default, METHOD.md §1).
+      architecture: "encoder" (BERT family: sequence classification) or "decoder" (Llama
+        family: instruction tuning on chats built from the labelled texts, answer-token
+        loss, exact-match accuracy). For "decoder", ``path`` is a GGUF file or a local HF
+        Llama directory (None: the shipped SmolLM2-135M-Instruct) and the default
+        ``adapter.target`` adapts q, k, v, o, gate, up and down of every block.
     """
 
     path: str | None = None
@@ -33,6 +38,11 @@ class ModelConfig:
     max_length: int = 64
     dtype: str = "float32"
     trainable_base: str = r"(LayerNorm|classifier|pooler)"
+    architecture: str = "encoder"
+
+    def __post_init__(self):
+        if self.architecture not in ("encoder", "decoder"):
+            raise ValueError(f"model.architecture must be 'encoder' or 'decoder', got {self.architecture!r}")
 
 
 @dataclasses.dataclass(frozen=True)

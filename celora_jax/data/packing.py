@@ -14,10 +14,10 @@ Batch = dict
 
 
 def gather_examples(encoded: dict, labels: np.ndarray, indices: np.ndarray) -> Batch:
-    """Client-stacked examples ``indices [N, n]`` from tokenized data ``encoded [M, T]``."""
+    """Client-stacked examples ``indices [N, n]`` from tokenized data ``encoded [M, ...]``
+    (every field of ``encoded``, e.g. instruction targets, is gathered the same way)."""
     return {
-        "input_ids": encoded["input_ids"][indices],
-        "attention_mask": encoded["attention_mask"][indices],
+        **{name: value[indices] for name, value in encoded.items()},
         "labels": labels[indices].astype(np.int32),
         "example_mask": np.ones(indices.shape, np.float32),
     }

@@ -79,6 +79,35 @@ def classification_loss(logits: Array, labels: Array, example_mask: Array) -> tu
     return loss, (correct, count)
 
 
+def answer_loss(logits: Array, targets: Array, target_mask: Array,
+                example_mask: Array) -> tuple[Array, tuple[Array, Array]]:
+    """Causal-LM loss on answer tokens only, plus (#exact matches, #examples).
+
+    Args:
+      logits: ``[B, K, vocab]`` next-token logits at the last K positions.
+      targets: ``[B, K]`` the tokens those positions must predict.
+      target_mask: ``[B, K]`` 1 where the target is an answer token.
+      example_mask: ``[B]`` 1 for real examples.
+
+    An example counts as an exact match when every answer token (its end-of-turn token
+    included) is the argmax under teacher forcing, which is exactly when greedy decoding
+    reproduces the answer and stops.
+    """
+    mask = target_mask * example_mask[:, None]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    loss = (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    right = (logits.argmax(-1) == targets) | (mask == 0)
+    correct = (jnp.all(right, axis=-1) * example_mask).sum()
+    return loss, (correct, example_mask.sum())
+
+
+def task_loss(logits: Array, batch: Mapping[str, Array]) -> tuple[Array, tuple[Array, Array]]:
+    """``answer_loss`` for instruction batches (with ``targets``), else ``classification_loss``."""
+    if "targets" in batch:
+        return answer_loss(logits, batch["targets"], batch["target_mask"], batch["example_mask"])
+    return classification_loss(logits, batch["labels"], batch["example_mask"])
+
+
 def full_params(base_params: Mapping, client_params: Mapping) -> dict:
     """The model's parameter pytree: frozen base plus the client's trained base subset."""
     return methods.combine(base_params, client_params.get("params", {}))
@@ -104,7 +133,7 @@ def make_client_update(logits_fn: LogitsFn, roles: Mapping, config: OptimizerCon
         client_params = methods.combine(trained, fixed)
         logits = logits_fn(full_params(base_params, client_params), client_params.get("lora", {}),
                            batch, dropout_key)
-        return classification_loss(logits, batch["labels"], batch["example_mask"])
+        return task_loss(logits, batch)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -154,7 +183,7 @@ def make_evaluate(logits_fn: LogitsFn, chunk_size: int) -> Callable:
 
         def body(_, batch):
             logits = logits_fn(params, client_params.get("lora", {}), batch, None)
-            loss, (correct, count) = classification_loss(logits, batch["labels"], batch["example_mask"])
+            loss, (correct, count) = task_loss(logits, batch)
             return None, (loss * count, correct, count)
 
         _, (loss_sums, correct, counts) = jax.lax.scan(body, None, chunked)

@@ -56,6 +56,9 @@ class FederatedSetup:
     num_clients: int
     local_steps: int
     num_classes: int
+    # embed_fn(full_params, input_ids, attention_mask) -> [B, D] float32: the frozen
+    # pre-trained features each client summarizes for the data distance (METHOD.md §3).
+    embed_fn: Callable | None = None
 
     @property
     def sizes(self) -> np.ndarray:
@@ -77,6 +80,8 @@ def prepare(config: RunConfig) -> FederatedSetup:
     adapter_config = dataclasses.replace(config.adapter, kind=method.adapter_kind)
     if config.model.dtype not in _DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {config.model.dtype!r}")
+    if config.model.architecture == "decoder":
+        return _prepare_decoder(config, method, adapter_config)
     model_dir = loading.default_model_dir() if config.model.path is None else pathlib.Path(config.model.path)
     model_config = loading.read_encoder_config(model_dir)  # fails early on a bad directory
 
@@ -117,11 +122,75 @@ def prepare(config: RunConfig) -> FederatedSetup:
         return model.apply(variables, batch["input_ids"], batch["attention_mask"],
                            deterministic=False, rngs={"dropout": dropout_key})
 
+    from celora_jax.models.bert import BertModel, pool
+
+    trunk = BertModel(model.config, dtype=model.dtype)
+    summary = "first" if model.pooling != "mean" else "mean"
+
+    def embed_fn(full_params, input_ids, attention_mask):
+        hidden = trunk.apply({"params": full_params["backbone"]}, input_ids, attention_mask)
+        return pool(hidden, attention_mask, summary).astype(jnp.float32)
+
     fed = config.federation
     local_steps = fed.local_steps or math.ceil(config.partition.train_examples / fed.batch_size)
     return FederatedSetup(config, method, adapter_config, model, logits_fn, base_params,
                           client_params, roles, train, test, global_test,
-                          config.partition.num_clients, local_steps, dataset.num_classes)
+                          config.partition.num_clients, local_steps, dataset.num_classes, embed_fn)
+
+
+def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
+                     adapter_config: adapters_lib.AdapterConfig) -> FederatedSetup:
+    """``prepare`` for a Llama-family decoder: chats from the labelled texts, LM on answers."""
+    from celora_jax.data import instructions
+    from celora_jax.models import decoder_loading, llama
+
+    if config.export_peft:
+        raise ValueError("export_peft writes BERT module names; it is not available for decoder models yet")
+    if adapter_config.target == adapters_lib.DEFAULT_TARGET:
+        adapter_config = dataclasses.replace(adapter_config, target=llama.DECODER_TARGET)
+    model_config, params, tokenizer = decoder_loading.load_decoder(config.model.path)
+    if tokenizer is None:
+        raise loading.ModelLoadError(f"{config.model.path} has no tokenizer.json; the decoder needs one")
+
+    dataset = load_text_dataset(config.data)
+    split = partition(dataset.labels, config.partition, dataset.groups)
+    needed = np.unique(np.concatenate([split.train.ravel(), split.test.ravel(), split.global_test]))
+    encoded = instructions.encode_instructions(
+        tokenizer, [dataset.texts[i] for i in needed], dataset.labels[needed],
+        instructions.answers_for(dataset.label_names), config.model.max_length, model_config.pad_token_id)
+    position = np.full(len(dataset.labels), -1, np.int64)
+    position[needed] = np.arange(len(needed))
+    labels = dataset.labels[needed]
+    train = packing.gather_examples(encoded, labels, position[split.train])
+    test = packing.gather_examples(encoded, labels, position[split.test])
+    global_test = packing.gather_examples(encoded, labels, position[split.global_test][None])
+    global_test = {k: v[0] for k, v in global_test.items()}
+
+    model = llama.LlamaForCausalLM(model_config, lora_scale=adapter_config.scale, dtype=_DTYPES[config.model.dtype])
+    params = jax.tree.map(jnp.asarray, params)
+    base_params, trained_base = split_base_params(params, config.model.trainable_base)
+    key_adapter = jax.random.split(jax.random.key(config.seed))[1]
+    lora = adapters_lib.init_adapters(key_adapter, params, adapter_config)
+    client_params = {"lora": lora, "params": trained_base}
+    roles = methods.parameter_roles(client_params, method, core_only=adapter_config.core_only,
+                                    share_base=config.federation.share_base)
+    answer_positions = encoded["targets"].shape[1]
+
+    def logits_fn(full_params, lora_params, batch, dropout_key):
+        logits, _ = model.apply({"params": full_params, "lora": lora_params}, batch["input_ids"],
+                                batch["attention_mask"], last=answer_positions)
+        return logits
+
+    def embed_fn(full_params, input_ids, attention_mask):
+        hidden, _ = model.apply({"params": full_params}, input_ids, attention_mask, return_hidden=True)
+        weights = attention_mask.astype(jnp.float32)[..., None]
+        return (hidden * weights).sum(-2) / jnp.maximum(weights.sum(-2), 1.0)
+
+    fed = config.federation
+    local_steps = fed.local_steps or math.ceil(config.partition.train_examples / fed.batch_size)
+    return FederatedSetup(config, method, adapter_config, model, logits_fn, base_params,
+                          client_params, roles, train, test, global_test,
+                          config.partition.num_clients, local_steps, dataset.num_classes, embed_fn)
 
 
 def make_strategy(setup: FederatedSetup) -> strategies.Strategy:

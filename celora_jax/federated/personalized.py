@@ -18,7 +18,6 @@ import numpy as np
 
 from celora_jax import adapters, aggregation, gmm, methods, similarity
 from celora_jax.federated import strategies
-from celora_jax.models.bert import BertModel, pool
 
 if TYPE_CHECKING:
     from celora_jax.federated.engine import FederatedSetup
@@ -28,17 +27,11 @@ logger = logging.getLogger(__name__)
 
 def client_features(setup: "FederatedSetup", chunk_size: int = 64) -> np.ndarray:
     """Frozen pre-trained features ``[N, n_train, hidden]`` of every client's training
-    examples (the model's own pooling, no adapters, no fine-tuning)."""
-    model = setup.model
-    trunk = BertModel(model.config, dtype=model.dtype)
-    backbone = methods.combine(setup.base_params, setup.client_params["params"])["backbone"]
-
+    examples (``setup.embed_fn``: the model's own pooling, no adapters, no fine-tuning)."""
+    params = methods.combine(setup.base_params, setup.client_params["params"])
     # The weights are an argument, not a closure: closed-over arrays would be baked into the
     # compiled program as constants.
-    @jax.jit
-    def embed(backbone, input_ids, attention_mask):
-        hidden = trunk.apply({"params": backbone}, input_ids, attention_mask)
-        return pool(hidden, attention_mask, "first" if model.pooling != "mean" else "mean").astype(jnp.float32)
+    embed = jax.jit(setup.embed_fn)
 
     ids, mask = setup.train["input_ids"], setup.train["attention_mask"]
     flat_ids, flat_mask = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
@@ -46,7 +39,7 @@ def client_features(setup: "FederatedSetup", chunk_size: int = 64) -> np.ndarray
     padded = -(-total // chunk_size) * chunk_size
     pad = lambda x: np.concatenate([x, np.zeros((padded - total, x.shape[1]), x.dtype)])
     flat_ids, flat_mask = pad(flat_ids), pad(flat_mask)
-    outputs = [np.asarray(embed(backbone, flat_ids[i:i + chunk_size], flat_mask[i:i + chunk_size]))
+    outputs = [np.asarray(embed(params, flat_ids[i:i + chunk_size], flat_mask[i:i + chunk_size]))
                for i in range(0, padded, chunk_size)]
     return np.concatenate(outputs)[:total].reshape(ids.shape[0], ids.shape[1], -1)
 

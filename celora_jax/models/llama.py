@@ -229,8 +229,10 @@ class DecoderStack(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Token ids in, next-token logits out (float32), with an optional key/value cache.
 
-    ``__call__(input_ids [B, T], attention_mask [B, T] | None, cache | None)`` returns
-    ``(logits [B, T, vocab], cache)``. Without a cache, attention is causal over the T
+    ``__call__(input_ids [B, T], attention_mask [B, T] | None, cache | None, last | None)``
+    returns ``(logits [B, T, vocab], cache)`` (``[B, last, vocab]`` with ``last``: only the
+    final positions); ``return_hidden=True`` returns the final normalized hidden states
+    ``[B, T, d]`` instead of logits. Without a cache, attention is causal over the T
     tokens and padding (mask 0) is never attended to; positions count real tokens only, so
     left-padded prompts get the same positions as unpadded ones. With a cache (from
     :func:`init_cache`), the T new tokens are written at ``cache["index"]`` and attend to
@@ -243,7 +245,8 @@ class LlamaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
-                 cache: Mapping[str, Any] | None = None) -> tuple[Array, Any]:
+                 cache: Mapping[str, Any] | None = None, last: int | None = None,
+                 return_hidden: bool = False) -> tuple[Array, Any]:
         cfg = self.config
         batch, length = input_ids.shape
         if attention_mask is None:
@@ -270,6 +273,13 @@ class LlamaForCausalLM(nn.Module):
         x, new_layers = DecoderStack(cfg, self.lora_scale, self.dtype, name="layers")(
             x, positions, key_mask, None if cache is None else cache["layers"], write_index)
         x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
+        if return_hidden:
+            return x.astype(jnp.float32), None
+        if last is not None:
+            # Only the answer positions need the vocabulary projection, the costliest matmul of
+            # a small model (49152 x 576 per token for SmolLM2); prompts are left-padded, so
+            # the answer is always at the end.
+            x = x[:, -last:]
         if cfg.tie_embeddings:
             logits = embed.attend(x.astype(jnp.float32))
         else:
