@@ -113,3 +113,20 @@ def test_round_batches_are_fixed_shape_epochs_and_reproducible():
     assert not np.array_equal(other["labels"], batches["labels"])
     padded = packing.pad_clients(batches, 4)
     assert padded["example_mask"].shape == (4, 5, 2) and padded["example_mask"][3].sum() == 0
+
+
+def test_dirichlet_source_skews_by_label_and_source_at_once():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 20000).astype(np.int32)
+    groups = (rng.random(20000) < 0.3).astype(np.int32)  # an unbalanced second source, like RT
+    config = PartitionConfig(scheme="dirichlet_source", num_clients=30, alpha=0.3, train_examples=60,
+                             test_examples=20, global_test_examples=100, seed=2)
+    split = partition(labels, config, groups)
+    _check_disjoint_equal_sizes(split, config)
+    cells = [np.bincount(groups[rows] * 2 + labels[rows], minlength=4) / len(rows) for rows in split.train]
+    # Strong skew: most clients are dominated by one (source, label) cell ...
+    assert np.mean([c.max() for c in cells]) > 0.6
+    # ... and both the source and the label mixes vary across clients.
+    assert np.std([c[2] + c[3] for c in cells]) > 0.2 and np.std([c[1] + c[3] for c in cells]) > 0.2
+    with pytest.raises(DataError, match="needs a group column"):
+        partition(labels, config)

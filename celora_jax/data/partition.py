@@ -12,7 +12,7 @@ import numpy as np
 
 from celora_jax.data.text import DataError
 
-SCHEMES = ("iid", "dirichlet", "pathological", "source")
+SCHEMES = ("iid", "dirichlet", "pathological", "source", "dirichlet_source")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +23,9 @@ class PartitionConfig:
       scheme: "iid"; "dirichlet" (label proportions of each client ~ Dir(alpha · global
         label proportions)); "pathological" (each client sees labels_per_client classes);
         "source" (client i draws only from source/group i mod #groups, e.g. IMDB vs
-        Rotten Tomatoes, labels IID within its source).
+        Rotten Tomatoes, labels IID within its source); "dirichlet_source" (skewed by label
+        and source at once: each client's proportions over the (source, label) cells ~
+        Dir(alpha · global cell proportions)).
       num_clients: N.
       alpha: Dirichlet concentration (scheme "dirichlet"); smaller is more skewed.
       labels_per_client: classes per client (scheme "pathological").
@@ -48,7 +50,7 @@ class PartitionConfig:
             raise DataError(f"unknown partition scheme {self.scheme!r}; choose one of {SCHEMES}")
         if self.num_clients < 1:
             raise DataError(f"num_clients must be at least 1, got {self.num_clients}")
-        if self.scheme == "dirichlet" and not self.alpha > 0:
+        if self.scheme in ("dirichlet", "dirichlet_source") and not self.alpha > 0:
             raise DataError(f"Dirichlet alpha must be > 0, got {self.alpha}")
         if self.train_examples < 1 or self.test_examples < 1:
             raise DataError("every client needs at least one train and one test example "
@@ -106,6 +108,15 @@ def partition(labels: np.ndarray, config: PartitionConfig, groups: np.ndarray | 
                       for j in range(config.labels_per_client)]
             counts = np.bincount(rng.choice(chosen, size=per_client), minlength=num_classes)
             cells.append({(None, c): n for c, n in enumerate(counts)})
+    elif config.scheme == "dirichlet_source":
+        if groups is None:
+            raise DataError("the 'dirichlet_source' partition needs a group column (data.group_column)")
+        num_groups = int(np.max(groups)) + 1
+        cell_ids = np.asarray(groups) * num_classes + labels
+        prior = np.bincount(cell_ids, minlength=num_groups * num_classes) / len(labels)
+        proportions = rng.dirichlet(config.alpha * np.maximum(prior, 1e-12), size=config.num_clients)
+        counts = np.stack([rng.multinomial(per_client, p) for p in proportions])
+        cells = [{divmod(cell, num_classes): n for cell, n in enumerate(row)} for row in counts]
     else:  # source
         if groups is None:
             raise DataError("the 'source' partition needs a group column (data.group_column)")

@@ -133,7 +133,7 @@ class Embeddings(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids, deterministic):
+    def __call__(self, input_ids, attention_mask, token_type_ids, deterministic, inputs_embeds=None):
         cfg = self.config
         init = nn.initializers.normal(0.02)
         if cfg.roberta_positions:
@@ -141,8 +141,9 @@ class Embeddings(nn.Module):
             position_ids = jnp.cumsum(attention_mask, axis=-1) * attention_mask + cfg.pad_token_id
         else:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-        x = (nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init,
-                      name="word_embeddings")(input_ids)
+        words = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, name="word_embeddings")
+        # inputs_embeds replaces the token lookup (gradient-inversion attacks optimize it).
+        x = ((words(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.float32))
              + nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, embedding_init=init,
                         name="position_embeddings")(position_ids)
              + nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init,
@@ -246,13 +247,14 @@ class BertModel(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic=True):
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic=True,
+                 inputs_embeds=None):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = Embeddings(self.config, self.dtype, name="embeddings")(
-            input_ids, attention_mask, token_type_ids, deterministic)
+            input_ids, attention_mask, token_type_ids, deterministic, inputs_embeds)
         return Encoder(self.config, self.lora_scale, self.dtype, name="encoder")(
             x, attention_mask, deterministic)
 
@@ -296,11 +298,12 @@ class SequenceClassifier(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic=True):
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic=True,
+                 inputs_embeds=None):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
         hidden = BertModel(self.config, self.lora_scale, self.dtype, name="backbone")(
-            input_ids, attention_mask, token_type_ids, deterministic)
+            input_ids, attention_mask, token_type_ids, deterministic, inputs_embeds)
         pooled = pool(hidden, attention_mask, self.pooling)
         if self.pooling == "pooler":
             pooled = Pooler(self.config.hidden_size, name="pooler")(pooled)

@@ -1,0 +1,1 @@
+"""Privacy: gradient-inversion attacks on client updates (METHOD.md §8)."""
