@@ -134,6 +134,8 @@ def init_adapters(key: Array, params: Params, config: AdapterConfig) -> dict:
     if not isinstance(params, Mapping):
         raise ValueError(f"init_adapters: params must be a nested mapping of arrays, got "
                          f"{type(params).__name__} (for other pytrees use celora_jax.adapt)")
+    if not isinstance(config, AdapterConfig):
+        raise ValueError(f"init_adapters: config must be an AdapterConfig, got {type(config).__name__}")
     paths = target_kernel_paths(params, config.target)
     if not paths:
         kernels = [path_string(p) for p, v in traverse_util.flatten_dict(params).items()

@@ -112,6 +112,11 @@ def parameter_roles(client_params: Mapping[str, Any], method: MethodSpec, *,
       >>> sorted(roles["lora"]["query"].items()), roles["params"]["head"]["kernel"]
       ([('A', 'personal'), ('B', 'personal'), ('C', 'shared')], 'personal')
     """
+    if not isinstance(client_params, Mapping):
+        raise ValueError(f"parameter_roles: client_params must be a mapping like {{'lora': adapters, "
+                         f"'params': trained_base}}, got {type(client_params).__name__}")
+    if not isinstance(method, MethodSpec):
+        raise ValueError(f"parameter_roles: method must be a MethodSpec (see get_method), got {method!r}")
     trained = frozenset("C") if core_only else method.trained
     roles = {}
     for path in traverse_util.flatten_dict(dict(client_params)):

@@ -204,3 +204,14 @@ def test_boundary_checks_allow_leading_layer_and_client_axes():
     chex.assert_shape(adapters.merge_kernel(jnp.zeros((3, 6, 5)), stacked, 1.0), (3, 6, 5))
     per_client = jax.vmap(lambda a, x: adapters.adapter_output(x, a, 1.0))(stacked, jnp.ones((3, 4, 6)))
     chex.assert_shape(per_client, (3, 4, 5))
+
+
+def test_config_and_roles_arguments_are_checked():
+    from celora_jax import get_method, parameter_roles
+
+    with pytest.raises(ValueError, match="init_adapters: config must be an AdapterConfig"):
+        adapters.init_adapters(jax.random.key(0), {"m": {"kernel": jnp.ones((4, 4))}}, {"rank": 2})
+    with pytest.raises(ValueError, match="parameter_roles: client_params must be a mapping"):
+        parameter_roles([1, 2], get_method("celora"))
+    with pytest.raises(ValueError, match="parameter_roles: method must be a MethodSpec"):
+        parameter_roles({"lora": {}}, "celora")

@@ -86,3 +86,11 @@ def test_attack_config_rejects_bad_budgets():
         attack.AttackConfig(steps=0)
     with pytest.raises(ValueError, match="not both 0"):
         attack.AttackConfig(cosine_weight=0.0, l2_weight=0.0)
+
+
+def test_ignored_tokens_do_not_count():
+    true = np.array([[101, 7, 8, 102]])
+    recovered = np.array([[101, 9, 8, 102]])
+    metrics = attack.recovery_metrics(true, recovered, np.ones((1, 4)), np.array([0]), np.array([[1.0, 0.0]]),
+                                      ignore_tokens=(101, 102))
+    assert metrics["token_recovery"] == 0.5 and metrics["token_accuracy"] == 0.5

@@ -74,6 +74,23 @@ def split_base_params(params: dict, trainable_regex: str) -> tuple[dict, dict]:
     return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(trained)
 
 
+def _client_examples(encoded: dict, all_labels: np.ndarray, needed: np.ndarray, split) -> tuple[dict, dict, dict]:
+    """Client-stacked train ``[N, n_train, ...]``, test ``[N, n_test, ...]`` and global test
+    arrays from the examples ``encoded`` for the dataset rows ``needed``."""
+    position = np.full(len(all_labels), -1, np.int64)
+    position[needed] = np.arange(len(needed))
+    labels = all_labels[needed]
+    train = packing.gather_examples(encoded, labels, position[split.train])
+    test = packing.gather_examples(encoded, labels, position[split.test])
+    global_test = packing.gather_examples(encoded, labels, position[split.global_test][None])
+    return train, test, {k: v[0] for k, v in global_test.items()}
+
+
+def _local_steps(config: RunConfig) -> int:
+    fed = config.federation
+    return fed.local_steps or math.ceil(config.partition.train_examples / fed.batch_size)
+
+
 def prepare(config: RunConfig) -> FederatedSetup:
     """Loads data and model, partitions clients and builds the initial client parameters."""
     method = methods.get_method(config.federation.method)
@@ -96,13 +113,7 @@ def prepare(config: RunConfig) -> FederatedSetup:
         raise loading.ModelLoadError(
             f"the tokenizer of {model_dir} produced token id {largest_id} but the model's vocabulary "
             f"has {model_config.vocab_size} entries: tokenizer and model do not match")
-    position = np.full(len(dataset.labels), -1, np.int64)
-    position[needed] = np.arange(len(needed))
-    labels = dataset.labels[needed]
-    train = packing.gather_examples(encoded, labels, position[split.train])
-    test = packing.gather_examples(encoded, labels, position[split.test])
-    global_test = packing.gather_examples(encoded, labels, position[split.global_test][None])
-    global_test = {k: v[0] for k, v in global_test.items()}
+    train, test, global_test = _client_examples(encoded, dataset.labels, needed, split)
 
     key_model, key_adapter = jax.random.split(jax.random.key(config.seed))
     model, params = loading.load_classifier(
@@ -131,11 +142,9 @@ def prepare(config: RunConfig) -> FederatedSetup:
         hidden = trunk.apply({"params": full_params["backbone"]}, input_ids, attention_mask)
         return pool(hidden, attention_mask, summary).astype(jnp.float32)
 
-    fed = config.federation
-    local_steps = fed.local_steps or math.ceil(config.partition.train_examples / fed.batch_size)
     return FederatedSetup(config, method, adapter_config, model, logits_fn, base_params,
                           client_params, roles, train, test, global_test,
-                          config.partition.num_clients, local_steps, dataset.num_classes, embed_fn)
+                          config.partition.num_clients, _local_steps(config), dataset.num_classes, embed_fn)
 
 
 def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
@@ -158,13 +167,7 @@ def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
     encoded = instructions.encode_instructions(
         tokenizer, [dataset.texts[i] for i in needed], dataset.labels[needed],
         instructions.answers_for(dataset.label_names), config.model.max_length, model_config.pad_token_id)
-    position = np.full(len(dataset.labels), -1, np.int64)
-    position[needed] = np.arange(len(needed))
-    labels = dataset.labels[needed]
-    train = packing.gather_examples(encoded, labels, position[split.train])
-    test = packing.gather_examples(encoded, labels, position[split.test])
-    global_test = packing.gather_examples(encoded, labels, position[split.global_test][None])
-    global_test = {k: v[0] for k, v in global_test.items()}
+    train, test, global_test = _client_examples(encoded, dataset.labels, needed, split)
 
     model = llama.LlamaForCausalLM(model_config, lora_scale=adapter_config.scale, dtype=_DTYPES[config.model.dtype])
     params = jax.tree.map(jnp.asarray, params)
@@ -186,11 +189,9 @@ def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
         weights = attention_mask.astype(jnp.float32)[..., None]
         return (hidden * weights).sum(-2) / jnp.maximum(weights.sum(-2), 1.0)
 
-    fed = config.federation
-    local_steps = fed.local_steps or math.ceil(config.partition.train_examples / fed.batch_size)
     return FederatedSetup(config, method, adapter_config, model, logits_fn, base_params,
                           client_params, roles, train, test, global_test,
-                          config.partition.num_clients, local_steps, dataset.num_classes, embed_fn)
+                          config.partition.num_clients, _local_steps(config), dataset.num_classes, embed_fn)
 
 
 def make_strategy(setup: FederatedSetup) -> strategies.Strategy:

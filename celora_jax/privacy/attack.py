@@ -197,7 +197,7 @@ def recovery_metrics(true_tokens: np.ndarray, recovered_tokens: np.ndarray, mask
                      true_labels: np.ndarray, label_logits: np.ndarray,
                      recovered_positions: np.ndarray | None = None,
                      true_embeddings: np.ndarray | None = None, recovered_embeddings: np.ndarray | None = None,
-                     offsets: np.ndarray | None = None) -> dict[str, float]:
+                     offsets: np.ndarray | None = None, ignore_tokens: tuple[int, ...] = ()) -> dict[str, float]:
     """How much of the batch the attacker got back.
 
     * ``token_recovery``: position-free: the fraction of the real tokens (multiset over the
@@ -209,8 +209,11 @@ def recovery_metrics(true_tokens: np.ndarray, recovered_tokens: np.ndarray, mask
     * ``embedding_cosine`` (when embeddings are given): for every recovered slot, the best
       cosine between its model input and a real input of the same example, in the
       LayerNorm-invariant space of :func:`nearest_tokens` (mean-centred, plus ``offsets``).
+
+    Real positions holding a token in ``ignore_tokens`` (e.g. [CLS] and [SEP], which every
+    example has at known places) are left out of every metric.
     """
-    mask = np.asarray(mask) > 0
+    mask = (np.asarray(mask) > 0) & ~np.isin(np.asarray(true_tokens), np.asarray(ignore_tokens, np.int64))
     true_tokens, recovered_tokens = np.asarray(true_tokens), np.asarray(recovered_tokens)
     real = true_tokens[mask].tolist()
     pool: dict[int, int] = {}
