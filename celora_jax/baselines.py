@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import _checks
+from celora_jax import _checks, aggregation
 
 Array = jax.Array
 PyTree = Any
@@ -45,24 +45,17 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def usable_clients(uploads: PyTree, sizes: Array, mask: Array) -> Array:
     """[N] bool: reported (mask), valid size (finite, ≥ 0) and every upload leaf finite."""
-    ok = jnp.asarray(mask, bool) & jnp.isfinite(sizes) & (sizes >= 0)
+    ok = jnp.asarray(mask, bool) & aggregation._size_is_valid(sizes)
     for leaf in jax.tree.leaves(uploads):
         ok = ok & jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], -1), axis=1)
     return ok
 
 
-def average_weights(sizes: Array, usable: Array) -> Array:
-    """p_j = n_j / Σ_usable n (uniform over usable clients if all sizes are 0), [N]."""
-    sizes = jnp.where(usable, sizes, 0.0)
-    total = jnp.sum(sizes)
-    uniform = usable / jnp.maximum(jnp.sum(usable), 1)
-    return jnp.where(total > 0, sizes / jnp.where(total > 0, total, 1.0), uniform)
-
-
 @jax.jit
 def _fedavg_impl(uploads: PyTree, sizes: Array, mask: Array) -> PyTree:
     usable = usable_clients(uploads, sizes, mask)
-    weights = average_weights(sizes, usable)
+    # The same size prior as CE-LoRA's server kernel: p ∝ n over usable clients.
+    weights = aggregation.client_prior(sizes, usable)
 
     def average(leaf):
         safe = jnp.where(usable.reshape((-1,) + (1,) * (leaf.ndim - 1)), leaf, 0.0)
@@ -79,7 +72,7 @@ def _check_uploads(function: str, name: str, uploads: PyTree, sizes, mask) -> tu
     arrays = []
     for path, leaf in zip(paths, leaves):
         where = f"{name}{path}"
-        leaf = jnp.asarray(leaf) if isinstance(leaf, (np.ndarray, list, tuple)) else leaf
+        leaf = jnp.asarray(leaf) if isinstance(leaf, np.ndarray) else leaf
         _checks.check_floating(function, where, leaf)
         if leaf.ndim < 1:
             _checks.fail(function, f"{where} must have a leading client axis [N, ...], got a scalar")

@@ -22,7 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from celora_jax.models.llama import DecoderConfig
-from celora_jax.models.loading import ModelLoadError
+from celora_jax.models.loading import ModelLoadError, _our_layout
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +207,7 @@ def read_hf_llama(model_dir: str | pathlib.Path) -> tuple[DecoderConfig, dict, A
             if path is None:
                 logger.info("checkpoint tensor %s is not used", name)
                 continue
-            tensor = np.asarray(tensor, np.float32)
-            flat[path] = tensor.T if path[-1] == "kernel" else tensor
+            flat[path] = _our_layout(path, tensor)
     params = traverse_util.unflatten_dict(flat)
     if config.tie_embeddings:
         params.pop("lm_head", None)

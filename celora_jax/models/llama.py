@@ -101,7 +101,7 @@ class DecoderConfig:
         heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id", 2)
         eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-        pad = hf.get("pad_token_id")
+        pad, bos = hf.get("pad_token_id"), hf.get("bos_token_id")
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -114,7 +114,7 @@ class DecoderConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            bos_token_id=hf.get("bos_token_id", 1) if hf.get("bos_token_id") is not None else 1,
+            bos_token_id=bos if bos is not None else 1,
             eos_token_id=eos,
             pad_token_id=pad if pad is not None else eos,
         )
@@ -319,6 +319,8 @@ def greedy_generate(model: LlamaForCausalLM, variables: Mapping[str, Any], input
     if length + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt of {length} tokens plus {max_new_tokens} new tokens exceeds the "
                          f"context of {cfg.max_position_embeddings}")
+    if max_new_tokens == 0:
+        return jnp.zeros((batch, 0), jnp.int32)
     cache = init_cache(cfg, batch, length + max_new_tokens, model.dtype)
     logits, cache = model.apply(variables, input_ids, attention_mask, cache)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
@@ -329,8 +331,9 @@ def greedy_generate(model: LlamaForCausalLM, variables: Mapping[str, Any], input
         following = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
         finished = finished | (token == cfg.eos_token_id)
         following = jnp.where(finished, cfg.eos_token_id, following)
-        return (following, cache, finished), token
+        return (following, cache, finished), following
 
+    # The prefill already gave the first token: max_new_tokens − 1 decode steps remain.
     finished = jnp.zeros((batch,), bool)
-    _, tokens = jax.lax.scan(step, (first, cache, finished), None, length=max_new_tokens)
-    return tokens.T
+    _, rest = jax.lax.scan(step, (first, cache, finished), None, length=max_new_tokens - 1)
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
