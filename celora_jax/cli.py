@@ -46,6 +46,16 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", default=None, metavar="DIR",
                      help="continue an interrupted run from its latest checkpoint: DIR is a method's "
                           "output directory (with config.json) or a run directory holding several")
+    multi = run.add_argument_group(
+        "several processes", "one run over the devices of several processes (TPU pod hosts, GPU hosts, "
+        "or CPU processes): start the same command in every process")
+    multi.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize(); with no other flag the cluster is "
+                            "detected (TPU pods, SLURM, ...)")
+    multi.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="address of process 0's coordinator service (implies --distributed)")
+    multi.add_argument("--num-processes", type=int, default=None)
+    multi.add_argument("--process-id", type=int, default=None)
     commands.add_parser("presets", help="list the named presets")
     return parser
 
@@ -62,6 +72,19 @@ def _resume_plan(directory: str, overrides: list[str]):
     plan = [(apply_overrides(from_dict(json.loads((d / "config.json").read_text())), overrides), d)
             for d in method_dirs]
     return method_dirs[0].parent, plan
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """``jax.distributed.initialize`` before any device is touched; CPU processes exchange
+    collectives through gloo (accelerator backends ignore that setting)."""
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+    logger.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def _run(args) -> int:
@@ -84,7 +107,13 @@ def _run(args) -> int:
         for method_config, _ in plan:
             print(to_json(method_config))
         return 0
-    root.mkdir(parents=True, exist_ok=True)
+    if args.distributed or args.coordinator:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    writer = jax.process_index() == 0  # every process computes; process 0 writes
+    if writer:
+        root.mkdir(parents=True, exist_ok=True)
     summaries, histories = [], {}
     for method_config, method_dir in plan:
         name = method_config.federation.method
@@ -93,10 +122,12 @@ def _run(args) -> int:
         summaries.append(result.summary)
         histories[name] = result.history
         final = result.history[-1]
-        if all(key in final for key in _HEATMAP_KEYS):
+        if writer and all(key in final for key in _HEATMAP_KEYS):
             plot_heatmaps({key: final[key] for key in _HEATMAP_KEYS}, method_dir / "weights_final.png",
                           title=f"{name}: round {final['round']}")
     table = summary_table(summaries)
+    if not writer:
+        return 0
     (root / "summary.md").write_text(table + "\n")
     (root / "summary.json").write_text(json.dumps(summaries, indent=2))
     plot_curves(histories, root / "curves.png")

@@ -12,6 +12,7 @@ from celora_jax.adapters import AdapterConfig
 from celora_jax.data.partition import PartitionConfig
 from celora_jax.data.text import TextDataConfig
 from celora_jax.federated.client import OptimizerConfig
+from celora_jax.privacy.dp import DPConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,10 @@ class FederationConfig:
       outlier_factor: reject a client's round when the norm of its uploaded change exceeds
         this multiple of the median over reporting clients (0 disables the rule). Updates
         with NaN/Inf are always rejected. Rejected clients keep their previous state.
+      client_block: train and evaluate this many clients at a time (``lax.map`` over blocks
+        of vmapped clients; rounded up to a multiple of the device count) so that
+        thousands of clients fit in memory; None trains all clients at once. Results are
+        the same either way.
     """
 
     method: str = "celora"
@@ -80,6 +85,7 @@ class FederationConfig:
     participation: float = 1.0
     client_dropout: float = 0.0
     outlier_factor: float = 10.0
+    client_block: int | None = None
 
     def __post_init__(self):
         from celora_jax.methods import get_method
@@ -94,6 +100,8 @@ class FederationConfig:
             raise ValueError(f"federation.client_dropout must be in [0, 1), got {self.client_dropout}")
         if self.outlier_factor < 0:
             raise ValueError(f"federation.outlier_factor must be >= 0, got {self.outlier_factor}")
+        if self.client_block is not None and self.client_block < 1:
+            raise ValueError(f"federation.client_block must be at least 1 or None, got {self.client_block}")
         if self.local_steps is not None and self.local_steps < 1:
             raise ValueError(f"federation.local_steps must be at least 1 or None, got {self.local_steps}")
 
@@ -129,8 +137,9 @@ class RunConfig:
     Attributes:
       name: run name; outputs go to ``output_dir/name/method``.
       seed: seed of adapter init, dropout and batch order (the partition has its own).
-      model, data, partition, adapter, optimizer, federation, aggregation, checkpoint: see
-        their types.
+      model, data, partition, adapter, optimizer, federation, aggregation, checkpoint, dp:
+        see their types (``dp``: clipped, noised uploads with an ε accountant; off by
+        default).
         ``adapter.kind`` is decided by the method (tri for CE-LoRA, lora otherwise).
       export_peft: at the end, write every client's adapters as a PEFT LoRA folder
         (``adapters/client_XXXX``, factors A and C·B; see ``celora_jax.export``).
@@ -154,6 +163,7 @@ class RunConfig:
     federation: FederationConfig = FederationConfig()
     aggregation: Any = dataclasses.field(default_factory=lambda: _aggregation_config_type()())
     checkpoint: CheckpointConfig = CheckpointConfig()
+    dp: DPConfig = DPConfig()
     export_peft: bool = False
     output_dir: str = "runs"
 
@@ -188,13 +198,19 @@ def apply_overrides(config, overrides: list[str]):
     """Returns ``config`` with ``section.field=value`` overrides applied.
 
     Values are parsed as Python literals (``3``, ``0.5``, ``True``, ``None``, ``'x'``) and
-    fall back to plain strings; a value must fit the field's type.
+    fall back to plain strings; a value must fit the field's type. The overrides of one
+    section are applied together, so fields that are only valid in combination (e.g.
+    ``dp.clip_norm`` with ``dp.noise_multiplier``) can be set in either order.
     """
+    by_section: dict[tuple[str, ...], dict[str, tuple[Any, str]]] = {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        config = _replace_path(config, key.strip().split("."), _parse(raw.strip()), key)
+        path = key.strip().split(".")
+        by_section.setdefault(tuple(path[:-1]), {})[path[-1]] = (_parse(raw.strip()), key)
+    for section, values in by_section.items():
+        config = _replace_fields(config, list(section), values)
     return config
 
 
@@ -205,20 +221,28 @@ def _parse(raw: str):
         return raw
 
 
-def _replace_path(node, path: list[str], value, full_key: str):
+def _replace_fields(node, path: list[str], values: dict[str, tuple[Any, str]]):
+    """Replaces ``values`` (field -> (value, full key)) in the section at ``path``."""
     fields = {f.name: f for f in dataclasses.fields(node)}
-    head = path[0]
-    if head not in fields:
-        raise ValueError(f"unknown config key {full_key!r}: {type(node).__name__} has fields "
-                         f"{sorted(fields)}")
-    current = getattr(node, head)
-    if len(path) > 1:
+    if path:
+        head, full_key = path[0], next(iter(values.values()))[1]
+        if head not in fields:
+            raise ValueError(f"unknown config key {full_key!r}: {type(node).__name__} has fields "
+                             f"{sorted(fields)}")
+        current = getattr(node, head)
         if not dataclasses.is_dataclass(current):
             raise ValueError(f"config key {full_key!r}: {head} is not a section")
-        return dataclasses.replace(node, **{head: _replace_path(current, path[1:], value, full_key)})
-    if dataclasses.is_dataclass(current):
-        raise ValueError(f"config key {full_key!r} names a section; set one of its fields")
-    return dataclasses.replace(node, **{head: _coerce(value, current, type(node), head, full_key)})
+        return dataclasses.replace(node, **{head: _replace_fields(current, path[1:], values)})
+    changes = {}
+    for name, (value, full_key) in values.items():
+        if name not in fields:
+            raise ValueError(f"unknown config key {full_key!r}: {type(node).__name__} has fields "
+                             f"{sorted(fields)}")
+        current = getattr(node, name)
+        if dataclasses.is_dataclass(current):
+            raise ValueError(f"config key {full_key!r} names a section; set one of its fields")
+        changes[name] = _coerce(value, current, type(node), name, full_key)
+    return dataclasses.replace(node, **changes)
 
 
 def _coerce(value, current, owner, name, full_key):

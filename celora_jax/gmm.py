@@ -278,12 +278,15 @@ def _fit_client(features, class_masks, keys, config):
     return jax.vmap(_fit_one, in_axes=(None, 0, 0, None))(features, class_masks, keys, config)
 
 
-def _fit_impl(features, labels, mask, key, num_classes: int, config: MixtureConfig) -> ClassMixtures:
+def _fit_impl(features, labels, mask, key, first_client, num_classes: int, config: MixtureConfig) -> ClassMixtures:
     num_clients = features.shape[0]
     features = jnp.where(mask[..., None], features, 0.0)  # padding may hold anything
     classes = jnp.arange(num_classes)
     class_masks = mask[:, None, :] & (labels[:, None, :] == classes[None, :, None])  # [N, K, M]
-    keys = jax.random.split(key, (num_clients, num_classes))
+    # Keys follow the global client index, so fitting any subset of clients (one process's
+    # share) reproduces exactly those clients' fits.
+    client_ids = first_client + jnp.arange(num_clients)
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i), num_classes))(client_ids)
     fit = lambda args: _fit_client(*args, config)  # noqa: E731
     if config.client_batch_size is None:
         out = jax.vmap(fit)((features, class_masks, keys))
@@ -303,6 +306,7 @@ def fit_class_mixtures(
     num_classes: int,
     key: Array,
     config: MixtureConfig = MixtureConfig(),
+    first_client: int = 0,
 ) -> ClassMixtures:
     """Fits a diagonal Gaussian mixture per (client, class), all in one jitted call.
 
@@ -314,6 +318,9 @@ def fit_class_mixtures(
       num_classes: K (static).
       key: a ``jax.random`` key; each (client, class) gets its own subkey for k-means++.
       config: fitting options.
+      first_client: global index of the first client in ``features``: each client's fit
+        depends only on ``key`` and its global index, so fitting a subset of clients (one
+        process's share) gives the same result as fitting them with everyone.
 
     Returns:
       ClassMixtures with weights [N, K, G], means/variances [N, K, G, D],
@@ -347,7 +354,8 @@ def fit_class_mixtures(
     features = jnp.asarray(features)
     if not jnp.issubdtype(features.dtype, jnp.floating):
         features = features.astype(jnp.float32)
-    return _fit_jit(features, jnp.asarray(labels), jnp.asarray(mask, dtype=bool), key, num_classes, config)
+    return _fit_jit(features, jnp.asarray(labels), jnp.asarray(mask, dtype=bool), key,
+                    jnp.int32(first_client), num_classes, config)
 
 
 def score_samples(weights: Array, means: Array, variances: Array, component_mask: Array, x: Array) -> Array:

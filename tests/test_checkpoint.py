@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,8 @@ import pytest
 
 from celora_jax.config import CheckpointConfig, from_dict, to_dict
 from celora_jax.federated import engine
-from test_engine import ROOT, tiny_config, tiny_model_dir  # noqa: F401  (fixture)
+from helpers import tiny_config
+from test_engine import ROOT
 
 # Runs 4 rounds with a checkpoint after each; blocks at the start of round 3 (after the
 # checkpoint of round 2) so that the parent can SIGKILL it mid-round.

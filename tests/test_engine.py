@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,38 +13,12 @@ import numpy as np
 import pytest
 
 from celora_jax import methods
-from celora_jax.config import FederationConfig, ModelConfig, RunConfig, apply_overrides
-from celora_jax.data.partition import PartitionConfig
+from celora_jax.config import FederationConfig, apply_overrides
 from celora_jax.data.text import DataError, TextDataConfig
 from celora_jax.federated import engine
+from helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, minilm_dir):
-    """A randomly initialised 2-layer BERT saved by transformers (config.json + safetensors),
-    with MiniLM's tokenizer: a real HF directory that trains in seconds."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64,
-                                     max_position_embeddings=64)
-    path = tmp_path_factory.mktemp("tiny_bert")
-    transformers.BertModel(config).save_pretrained(str(path), safe_serialization=True)
-    shutil.copy(minilm_dir / "tokenizer.json", path / "tokenizer.json")
-    return path
-
-
-def tiny_config(model_dir, method="celora", **federation):
-    return RunConfig(
-        name="tiny",
-        model=ModelConfig(path=str(model_dir), max_length=16),
-        partition=PartitionConfig(num_clients=5, alpha=0.5, train_examples=16, test_examples=8,
-                                  global_test_examples=16),
-        federation=FederationConfig(method=method, rounds=2, batch_size=8, **federation),
-    )
 
 
 @pytest.mark.parametrize("method", sorted(methods.METHODS))
@@ -79,23 +52,31 @@ _EIGHT_DEVICES = textwrap.dedent("""
     import json, sys, numpy as np, jax
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {tests!r})
-    from test_engine import tiny_config
+    from celora_jax.config import apply_overrides
+    from helpers import tiny_config
     from celora_jax.federated import engine
     assert len(jax.devices()) == 8, jax.devices()
-    result = engine.run(tiny_config({model!r}, {method!r}))
+    result = engine.run(apply_overrides(tiny_config({model!r}, {method!r}), {overrides!r}))
     np.savez({out!r}, *[np.asarray(x) for x in jax.tree.leaves(result.client_params)])
     json.dump([r["train_loss"] for r in result.history] + result.history[-1]["client_test_accuracy"],
               open({out!r} + ".json", "w"))
 """)
 
 
-@pytest.mark.parametrize("method", ["celora", "fedavg_lora"])
-def test_one_device_and_eight_devices_give_the_same_run(tiny_model_dir, tmp_path, method):
-    """5 clients padded to 8 on an 8-device mesh equal 5 clients on one device."""
-    one = engine.run(tiny_config(tiny_model_dir, method, num_devices=1))
+@pytest.mark.parametrize("method,overrides", [
+    ("celora", []),
+    ("fedavg_lora", []),
+    # 10 clients padded to 16 and trained in two strided blocks of 8, each spanning all devices.
+    ("celora", ["partition.num_clients=10", "federation.client_block=8"]),
+])
+def test_one_device_and_eight_devices_give_the_same_run(tiny_model_dir, tmp_path, method, overrides):
+    """Clients padded to a multiple of 8 on an 8-device mesh equal the same clients on one
+    device, all trained at once."""
+    single = [o for o in overrides if not o.startswith("federation.client_block")]
+    one = engine.run(apply_overrides(tiny_config(tiny_model_dir, method, num_devices=1), single))
     out = str(tmp_path / "eight.npz")
     script = _EIGHT_DEVICES.format(root=str(ROOT), tests=str(ROOT / "tests"), model=str(tiny_model_dir),
-                                   method=method, out=out)
+                                   method=method, out=out, overrides=overrides)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
     eight = np.load(out)
@@ -105,6 +86,20 @@ def test_one_device_and_eight_devices_give_the_same_run(tiny_model_dir, tmp_path
         np.testing.assert_allclose(np.asarray(leaf), eight[f"arr_{index}"], atol=2e-5, rtol=1e-4)
     expected = [r["train_loss"] for r in one.history] + one.history[-1]["client_test_accuracy"]
     np.testing.assert_allclose(json.load(open(out + ".json")), expected, atol=1e-5)
+
+
+def test_client_blocks_give_the_same_run(tiny_model_dir):
+    """5 clients in blocks of 2 (padded to 6, three blocks) equal all 5 at once."""
+    whole = engine.run(tiny_config(tiny_model_dir, "celora"))
+    blocked = engine.run(tiny_config(tiny_model_dir, "celora", client_block=2))
+    for a, b in zip(jax.tree.leaves(whole.client_params), jax.tree.leaves(blocked.client_params)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+    for before, after in zip(whole.history, blocked.history):
+        for key, tolerance in (("train_loss", 1e-6), ("test_accuracy_mean", 1e-6), ("weights", 5e-5)):
+            # The weights come out of simplex projections of distances over 5 vs 6 (padded)
+            # clients: equal up to float32 reduction order.
+            np.testing.assert_allclose(after[key], before[key], atol=tolerance)
 
 
 def test_bad_input_fails_before_compiling(tiny_model_dir, tmp_path):

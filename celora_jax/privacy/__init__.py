@@ -1,1 +1,2 @@
-"""Privacy: gradient-inversion attacks on client updates (METHOD.md §8)."""
+"""Privacy (METHOD.md §8): gradient-inversion attacks on client updates (``attack``) and
+differentially private uploads with an ε accountant (``dp``)."""

@@ -1,0 +1,140 @@
+"""Benchmark: time per round and peak memory vs the number of clients N (issue 9, item 3).
+
+MiniLM with CE-LoRA (rank 8, every linear layer), real movie reviews, few examples per
+client: 4 training and 4 test reviews of 32 tokens, one local step of batch 4 per round,
+personalized aggregation. Every N runs in a fresh subprocess, so its peak resident memory
+(``ru_maxrss``) is its own. Each N runs with all clients at once (plain ``vmap``) where that
+fits and with client blocks (``federation.client_block``), which bound the activations
+alive at once to one block.
+
+Reported per run: compile + first round seconds, steady round seconds (mean of the later
+rounds), peak RSS, and the bytes of the frozen base weights and of one client's state. The
+base weights are passed to the vmapped client step with ``in_axes=None``: if they were
+copied per client, memory would grow by the base size (~90 MB) per client; the slope of
+peak RSS over N shows what one client really costs.
+
+    python benchmarks/many_clients.py                        # N = 1, 8, 32, 128, 1000
+    python benchmarks/many_clients.py --smoke --out /tmp/many_clients.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "many_clients.json"
+
+
+def run_one(num_clients: int, block: int | None, rounds: int, max_length: int) -> dict:
+    """One measurement, in this process (the parent runs it in a fresh subprocess)."""
+    import jax
+
+    from celora_jax.config import FederationConfig, ModelConfig, RunConfig
+    from celora_jax.data.partition import PartitionConfig
+    from celora_jax.federated import engine
+
+    config = RunConfig(
+        name="many_clients",
+        model=ModelConfig(max_length=max_length),
+        partition=PartitionConfig(scheme="dirichlet", num_clients=num_clients, alpha=0.5, train_examples=4,
+                                  test_examples=4, global_test_examples=8),
+        federation=FederationConfig(method="celora", rounds=rounds, batch_size=4, local_steps=1,
+                                    eval_every=rounds, eval_batch_size=8, client_block=block),
+    )
+    started = time.perf_counter()
+    setup = engine.prepare(config)
+    prepare_s = time.perf_counter() - started
+    round_seconds = []
+    for record in engine.iterate_rounds(setup):
+        round_seconds.append(record["seconds"])
+        accuracy = record.get("test_accuracy_mean")
+    nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+    return {
+        "num_clients": num_clients,
+        "client_block": block,
+        "prepare_s": prepare_s,
+        "first_round_s": round_seconds[0],  # compile included
+        "steady_round_s": sum(round_seconds[1:]) / max(len(round_seconds) - 1, 1),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "base_weights_mb": nbytes(setup.base_params) / 1e6,
+        "client_params_mb": nbytes(setup.client_params) / 1e6,
+        "final_test_accuracy": accuracy,
+    }
+
+
+def _subprocess(num_clients: int, block: int | None, rounds: int, max_length: int) -> dict:
+    command = [sys.executable, __file__, "--one", str(num_clients), "--rounds", str(rounds),
+               "--max-length", str(max_length)] + (["--block", str(block)] if block else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"num_clients": num_clients, "client_block": block, "error": done.stderr[-2000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", default="1,8,32,128,1000", help="comma-separated N")
+    parser.add_argument("--block", type=int, default=32, help="clients per block in the blocked runs")
+    parser.add_argument("--unblocked-up-to", type=int, default=128,
+                        help="also run all clients at once for N up to this")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--smoke", action="store_true", help="N = 2, at once and in blocks of 1; two rounds, 16 tokens")
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one is not None:
+        print(json.dumps(run_one(args.one, args.block if args.block else None, args.rounds, args.max_length)))
+        return 0
+    if args.smoke:
+        counts, block, unblocked_up_to, rounds, max_length = [2], 1, 2, 2, 16
+    else:
+        counts = [int(n) for n in args.clients.split(",") if n.strip()]
+        block, unblocked_up_to, rounds, max_length = args.block, args.unblocked_up_to, args.rounds, args.max_length
+    if not counts or min(counts) < 1 or rounds < 2:
+        parser.error("need N >= 1 and --rounds >= 2 (the first round includes compilation)")
+    from tqdm.auto import tqdm
+
+    plan = [(n, None) for n in counts if n <= unblocked_up_to] + [(n, block) for n in counts if n > block]
+    results = []
+    for n, b in tqdm(plan, desc="many clients", unit="run"):
+        results.append(_subprocess(n, b, rounds, max_length))
+        tqdm.write(json.dumps(results[-1]))
+    ok = [r for r in results if "error" not in r]
+    blocked = sorted((r for r in ok if r["client_block"]), key=lambda r: r["num_clients"])
+    slope = None
+    if len(blocked) >= 2:
+        first, last = blocked[0], blocked[-1]
+        slope = (last["peak_rss_mb"] - first["peak_rss_mb"]) / (last["num_clients"] - first["num_clients"])
+    import jax
+
+    report = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                    "device": str(jax.devices()[0].device_kind)},
+        "settings": {"model": "all-MiniLM-L6-v2", "method": "celora", "rank": 8, "train_examples": 4,
+                     "test_examples": 4, "max_length": max_length, "batch_size": 4, "local_steps": 1,
+                     "rounds": rounds, "block": block},
+        "runs": results,
+        "peak_rss_mb_per_client_blocked": slope,
+        "base_weights_mb": ok[0]["base_weights_mb"] if ok else None,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: report[k] for k in ("peak_rss_mb_per_client_blocked", "base_weights_mb")}))
+    return 0 if len(ok) == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""tpu/pod.py: slice shapes, the gcloud commands and the dry-run validation on fake devices."""
+
+import subprocess
+import sys
+
+import pytest
+
+from test_engine import ROOT
+
+sys.path.insert(0, str(ROOT / "tpu"))
+import pod  # noqa: E402
+
+
+@pytest.mark.parametrize("accelerator,shape", [("v4-8", (1, 4)), ("v4-32", (4, 4)), ("v5p-128", (16, 4)),
+                                               ("v5litepod-8", (1, 8)), ("v5litepod-16", (4, 4)),
+                                               ("v6e-256", (64, 4))])
+def test_slice_shapes(accelerator, shape):
+    assert pod.slice_shape(accelerator) == shape
+
+
+def _dry_run(*args):
+    return subprocess.run([sys.executable, str(ROOT / "tpu" / "pod.py"), *args, "--name", "celora",
+                           "--zone", "us-central2-b", "--dry-run"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_run_dry_run_validates_the_mesh_and_prints_the_launch(movie_reviews_csv):
+    done = _dry_run("run", "--accelerator", "v4-32", "--set", "federation.rounds=3",
+                    "--set", "partition.num_clients=1000")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "slice: 4 hosts x 4 chips = 16 devices; mesh clients=16" in out
+    # 1000 clients, blocks of 256 -> padded to 1024 = 64 per device, 256 per host.
+    assert "clients: 1000 real, padded to 1024 (64 per device); block: 256" in out
+    assert "host 3: clients 768..999 (232 real)" in out
+    launch = [line for line in out.splitlines() if line.startswith("gcloud")]
+    assert len(launch) == 1
+    assert "tpu-vm ssh celora --zone=us-central2-b --worker=all" in launch[0]
+    assert "celora-jax run --preset pod --distributed" in launch[0]
+    assert "--set federation.rounds=3 --set partition.num_clients=1000" in launch[0]
+
+
+def test_other_commands_print_gcloud():
+    done = _dry_run("create", "--accelerator", "v5litepod-16")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("gcloud compute tpus tpu-vm create celora --zone=us-central2-b "
+                                   "--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite")
+    done = _dry_run("setup", "--accelerator", "v4-8", "--repo", "https://example.org/celora.git")
+    assert "--worker=all" in done.stdout and "bash setup.sh" in done.stdout and "jax[tpu]" in done.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "--accelerator", "v4-32", "--set", "partition.num_clients=100000"], "the data has 33530"),
+    (["run", "--accelerator", "v4-32", "--set", "checkpoint.every=1"], "checkpoints are not supported"),
+    (["run", "--accelerator", "v4-32", "--set", "federation.num_devices=6"], "multiple of the 4 chips"),
+    (["run", "--accelerator", "v4-32", "--methods", "fedprox"], "unknown method"),
+    (["create", "--accelerator", "v9-3"], "unknown accelerator type"),
+])
+def test_dry_run_rejects_bad_plans(args, message, movie_reviews_csv):
+    done = _dry_run(*args)
+    assert done.returncode == 2
+    assert message in done.stderr
