@@ -74,7 +74,7 @@ def run_one(num_clients: int, block: int | None, rounds: int, max_length: int) -
 
 def _subprocess(num_clients: int, block: int | None, rounds: int, max_length: int) -> dict:
     command = [sys.executable, __file__, "--one", str(num_clients), "--rounds", str(rounds),
-               "--max-length", str(max_length)] + (["--block", str(block)] if block else [])
+               "--max-length", str(max_length), "--block", str(block or 0)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"num_clients": num_clients, "client_block": block, "error": done.stderr[-2000:]}
@@ -84,7 +84,8 @@ def _subprocess(num_clients: int, block: int | None, rounds: int, max_length: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,8,32,128,1000", help="comma-separated N")
-    parser.add_argument("--block", type=int, default=32, help="clients per block in the blocked runs")
+    parser.add_argument("--block", type=int, default=32,
+                        help="clients per block in the blocked runs (0: no blocks)")
     parser.add_argument("--unblocked-up-to", type=int, default=128,
                         help="also run all clients at once for N up to this")
     parser.add_argument("--rounds", type=int, default=3)
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need N >= 1 and --rounds >= 2 (the first round includes compilation)")
     from tqdm.auto import tqdm
 
-    plan = [(n, None) for n in counts if n <= unblocked_up_to] + [(n, block) for n in counts if n > block]
+    plan = [(n, None) for n in counts if n <= unblocked_up_to] + [(n, block) for n in counts if block and n > block]
     results = []
     for n, b in tqdm(plan, desc="many clients", unit="run"):
         results.append(_subprocess(n, b, rounds, max_length))

@@ -44,7 +44,8 @@ def client_features(setup: "FederatedSetup", chunk_size: int = 64) -> np.ndarray
     flat_ids, flat_mask = pad(flat_ids), pad(flat_mask)
     outputs = [np.asarray(embed(params, flat_ids[i:i + chunk_size], flat_mask[i:i + chunk_size]))
                for i in range(0, padded, chunk_size)]
-    return np.concatenate(outputs)[:total].reshape(ids.shape[0], ids.shape[1], -1)
+    # The hidden size is explicit: a process holding only padding clients has total = 0.
+    return np.concatenate(outputs)[:total].reshape(ids.shape[0], ids.shape[1], outputs[0].shape[-1])
 
 
 def client_statistics(setup: "FederatedSetup") -> gmm.ClassMixtures:

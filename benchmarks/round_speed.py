@@ -1,0 +1,324 @@
+"""Benchmark: one federated round of the default preset, three ways, plus achieved FLOP/s.
+
+In one run on the same machine (issue 9, item 4):
+
+* ``engine``: our vmapped, sharded, jitted round step (``celora_jax.federated.engine``):
+  all clients' local training and the personalized aggregation in one program;
+* ``jax_loop``: the same JAX client code (one jitted client update) called in a Python loop
+  over the clients, then the same jitted server step;
+* ``pytorch``: a reference in the style of the authors' PyTorch code: transformers'
+  PyTorch ``BertModel`` with a tri-factor LoRA module around every encoder linear layer,
+  clients trained one after another with ``torch.optim.AdamW``, then the cores averaged.
+
+All three train the same parameters (A, B, C, LayerNorms, head) on the same real
+movie-review batches (MiniLM, 10 clients, 8 steps of 16 x 64 tokens; the default preset),
+with dropout, gradient clipping and a fresh AdamW each round. Reported: seconds per round
+(the median over ``--rounds`` rounds after one warm-up/compile round), training examples/s
+and the ratios.
+
+FLOP/s: XLA's cost analysis of one jitted training step of one client (batch 16 x 64)
+divided by the measured time of that step (from the engine's round time), as a fraction of
+this machine's peak matmul FLOP/s, measured in the same run as the best of several large
+float32 matmuls.
+
+    python benchmarks/round_speed.py                         # writes benchmarks/results/round_speed.json
+    python benchmarks/round_speed.py --smoke --out /tmp/round_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "round_speed.json"
+SMOKE = ["partition.num_clients=2", "partition.train_examples=8", "partition.test_examples=4",
+         "partition.global_test_examples=0", "federation.batch_size=4", "federation.local_steps=1",
+         "model.max_length=16"]
+
+
+def _config(overrides: list[str], rounds: int):
+    from celora_jax.config import apply_overrides
+    from experiments.presets import get_preset
+
+    # Evaluate only after the last round, so the timed rounds are training + aggregation.
+    return apply_overrides(get_preset("default"), [f"federation.rounds={rounds}",
+                                                   f"federation.eval_every={rounds}"] + overrides)
+
+
+def time_engine(setup) -> list[float]:
+    from celora_jax.federated import engine
+
+    # The first round compiles and the last one evaluates: time the ones between.
+    return [record["seconds"] for record in engine.iterate_rounds(setup)][1:-1]
+
+
+def time_jax_loop(setup, rounds: int) -> list[float]:
+    """The same client update, jitted once, called client by client; then the server step."""
+    import jax
+    import numpy as np
+
+    from celora_jax import methods
+    from celora_jax.data import packing
+    from celora_jax.federated import client as client_lib
+    from celora_jax.federated import engine
+
+    config, n = setup.config, setup.num_clients
+    update = jax.jit(client_lib.make_client_update(setup.logits_fn, setup.roles, config.optimizer,
+                                                   rounds * setup.local_steps))
+    strategy = engine.make_strategy(setup)
+    aggregate = jax.jit(strategy.aggregate)
+    state = client_lib.init_client_state(setup.client_params, setup.roles, config.optimizer)
+    states = [{"params": setup.client_params, "opt_state": state["opt_state"]} for _ in range(n)]
+    stack = lambda trees: jax.tree.map(lambda *xs: np.stack(xs), *trees)
+    sizes = jax.numpy.asarray(setup.sizes)
+    server_state = strategy.init(methods.select(stack([s["params"] for s in states]), setup.roles,
+                                                methods.SHARED), sizes)
+    mask = jax.numpy.ones(n, bool)
+    base = setup.base_params
+    seconds = []
+    for round_index in range(rounds):
+        started = time.perf_counter()
+        batches = packing.round_batches(setup.train, setup.local_steps, config.federation.batch_size,
+                                        config.seed, round_index)
+        keys = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), round_index), n)
+        trained = []
+        for i in range(n):
+            new_state, _ = update(base, states[i], jax.tree.map(lambda x: x[i], batches), keys[i], round_index)
+            trained.append(new_state)
+        uploads = methods.select(stack([jax.device_get(s["params"]) for s in trained]), setup.roles, methods.SHARED)
+        server_state, downloads, _ = aggregate(server_state, uploads, sizes, mask)
+        downloads = jax.device_get(downloads)
+        for i in range(n):
+            mine = jax.tree.map(lambda x: x[i], downloads)
+            kept = methods.select(trained[i]["params"], setup.roles, methods.PERSONAL, methods.FROZEN)
+            states[i] = {"params": methods.combine(mine, kept), "opt_state": trained[i]["opt_state"]}
+        seconds.append(time.perf_counter() - started)
+    return seconds[1:]  # the first round compiles
+
+
+def time_pytorch(setup, rounds: int, threads: int) -> list[float]:
+    """Sequential clients on transformers' PyTorch BERT with tri-factor LoRA modules."""
+    import torch
+    import transformers
+
+    from celora_jax.data import packing
+    from celora_jax.models import loading
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config, n = setup.config, setup.num_clients
+    rank, scale = setup.adapter_config.rank, setup.adapter_config.scale
+    model_dir = config.model.path or loading.default_model_dir()
+
+    class TriLoRALinear(torch.nn.Module):
+        """y = W x + b + scale · ((x A) C) B, W frozen (the authors' tri-factor module)."""
+
+        def __init__(self, linear: torch.nn.Linear):
+            super().__init__()
+            self.linear = linear.requires_grad_(False)
+            self.A = torch.nn.Parameter(torch.randn(linear.in_features, rank) * 1e-3)
+            self.C = torch.nn.Parameter(torch.eye(rank))
+            self.B = torch.nn.Parameter(torch.zeros(rank, linear.out_features))
+
+        def forward(self, x):
+            return self.linear(x) + scale * (((x @ self.A) @ self.C) @ self.B)
+
+    backbone = transformers.BertModel.from_pretrained(str(model_dir), add_pooling_layer=False)
+    backbone.requires_grad_(False)
+    for layer in backbone.encoder.layer:
+        for parent, name in ((layer.attention.self, "query"), (layer.attention.self, "key"),
+                             (layer.attention.self, "value"), (layer.attention.output, "dense"),
+                             (layer.intermediate, "dense"), (layer.output, "dense")):
+            setattr(parent, name, TriLoRALinear(getattr(parent, name)))
+    for module in backbone.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.requires_grad_(True)
+    head = torch.nn.Linear(backbone.config.hidden_size, setup.num_classes)
+    trainable = dict([(k, v) for k, v in backbone.named_parameters() if v.requires_grad]
+                     + [(f"head.{k}", v) for k, v in head.named_parameters()])
+    client_states = [{k: v.detach().clone() for k, v in trainable.items()} for _ in range(n)]
+    cores = [k for k in trainable if k.endswith(".C")]
+    seconds = []
+    for round_index in range(rounds + 1):
+        started = time.perf_counter()
+        batches = packing.round_batches(setup.train, setup.local_steps, config.federation.batch_size,
+                                        config.seed, round_index)
+        backbone.train()
+        for i in range(n):
+            with torch.no_grad():
+                for k, v in trainable.items():
+                    v.copy_(client_states[i][k])
+            optimizer = torch.optim.AdamW(trainable.values(), lr=config.optimizer.learning_rate,
+                                          weight_decay=config.optimizer.weight_decay)
+            for step in range(setup.local_steps):
+                ids = torch.from_numpy(batches["input_ids"][i, step]).long()
+                mask = torch.from_numpy(batches["attention_mask"][i, step]).long()
+                labels = torch.from_numpy(batches["labels"][i, step]).long()
+                hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+                weights = mask.unsqueeze(-1).float()
+                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+                loss = torch.nn.functional.cross_entropy(head(pooled), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable.values(), config.optimizer.max_grad_norm)
+                optimizer.step()
+            client_states[i] = {k: v.detach().clone() for k, v in trainable.items()}
+        with torch.no_grad():  # the server: size-weighted average of the cores
+            for k in cores:
+                mean = torch.stack([s[k] for s in client_states]).mean(0)
+                for s in client_states:
+                    s[k] = mean.clone()
+        seconds.append(time.perf_counter() - started)
+    return seconds[1:]  # the first round warms up
+
+
+def step_flops(setup) -> float:
+    """XLA's FLOP count of one jitted training step of one client (no loops in the program,
+    so the count is exact: cost analysis does not multiply loop bodies by trip counts)."""
+    import jax
+
+    from celora_jax.data import packing
+    from celora_jax.federated import client as client_lib
+
+    config = setup.config
+    update = client_lib.make_client_update(setup.logits_fn, setup.roles, config.optimizer, 1)
+    state = client_lib.init_client_state(setup.client_params, setup.roles, config.optimizer)
+    state = {"params": setup.client_params, "opt_state": state["opt_state"]}
+    batches = packing.round_batches(setup.train, 1, config.federation.batch_size, config.seed, 0)
+    one = jax.tree.map(lambda x: x[0], batches)  # [1 step, B, ...]
+    compiled = jax.jit(update).lower(setup.base_params, state, one, jax.random.key(0), 0).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"])
+
+
+def profile_step(setup, repeats: int = 3, top: int = 12) -> dict:
+    """Where one client's training step spends its time: forward alone, the gradient to the
+    adapters, and the largest XLA ops of that gradient in a profiler trace."""
+    import collections
+    import glob
+    import gzip
+    import tempfile
+
+    import jax
+
+    from celora_jax.data import packing
+    from celora_jax.federated import client as client_lib
+
+    batches = packing.round_batches(setup.train, 1, setup.config.federation.batch_size, setup.config.seed, 0)
+    batch = jax.tree.map(lambda x: x[0, 0], batches)
+    full = client_lib.full_params(setup.base_params, setup.client_params)
+
+    def loss(full, lora):
+        return client_lib.task_loss(setup.logits_fn(full, lora, batch, None), batch)[0]
+
+    forward = jax.jit(loss)
+    gradient = jax.jit(jax.grad(loss, argnums=1))
+    lora = setup.client_params["lora"]
+    timings = {}
+    for name, fn in (("forward_s", forward), ("gradient_to_adapters_s", gradient)):
+        jax.block_until_ready(fn(full, lora))
+        timings[name] = min(_timed(lambda: jax.block_until_ready(fn(full, lora))) for _ in range(repeats))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(repeats):
+                jax.block_until_ready(gradient(full, lora))
+        path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[-1]
+        events = json.load(gzip.open(path))["traceEvents"]
+    totals = collections.Counter()
+    for event in events:
+        name = event.get("name", "")
+        if event.get("ph") == "X" and "dur" in event and ("fusion" in name or name.startswith(("dot", "copy"))):
+            totals[name] += event.get("dur", 0)
+    timings["top_ops_ms"] = {name: dur / repeats / 1000 for name, dur in totals.most_common(top)}
+    return timings
+
+
+def peak_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.dot)
+    matmul(a, b).block_until_ready()
+    best = min(_timed(lambda: matmul(a, b).block_until_ready()) for _ in range(repeats))
+    return 2 * size ** 3 / best
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (after a warm-up)")
+    parser.add_argument("--smoke", action="store_true", help="2 clients, 1 step of 4 x 16 tokens")
+    parser.add_argument("--skip-pytorch", action="store_true")
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    import jax
+
+    from celora_jax.federated import engine
+
+    rounds = 1 if args.smoke else args.rounds
+    setup = engine.prepare(_config(SMOKE if args.smoke else [], rounds + 2))
+    fed = setup.config.federation
+    examples_per_round = setup.num_clients * setup.local_steps * fed.batch_size
+    results = {}
+    timings = {"engine": lambda: time_engine(setup),
+               "jax_loop": lambda: time_jax_loop(setup, rounds + 1)}
+    if not args.skip_pytorch:
+        timings["pytorch"] = lambda: time_pytorch(setup, rounds, os.cpu_count() or 1)
+    for name, measure in timings.items():
+        seconds = measure()
+        median = statistics.median(seconds)
+        results[name] = {"round_seconds": seconds, "median_round_s": median,
+                         "examples_per_s": examples_per_round / median}
+        print(f"{name}: {median:.2f} s per round, {examples_per_round / median:.1f} examples/s", flush=True)
+    ratios = {f"engine_vs_{name}": results[name]["median_round_s"] / results["engine"]["median_round_s"]
+              for name in results if name != "engine"}
+    flops = step_flops(setup)
+    step_seconds = results["engine"]["median_round_s"] / (setup.num_clients * setup.local_steps)
+    peak = peak_matmul_flops(512 if args.smoke else 2048)
+    achieved = flops / step_seconds
+    profile = profile_step(setup)
+    report = {
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                    "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()},
+        "settings": {"preset": "default" + (" (smoke)" if args.smoke else ""), "clients": setup.num_clients,
+                     "local_steps": setup.local_steps, "batch_size": fed.batch_size,
+                     "max_length": setup.config.model.max_length, "rank": setup.adapter_config.rank,
+                     "dtype": setup.config.model.dtype, "timed_rounds": rounds},
+        "variants": results,
+        "ratios": ratios,
+        "flops_per_client_step": flops,
+        "engine_seconds_per_client_step": step_seconds,
+        "achieved_flops_per_s": achieved,
+        "peak_matmul_flops_per_s": peak,
+        "fraction_of_peak": achieved / peak,
+        "profile_one_client_step": profile,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({"ratios": ratios, "achieved_gflops": achieved / 1e9, "peak_gflops": peak / 1e9,
+                      "fraction_of_peak": achieved / peak}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
