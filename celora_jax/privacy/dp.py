@@ -7,16 +7,18 @@ clips that change to L2 norm ``clip_norm`` over all uploaded arrays together, an
 The server (similarities, learned weights, personalized mixtures) only ever sees noised
 uploads, so everything it does is post-processing and costs no extra privacy.
 
-Privacy unit and accounting: one client's whole local dataset. Replacing it by one that
-makes the client send no change moves the clipped update by at most ``clip_norm``, so one
-round is a Gaussian mechanism of noise multiplier σ = ``noise_multiplier``, and ``rounds``
-rounds compose to (ε, δ) computed by the maintained ``dp-accounting`` library. The
-privacy losses of Gaussian mechanisms add up exactly: ``T`` rounds of multiplier σ are one
-Gaussian mechanism of multiplier σ/√T, whose ε the library computes analytically (Balle &
-Wang 2018; the default, exact). Its privacy-loss-distribution and Rényi accountants are
-options (they give the same ε, resp. a looser one, and also cover sampled mechanisms). No amplification by client sampling is
-claimed (a client is counted in every round), so the ε is an upper bound when
-``federation.participation`` < 1.
+Privacy unit and accounting: one client's whole local dataset, with add/remove adjacency
+(as in DP-FedAvg): replacing the dataset by one that makes the client send no change moves
+the clipped update by at most ``clip_norm``, so one round is a Gaussian mechanism of noise
+multiplier σ = ``noise_multiplier``. (Replacing it by an arbitrary other dataset can move
+the update by ``2 · clip_norm``: that guarantee is the one of multiplier σ/2.) ``rounds``
+rounds compose to (ε, δ) computed by the maintained ``dp-accounting`` library. The privacy
+losses of Gaussian mechanisms add up exactly: ``T`` rounds of multiplier σ are one Gaussian
+mechanism of multiplier σ/√T, whose ε the library computes analytically (Balle & Wang 2018;
+the default, exact). Its privacy-loss-distribution and Rényi accountants are options (they
+give the same ε, resp. a looser one, and also cover sampled mechanisms). No amplification
+by client sampling is claimed (a client is counted in every round), so the ε is an upper
+bound when ``federation.participation`` < 1.
 
 Not covered: the one-time data statistic of CE-LoRA's personalized aggregation (the
 per-class Gaussian mixtures of METHOD.md §3) is sent without noise. Set
