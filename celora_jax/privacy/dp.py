@@ -192,6 +192,9 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float, accountant: str 
     return float(ledger.get_epsilon(delta))
 
 
+# Cached: the engine resolves the run's multiplier when it builds the round step and again
+# for the round records; with the numerical accountants a calibration is a search.
+@functools.lru_cache(maxsize=64)
 def noise_multiplier_for(target_epsilon: float, rounds: int, delta: float,
                          accountant: str = "analytic") -> float:
     """The smallest noise multiplier whose ``rounds`` rounds stay within (target_epsilon, δ).
