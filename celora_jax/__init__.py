@@ -24,6 +24,7 @@ from celora_jax.adapters import (
     adapted_linear,
     adapter_delta,
     adapter_output,
+    core_share,
     init_adapters,
     merge_adapters,
     merge_kernel,
@@ -44,7 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # adapters
-    "AdapterConfig", "AdapterConfigError", "adapted_linear", "adapter_delta", "adapter_output",
+    "AdapterConfig", "AdapterConfigError", "adapted_linear", "adapter_delta", "adapter_output", "core_share",
     "init_adapters", "merge_adapters", "merge_kernel", "stack_cores", "to_two_factor",
     "unstack_cores", "adapt",
     # CE-LoRA server kernel

@@ -404,3 +404,45 @@ def unstack_cores(adapters: Params, cores: Array) -> dict:
     for index, module_path in enumerate(sorted(modules)):
         flat[module_path + ("C",)] = cores[..., index, :, :]
     return traverse_util.unflatten_dict(flat)
+
+
+def core_share(adapters: Params) -> Array:
+    """The part of each tri-matrix update that the core's departure from identity carries.
+
+    For one adapter this is ``‖A (C − I) B‖_F / ‖A C B‖_F``: 0 when the core is still the
+    identity (so mixing cores across clients changes nothing), about 1 or more when the
+    shared core dominates the update. Since only cores travel in CE-LoRA, it measures how
+    much of what a client learned can reach the others. Computed from r × r Gram matrices
+    (``‖A M B‖²_F = tr(Mᵀ AᵀA M BBᵀ)``), never forming the dense d_in × d_out update.
+
+    Args:
+      adapters: tri-matrix adapters, possibly with leading axes (e.g. clients) on every factor.
+
+    Returns:
+      ``[..., L]`` with layers in sorted path order (as :func:`stack_cores`); 0 where the
+      update itself is zero (e.g. B = 0 before training).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from celora_jax import core_share
+      >>> adapter = {"A": jnp.eye(2), "C": 2 * jnp.eye(2), "B": jnp.eye(2)}
+      >>> core_share({"q": adapter})  # A (C - I) B = I, A C B = 2 I
+      Array([0.5], dtype=float32)
+    """
+    modules = adapter_modules(adapters)
+    _stacked_core_shape("core_share", modules)
+
+    def squared_norm(a, core, b):
+        gram_a = jnp.swapaxes(a, -1, -2) @ a
+        gram_b = b @ jnp.swapaxes(b, -1, -2)
+        return jnp.sum((jnp.swapaxes(core, -1, -2) @ gram_a @ core) * gram_b, axis=(-2, -1))
+
+    shares = []
+    for path in sorted(modules):
+        a, core, b = modules[path]["A"], modules[path]["C"], modules[path]["B"]
+        eye = jnp.eye(core.shape[-1], dtype=core.dtype)
+        full = squared_norm(a, core, b)
+        departed = squared_norm(a, core - eye, b)
+        shares.append(jnp.where(full > 0, jnp.sqrt(jnp.maximum(departed, 0.0) / jnp.where(full > 0, full, 1.0)),
+                                0.0))
+    return jnp.stack(shares, axis=-1)

@@ -79,11 +79,26 @@ def _study_runs(study: str) -> Iterator[tuple[str, list[str]]]:
         for method in ("celora", "fedavg_lora"):
             for rank in (4, 8, 16):
                 yield f"rank{rank}/{method}", [f"federation.method='{method}'", f"adapter.rank={rank}"]
+    elif study == "diagnose":
+        # Why do CE-LoRA, its plain average and local training tie? The paper's alpha (1.0),
+        # the learning rate and A's init scale (1e-3 as the authors; 0.03 ~ PEFT's kaiming A).
+        for setting, overrides in DIAGNOSE_SETTINGS.items():
+            for method in ("local", "celora_avg", "celora", "fedavg_lora"):
+                yield f"{setting}/{method}", SPLITS["alpha1.0"] + overrides + [f"federation.method='{method}'"]
+            # lambda -> 0 puts all weight on the client itself: tri-matrix adapters, no mixing.
+            yield f"{setting}/celora_self", SPLITS["alpha1.0"] + overrides + [
+                "federation.method='celora'", "aggregation.lam=1e-6"]
     else:
         raise ValueError(f"unknown study {study!r}; choose one of {STUDIES} or 'all'")
 
 
-STUDIES = ("main", "ablation_beta", "ablation_lambda", "ablation_rank")
+DIAGNOSE_SETTINGS = {
+    "lr1e-3_a1e-3": ["optimizer.learning_rate=1e-3", "adapter.a_init_std=1e-3"],
+    "lr5e-3_a1e-3": ["optimizer.learning_rate=5e-3", "adapter.a_init_std=1e-3"],
+    "lr1e-3_a3e-2": ["optimizer.learning_rate=1e-3", "adapter.a_init_std=3e-2"],
+}
+
+STUDIES = ("main", "ablation_beta", "ablation_lambda", "ablation_rank", "diagnose")
 
 
 def grid(study: str, seeds: list[int], smoke: bool, overrides: list[str]) -> list[tuple[str, RunConfig]]:

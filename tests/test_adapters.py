@@ -119,6 +119,30 @@ def test_stack_and_unstack_cores_round_trip_with_client_axis():
     np.testing.assert_array_equal(back["encoder"]["layer_1"]["dense"]["C"][1], 6 * np.eye(3))
 
 
+def test_core_share_matches_dense_numpy_norms_with_client_axis():
+    keys = jax.random.split(jax.random.key(3), 2)
+    tree = {"q": _random_adapter(keys[0], 12, 10, 4), "v": _random_adapter(keys[1], 10, 6, 4)}
+    clients = jax.tree.map(lambda x: jnp.stack([x, 0.5 * x, -x]), tree)
+    share = adapters.core_share(clients)
+    chex.assert_shape(share, (3, 2))
+    for c in range(3):
+        for index, name in enumerate(sorted(tree)):
+            a, core, b = (np.asarray(clients[name][k][c], np.float64) for k in "ACB")
+            expected = (np.linalg.norm(a @ (core - np.eye(4)) @ b) / np.linalg.norm(a @ core @ b))
+            np.testing.assert_allclose(share[c, index], expected, rtol=1e-4)
+
+
+def test_core_share_is_zero_at_init_and_for_identity_cores():
+    params = _base_params(jax.random.key(0))
+    tree = adapters.init_adapters(jax.random.key(1), params, adapters.AdapterConfig(rank=3, target="encoder"))
+    np.testing.assert_array_equal(adapters.core_share(tree), 0.0)  # B = 0: no update yet
+    trained = jax.tree.map(lambda x: x, tree)
+    trained["encoder"]["layer_0"]["dense"]["B"] = jnp.ones((3, 10))
+    np.testing.assert_array_equal(adapters.core_share(trained), 0.0)  # C = I carries nothing
+    with pytest.raises(ValueError, match="core_share.*no core"):
+        adapters.core_share({"q": {"A": jnp.ones((4, 2)), "B": jnp.ones((2, 4))}})
+
+
 def test_scale_is_alpha_over_rank():
     assert adapters.AdapterConfig(rank=8).scale == 1.0
     assert adapters.AdapterConfig(rank=8, alpha=16).scale == 2.0

@@ -38,6 +38,11 @@ def test_every_method_runs_and_counts_bytes(tiny_model_dir, method, tmp_path):
         assert final["bytes_round"] == 2 * 5 * final["bytes_up_per_client"] > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["method"] == method
+    if methods.METHODS[method].adapter_kind == "tri":  # trained cores have left the identity
+        assert len(final["core_share"]) == 5 and all(0 < s < 10 for s in final["core_share"])
+        assert summary["core_share_mean"] == pytest.approx(np.mean(final["core_share"]))
+    else:
+        assert "core_share" not in final and "core_share_mean" not in summary
 
 
 def test_fedavg_gives_every_client_the_same_shared_factors(tiny_model_dir):

