@@ -61,7 +61,11 @@ class FederationConfig:
       eval_batch_size: chunk size of evaluation forward passes.
       share_base: also average the client-trained base parameters (LayerNorms, head);
         personal under every method by default (METHOD.md §6).
-      num_devices: devices on the ``clients`` mesh axis (None: all visible devices).
+      num_devices: devices of the mesh (None: all visible devices).
+      data_parallel: devices that share one client, its training batch split over them (the
+        ``data`` mesh axis; the ``clients`` axis gets num_devices / data_parallel). 1 trains
+        whole clients per device; raise it when one client's batch outgrows a chip. Must
+        divide num_devices (and the devices of each host) and batch_size.
       participation: fraction of clients sampled each round (at least one).
       client_dropout: probability that a sampled client drops out before reporting. Absent
         clients keep their personal state and are left out of aggregation (no recompile).
@@ -82,6 +86,7 @@ class FederationConfig:
     eval_batch_size: int = 64
     share_base: bool = False
     num_devices: int | None = None
+    data_parallel: int = 1
     participation: float = 1.0
     client_dropout: float = 0.0
     outlier_factor: float = 10.0
@@ -102,6 +107,12 @@ class FederationConfig:
             raise ValueError(f"federation.outlier_factor must be >= 0, got {self.outlier_factor}")
         if self.client_block is not None and self.client_block < 1:
             raise ValueError(f"federation.client_block must be at least 1 or None, got {self.client_block}")
+        if self.data_parallel < 1 or self.batch_size % self.data_parallel:
+            raise ValueError(f"federation.data_parallel must be >= 1 and divide batch_size={self.batch_size}, "
+                             f"got {self.data_parallel}")
+        if self.num_devices is not None and self.num_devices % self.data_parallel:
+            raise ValueError(f"federation.data_parallel={self.data_parallel} must divide "
+                             f"num_devices={self.num_devices}")
         if self.local_steps is not None and self.local_steps < 1:
             raise ValueError(f"federation.local_steps must be at least 1 or None, got {self.local_steps}")
 

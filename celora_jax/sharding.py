@@ -1,8 +1,12 @@
-"""Where arrays live: a device mesh whose ``clients`` axis spans the devices.
+"""Where arrays live: a 2-D device mesh ``clients x data``.
 
 Client-stacked pytrees (adapters, optimizer states, batches, masks) are split along their
-leading client axis; the frozen base model and the server state are replicated. This is
-decided here, once, at the jit boundary of the round step; models know nothing of it.
+leading client axis over the ``clients`` mesh axis; the frozen base model and the server
+state are replicated. With a ``data`` axis of size D > 1, each client's training batch is
+split over D devices as well (data parallelism inside one client: XLA all-reduces its
+gradients over that axis), for clients whose batches are too large for one chip; its
+parameters are replicated over those D devices. D = 1 (the default) is the 1-D client mesh.
+This is decided here, once, at the jit boundary of the round step; models know nothing of it.
 
 Several processes (``jax.distributed.initialize``: TPU pod hosts, GPU hosts, or CPU
 processes with gloo collectives) share one mesh over all their devices. Each process then
@@ -21,16 +25,30 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 CLIENTS = "clients"
+DATA = "data"
 
 
-def client_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh over the first ``num_devices`` devices (all devices if None)."""
+def client_mesh(num_devices: int | None = None, data_parallel: int = 1) -> Mesh:
+    """A ``(num_devices / data_parallel) x data_parallel`` mesh with axes (clients, data)
+    over the first ``num_devices`` devices (all devices if None).
+
+    Consecutive devices share a client, so with several processes (devices listed process
+    by process) a client's data-parallel group stays inside one host when ``data_parallel``
+    divides the devices per process, which is required.
+    """
     devices = jax.devices()
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
             raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are visible")
         devices = devices[:num_devices]
-    return Mesh(np.asarray(devices), (CLIENTS,))
+    if data_parallel < 1 or len(devices) % data_parallel:
+        raise ValueError(f"data_parallel={data_parallel} must be >= 1 and divide the {len(devices)} devices")
+    per_process = jax.local_device_count()
+    if jax.process_count() > 1 and per_process % data_parallel:
+        raise ValueError(f"data_parallel={data_parallel} must divide the {per_process} devices of each process "
+                         f"(a client's data-parallel group stays on one host)")
+    grid = np.asarray(devices).reshape(len(devices) // data_parallel, data_parallel)
+    return Mesh(grid, (CLIENTS, DATA))
 
 
 def client_block_size(block: int | None, mesh: Mesh) -> int | None:
@@ -55,8 +73,14 @@ def padded_client_count(num_clients: int, mesh: Mesh, block: int | None = None) 
 
 
 def clients_sharding(mesh: Mesh) -> NamedSharding:
-    """Split along the leading (client) axis."""
+    """Split along the leading (client) axis, replicated over the data axis."""
     return NamedSharding(mesh, P(CLIENTS))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Training batches ``[clients, steps, batch, ...]``: clients over the clients axis,
+    the examples of each batch over the data axis."""
+    return NamedSharding(mesh, P(CLIENTS, None, DATA))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -78,10 +102,11 @@ def local_client_rows(mesh: Mesh, total: int) -> tuple[int, int]:
     return ranges[0][0], ranges[-1][1]
 
 
-def put_clients(tree: Any, mesh: Mesh) -> Any:
-    """Places a host tree with a leading client axis, split over the mesh. With several
-    processes each sends only its own rows (the other rows are never read)."""
-    sharding = clients_sharding(mesh)
+def put_clients(tree: Any, mesh: Mesh, sharding: NamedSharding | None = None) -> Any:
+    """Places a host tree with a leading client axis, split over the mesh
+    (``clients_sharding`` unless ``sharding`` is given, e.g. :func:`batch_sharding`). With
+    several processes each sends only its own rows (the other rows are never read)."""
+    sharding = clients_sharding(mesh) if sharding is None else sharding
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
 

@@ -63,7 +63,7 @@ INSTRUCT_SMOKE = dataclasses.replace(
 
 # A pod-sized job (tpu/README.md): SmolLM2 instruction tuning with 2048 clients of 8 chats
 # each (the shipped reviews hold 33,530 texts), trained 256 clients at a time per block,
-# bfloat16 compute. Launch it on every host with `python tpu/pod.py run`; any local HF
+# bfloat16 compute, on a clients x data mesh: each client's batch is split over 2 chips. Launch it on every host with `python tpu/pod.py run`; any local HF
 # Llama directory works through --set model.path=... .
 POD = RunConfig(
     name="pod",
@@ -71,7 +71,7 @@ POD = RunConfig(
     partition=PartitionConfig(scheme="dirichlet_source", num_clients=2048, alpha=0.5,
                               train_examples=8, test_examples=4, global_test_examples=64),
     federation=FederationConfig(method="celora", rounds=20, batch_size=8, local_steps=4, eval_every=5,
-                                eval_batch_size=16, client_block=256),
+                                eval_batch_size=16, client_block=256, data_parallel=2),
 )
 
 PRESETS: dict[str, RunConfig] = {"default": DEFAULT, "smoke": SMOKE, "instruct": INSTRUCT,

@@ -73,11 +73,16 @@ _EIGHT_DEVICES = textwrap.dedent("""
     ("fedavg_lora", []),
     # 10 clients padded to 16 and trained in two strided blocks of 8, each spanning all devices.
     ("celora", ["partition.num_clients=10", "federation.client_block=8"]),
+    # clients x data mesh: 4 client groups of 2 devices, each client's batch of 8 split in two,
+    # 10 clients padded to 12 and trained in three blocks of 4.
+    ("celora", ["partition.num_clients=10", "federation.client_block=4", "federation.data_parallel=2"]),
+    # all 8 devices on one client at a time: one example of each batch per device.
+    ("fedavg_lora", ["federation.data_parallel=8"]),
 ])
 def test_one_device_and_eight_devices_give_the_same_run(tiny_model_dir, tmp_path, method, overrides):
     """Clients padded to a multiple of 8 on an 8-device mesh equal the same clients on one
     device, all trained at once."""
-    single = [o for o in overrides if not o.startswith("federation.client_block")]
+    single = [o for o in overrides if not o.startswith(("federation.client_block", "federation.data_parallel"))]
     one = engine.run(apply_overrides(tiny_config(tiny_model_dir, method, num_devices=1), single))
     out = str(tmp_path / "eight.npz")
     script = _EIGHT_DEVICES.format(root=str(ROOT), tests=str(ROOT / "tests"), model=str(tiny_model_dir),

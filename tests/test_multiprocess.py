@@ -43,14 +43,18 @@ def _history(root, method):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("data_parallel", [1, 2])
+def test_two_processes_equal_one_process(tiny_model_dir, tmp_path, data_parallel):
+    """With data_parallel=2 the mesh is 4 client groups x 2 devices: each client's batch is
+    split over two devices of one process."""
+    mesh = ["--set", f"federation.data_parallel={data_parallel}"]
     single = tmp_path / "single"
-    subprocess.run(_command(tiny_model_dir, single), env=_env(8), cwd=ROOT, check=True, timeout=900)
+    subprocess.run(_command(tiny_model_dir, single, *mesh), env=_env(8), cwd=ROOT, check=True, timeout=900)
 
     multi = tmp_path / "multi"
     port = _free_port()
     logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]
-    processes = [subprocess.Popen(_command(tiny_model_dir, multi, "--coordinator", f"127.0.0.1:{port}",
+    processes = [subprocess.Popen(_command(tiny_model_dir, multi, *mesh, "--coordinator", f"127.0.0.1:{port}",
                                            "--num-processes", "2", "--process-id", str(i)),
                                   env=_env(4), cwd=ROOT, stdout=logs[i], stderr=subprocess.STDOUT)
                  for i in range(2)]
@@ -63,8 +67,8 @@ def test_two_processes_equal_one_process(tiny_model_dir, tmp_path):
     assert codes == [0, 0], output
     for method in METHODS:
         summaries = [json.loads((root / "smoke" / method / "summary.json").read_text()) for root in (single, multi)]
-        assert [(s["processes"], s["devices"], s["local_clients"]) for s in summaries] == [(1, 8, [0, 6]),
-                                                                                          (2, 8, [0, 4])]
+        assert [(s["processes"], s["devices"], s["data_parallel"], s["local_clients"]) for s in summaries] == [
+            (1, 8, data_parallel, [0, 6]), (2, 8, data_parallel, [0, 4])]
         expected, got = _history(single, method), _history(multi, method)
         assert len(got) == len(expected) == 3
         for a, b in zip(expected, got):

@@ -29,9 +29,10 @@ def test_run_dry_run_validates_the_mesh_and_prints_the_launch(movie_reviews_csv)
                     "--set", "partition.num_clients=1000")
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "slice: 4 hosts x 4 chips = 16 devices; mesh clients=16" in out
-    # 1000 clients, blocks of 256 -> padded to 1024 = 64 per device, 256 per host.
-    assert "clients: 1000 real, padded to 1024 (64 per device); block: 256" in out
+    # The pod preset splits each client's batch over 2 chips: 8 client groups x 2.
+    assert "slice: 4 hosts x 4 chips = 16 devices; mesh clients=8 x data=2" in out
+    # 1000 clients, blocks of 256 -> padded to 1024 = 128 per client group, 256 per host.
+    assert "clients: 1000 real, padded to 1024 (128 per client group); block: 256" in out
     assert "host 3: clients 768..999 (232 real)" in out
     launch = [line for line in out.splitlines() if line.startswith("gcloud")]
     assert len(launch) == 1
@@ -54,6 +55,8 @@ def test_other_commands_print_gcloud():
     (["run", "--accelerator", "v4-32", "--set", "checkpoint.every=1"], "checkpoints are not supported"),
     (["run", "--accelerator", "v4-32", "--set", "federation.num_devices=6"], "multiple of the 4 chips"),
     (["run", "--accelerator", "v4-32", "--methods", "fedprox"], "unknown method"),
+    (["run", "--accelerator", "v4-32", "--set", "federation.data_parallel=8"], "stays on one host"),
+    (["run", "--accelerator", "v4-32", "--set", "federation.data_parallel=3"], "divide batch_size=8"),
     (["create", "--accelerator", "v9-3"], "unknown accelerator type"),
 ])
 def test_dry_run_rejects_bad_plans(args, message, movie_reviews_csv):

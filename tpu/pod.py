@@ -99,8 +99,11 @@ def validate(args, hosts: int, chips_per_host: int) -> str:
     if hosts > 1 and config.checkpoint.every > 0:
         raise ValueError("checkpoints are not supported with several processes yet: set checkpoint.every=0")
     fed, part = config.federation, config.partition
-    mesh = sharding.client_mesh(fed.num_devices)
-    used = mesh.shape[sharding.CLIENTS]
+    if chips_per_host % fed.data_parallel:
+        raise ValueError(f"federation.data_parallel={fed.data_parallel} must divide the {chips_per_host} chips "
+                         "per host: a client's data-parallel group stays on one host")
+    mesh = sharding.client_mesh(fed.num_devices, fed.data_parallel)
+    used, groups = mesh.devices.size, mesh.shape[sharding.CLIENTS]
     if used % chips_per_host:
         raise ValueError(f"federation.num_devices={used} must be a multiple of the {chips_per_host} chips "
                          "per host: every host takes part in the mesh")
@@ -108,14 +111,17 @@ def validate(args, hosts: int, chips_per_host: int) -> str:
     partition(dataset.labels, part, dataset.groups)  # raises if the data cannot be split so
     total = sharding.padded_client_count(part.num_clients, mesh, fed.client_block)
     block = sharding.client_block_size(fed.client_block, mesh)
-    per_device = total // used
-    lines = [f"slice: {hosts} hosts x {chips_per_host} chips = {devices} devices; mesh clients={used}",
-             f"clients: {part.num_clients} real, padded to {total} ({per_device} per device); "
+    per_group = total // groups
+    groups_per_host = chips_per_host // fed.data_parallel
+    lines = [f"slice: {hosts} hosts x {chips_per_host} chips = {devices} devices; "
+             f"mesh clients={groups} x data={fed.data_parallel} "
+             f"(each client's batch of {fed.batch_size} split over {fed.data_parallel} chips)",
+             f"clients: {part.num_clients} real, padded to {total} ({per_group} per client group); "
              f"block: {block or 'all at once'}; rounds: {fed.rounds}; model: {config.model.architecture} "
              f"{config.model.path or '(shipped default)'}; dtype {config.model.dtype}"]
     for host in range(used // chips_per_host):
-        start = host * chips_per_host * per_device
-        stop = min(start + chips_per_host * per_device, part.num_clients)
+        start = host * groups_per_host * per_group
+        stop = min(start + groups_per_host * per_group, part.num_clients)
         lines.append(f"  host {host}: clients {start}..{max(start, stop) - 1} "
                      f"({max(stop - start, 0)} real) loaded and trained here")
     return "\n".join(lines)

@@ -86,7 +86,7 @@ def split_base_params(params: dict, trainable_regex: str) -> tuple[dict, dict]:
 def local_clients(config: RunConfig) -> tuple[int, int]:
     """The real clients ``[start, stop)`` whose rows live on this process's devices."""
     fed = config.federation
-    mesh = sharding.client_mesh(fed.num_devices)
+    mesh = sharding.client_mesh(fed.num_devices, fed.data_parallel)
     total = sharding.padded_client_count(config.partition.num_clients, mesh, fed.client_block)
     start, stop = sharding.local_client_rows(mesh, total)
     num_clients = config.partition.num_clients
@@ -350,9 +350,10 @@ def build_round_step(setup: FederatedSetup, strategy: strategies.Strategy, mesh)
         return _where_clients(accepted, new_state, client_state), server_state, metrics, logs
 
     clients, replicated = sharding.clients_sharding(mesh), sharding.replicated(mesh)
+    batch = sharding.batch_sharding(mesh)
     return jax.jit(
         round_step,
-        in_shardings=(replicated, clients, replicated, clients, clients, clients, replicated, replicated),
+        in_shardings=(replicated, clients, replicated, batch, clients, clients, replicated, replicated),
         out_shardings=(clients, replicated, clients, replicated),
         donate_argnums=(1,))
 
@@ -394,7 +395,7 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
     the remaining rounds run (the first yielded record tells which round that is).
     """
     config, fed = setup.config, setup.config.federation
-    mesh = sharding.client_mesh(fed.num_devices)
+    mesh = sharding.client_mesh(fed.num_devices, fed.data_parallel)
     n, n_pad = setup.num_clients, sharding.padded_client_count(setup.num_clients, mesh, fed.client_block)
     strategy = make_strategy(setup)
     round_step = build_round_step(setup, strategy, mesh)
@@ -439,7 +440,7 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
         started = time.perf_counter()
         batches = packing.round_batches(padded_train, setup.local_steps, fed.batch_size,
                                         config.seed, round_index)
-        batches = sharding.put_clients(batches, mesh)
+        batches = sharding.put_clients(batches, mesh, sharding.batch_sharding(mesh))
         mask_np = np.zeros(n_pad, bool)
         mask_np[:n] = reporting_clients(n, fed.participation, fed.client_dropout, config.seed, round_index)
         mask = sharding.put_clients(mask_np, mesh)
@@ -530,6 +531,7 @@ def summarize(history: list[dict], setup: FederatedSetup) -> dict:
         "seconds": float(sum(r["seconds"] for r in history)),
         "processes": jax.process_count(),
         "devices": setup.config.federation.num_devices or jax.device_count(),
+        "data_parallel": setup.config.federation.data_parallel,
         # The clients whose data this process loaded (process 0's share with several).
         "local_clients": list(setup.local_range),
     }
