@@ -3,14 +3,20 @@
 A checkpoint at step t holds the state *after* round t:
 
   clients:  every real client's parameters and optimizer state, ``[N, ...]`` (mesh padding
-            removed, so a run can resume on a different number of devices);
+            removed, so a run can resume on a different number of devices). Runs over
+            several processes save the padded, sharded arrays instead: each process writes
+            its own clients' shards (no gather onto one host), and a resume with the same
+            layout reads each process's shards straight back; any other layout (one process,
+            another device count) reads the whole arrays and drops the padding;
   server:   the strategy's state (restored when its shapes still fit, see ``restore``);
   meta:     JSON with the round, cumulative bytes and the per-round metrics so far.
 
 Everything else a round needs (PRNG keys, batch order, client sampling) is a pure function
 of (seed, round), so restoring this state and replaying the remaining rounds reproduces an
 uninterrupted run bit for bit. Orbax writes each step to a temporary directory and renames
-it when complete, so a run killed mid-save leaves the previous checkpoint intact.
+it when complete, so a run killed mid-save leaves the previous checkpoint intact. With
+several processes the directory must be one that every process sees (a ``gs://`` bucket,
+NFS): every process takes part in each save and restore.
 """
 
 from __future__ import annotations
@@ -22,15 +28,22 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 logger = logging.getLogger(__name__)
 
 
+def _path(directory: str | pathlib.Path) -> epath.Path:
+    """Local paths made absolute; ``gs://`` and other remote paths as they are."""
+    directory = str(directory)
+    return epath.Path(directory) if "://" in directory else epath.Path(pathlib.Path(directory).absolute())
+
+
 def manager(directory: str | pathlib.Path, keep: int = 2) -> ocp.CheckpointManager:
-    """A checkpoint manager for ``directory`` keeping the last ``keep`` steps."""
+    """A checkpoint manager for ``directory`` (local or ``gs://``) keeping the last ``keep`` steps."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
-    directory = pathlib.Path(directory).absolute()
+    directory = _path(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=False)
     return ocp.CheckpointManager(directory, options=options)
@@ -50,15 +63,23 @@ def _named_shapes(tree: Any) -> dict[str, list[int]]:
 
 
 def has_checkpoints(directory: str | pathlib.Path) -> bool:
-    directory = pathlib.Path(directory)
+    directory = _path(directory)
     return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
-def save(checkpoints: ocp.CheckpointManager, step: int, clients: Any, server: Any, meta: dict) -> None:
-    """Writes the state after round ``step`` (blocking, atomic)."""
+def save(checkpoints: ocp.CheckpointManager, step: int, clients: Any, server: Any, meta: dict,
+         num_clients: int | None = None) -> None:
+    """Writes the state after round ``step`` (blocking, atomic).
+
+    ``clients`` is ``[N, ...]`` host arrays, or (several processes) the padded, sharded
+    ``[N_pad, ...]`` arrays of the run with ``num_clients`` = N real clients; every process
+    calls this then.
+    """
+    leading = {np.shape(leaf)[0] for leaf in jax.tree.leaves(clients)}
     items = {"clients": ocp.args.StandardSave(clients),
              "meta": ocp.args.JsonSave({**meta, "server_shapes": _shapes(server),
-                                        "client_shapes": _named_shapes(clients)})}
+                                        "client_shapes": _named_shapes(clients),
+                                        "num_clients": num_clients or (leading.pop() if leading else 0)})}
     if jax.tree.leaves(server):  # orbax stores no empty trees; stateless strategies have {}
         items["server"] = ocp.args.StandardSave(server)
     checkpoints.save(step, args=ocp.args.Composite(**items))
@@ -66,18 +87,25 @@ def save(checkpoints: ocp.CheckpointManager, step: int, clients: Any, server: An
 
 
 def _abstract(tree: Any) -> Any:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=device), tree)
+    """Restore targets: each leaf's own sharding if it has one, else this process's first device."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                                       sharding=getattr(x, "sharding", None) or device), tree)
 
 
 def restore(checkpoints: ocp.CheckpointManager, clients_like: Any, server_like: Any,
-            step: int | None = None) -> tuple[int, Any, Any | None, dict] | None:
+            step: int | None = None, padded_clients_like: Any = None) -> tuple[int, Any, Any | None, dict] | None:
     """The latest (or given) checkpoint as ``(step, clients, server, meta)``; None if none.
 
-    ``clients_like``/``server_like`` give the expected structure, shapes and dtypes. The
-    server state is returned as None when its saved shapes differ from ``server_like``
-    (e.g. resumed on another device count, which changes the mesh padding); strategies
-    whose state is a function of the setup are then simply re-initialized.
+    ``clients_like`` gives the expected structure, shapes ``[N, ...]`` and dtypes of the real
+    clients' state (arrays or ``jax.ShapeDtypeStruct``), ``server_like`` the server state's
+    (a leaf's sharding, if any, is where it is restored to). ``padded_clients_like``
+    (several processes) is this run's padded, sharded client state as ``ShapeDtypeStruct``
+    with shardings: a checkpoint saved in exactly that layout is read into it shard by
+    shard and returned padded; otherwise the clients come back as ``[N, ...]``. The server
+    state is returned as None when its saved shapes differ from ``server_like`` (e.g.
+    resumed on another device count, which changes the mesh padding); strategies whose
+    state is a function of the setup are then simply re-initialized.
     """
     step = checkpoints.latest_step() if step is None else step
     if step is None:
@@ -91,13 +119,24 @@ def restore(checkpoints: ocp.CheckpointManager, clients_like: Any, server_like: 
         raise CheckpointError(f"{where} has no celora-jax metadata")
     expected = _named_shapes(clients_like)
     saved = meta.pop("client_shapes")
-    if saved != expected:
-        differing = sorted(set(saved) ^ set(expected)) or sorted(k for k in saved if saved[k] != expected[k])
+    saved_leading = {shape[0] for shape in saved.values() if shape}
+    real = meta.pop("num_clients", saved_leading.pop() if len(saved_leading) == 1 else 0)
+    saved_real = {name: [real, *shape[1:]] for name, shape in saved.items()}  # padding aside
+    if saved_real != expected:
+        differing = (sorted(set(saved_real) ^ set(expected))
+                     or sorted(k for k in saved_real if saved_real[k] != expected[k]))
         name = differing[0]
         raise CheckpointError(
             f"{where} was written by an incompatible config: client state {name} is "
-            f"{saved.get(name, 'absent')} there, this config expects {expected.get(name, 'absent')}")
-    args = {"clients": ocp.args.StandardRestore(_abstract(clients_like))}
+            f"{saved_real.get(name, 'absent')} there, this config expects {expected.get(name, 'absent')}")
+    as_saved = padded_clients_like is not None and _named_shapes(padded_clients_like) == saved
+    if as_saved:
+        clients_target = _abstract(padded_clients_like)
+    else:  # the whole saved arrays on this process, padding (if any) dropped below
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(clients_like)
+        clients_target = _abstract(jax.tree.unflatten(treedef, [
+            jax.ShapeDtypeStruct(tuple(saved[jax.tree_util.keystr(path)]), leaf.dtype) for path, leaf in leaves]))
+    args = {"clients": ocp.args.StandardRestore(clients_target)}
     server_fits = meta.pop("server_shapes") == _shapes(server_like)
     if server_fits and jax.tree.leaves(server_like):
         args["server"] = ocp.args.StandardRestore(_abstract(server_like))
@@ -105,7 +144,10 @@ def restore(checkpoints: ocp.CheckpointManager, clients_like: Any, server_like: 
         restored = checkpoints.restore(step, args=ocp.args.Composite(**args))
     except Exception as err:
         raise CheckpointError(f"{where} is unreadable or truncated: {type(err).__name__}: {err}") from err
+    clients = restored["clients"]
+    if not as_saved:
+        clients = jax.tree.map(lambda x: x[:real], clients)
     if not server_fits:
         logger.info("%s: server state shapes differ (other device count); re-initializing it", where)
-        return step, restored["clients"], None, meta
-    return step, restored["clients"], restored.get("server", server_like), meta
+        return step, clients, None, meta
+    return step, clients, restored.get("server", server_like), meta

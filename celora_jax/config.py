@@ -124,10 +124,14 @@ class CheckpointConfig:
     Attributes:
       every: save after every k-th round and after the last (0 disables checkpoints).
       keep: how many of the latest checkpoints to keep.
+      directory: where checkpoints go, as ``<directory>/<name>/<method>`` (local or
+        ``gs://``); None puts them in ``<output dir>/checkpoints``. Runs over several
+        processes need a directory that every process sees (a bucket, NFS).
     """
 
     every: int = 0
     keep: int = 2
+    directory: str | None = None
 
     def __post_init__(self):
         if self.every < 0 or self.keep < 1:

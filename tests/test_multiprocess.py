@@ -3,6 +3,7 @@ give the same run as one process x 8 devices."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,38 +43,79 @@ def _history(root, method):
     return [json.loads(line) for line in lines]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("data_parallel", [1, 2])
-def test_two_processes_equal_one_process(tiny_model_dir, tmp_path, data_parallel):
-    """With data_parallel=2 the mesh is 4 client groups x 2 devices: each client's batch is
-    split over two devices of one process."""
-    mesh = ["--set", f"federation.data_parallel={data_parallel}"]
-    single = tmp_path / "single"
-    subprocess.run(_command(tiny_model_dir, single, *mesh), env=_env(8), cwd=ROOT, check=True, timeout=900)
-
-    multi = tmp_path / "multi"
+def _two_processes(tmp_path, name, command):
+    """Runs ``command(coordinator flags)`` in 2 processes x 4 devices; fails with their logs."""
     port = _free_port()
-    logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]
-    processes = [subprocess.Popen(_command(tiny_model_dir, multi, *mesh, "--coordinator", f"127.0.0.1:{port}",
-                                           "--num-processes", "2", "--process-id", str(i)),
-                                  env=_env(4), cwd=ROOT, stdout=logs[i], stderr=subprocess.STDOUT)
+    logs = [tmp_path / f"{name}{i}.log" for i in range(2)]
+    processes = [subprocess.Popen(command("--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                          "--process-id", str(i)),
+                                  env=_env(4), cwd=ROOT, stdout=open(logs[i], "w"), stderr=subprocess.STDOUT)
                  for i in range(2)]
     try:
         codes = [p.wait(timeout=900) for p in processes]
     finally:
         for p in processes:
             p.kill()
-    output = [(tmp_path / f"process{i}.log").read_text()[-3000:] for i in range(2)]
-    assert codes == [0, 0], output
+    assert codes == [0, 0], [log.read_text()[-3000:] for log in logs]
+
+
+def _assert_same_rounds(expected, got, keys=("train_loss", "train_accuracy", "test_accuracy_mean",
+                                             "client_test_accuracy", "global_test_accuracy_mean", "weights",
+                                             "param_distance", "data_distance"), label=""):
+    assert [r["round"] for r in got] == [r["round"] for r in expected]
+    for a, b in zip(expected, got):
+        for key in keys:
+            if key in a:
+                np.testing.assert_allclose(b[key], a[key], atol=2e-5, err_msg=f"{label} {key}")
+        assert b["bytes_cumulative"] == a["bytes_cumulative"]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tiny_model_dir, tmp_path):
+    single = tmp_path / "single"
+    subprocess.run(_command(tiny_model_dir, single), env=_env(8), cwd=ROOT, check=True, timeout=900)
+    multi = tmp_path / "multi"
+    _two_processes(tmp_path, "process", lambda *flags: _command(tiny_model_dir, multi, *flags))
     for method in METHODS:
         summaries = [json.loads((root / "smoke" / method / "summary.json").read_text()) for root in (single, multi)]
-        assert [(s["processes"], s["devices"], s["data_parallel"], s["local_clients"]) for s in summaries] == [
-            (1, 8, data_parallel, [0, 6]), (2, 8, data_parallel, [0, 4])]
+        assert [(s["processes"], s["devices"], s["local_clients"]) for s in summaries] == [(1, 8, [0, 6]),
+                                                                                          (2, 8, [0, 4])]
         expected, got = _history(single, method), _history(multi, method)
         assert len(got) == len(expected) == 3
-        for a, b in zip(expected, got):
-            for key in ("train_loss", "train_accuracy", "test_accuracy_mean", "client_test_accuracy",
-                        "global_test_accuracy_mean", "weights", "param_distance", "data_distance"):
-                if key in a:
-                    np.testing.assert_allclose(b[key], a[key], atol=2e-5, err_msg=f"{method} {key}")
-            assert b["bytes_cumulative"] == a["bytes_cumulative"]
+        _assert_same_rounds(expected, got, label=method)
+
+
+@pytest.mark.slow
+def test_two_processes_checkpoint_and_resume_on_a_clients_x_data_mesh(tiny_model_dir, tmp_path):
+    """2 processes x 4 devices as 4 client groups x 2 (each client's batch split over two
+    devices of one process) save sharded checkpoints; a run cut after round 2 resumes with
+    2 processes (reading its shards back) and with 1 process x 8 devices (whole arrays),
+    and both finish like the uninterrupted run."""
+    extra = ["--methods", "celora", "--set", "federation.data_parallel=2", "--set", "checkpoint.every=1",
+             "--set", "checkpoint.keep=3"]
+    full = tmp_path / "full"
+    _two_processes(tmp_path, "full", lambda *flags: _command(tiny_model_dir, full, *extra, *flags))
+    method_dir = full / "smoke" / "celora"
+    assert sorted(p.name for p in (method_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2", "3"]
+    summary = json.loads((method_dir / "summary.json").read_text())
+    assert (summary["processes"], summary["data_parallel"]) == (2, 2)
+    expected = _history(full, "celora")
+
+    for name in ("cut_two", "cut_one"):  # the state of a run killed during round 3
+        shutil.copytree(full, tmp_path / name)
+        cut = tmp_path / name / "smoke" / "celora"
+        shutil.rmtree(cut / "checkpoints" / "3")
+        (cut / "summary.json").unlink()
+        lines = (cut / "metrics.jsonl").read_text().splitlines()
+        (cut / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+
+    resume = [sys.executable, "-m", "celora_jax.cli", "run", "--no-progress", "--resume"]
+    _two_processes(tmp_path, "resume", lambda *flags: resume + [str(tmp_path / "cut_two" / "smoke" / "celora"),
+                                                                *flags])
+    subprocess.run(resume + [str(tmp_path / "cut_one" / "smoke" / "celora")], env=_env(8), cwd=ROOT,
+                   check=True, timeout=900)
+    for name in ("cut_two", "cut_one"):
+        got = _history(tmp_path / name, "celora")
+        _assert_same_rounds(expected, got, label=name)
+        assert json.loads((tmp_path / name / "smoke" / "celora" / "summary.json").read_text())[
+            "processes"] == (2 if name == "cut_two" else 1)

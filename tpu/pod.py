@@ -96,8 +96,9 @@ def validate(args, hosts: int, chips_per_host: int) -> str:
     config = apply_overrides(get_preset(args.preset), args.overrides)
     for method in (args.methods.split(",") if args.methods else [config.federation.method]):
         get_method(method.strip())
-    if hosts > 1 and config.checkpoint.every > 0:
-        raise ValueError("checkpoints are not supported with several processes yet: set checkpoint.every=0")
+    if hosts > 1 and config.checkpoint.every > 0 and not config.checkpoint.directory:
+        raise ValueError("checkpoints of a multi-host run need a checkpoint.directory that every host sees: "
+                         "set checkpoint.directory='gs://<bucket>/<path>' (or a shared NFS path)")
     fed, part = config.federation, config.partition
     if chips_per_host % fed.data_parallel:
         raise ValueError(f"federation.data_parallel={fed.data_parallel} must divide the {chips_per_host} chips "
@@ -119,6 +120,10 @@ def validate(args, hosts: int, chips_per_host: int) -> str:
              f"clients: {part.num_clients} real, padded to {total} ({per_group} per client group); "
              f"block: {block or 'all at once'}; rounds: {fed.rounds}; model: {config.model.architecture} "
              f"{config.model.path or '(shipped default)'}; dtype {config.model.dtype}"]
+    if config.checkpoint.every > 0:
+        where = config.checkpoint.directory or f"{args.output_dir}/<preset>/<method>/checkpoints (host 0's disk)"
+        lines.append(f"checkpoints: every {config.checkpoint.every} rounds to {where}"
+                     + ("" if where.startswith("gs://") or hosts == 1 else "; every host must see this path"))
     for host in range(used // chips_per_host):
         start = host * groups_per_host * per_group
         stop = min(start + groups_per_host * per_group, part.num_clients)

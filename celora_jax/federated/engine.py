@@ -419,19 +419,31 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
 
     checkpoints = None
     if checkpoint_dir is not None and (config.checkpoint.every > 0 or resume):
-        if jax.process_count() > 1:
-            raise ValueError("checkpoints are not supported with several processes yet "
-                             "(set checkpoint.every=0 for multi-process runs)")
         checkpoints = checkpoint.manager(checkpoint_dir, config.checkpoint.keep)
-    unpad = lambda tree: jax.tree.map(lambda x: np.asarray(x)[:n], sharding.to_host(tree))
+    several_processes = jax.process_count() > 1
+
+    def saved_state():
+        """What a checkpoint holds: with one process the real clients on the host; with
+        several the sharded arrays as they are, each process writing its own rows."""
+        if several_processes:
+            return client_state, server_state
+        return jax.tree.map(lambda x: np.asarray(x)[:n], jax.device_get(client_state)), jax.device_get(server_state)
+
     if resume:
-        found = checkpoint.restore(checkpoints, unpad(client_state), sharding.to_host(server_state))
+        like = lambda x, rows=None: jax.ShapeDtypeStruct((rows or x.shape[0], *x.shape[1:]), x.dtype,
+                                                         sharding=None if rows else x.sharding)
+        found = checkpoint.restore(checkpoints, jax.tree.map(lambda x: like(x, n), client_state),
+                                   jax.tree.map(like, server_state),
+                                   padded_clients_like=jax.tree.map(like, client_state) if several_processes else None)
         if found is None:
             raise checkpoint.CheckpointError(f"no checkpoint to resume from in {checkpoint_dir}")
         start, clients, server, meta = found
-        client_state = sharding.put_clients(
-            jax.tree.map(lambda x: np.concatenate([x, np.zeros((n_pad - n, *x.shape[1:]), x.dtype)]), clients),
-            mesh)
+        if jax.tree.leaves(clients)[0].shape[0] == n_pad and several_processes:
+            client_state = clients  # read back shard by shard, already in place
+        else:
+            client_state = sharding.put_clients(jax.tree.map(
+                lambda x: np.concatenate([np.asarray(x), np.zeros((n_pad - n, *x.shape[1:]), x.dtype)]), clients),
+                mesh)
         if server is not None:
             server_state = sharding.put_replicated(server, mesh)
         cumulative_bytes, saved_history = meta["bytes_cumulative"], meta["history"]
@@ -493,9 +505,9 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
         saved_history.append(_scalars(record))
         every = config.checkpoint.every
         if checkpoints is not None and every > 0 and (last or (round_index + 1) % every == 0):
-            checkpoint.save(checkpoints, round_index + 1, unpad(client_state), sharding.to_host(server_state),
+            checkpoint.save(checkpoints, round_index + 1, *saved_state(),
                             {"round": round_index + 1, "bytes_cumulative": cumulative_bytes,
-                             "history": saved_history})
+                             "history": saved_history}, num_clients=n)
         record["_client_params"] = client_state["params"]
         yield record
 
@@ -543,6 +555,13 @@ def summarize(history: list[dict], setup: FederatedSetup) -> dict:
     return summary
 
 
+def checkpoint_directory(config: RunConfig, output_dir: str | pathlib.Path | None) -> str | pathlib.Path | None:
+    """``checkpoint.directory/<name>/<method>`` if set, else ``<output_dir>/checkpoints``."""
+    if config.checkpoint.directory:
+        return f"{config.checkpoint.directory.rstrip('/')}/{config.name}/{config.federation.method}"
+    return None if output_dir is None else pathlib.Path(output_dir) / "checkpoints"
+
+
 def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.Path | None = None,
         resume: bool = False) -> RunResult:
     """Prepares and runs one method.
@@ -553,24 +572,21 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
     several processes (``jax.distributed``) every process runs this and only process 0
     writes files and shows progress.
     """
-    if jax.process_count() > 1 and (resume or config.checkpoint.every > 0):
-        raise ValueError("checkpoints and resume are not supported with several processes yet "
-                         "(set checkpoint.every=0 for multi-process runs)")
     if output_dir is None and resume:
         raise ValueError("resume needs the output_dir that holds the checkpoints")
-    if output_dir is not None and not resume and checkpoint.has_checkpoints(pathlib.Path(output_dir) / "checkpoints"):
-        raise ValueError(f"{output_dir} already holds checkpoints of a run; resume it (--resume) "
+    checkpoint_dir = checkpoint_directory(config, output_dir)
+    if checkpoint_dir is not None and not resume and checkpoint.has_checkpoints(checkpoint_dir):
+        raise ValueError(f"{checkpoint_dir} already holds checkpoints of a run; resume it (--resume) "
                          "or choose another output directory")
     if jax.process_index() != 0:
-        output_dir, progress = None, False
+        output_dir, progress = None, False  # every process saves checkpoints, process 0 the rest
     setup = prepare(config)
-    out = checkpoint_dir = None
+    out = None
     history: list[dict] = []
     config_text = json.dumps(to_dict(config), indent=2, sort_keys=True)
     if output_dir is not None:
         out = pathlib.Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        checkpoint_dir = out / "checkpoints"
         metrics_path = out / "metrics.jsonl"
         if resume:
             if metrics_path.exists():
