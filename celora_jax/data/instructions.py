@@ -27,6 +27,10 @@ QUESTION = ("Is the sentiment of this movie review positive or negative? Answer 
 SENTIMENT_ANSWERS = {"0": "Negative. Verdict: skip it.", "1": "Positive. Verdict: worth watching."}
 
 
+# A vision-language question: the image comes before the chat, so there is no text slot to fill.
+IMAGE_QUESTION = "What item of clothing is this? Answer in a few words.{review}"
+
+
 def answers_for(label_names: Sequence[str]) -> list[str]:
     """The assistant's answer for every class: the sentiment verdicts for 0/1 labels, else the
     class name itself."""
@@ -37,15 +41,18 @@ def answers_for(label_names: Sequence[str]) -> list[str]:
 
 
 def encode_instructions(tokenizer, texts: Sequence[str], labels: np.ndarray, answers: Sequence[str],
-                        max_length: int, pad_id: int, end_of_turn: str = "<|im_end|>") -> dict[str, np.ndarray]:
+                        max_length: int, pad_id: int, end_of_turn: str = "<|im_end|>",
+                        question: str = QUESTION) -> dict[str, np.ndarray]:
     """Tokenized chats for ``texts`` with the answer of each label (see module docstring).
 
-    The review is truncated (from its end) so that the whole chat fits in ``max_length``.
+    ``question`` holds ``{review}`` where each text goes; the text is truncated (from its
+    end) so that the whole chat fits in ``max_length``. With empty texts (e.g.
+    :data:`IMAGE_QUESTION`, the image being the model's prefix) only the fixed parts remain.
 
     Raises:
       DataError: ``max_length`` cannot hold the prompt's fixed parts plus the answer.
     """
-    head, tail = chatml([{"role": "user", "content": QUESTION}]).split("{review}")
+    head, tail = chatml([{"role": "user", "content": question}]).split("{review}")
     # The space before the review belongs to its first word, as byte-level BPE expects.
     head_ids = tokenizer.encode(head.rstrip(" ")).ids
     tail_ids = tokenizer.encode(tail).ids
@@ -53,11 +60,12 @@ def encode_instructions(tokenizer, texts: Sequence[str], labels: np.ndarray, ans
     answer_length = max(len(ids) for ids in answer_ids)
     # The model sees the chat without its final token; K positions predict the answer.
     room = max_length + 1 - len(head_ids) - len(tail_ids) - answer_length
-    if room < 8:
+    has_text = any(str(t).strip() for t in texts)
+    if room < (8 if has_text else 0):
         raise DataError(f"max_length {max_length} leaves {room} tokens for the review after the "
                         f"prompt ({len(head_ids) + len(tail_ids)} tokens) and the answer "
                         f"({answer_length}); use a larger model.max_length")
-    reviews = tokenizer.encode_batch([" " + str(t).strip() for t in texts])
+    reviews = tokenizer.encode_batch([" " + str(t).strip() if str(t).strip() else "" for t in texts])
     m, k = len(texts), answer_length
     input_ids = np.full((m, max_length), pad_id, np.int32)
     attention_mask = np.zeros((m, max_length), np.int32)

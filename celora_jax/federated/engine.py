@@ -58,12 +58,13 @@ class FederatedSetup:
     num_clients: int
     local_steps: int
     num_classes: int
-    # embed_fn(full_params, input_ids, attention_mask) -> [B, D] float32: the frozen
-    # pre-trained features each client summarizes for the data distance (METHOD.md §3).
+    # embed_fn(full_params, *[batch[name] for name in embed_inputs]) -> [B, D] float32: the
+    # frozen pre-trained features each client summarizes for the data distance (METHOD.md §3).
     embed_fn: Callable | None = None
     # Clients [start, stop) whose examples this process loaded (all of them with one
     # process); the other rows of train/test are zeros with the right example_mask.
     local_clients: tuple[int, int] | None = None
+    embed_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
 
     @property
     def local_range(self) -> tuple[int, int]:
@@ -136,6 +137,8 @@ def prepare(config: RunConfig) -> FederatedSetup:
         raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {config.model.dtype!r}")
     if config.model.architecture == "decoder":
         return _prepare_decoder(config, method, adapter_config)
+    if config.model.architecture == "vlm":
+        return _prepare_vlm(config, method, adapter_config)
     model_dir = loading.default_model_dir() if config.model.path is None else pathlib.Path(config.model.path)
     model_config = loading.read_encoder_config(model_dir)  # fails early on a bad directory
 
@@ -233,6 +236,64 @@ def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
                           client_params, roles, train, test, global_test,
                           config.partition.num_clients, _local_steps(config), dataset.num_classes, embed_fn,
                           clients)
+
+
+def _prepare_vlm(config: RunConfig, method: methods.MethodSpec,
+                 adapter_config: adapters_lib.AdapterConfig) -> FederatedSetup:
+    """``prepare`` for a LLaVA-style model: a question about each image, answered in words."""
+    from celora_jax.data import images as images_lib
+    from celora_jax.data import instructions
+    from celora_jax.models import decoder_loading, llama, vision_loading, vlm
+
+    if config.export_peft:
+        raise ValueError("export_peft writes BERT module names; it is not available for the VLM yet")
+    if adapter_config.target == adapters_lib.DEFAULT_TARGET:
+        adapter_config = dataclasses.replace(adapter_config, target=llama.DECODER_TARGET)
+    model_config, decoder_params, tokenizer = decoder_loading.load_decoder(config.model.path)
+    if tokenizer is None:
+        raise loading.ModelLoadError(f"{config.model.path} has no tokenizer.json; the decoder needs one")
+    vision_config, vision_params = vision_loading.load_vision(config.model.vision_path)
+
+    dataset = images_lib.load_fashion_mnist(config.data.path)
+    split = partition(dataset.labels, config.partition, dataset.groups)
+    clients = local_clients(config)
+    needed = _needed_examples(split, clients)
+    encoded = instructions.encode_instructions(
+        tokenizer, [""] * len(needed), dataset.labels[needed], instructions.answers_for(dataset.label_names),
+        config.model.max_length, model_config.pad_token_id, question=instructions.IMAGE_QUESTION)
+    # The ViT is frozen: each needed image is encoded once, here, not in every step.
+    encoded["image_tokens"] = vlm.image_tokens(vision_config, jax.tree.map(jnp.asarray, vision_params),
+                                               dataset.images[needed], image_size=config.model.image_size,
+                                               grid=config.model.image_grid)
+    prefix = encoded["image_tokens"].shape[1]
+    if prefix + config.model.max_length > model_config.max_position_embeddings:
+        raise ValueError(f"{prefix} image tokens plus model.max_length={config.model.max_length} exceed the "
+                         f"decoder's context of {model_config.max_position_embeddings}")
+    train, test, global_test = _client_examples(encoded, dataset.labels, needed, split, clients)
+
+    model = vlm.VisionLanguageModel(model_config, lora_scale=adapter_config.scale,
+                                    dtype=_DTYPES[config.model.dtype])
+    key_projector, key_adapter = jax.random.split(jax.random.key(config.seed))
+    params = {"decoder": jax.tree.map(jnp.asarray, decoder_params),
+              "projector": vlm.init_projector(key_projector, vision_config.hidden_size, model_config.hidden_size)}
+    base_params, trained_base = split_base_params(params, config.model.trainable_base)
+    lora = adapters_lib.init_adapters(key_adapter, params, adapter_config)
+    client_params = {"lora": lora, "params": trained_base}
+    roles = methods.parameter_roles(client_params, method, core_only=adapter_config.core_only,
+                                    share_base=config.federation.share_base)
+    answer_positions = encoded["targets"].shape[1]
+
+    def logits_fn(full_params, lora_params, batch, dropout_key):
+        return model.apply({"params": full_params, "lora": lora_params}, batch["image_tokens"],
+                           batch["input_ids"], batch["attention_mask"], last=answer_positions)
+
+    def embed_fn(full_params, image_tokens):
+        return image_tokens[:, 0]  # the frozen ViT's CLS token: the client's data space
+
+    return FederatedSetup(config, method, adapter_config, model, logits_fn, base_params,
+                          client_params, roles, train, test, global_test,
+                          config.partition.num_clients, _local_steps(config), dataset.num_classes, embed_fn,
+                          clients, embed_inputs=("image_tokens",))
 
 
 def make_strategy(setup: FederatedSetup) -> strategies.Strategy:

@@ -35,17 +35,16 @@ def client_features(setup: "FederatedSetup", chunk_size: int = 64) -> np.ndarray
     embed = jax.jit(setup.embed_fn)
 
     start, stop = setup.local_range
-    ids = setup.train["input_ids"][start:stop]
-    mask = setup.train["attention_mask"][start:stop]
-    flat_ids, flat_mask = ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
-    total = flat_ids.shape[0]
+    inputs = [setup.train[name][start:stop] for name in setup.embed_inputs]
+    clients, examples = inputs[0].shape[:2]
+    flat = [x.reshape(-1, *x.shape[2:]) for x in inputs]
+    total = flat[0].shape[0]
     padded = max(-(-total // chunk_size), 1) * chunk_size
-    pad = lambda x: np.concatenate([x, np.zeros((padded - total, x.shape[1]), x.dtype)])
-    flat_ids, flat_mask = pad(flat_ids), pad(flat_mask)
-    outputs = [np.asarray(embed(params, flat_ids[i:i + chunk_size], flat_mask[i:i + chunk_size]))
+    flat = [np.concatenate([x, np.zeros((padded - total, *x.shape[1:]), x.dtype)]) for x in flat]
+    outputs = [np.asarray(embed(params, *[x[i:i + chunk_size] for x in flat]))
                for i in range(0, padded, chunk_size)]
     # The hidden size is explicit: a process holding only padding clients has total = 0.
-    return np.concatenate(outputs)[:total].reshape(ids.shape[0], ids.shape[1], outputs[0].shape[-1])
+    return np.concatenate(outputs)[:total].reshape(clients, examples, outputs[0].shape[-1])
 
 
 def client_statistics(setup: "FederatedSetup") -> gmm.ClassMixtures:

@@ -236,7 +236,9 @@ class LlamaForCausalLM(nn.Module):
     tokens and padding (mask 0) is never attended to; positions count real tokens only, so
     left-padded prompts get the same positions as unpadded ones. With a cache (from
     :func:`init_cache`), the T new tokens are written at ``cache["index"]`` and attend to
-    every valid earlier slot.
+    every valid earlier slot. ``prefix [B, P, d]`` (e.g. projected image tokens of a
+    vision-language model) is placed before the token embeddings as P more real positions;
+    outputs then cover P + T positions.
     """
 
     config: DecoderConfig
@@ -246,15 +248,21 @@ class LlamaForCausalLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                  cache: Mapping[str, Any] | None = None, last: int | None = None,
-                 return_hidden: bool = False) -> tuple[Array, Any]:
+                 return_hidden: bool = False, prefix: Array | None = None) -> tuple[Array, Any]:
         cfg = self.config
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
-        real = attention_mask > 0
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02),
                          name="embed_tokens")
         x = embed(input_ids).astype(self.dtype)
+        if prefix is not None:
+            if prefix.ndim != 3 or prefix.shape[0] != batch or prefix.shape[2] != cfg.hidden_size:
+                raise ValueError(f"prefix must be [batch={batch}, P, hidden={cfg.hidden_size}], got {prefix.shape}")
+            x = jnp.concatenate([prefix.astype(self.dtype), x], axis=1)
+            attention_mask = jnp.concatenate([jnp.ones(prefix.shape[:2], attention_mask.dtype), attention_mask], 1)
+            length += prefix.shape[1]
+        real = attention_mask > 0
         if cache is None:
             positions = jnp.cumsum(real, axis=-1) - 1
             causal = jnp.tril(jnp.ones((length, length), bool))
@@ -301,7 +309,7 @@ def init_cache(config: DecoderConfig, batch: int, size: int, dtype: Any = jnp.fl
 
 
 def greedy_generate(model: LlamaForCausalLM, variables: Mapping[str, Any], input_ids: Array,
-                    attention_mask: Array, max_new_tokens: int) -> Array:
+                    attention_mask: Array, max_new_tokens: int, prefix: Array | None = None) -> Array:
     """Greedy decoding with the key/value cache; jit-able (``max_new_tokens`` static).
 
     Args:
@@ -310,19 +318,21 @@ def greedy_generate(model: LlamaForCausalLM, variables: Mapping[str, Any], input
       input_ids: ``[B, T]`` prompts, **left**-padded so that every prompt ends at T − 1.
       attention_mask: ``[B, T]``, 1 for real prompt tokens.
       max_new_tokens: tokens to generate per prompt.
+      prefix: optional ``[B, P, d]`` embeddings placed before the prompt (image tokens).
 
     Returns:
       ``[B, max_new_tokens]`` int32 tokens; after a sequence emits eos, the rest is eos.
     """
     cfg = model.config
     batch, length = input_ids.shape
+    length += 0 if prefix is None else prefix.shape[1]
     if length + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt of {length} tokens plus {max_new_tokens} new tokens exceeds the "
                          f"context of {cfg.max_position_embeddings}")
     if max_new_tokens == 0:
         return jnp.zeros((batch, 0), jnp.int32)
     cache = init_cache(cfg, batch, length + max_new_tokens, model.dtype)
-    logits, cache = model.apply(variables, input_ids, attention_mask, cache)
+    logits, cache = model.apply(variables, input_ids, attention_mask, cache, prefix=prefix)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 
     def step(carry, _):

@@ -1,0 +1,132 @@
+"""Vision-language model: image prefix in the decoder, pooled frozen ViT tokens, IDX data,
+and the federated VQA preset end to end."""
+
+import gzip
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from celora_jax.data import images as images_lib
+from celora_jax.data.text import DataError
+from celora_jax.models import llama, vit, vlm
+from test_llama import TINY, tiny_params
+
+
+def test_prefix_equals_the_same_embeddings_given_as_tokens():
+    model, params = tiny_params()
+    prefix_ids, ids = jnp.array([[7, 11, 13]]), jnp.array([[0, 0, 5, 17, 3]])
+    mask = jnp.array([[0, 0, 1, 1, 1]])
+    prefix = params["embed_tokens"]["embedding"][prefix_ids]
+    with_prefix, _ = model.apply({"params": params}, ids, mask, prefix=prefix)
+    as_tokens, _ = model.apply({"params": params}, jnp.concatenate([prefix_ids, ids], 1),
+                               jnp.concatenate([jnp.ones((1, 3), jnp.int32), mask], 1))
+    chex.assert_shape(with_prefix, (1, 8, TINY.vocab_size))
+    np.testing.assert_allclose(with_prefix, as_tokens, atol=1e-5)
+    # The positions after the padding are those of the unpadded sequence [7, 11, 13, 5, 17, 3].
+    unpadded, _ = model.apply({"params": params}, jnp.array([[7, 11, 13, 5, 17, 3]]))
+    np.testing.assert_allclose(with_prefix[:, -3:], unpadded[:, -3:], atol=1e-5)
+    with pytest.raises(ValueError, match="prefix must be"):
+        model.apply({"params": params}, ids, mask, prefix=jnp.zeros((1, 3, 5)))
+
+
+def test_greedy_generation_with_a_prefix_equals_recomputing_every_step():
+    model, params = tiny_params()
+    prefix = jax.random.normal(jax.random.key(3), (2, 2, TINY.hidden_size))
+    prompt, mask = jnp.array([[0, 5, 17], [9, 8, 7]]), jnp.array([[0, 1, 1], [1, 1, 1]])
+    generated = llama.greedy_generate(model, {"params": params}, prompt, mask, max_new_tokens=4, prefix=prefix)
+    for row in range(2):
+        ids = [int(t) for t, m in zip(prompt[row], mask[row]) if m]
+        for step in range(4):
+            logits, _ = model.apply({"params": params}, jnp.asarray(ids)[None], prefix=prefix[row:row + 1])
+            following = int(jnp.argmax(logits[0, -1]))
+            assert following == int(generated[row, step])
+            if following == TINY.eos_token_id:
+                break
+            ids.append(following)
+
+
+def test_vision_language_model_routes_projected_images_into_the_decoder():
+    model, decoder_params = tiny_params()
+    vlm_model = vlm.VisionLanguageModel(TINY)
+    projector = vlm.init_projector(jax.random.key(4), 12, TINY.hidden_size)
+    params = {"decoder": decoder_params, "projector": projector}
+    image = jax.random.normal(jax.random.key(5), (1, 3, 12))
+    ids, mask = jnp.array([[5, 17, 3]]), jnp.ones((1, 3), jnp.int32)
+    logits = vlm_model.apply({"params": params}, image, ids, mask, last=2)
+    expected, _ = model.apply({"params": decoder_params}, ids, mask,
+                              prefix=vlm.Projector(TINY.hidden_size).apply({"params": projector}, image))
+    np.testing.assert_allclose(logits, expected[:, -2:], atol=1e-5)
+    other = vlm_model.apply({"params": params}, image + 1.0, ids, mask, last=2)
+    assert float(jnp.max(jnp.abs(other - logits))) > 1e-4  # the image matters
+
+
+def test_image_tokens_are_cls_plus_pooled_patches():
+    config = vit.VisionConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, patch_size=4,
+                              position_grid=4)
+    model = vit.VisionTransformer(config)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8), np.uint8)
+    tokens = vlm.image_tokens(config, params, images, image_size=16, grid=2, batch_size=2)
+    chex.assert_shape(tokens, (3, 1 + 4, 16))
+    pixels = jax.image.resize(vit.normalize_images(images[..., None], config), (3, 16, 16, 3), "bilinear")
+    full = np.asarray(model.apply({"params": params}, pixels))
+    np.testing.assert_allclose(tokens[:, 0], full[:, 0], atol=1e-5)
+    grid = full[:, 1:].reshape(3, 4, 4, 16)
+    np.testing.assert_allclose(tokens[:, 1], grid[:, :2, :2].mean(axis=(1, 2)), atol=1e-5)  # top-left block
+    np.testing.assert_allclose(tokens[:, 4], grid[:, 2:, 2:].mean(axis=(1, 2)), atol=1e-5)  # bottom-right
+    with pytest.raises(vit.ImageInputError, match="divisible by the pooled grid 3"):
+        vlm.image_tokens(config, params, images, image_size=16, grid=3)
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_files_round_trip_and_bad_files_are_named(tmp_path):
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", 6), ("t10k", 2)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 5, 5)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    data = images_lib.load_fashion_mnist(tmp_path)
+    chex.assert_shape(data.images, (8, 5, 5))
+    assert data.groups.tolist() == [0] * 6 + [1] * 2 and data.num_classes == 10
+    np.testing.assert_array_equal(data.images[:6], images_lib.read_idx(tmp_path / "train-images-idx3-ubyte.gz"))
+    (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\x00\x00\x0d\x01\x00\x00\x00\x02ab"))
+    with pytest.raises(DataError, match="bad magic"):
+        images_lib.read_idx(tmp_path / "bad.gz")
+    (tmp_path / "short.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x05ab"))
+    with pytest.raises(DataError, match="holds 2"):
+        images_lib.read_idx(tmp_path / "short.gz")
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="no t10k-labels-idx1-ubyte"):
+        images_lib.load_fashion_mnist(tmp_path)
+
+
+@pytest.mark.assets
+def test_fashion_mnist_is_the_real_dataset(fashion_mnist):
+    assert fashion_mnist.images.shape == (70000, 28, 28)
+    assert np.bincount(fashion_mnist.labels).tolist() == [7000] * 10
+    assert fashion_mnist.label_names[7] == "a sneaker"
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_vlm_preset_runs_end_to_end(fashion_mnist, smollm2, dinov2_onnx, tmp_path):
+    from celora_jax.federated import engine
+    from experiments.presets import get_preset
+
+    config = get_preset("vlm_smoke")
+    result = engine.run(config, output_dir=tmp_path)
+    assert [r["round"] for r in result.history] == [1, 2]
+    final = result.history[-1]
+    assert np.isfinite(final["train_loss"]) and final["train_loss"] < result.history[0]["train_loss"] + 1.0
+    r, layers = config.adapter.rank, 30 * 7  # SmolLM2: 30 blocks x (q, k, v, o, gate, up, down)
+    # Only the cores travel; the strategy code knows nothing of images.
+    assert final["bytes_up_per_client"] == layers * r * r * 4
+    assert 0 <= final["test_accuracy_mean"] <= 1 and "core_share_mean" in final
+    assert (tmp_path / "summary.json").exists()
