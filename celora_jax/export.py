@@ -8,8 +8,11 @@ knows two-factor LoRA (Hugging Face PEFT, merging scripts) can use a client's ad
 
 Module names follow HF ``BertModel`` (``encoder.layer.0.attention.self.query``), i.e. the
 adapter applies to the bare encoder that ``PeftModel.from_pretrained(BertModel, directory)``
-wraps. LayerNorms and the task head, which every client also trains, are not part of a LoRA
-folder; they stay in the run's checkpoints.
+wraps; decoder adapters (``layers/layer_0/self_attn/q_proj``, also inside a VLM's
+``decoder``) follow HF ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj``), for
+``PeftModel.from_pretrained(LlamaForCausalLM, directory)``. LayerNorms/RMSNorm scales, the
+task head and a VLM's projector, which clients also train, are not part of a LoRA folder;
+they stay in the run's checkpoints.
 """
 
 from __future__ import annotations
@@ -28,9 +31,20 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def hf_module_name(module_path: tuple[str, ...]) -> str:
-    """Our module path (``backbone/encoder/layer_0/...``) as an HF module name."""
-    parts = [p for p in module_path if p != "backbone"]
+    """Our module path as an HF module name: ``backbone/encoder/layer_0/...`` (BERT) to
+    ``encoder.layer.0...``; ``[decoder/]layers/layer_0/...`` (Llama) to ``model.layers.0...``."""
+    parts = [p for p in module_path if p not in ("backbone", "decoder")]
+    if parts[:1] == ["layers"]:
+        return "model." + ".".join(p[len("layer_"):] if p.startswith("layer_") else p for p in parts)
     return ".".join(p.replace("layer_", "layer.") if p.startswith("layer_") else p for p in parts)
+
+
+def our_module_path(hf_name: str) -> tuple[str, ...]:
+    """Inverse of :func:`hf_module_name` (without ``backbone``/``decoder``)."""
+    parts = hf_name.split(".")
+    if parts[:2] == ["model", "layers"] and len(parts) > 2:
+        return ("layers", f"layer_{parts[2]}", *parts[3:])
+    return hf_module_path(hf_name)
 
 
 def export_peft(adapters: Mapping, directory: str | pathlib.Path, *, rank: int, alpha: float,
@@ -127,6 +141,6 @@ def load_peft(directory: str | pathlib.Path) -> tuple[dict, dict]:
     flat = {}
     for key, value in tensors.items():
         name, factor = key[len(_PEFT_PREFIX):].rsplit(".lora_", 1)
-        flat[hf_module_path(name) + (factor[0],)] = value.T
+        flat[our_module_path(name) + (factor[0],)] = value.T
     return traverse_util.unflatten_dict(flat), config
 

@@ -70,3 +70,65 @@ def test_run_exports_a_peft_folder_per_client(tiny_model_dir, tmp_path):
     for path, pair in adapters.adapter_modules(expected).items():
         got = adapters.adapter_modules(loaded)[path]
         np.testing.assert_allclose(got["B"], pair["B"], atol=1e-6)
+
+
+def test_decoder_adapters_export_to_peft_and_match_pytorch_llama(tmp_path):
+    """A tri-LoRA decoder client, exported, loads into PEFT on transformers' PyTorch
+    LlamaForCausalLM and gives our adapted logits."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import json
+
+    import transformers
+    from flax import traverse_util
+    from safetensors.numpy import save_file
+
+    from celora_jax.models import llama
+    from test_llama import TINY, tiny_params
+
+    model, params = tiny_params()
+    tensors = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        value = np.asarray(value, np.float32)
+        if path == ("embed_tokens", "embedding"):
+            tensors["model.embed_tokens.weight"] = value
+        elif path == ("lm_head", "kernel"):
+            tensors["lm_head.weight"] = np.ascontiguousarray(value.T)
+        elif path == ("norm", "scale"):
+            tensors["model.norm.weight"] = value
+        elif path[-1] == "scale":
+            tensors[f"model.layers.{path[1][6:]}.{path[2]}.weight"] = value
+        else:
+            tensors[f"model.layers.{path[1][6:]}.{path[2]}.{path[3]}.weight"] = np.ascontiguousarray(value.T)
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    save_file(tensors, str(base_dir / "model.safetensors"))
+    hf_config = transformers.LlamaConfig(
+        vocab_size=TINY.vocab_size, hidden_size=TINY.hidden_size, intermediate_size=TINY.intermediate_size,
+        num_hidden_layers=TINY.num_layers, num_attention_heads=TINY.num_heads,
+        num_key_value_heads=TINY.num_kv_heads, head_dim=TINY.head_dim, rope_theta=TINY.rope_theta,
+        rms_norm_eps=TINY.rms_norm_eps, tie_word_embeddings=False,
+        max_position_embeddings=TINY.max_position_embeddings)
+    (base_dir / "config.json").write_text(json.dumps(hf_config.to_dict()))
+
+    lora = adapters.init_adapters(jax.random.key(1), params, adapters.AdapterConfig(rank=2, alpha=4.0,
+                                                                                  target=llama.DECODER_TARGET))
+    keys = iter(jax.random.split(jax.random.key(2), 1000))
+    lora = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), lora)  # a trained client
+    folder = export.export_peft(lora, tmp_path / "client", rank=2, alpha=4.0, base_model=str(base_dir))
+    peft_config = json.loads((folder / "adapter_config.json").read_text())
+    assert "model.layers.1.mlp.down_proj" in peft_config["target_modules"]
+    loaded, _ = export.load_peft(folder)  # our paths back
+    np.testing.assert_allclose(loaded["layers"]["layer_0"]["self_attn"]["q_proj"]["B"],
+                               lora["layers"]["layer_0"]["self_attn"]["q_proj"]["C"]
+                               @ lora["layers"]["layer_0"]["self_attn"]["q_proj"]["B"], atol=1e-6)
+
+    reference = transformers.LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    reference = peft.PeftModel.from_pretrained(reference, str(folder)).eval()
+    ids = np.array([[5, 17, 3, 90, 42, 8]])
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(ids)).logits.numpy()
+    ours, _ = llama.LlamaForCausalLM(TINY, lora_scale=2.0).apply({"params": params, "lora": lora}, jnp.asarray(ids))
+    plain, _ = model.apply({"params": params}, jnp.asarray(ids))
+    assert float(np.abs(np.asarray(ours) - np.asarray(plain)).max()) > 1e-2  # the adapters matter
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=1e-4)

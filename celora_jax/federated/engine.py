@@ -195,8 +195,6 @@ def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
     from celora_jax.data import instructions
     from celora_jax.models import decoder_loading, llama
 
-    if config.export_peft:
-        raise ValueError("export_peft writes BERT module names; it is not available for decoder models yet")
     if adapter_config.target == adapters_lib.DEFAULT_TARGET:
         adapter_config = dataclasses.replace(adapter_config, target=llama.DECODER_TARGET)
     model_config, params, tokenizer = decoder_loading.load_decoder(config.model.path)
@@ -245,8 +243,6 @@ def _prepare_vlm(config: RunConfig, method: methods.MethodSpec,
     from celora_jax.data import instructions
     from celora_jax.models import decoder_loading, llama, vision_loading, vlm
 
-    if config.export_peft:
-        raise ValueError("export_peft writes BERT module names; it is not available for the VLM yet")
     if adapter_config.target == adapters_lib.DEFAULT_TARGET:
         adapter_config = dataclasses.replace(adapter_config, target=llama.DECODER_TARGET)
     model_config, decoder_params, tokenizer = decoder_loading.load_decoder(config.model.path)
@@ -697,7 +693,12 @@ def _export_clients(setup: FederatedSetup, client_params, directory: pathlib.Pat
     from celora_jax.export import export_peft
 
     adapter = setup.adapter_config
-    base_model = str(setup.config.model.path or loading.default_model_dir())
+    if setup.config.model.architecture == "encoder":
+        base_model = str(setup.config.model.path or loading.default_model_dir())
+    else:
+        from celora_jax.models import decoder_loading
+
+        base_model = str(setup.config.model.path or decoder_loading.default_gguf_path())
     lora = jax.device_get(client_params["lora"])
     for client in range(setup.num_clients):
         export_peft(jax.tree.map(lambda x: x[client], lora), directory / f"client_{client:04d}",
