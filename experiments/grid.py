@@ -14,6 +14,11 @@ plots. Studies:
 - ablation_beta: CE-LoRA with beta 0 (parameters only), 0.5, 1 (data only), alpha 0.5.
 - ablation_lambda: CE-LoRA with lambda 0.1, 0.3, 1, 3, 10, alpha 0.5.
 - ablation_rank: CE-LoRA and FedAvg-LoRA with r 4, 8, 16, alpha 0.5.
+- diagnose: why CE-LoRA, its plain average and local training tie: alpha 1.0 (the paper's),
+  learning rate 1e-3 / 5e-3 and A's init scale 1e-3 / 3e-2, with local-only, CE-LoRA
+  (personalized and plain average), CE-LoRA with lambda -> 0 (cores never mixed: tri-matrix
+  local training) and FedAvg-LoRA. Every run logs ``core_share`` (how much of each client's
+  update its shared core carries).
 
 Size (``STUDY`` below), chosen for the 2-core CPU machines: MiniLM, 10 clients with 64
 training and 64 test reviews each, 48 tokens, batch 16, 4 local steps (one local epoch) per
