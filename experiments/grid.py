@@ -17,8 +17,9 @@ plots. Studies:
 - diagnose: why CE-LoRA, its plain average and local training tie: alpha 1.0 (the paper's),
   learning rate 1e-3 / 5e-3 and A's init scale 1e-3 / 3e-2, with local-only, CE-LoRA
   (personalized and plain average), CE-LoRA with lambda -> 0 (cores never mixed: tri-matrix
-  local training) and FedAvg-LoRA. Every run logs ``core_share`` (how much of each client's
-  update its shared core carries).
+  local training) and FedAvg-LoRA; and the core-only ablation (A, B frozen, only the shared
+  core trained). Every run logs ``core_share`` (how much of each client's update its shared
+  core carries).
 
 Size (``STUDY`` below), chosen for the 2-core CPU machines: MiniLM, 10 clients with 64
 training and 64 test reviews each, 48 tokens, batch 16, 4 local steps (one local epoch) per
@@ -88,7 +89,9 @@ def _study_runs(study: str) -> Iterator[tuple[str, list[str]]]:
         # Why do CE-LoRA, its plain average and local training tie? The paper's alpha (1.0),
         # the learning rate and A's init scale (1e-3 as the authors; 0.03 ~ PEFT's kaiming A).
         for setting, overrides in DIAGNOSE_SETTINGS.items():
-            for method in ("local", "celora_avg", "celora", "fedavg_lora"):
+            # Under core_only the cores are the whole update; LoRA baselines have no cores.
+            baselines = () if "adapter.core_only=True" in overrides else ("local", "fedavg_lora")
+            for method in ("celora_avg", "celora") + baselines:
                 yield f"{setting}/{method}", SPLITS["alpha1.0"] + overrides + [f"federation.method='{method}'"]
             # lambda -> 0 puts all weight on the client itself: tri-matrix adapters, no mixing.
             yield f"{setting}/celora_self", SPLITS["alpha1.0"] + overrides + [
@@ -101,6 +104,8 @@ DIAGNOSE_SETTINGS = {
     "lr1e-3_a1e-3": ["optimizer.learning_rate=1e-3", "adapter.a_init_std=1e-3"],
     "lr5e-3_a1e-3": ["optimizer.learning_rate=5e-3", "adapter.a_init_std=1e-3"],
     "lr1e-3_a3e-2": ["optimizer.learning_rate=1e-3", "adapter.a_init_std=3e-2"],
+    # METHOD.md §1's ablation: A and B frozen (B random), C = 0 trained: the core carries all.
+    "core_only": ["optimizer.learning_rate=5e-3", "adapter.a_init_std=3e-2", "adapter.core_only=True"],
 }
 
 STUDIES = ("main", "ablation_beta", "ablation_lambda", "ablation_rank", "diagnose")
