@@ -130,3 +130,17 @@ def test_vlm_preset_runs_end_to_end(fashion_mnist, smollm2, dinov2_onnx, tmp_pat
     assert final["bytes_up_per_client"] == layers * r * r * 4
     assert 0 <= final["test_accuracy_mean"] <= 1 and "core_share_mean" in final
     assert (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_vit_probe_smoke_writes_accuracies(fashion_mnist, dinov2_onnx, tmp_path):
+    import json
+
+    from experiments import vit_probe
+
+    assert vit_probe.main(["--smoke", "--out", str(tmp_path / "probe.json")]) == 0
+    report = json.loads((tmp_path / "probe.json").read_text())
+    accuracies = {row["features"]: row["accuracy"] for row in report["results"]}
+    assert set(accuracies) == {"raw pixels", "CLS", "CLS + 2x2 pooled patches"}
+    assert all(0.4 < a <= 1.0 for a in accuracies.values())  # 10 classes: chance is 0.1
