@@ -80,36 +80,13 @@ def test_decoder_adapters_export_to_peft_and_match_pytorch_llama(tmp_path):
     import json
 
     import transformers
-    from flax import traverse_util
-    from safetensors.numpy import save_file
 
     from celora_jax.models import llama
+    from helpers import write_hf_llama
     from test_llama import TINY, tiny_params
 
     model, params = tiny_params()
-    tensors = {}
-    for path, value in traverse_util.flatten_dict(params).items():
-        value = np.asarray(value, np.float32)
-        if path == ("embed_tokens", "embedding"):
-            tensors["model.embed_tokens.weight"] = value
-        elif path == ("lm_head", "kernel"):
-            tensors["lm_head.weight"] = np.ascontiguousarray(value.T)
-        elif path == ("norm", "scale"):
-            tensors["model.norm.weight"] = value
-        elif path[-1] == "scale":
-            tensors[f"model.layers.{path[1][6:]}.{path[2]}.weight"] = value
-        else:
-            tensors[f"model.layers.{path[1][6:]}.{path[2]}.{path[3]}.weight"] = np.ascontiguousarray(value.T)
-    base_dir = tmp_path / "base"
-    base_dir.mkdir()
-    save_file(tensors, str(base_dir / "model.safetensors"))
-    hf_config = transformers.LlamaConfig(
-        vocab_size=TINY.vocab_size, hidden_size=TINY.hidden_size, intermediate_size=TINY.intermediate_size,
-        num_hidden_layers=TINY.num_layers, num_attention_heads=TINY.num_heads,
-        num_key_value_heads=TINY.num_kv_heads, head_dim=TINY.head_dim, rope_theta=TINY.rope_theta,
-        rms_norm_eps=TINY.rms_norm_eps, tie_word_embeddings=False,
-        max_position_embeddings=TINY.max_position_embeddings)
-    (base_dir / "config.json").write_text(json.dumps(hf_config.to_dict()))
+    base_dir = write_hf_llama(params, TINY, tmp_path / "base")
 
     lora = adapters.init_adapters(jax.random.key(1), params, adapters.AdapterConfig(rank=2, alpha=4.0,
                                                                                   target=llama.DECODER_TARGET))

@@ -199,30 +199,13 @@ def test_smollm2_matches_numpy_and_knows_facts(smollm2):
 def test_smollm2_matches_pytorch_llama_and_hf_directory_round_trip(smollm2, tmp_path):
     torch = pytest.importorskip("torch")
     import transformers
-    from safetensors.numpy import save_file
+
+    from helpers import write_hf_llama
 
     config, params, tokenizer = smollm2
-    hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
-        head_dim=config.head_dim, rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps,
-        tie_word_embeddings=True, max_position_embeddings=config.max_position_embeddings,
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
-    # Write our weights as an HF directory; the reference and our HF loader both read it.
-    tensors = {}
-    for path, value in traverse_util.flatten_dict(params).items():
-        value = np.asarray(value, np.float32)
-        if path == ("embed_tokens", "embedding"):
-            tensors["model.embed_tokens.weight"] = value
-        elif path == ("norm", "scale"):
-            tensors["model.norm.weight"] = value
-        elif path[-1] == "scale":
-            tensors[f"model.layers.{path[1][6:]}.{path[2]}.weight"] = value
-        else:
-            tensors[f"model.layers.{path[1][6:]}.{path[2]}.{path[3]}.weight"] = np.ascontiguousarray(value.T)
-    save_file(tensors, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(hf_config.to_dict()))
+    assert config.tie_embeddings
+    # Our weights as an HF directory; the reference and our HF loader both read it.
+    write_hf_llama(params, config, tmp_path)
     reference = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     ids = tokenizer.encode(FACTS).ids[:24]
     with torch.no_grad():

@@ -189,10 +189,8 @@ def prepare(config: RunConfig) -> FederatedSetup:
                           clients)
 
 
-def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
-                     adapter_config: adapters_lib.AdapterConfig) -> FederatedSetup:
-    """``prepare`` for a Llama-family decoder: chats from the labelled texts, LM on answers."""
-    from celora_jax.data import instructions
+def _load_decoder(config: RunConfig, adapter_config: adapters_lib.AdapterConfig):
+    """(adapter config with the decoder's default targets, decoder config, params, tokenizer)."""
     from celora_jax.models import decoder_loading, llama
 
     if adapter_config.target == adapters_lib.DEFAULT_TARGET:
@@ -200,6 +198,16 @@ def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
     model_config, params, tokenizer = decoder_loading.load_decoder(config.model.path)
     if tokenizer is None:
         raise loading.ModelLoadError(f"{config.model.path} has no tokenizer.json; the decoder needs one")
+    return adapter_config, model_config, params, tokenizer
+
+
+def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
+                     adapter_config: adapters_lib.AdapterConfig) -> FederatedSetup:
+    """``prepare`` for a Llama-family decoder: chats from the labelled texts, LM on answers."""
+    from celora_jax.data import instructions
+    from celora_jax.models import llama
+
+    adapter_config, model_config, params, tokenizer = _load_decoder(config, adapter_config)
 
     dataset = load_text_dataset(config.data)
     split = partition(dataset.labels, config.partition, dataset.groups)
@@ -241,13 +249,9 @@ def _prepare_vlm(config: RunConfig, method: methods.MethodSpec,
     """``prepare`` for a LLaVA-style model: a question about each image, answered in words."""
     from celora_jax.data import images as images_lib
     from celora_jax.data import instructions
-    from celora_jax.models import decoder_loading, llama, vision_loading, vlm
+    from celora_jax.models import vision_loading, vlm
 
-    if adapter_config.target == adapters_lib.DEFAULT_TARGET:
-        adapter_config = dataclasses.replace(adapter_config, target=llama.DECODER_TARGET)
-    model_config, decoder_params, tokenizer = decoder_loading.load_decoder(config.model.path)
-    if tokenizer is None:
-        raise loading.ModelLoadError(f"{config.model.path} has no tokenizer.json; the decoder needs one")
+    adapter_config, model_config, decoder_params, tokenizer = _load_decoder(config, adapter_config)
     vision_config, vision_params = vision_loading.load_vision(config.model.vision_path)
 
     dataset = images_lib.load_fashion_mnist(config.data.path)
