@@ -102,7 +102,8 @@ def restore(checkpoints: ocp.CheckpointManager, clients_like: Any, server_like: 
     (a leaf's sharding, if any, is where it is restored to). ``padded_clients_like``
     (several processes) is this run's padded, sharded client state as ``ShapeDtypeStruct``
     with shardings: a checkpoint saved in exactly that layout is read into it shard by
-    shard and returned padded; otherwise the clients come back as ``[N, ...]``. The server
+    shard and returned padded (``meta["clients_layout"] == "sharded"``); otherwise the
+    clients come back as ``[N, ...]`` on this process (``"whole"``). The server
     state is returned as None when its saved shapes differ from ``server_like`` (e.g.
     resumed on another device count, which changes the mesh padding); strategies whose
     state is a function of the setup are then simply re-initialized.
@@ -145,6 +146,7 @@ def restore(checkpoints: ocp.CheckpointManager, clients_like: Any, server_like: 
     except Exception as err:
         raise CheckpointError(f"{where} is unreadable or truncated: {type(err).__name__}: {err}") from err
     clients = restored["clients"]
+    meta["clients_layout"] = "sharded" if as_saved else "whole"
     if not as_saved:
         clients = jax.tree.map(lambda x: x[:real], clients)
     if not server_fits:

@@ -504,7 +504,7 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
         if found is None:
             raise checkpoint.CheckpointError(f"no checkpoint to resume from in {checkpoint_dir}")
         start, clients, server, meta = found
-        if jax.tree.leaves(clients)[0].shape[0] == n_pad and several_processes:
+        if meta["clients_layout"] == "sharded":
             client_state = clients  # read back shard by shard, already in place
         else:
             client_state = sharding.put_clients(jax.tree.map(
