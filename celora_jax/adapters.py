@@ -412,7 +412,9 @@ def core_share(adapters: Params) -> Array:
     For one adapter this is ``‖A (C − I) B‖_F / ‖A C B‖_F``: 0 when the core is still the
     identity (so mixing cores across clients changes nothing), about 1 or more when the
     shared core dominates the update. Since only cores travel in CE-LoRA, it measures how
-    much of what a client learned can reach the others. Computed from r × r Gram matrices
+    much of what a client learned can reach the others. It assumes cores that start at the
+    identity (the default init; not the core-only ablation, whose C starts at 0 and carries
+    the whole update by construction). Computed from r × r Gram matrices
     (``‖A M B‖²_F = tr(Mᵀ AᵀA M BBᵀ)``), never forming the dense d_in × d_out update.
 
     Args:

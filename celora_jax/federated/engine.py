@@ -409,8 +409,10 @@ def build_round_step(setup: FederatedSetup, strategy: strategies.Strategy, mesh)
                                                              methods.PERSONAL, methods.FROZEN))
         new_state = {"params": received, "opt_state": trained["opt_state"]}
         logs = {**logs, **dp_logs, "rejected": mask & ~accepted}
-        if "lora" in trained["params"] and setup.method.adapter_kind == adapters_lib.TRI:
-            # What each client learned that its core (the only thing shared) carries.
+        if ("lora" in trained["params"] and setup.method.adapter_kind == adapters_lib.TRI
+                and not setup.adapter_config.core_only):
+            # What each client learned that its core (the only thing shared) carries; under
+            # core_only (C starts at 0) the core is the whole update by construction.
             logs["core_share"] = jnp.mean(adapters_lib.core_share(trained["params"]["lora"]), axis=-1)
         # Absent and rejected clients keep the state they had before the round.
         return _where_clients(accepted, new_state, client_state), server_state, metrics, logs
