@@ -63,3 +63,10 @@ def test_dry_run_rejects_bad_plans(args, message, movie_reviews_csv):
     done = _dry_run(*args)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def test_multi_host_checkpoints_go_to_the_shared_directory(movie_reviews_csv):
+    done = _dry_run("run", "--accelerator", "v4-32", "--set", "checkpoint.every=5",
+                    "--set", "checkpoint.directory='gs://bucket/celora'")
+    assert done.returncode == 0, done.stderr
+    assert "checkpoints: every 5 rounds to gs://bucket/celora/pod/<method>\n" in done.stdout

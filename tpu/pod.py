@@ -121,7 +121,8 @@ def validate(args, hosts: int, chips_per_host: int) -> str:
              f"block: {block or 'all at once'}; rounds: {fed.rounds}; model: {config.model.architecture} "
              f"{config.model.path or '(shipped default)'}; dtype {config.model.dtype}"]
     if config.checkpoint.every > 0:
-        where = config.checkpoint.directory or f"{args.output_dir}/<preset>/<method>/checkpoints (host 0's disk)"
+        where = (f"{config.checkpoint.directory.rstrip('/')}/{config.name}/<method>" if config.checkpoint.directory
+                 else f"{args.output_dir}/{config.name}/<method>/checkpoints (host 0's disk)")
         lines.append(f"checkpoints: every {config.checkpoint.every} rounds to {where}"
                      + ("" if where.startswith("gs://") or hosts == 1 else "; every host must see this path"))
     for host in range(used // chips_per_host):
