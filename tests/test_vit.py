@@ -133,3 +133,27 @@ def test_bad_checkpoints_raise_clear_errors(tiny_dinov2_dir, tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
     with pytest.raises(ModelLoadError, match="cannot read ONNX|not a DINOv2"):
         vision_loading.read_onnx_vision(tmp_path / "junk.onnx")
+
+
+def test_hf_vit_directory_matches_pytorch_vitmodel(tmp_path):
+    """HF ViTModel naming (layernorm_before, intermediate.dense, ...), no LayerScale, eps 1e-12."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=48, patch_size=4, image_size=28)
+    reference = transformers.ViTModel(config).eval()
+    with torch.no_grad():
+        for name, tensor in reference.named_parameters():
+            if "layernorm" in name or "position" in name:
+                tensor.add_(0.3 * torch.randn_like(tensor))
+    reference.save_pretrained(str(tmp_path), safe_serialization=True)
+    ours_config, params = vision_loading.read_hf_vision(tmp_path)
+    assert not ours_config.layerscale and ours_config.layer_norm_eps == 1e-12
+    for size, interpolate in (((28, 28), False), ((20, 24), True)):
+        pixels = np.random.default_rng(3).normal(size=(2, *size, 3)).astype(np.float32)
+        ours = vit.VisionTransformer(ours_config).apply({"params": params}, jnp.asarray(pixels))
+        with torch.no_grad():
+            expected = reference(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
+                                 interpolate_pos_encoding=interpolate).last_hidden_state.numpy()
+        np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=1e-4)

@@ -48,6 +48,16 @@ def test_greedy_generation_with_a_prefix_equals_recomputing_every_step():
             ids.append(following)
 
 
+def test_image_prefix_counts_towards_the_context():
+    model, params = tiny_params()  # context of 64
+    prompt = jnp.ones((1, 56), jnp.int32)
+    llama.greedy_generate(model, {"params": params}, prompt, jnp.ones_like(prompt), max_new_tokens=4,
+                          prefix=jnp.zeros((1, 4, TINY.hidden_size)))  # 56 + 4 + 4 = 64 fits
+    with pytest.raises(ValueError, match="prompt of 61 tokens plus 4 new tokens exceeds the context of 64"):
+        llama.greedy_generate(model, {"params": params}, prompt, jnp.ones_like(prompt), max_new_tokens=4,
+                              prefix=jnp.zeros((1, 5, TINY.hidden_size)))
+
+
 def test_vision_language_model_routes_projected_images_into_the_decoder():
     model, decoder_params = tiny_params()
     vlm_model = vlm.VisionLanguageModel(TINY)

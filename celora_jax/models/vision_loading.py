@@ -60,6 +60,8 @@ def vision_param_path(hf_name: str) -> tuple[str, ...] | None:
       ('encoder', 'layer_3', 'attention', 'attention', 'query', 'kernel')
       >>> vision_param_path("dinov2.layernorm.weight")
       ('layernorm', 'scale')
+      >>> vision_param_path("vit.encoder.layer.0.intermediate.dense.weight")  # HF ViTModel naming
+      ('encoder', 'layer_0', 'mlp', 'fc1', 'kernel')
     """
     for prefix in _PREFIXES:
         if hf_name.startswith(prefix):
@@ -68,6 +70,12 @@ def vision_param_path(hf_name: str) -> tuple[str, ...] | None:
     if _IGNORED.search(hf_name):
         return None
     path = list(hf_module_path(hf_name))
+    if len(path) >= 4 and path[0] == "encoder":  # HF ViTModel block names -> DINOv2's
+        block = path[2:-1]
+        renamed = {("layernorm_before",): ["norm1"], ("layernorm_after",): ["norm2"],
+                   ("intermediate", "dense"): ["mlp", "fc1"], ("output", "dense"): ["mlp", "fc2"]}.get(tuple(block))
+        if renamed is not None:
+            path = path[:2] + renamed + path[-1:]
     owner = path[-2] if len(path) > 1 else ""
     if path[-1] == "weight":
         path[-1] = "scale" if owner.startswith("norm") or owner == "layernorm" else "kernel"

@@ -82,12 +82,15 @@ class VisionConfig:
         intermediate = config.get("intermediate_size") or int(hidden * float(config.get("mlp_ratio", 4)))
         if config.get("use_swiglu_ffn"):
             raise ValueError("SwiGLU DINOv2 variants (giant) are not supported")
+        if config.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported (the blocks use exact GELU)")
         return cls(hidden_size=hidden, num_layers=int(config["num_hidden_layers"]),
                    num_heads=int(config["num_attention_heads"]), intermediate_size=int(intermediate),
                    patch_size=int(config["patch_size"]),
                    position_grid=int(config["image_size"]) // int(config["patch_size"]),
                    num_channels=int(config.get("num_channels", 3)),
-                   layer_norm_eps=float(config.get("layer_norm_eps", 1e-6)),
+                   layer_norm_eps=float(config.get("layer_norm_eps", 1e-6 if config.get("model_type") == "dinov2"
+                                                   else 1e-12)),
                    layerscale=config.get("model_type", "dinov2") == "dinov2")
 
 
