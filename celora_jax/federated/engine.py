@@ -160,12 +160,7 @@ def prepare(config: RunConfig) -> FederatedSetup:
     model, params = loading.load_classifier(
         model_dir, key_model, num_labels=dataset.num_classes, pooling=config.model.pooling,
         lora_scale=adapter_config.scale, dtype=_DTYPES[config.model.dtype])
-    base_params, trained_base = split_base_params(params, config.model.trainable_base)
-    # One key for every client: all start from the same A (METHOD.md §1).
-    lora = adapters_lib.init_adapters(key_adapter, params, adapter_config)
-    client_params = {"lora": lora, "params": trained_base}
-    roles = methods.parameter_roles(client_params, method, core_only=adapter_config.core_only,
-                                    share_base=config.federation.share_base)
+    base_params, client_params, roles = _client_parameters(params, config, method, adapter_config, key_adapter)
 
     def logits_fn(full_params, lora_params, batch, dropout_key):
         variables = {"params": full_params, "lora": lora_params}
@@ -187,6 +182,18 @@ def prepare(config: RunConfig) -> FederatedSetup:
                           client_params, roles, train, test, global_test,
                           config.partition.num_clients, _local_steps(config), dataset.num_classes, embed_fn,
                           clients)
+
+
+def _client_parameters(params: dict, config: RunConfig, method: methods.MethodSpec,
+                       adapter_config: adapters_lib.AdapterConfig, key_adapter: jax.Array) -> tuple[dict, dict, dict]:
+    """(frozen base params, one client's initial parameters {"lora", "params"}, their roles)."""
+    base_params, trained_base = split_base_params(params, config.model.trainable_base)
+    # One key for every client: all start from the same A (METHOD.md §1).
+    lora = adapters_lib.init_adapters(key_adapter, params, adapter_config)
+    client_params = {"lora": lora, "params": trained_base}
+    roles = methods.parameter_roles(client_params, method, core_only=adapter_config.core_only,
+                                    share_base=config.federation.share_base)
+    return base_params, client_params, roles
 
 
 def _load_decoder(config: RunConfig, adapter_config: adapters_lib.AdapterConfig):
@@ -220,12 +227,8 @@ def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
 
     model = llama.LlamaForCausalLM(model_config, lora_scale=adapter_config.scale, dtype=_DTYPES[config.model.dtype])
     params = jax.tree.map(jnp.asarray, params)
-    base_params, trained_base = split_base_params(params, config.model.trainable_base)
     key_adapter = jax.random.split(jax.random.key(config.seed))[1]
-    lora = adapters_lib.init_adapters(key_adapter, params, adapter_config)
-    client_params = {"lora": lora, "params": trained_base}
-    roles = methods.parameter_roles(client_params, method, core_only=adapter_config.core_only,
-                                    share_base=config.federation.share_base)
+    base_params, client_params, roles = _client_parameters(params, config, method, adapter_config, key_adapter)
     answer_positions = encoded["targets"].shape[1]
 
     def logits_fn(full_params, lora_params, batch, dropout_key):
@@ -276,11 +279,7 @@ def _prepare_vlm(config: RunConfig, method: methods.MethodSpec,
     key_projector, key_adapter = jax.random.split(jax.random.key(config.seed))
     params = {"decoder": jax.tree.map(jnp.asarray, decoder_params),
               "projector": vlm.init_projector(key_projector, vision_config.hidden_size, model_config.hidden_size)}
-    base_params, trained_base = split_base_params(params, config.model.trainable_base)
-    lora = adapters_lib.init_adapters(key_adapter, params, adapter_config)
-    client_params = {"lora": lora, "params": trained_base}
-    roles = methods.parameter_roles(client_params, method, core_only=adapter_config.core_only,
-                                    share_base=config.federation.share_base)
+    base_params, client_params, roles = _client_parameters(params, config, method, adapter_config, key_adapter)
     answer_positions = encoded["targets"].shape[1]
 
     def logits_fn(full_params, lora_params, batch, dropout_key):
