@@ -22,7 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from celora_jax.models.llama import DecoderConfig
-from celora_jax.models.loading import ModelLoadError, _our_layout
+from celora_jax.models.loading import ModelLoadError, _our_layout, safetensors_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +187,6 @@ def gguf_tokenizer(reader, path: pathlib.Path):
 def read_hf_llama(model_dir: str | pathlib.Path) -> tuple[DecoderConfig, dict, Any]:
     """Config, parameters and tokenizer of a local HF Llama directory (config.json,
     *.safetensors, tokenizer.json)."""
-    from safetensors.numpy import load_file
     from tokenizers import Tokenizer
 
     model_dir = pathlib.Path(model_dir)
@@ -197,17 +196,13 @@ def read_hf_llama(model_dir: str | pathlib.Path) -> tuple[DecoderConfig, dict, A
         config = DecoderConfig.from_hf_dict(json.loads((model_dir / "config.json").read_text()))
     except (KeyError, ValueError, TypeError) as err:
         raise ModelLoadError(f"{model_dir}/config.json: {err}") from err
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{model_dir} has no *.safetensors file")
     flat = {}
-    for file in files:
-        for name, tensor in load_file(str(file)).items():
-            path = _hf_decoder_path(name)
-            if path is None:
-                logger.info("checkpoint tensor %s is not used", name)
-                continue
-            flat[path] = _our_layout(path, tensor)
+    for name, tensor in safetensors_tensors(model_dir):
+        path = _hf_decoder_path(name)
+        if path is None:
+            logger.info("checkpoint tensor %s is not used", name)
+            continue
+        flat[path] = _our_layout(path, tensor)
     params = traverse_util.unflatten_dict(flat)
     if config.tie_embeddings:
         params.pop("lm_head", None)

@@ -12,7 +12,7 @@ import json
 import logging
 import pathlib
 import re
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,21 +62,35 @@ def read_checkpoint(model_dir: str | pathlib.Path) -> dict:
     Returns a nested dict with ``embeddings``, ``encoder`` and, when present, ``pooler``;
     linear weights transposed to [in, out].
     """
+    flat = {}
+    for name, tensor in safetensors_tensors(_existing_dir(model_dir)):
+        path = _our_path(name)
+        if path is not None:
+            flat[path] = _our_layout(path, tensor)
+    return traverse_util.unflatten_dict(flat)
+
+
+def safetensors_tensors(model_dir: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
+    """``(name, tensor)`` of every tensor in the directory's ``*.safetensors`` files (the
+    shards of an HF checkpoint), read with numpy; a clear error when there are none."""
     from safetensors.numpy import load_file
 
-    model_dir = _existing_dir(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
+    files = sorted(pathlib.Path(model_dir).glob("*.safetensors"))
     if not files:
         raise ModelLoadError(
             f"model directory {model_dir} has no *.safetensors file (PyTorch .bin checkpoints "
             "are not read; convert them with safetensors first)")
-    flat = {}
     for file in files:
-        for name, tensor in load_file(str(file)).items():
-            path = _our_path(name)
-            if path is not None:
-                flat[path] = _our_layout(path, tensor)
-    return traverse_util.unflatten_dict(flat)
+        yield from load_file(str(file)).items()
+
+
+def strip_prefix(name: str, prefixes: Sequence[str]) -> str:
+    """``name`` without the first of ``prefixes`` it starts with (HF task-model wrappers
+    such as ``bert.`` or ``dinov2.``)."""
+    for prefix in prefixes:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
 
 
 def _existing_dir(model_dir) -> pathlib.Path:
@@ -98,10 +112,7 @@ def hf_module_path(hf_name: str) -> tuple[str, ...]:
 
 
 def _our_path(hf_name: str) -> tuple[str, ...] | None:
-    for prefix in _PREFIXES:
-        if hf_name.startswith(prefix):
-            hf_name = hf_name[len(prefix):]
-            break
+    hf_name = strip_prefix(hf_name, _PREFIXES)
     if _IGNORED.search(hf_name):
         return None
     merged = list(hf_module_path(hf_name))

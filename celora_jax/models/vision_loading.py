@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from celora_jax.models.loading import ModelLoadError, hf_module_path
+from celora_jax.models.loading import ModelLoadError, hf_module_path, safetensors_tensors, strip_prefix
 from celora_jax.models.vit import VisionConfig, VisionTransformer
 
 _PREFIXES = ("backbone.", "dinov2.", "vit.", "model.")
@@ -63,10 +63,7 @@ def vision_param_path(hf_name: str) -> tuple[str, ...] | None:
       >>> vision_param_path("vit.encoder.layer.0.intermediate.dense.weight")  # HF ViTModel naming
       ('encoder', 'layer_0', 'mlp', 'fc1', 'kernel')
     """
-    for prefix in _PREFIXES:
-        if hf_name.startswith(prefix):
-            hf_name = hf_name[len(prefix):]
-            break
+    hf_name = strip_prefix(hf_name, _PREFIXES)
     if _IGNORED.search(hf_name):
         return None
     path = list(hf_module_path(hf_name))
@@ -98,9 +95,9 @@ def expected_shapes(config: VisionConfig) -> dict[tuple[str, ...], tuple[int, ..
     return {path: tuple(leaf.shape) for path, leaf in traverse_util.flatten_dict(shapes["params"]).items()}
 
 
-def check_vision_params(params: dict, config: VisionConfig, source: str) -> dict:
-    """``params`` as a nested dict after checking names and shapes against ``config``."""
-    flat = traverse_util.flatten_dict(params) if not all(isinstance(k, tuple) for k in params) else params
+def check_vision_params(flat: dict, config: VisionConfig, source: str) -> dict:
+    """``flat`` ({path tuple: array}) as a nested dict after checking names and shapes
+    against ``config``."""
     expected = expected_shapes(config)
     missing = sorted("/".join(p) for p in expected if p not in flat)
     if missing:
@@ -116,8 +113,6 @@ def check_vision_params(params: dict, config: VisionConfig, source: str) -> dict
 
 def read_hf_vision(model_dir: str | pathlib.Path) -> tuple[VisionConfig, dict]:
     """Config and parameters of a local HF ``dinov2``/``vit`` directory."""
-    from safetensors.numpy import load_file
-
     model_dir = pathlib.Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
@@ -130,26 +125,23 @@ def read_hf_vision(model_dir: str | pathlib.Path) -> tuple[VisionConfig, dict]:
         config = VisionConfig.from_hf(hf)
     except (KeyError, ValueError) as err:
         raise ModelLoadError(f"cannot read a vision config from {config_path}: {err!r}") from err
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"vision model directory {model_dir} has no *.safetensors file")
     flat = {}
-    for file in files:
-        for name, tensor in load_file(str(file)).items():
-            path = vision_param_path(name)
-            if path is not None:
-                flat[path] = _to_our_layout(path, tensor, transposed=False)
+    for name, tensor in safetensors_tensors(model_dir):
+        path = vision_param_path(name)
+        if path is not None:
+            flat[path] = _to_our_layout(path, tensor, transposed=False)
     return config, check_vision_params(flat, config, str(model_dir))
 
 
-def _named_consumer_bias(graph, tensor: str, named: set[str]) -> str | None:
-    """The named bias added to the output of the MatMul that reads ``tensor``."""
-    readers = [node for node in graph.node if tensor in node.input and node.op_type == "MatMul"]
+def _named_consumer_bias(consumers: dict, tensor: str, named: set[str]) -> str | None:
+    """The named bias added to the output of the MatMul that reads ``tensor``
+    (``consumers``: tensor name -> the nodes that read it)."""
+    readers = [node for node in consumers.get(tensor, ()) if node.op_type == "MatMul"]
     if len(readers) != 1:
         return None
     output = readers[0].output[0]
-    for node in graph.node:
-        if node.op_type == "Add" and output in node.input:
+    for node in consumers.get(output, ()):
+        if node.op_type == "Add":
             others = [name for name in node.input if name != output and name in named]
             if len(others) == 1:
                 return others[0]
@@ -177,10 +169,14 @@ def read_onnx_vision(path: str | pathlib.Path | None = None) -> tuple[VisionConf
         our = vision_param_path(name)
         if our is not None:
             flat[our] = _to_our_layout(our, tensors[name], transposed=False)
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            consumers.setdefault(name, []).append(node)
     for name, tensor in tensors.items():
         if name in named or tensor.ndim != 2:
             continue
-        bias = _named_consumer_bias(graph, name, named)
+        bias = _named_consumer_bias(consumers, name, named)
         if bias is None or not bias.endswith(".bias") or "backbone." not in bias:
             continue
         our = vision_param_path(bias[: -len(".bias")] + ".weight")
