@@ -2,13 +2,14 @@
 
 MiniLM with CE-LoRA (rank 8, every linear layer), real movie reviews, few examples per
 client: 4 training and 4 test reviews of 32 tokens, one local step of batch 4 per round,
-personalized aggregation. Every N runs in a fresh subprocess, so its peak resident memory
+personalized aggregation. On an accelerator the peak bytes its allocator held are reported
+too (``device_peak_mb``). Every N runs in a fresh subprocess, so its peak resident memory
 (``ru_maxrss``) is its own. Each N runs with all clients at once (plain ``vmap``) where that
 fits and with client blocks (``federation.client_block``), which bound the activations
 alive at once to one block.
 
-Reported per run: compile + first round seconds, steady round seconds (mean of the later
-rounds), peak RSS, and the bytes of the frozen base weights and of one client's state. The
+Reported per run: compile + first round seconds, steady round seconds (mean of the rounds
+between the first and the last, which evaluates), peak RSS, and the bytes of the frozen base weights and of one client's state. The
 base weights are passed to the vmapped client step with ``in_axes=None``: if they were
 copied per client, memory would grow by the base size (~90 MB) per client; the slope of
 peak RSS over N shows what one client really costs.
@@ -64,12 +65,22 @@ def run_one(num_clients: int, block: int | None, rounds: int, max_length: int) -
         "client_block": block,
         "prepare_s": prepare_s,
         "first_round_s": round_seconds[0],  # compile included
-        "steady_round_s": sum(round_seconds[1:]) / max(len(round_seconds) - 1, 1),
+        # Between the first round (compiles training) and the last (evaluates, compiling the
+        # evaluation: seconds on a GPU, which once made a 3-round "steady" mean 4x too high).
+        "steady_round_s": sum(round_seconds[1:-1]) / len(round_seconds[1:-1]),
+        "last_round_s": round_seconds[-1],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device_peak_mb": _device_peak_mb(jax.devices()[0]),
         "base_weights_mb": nbytes(setup.base_params) / 1e6,
         "client_params_mb": nbytes(setup.client_params) / 1e6,
         "final_test_accuracy": accuracy,
     }
+
+
+def _device_peak_mb(device) -> float | None:
+    """Peak bytes the accelerator's allocator held (None on CPU, where RSS is the measure)."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    return stats["peak_bytes_in_use"] / 1e6 if stats and "peak_bytes_in_use" in stats else None
 
 
 def _subprocess(num_clients: int, block: int | None, rounds: int, max_length: int) -> dict:
@@ -88,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="clients per block in the blocked runs (0: no blocks)")
     parser.add_argument("--unblocked-up-to", type=int, default=128,
                         help="also run all clients at once for N up to this")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per run (>= 3: compile, steady, evaluate)")
     parser.add_argument("--max-length", type=int, default=32)
-    parser.add_argument("--smoke", action="store_true", help="N = 2, at once and in blocks of 1; two rounds, 16 tokens")
+    parser.add_argument("--smoke", action="store_true", help="N = 2, at once and in blocks of 1; three rounds, 16 tokens")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -98,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_one(args.one, args.block if args.block else None, args.rounds, args.max_length)))
         return 0
     if args.smoke:
-        counts, block, unblocked_up_to, rounds, max_length = [2], 1, 2, 2, 16
+        counts, block, unblocked_up_to, rounds, max_length = [2], 1, 2, 3, 16
     else:
         counts = [int(n) for n in args.clients.split(",") if n.strip()]
         block, unblocked_up_to, rounds, max_length = args.block, args.unblocked_up_to, args.rounds, args.max_length
-    if not counts or min(counts) < 1 or rounds < 2:
-        parser.error("need N >= 1 and --rounds >= 2 (the first round includes compilation)")
+    if not counts or min(counts) < 1 or rounds < 3:
+        parser.error("need N >= 1 and --rounds >= 3 (the first round compiles, the last evaluates)")
     from tqdm.auto import tqdm
 
     plan = [(n, None) for n in counts if n <= unblocked_up_to] + [(n, block) for n in counts if block and n > block]
@@ -113,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(json.dumps(results[-1]))
     ok = [r for r in results if "error" not in r]
     blocked = sorted((r for r in ok if r["client_block"]), key=lambda r: r["num_clients"])
-    slope = None
+    slope = device_slope = None
     if len(blocked) >= 2:
         first, last = blocked[0], blocked[-1]
         slope = (last["peak_rss_mb"] - first["peak_rss_mb"]) / (last["num_clients"] - first["num_clients"])
+        if first.get("device_peak_mb") is not None:
+            device_slope = ((last["device_peak_mb"] - first["device_peak_mb"])
+                            / (last["num_clients"] - first["num_clients"]))
     import jax
 
     report = {
@@ -128,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                      "rounds": rounds, "block": block},
         "runs": results,
         "peak_rss_mb_per_client_blocked": slope,
+        "device_peak_mb_per_client_blocked": device_slope,
         "base_weights_mb": ok[0]["base_weights_mb"] if ok else None,
     }
     out = Path(args.out)

@@ -21,8 +21,16 @@ divided by the measured time of that step (from the engine's round time), as a f
 this machine's peak matmul FLOP/s, measured in the same run as the best of several large
 float32 matmuls.
 
+On a GPU the PyTorch reference runs on the GPU too (under bf16 autocast when
+``model.dtype=bfloat16``), and the peak is the best large matmul in the compute dtype
+(bf16 matmuls reach several times the float32 rate there), so ``fraction_of_peak`` is MFU.
+``--set key=value`` changes the preset like ``celora-jax run --set``, e.g. to size the round
+for an accelerator.
+
     python benchmarks/round_speed.py                         # writes benchmarks/results/round_speed.json
     python benchmarks/round_speed.py --smoke --out /tmp/round_speed.json
+    python benchmarks/round_speed.py --set model.dtype=bfloat16 --set partition.num_clients=64 \
+        --out benchmarks/results/round_speed_gpu_bf16.json   # on a GPU
 """
 
 from __future__ import annotations
@@ -106,7 +114,10 @@ def time_jax_loop(setup, rounds: int) -> list[float]:
 
 
 def time_pytorch(setup, rounds: int, threads: int) -> list[float]:
-    """Sequential clients on transformers' PyTorch BERT with tri-factor LoRA modules."""
+    """Sequential clients on transformers' PyTorch BERT with tri-factor LoRA modules, on the
+    GPU when PyTorch sees one (bf16 autocast when the preset computes in bfloat16)."""
+    import contextlib
+
     import torch
     import transformers
 
@@ -115,6 +126,10 @@ def time_pytorch(setup, rounds: int, threads: int) -> list[float]:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = setup.config.model.dtype == "bfloat16"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     config, n = setup.config, setup.num_clients
     rank, scale = setup.adapter_config.rank, setup.adapter_config.scale
     model_dir = config.model.path or loading.default_model_dir()
@@ -125,14 +140,17 @@ def time_pytorch(setup, rounds: int, threads: int) -> list[float]:
         def __init__(self, linear: torch.nn.Linear):
             super().__init__()
             self.linear = linear.requires_grad_(False)
-            self.A = torch.nn.Parameter(torch.randn(linear.in_features, rank) * 1e-3)
-            self.C = torch.nn.Parameter(torch.eye(rank))
-            self.B = torch.nn.Parameter(torch.zeros(rank, linear.out_features))
+            like = dict(device=linear.weight.device, dtype=linear.weight.dtype)
+            self.A = torch.nn.Parameter(torch.randn(linear.in_features, rank, **like) * 1e-3)
+            self.C = torch.nn.Parameter(torch.eye(rank, **like))
+            self.B = torch.nn.Parameter(torch.zeros(rank, linear.out_features, **like))
 
         def forward(self, x):
             return self.linear(x) + scale * (((x @ self.A) @ self.C) @ self.B)
 
-    backbone = transformers.BertModel.from_pretrained(str(model_dir), add_pooling_layer=False)
+    # float32 master weights whatever the checkpoint stores (transformers 5 defaults to its dtype)
+    backbone = transformers.BertModel.from_pretrained(str(model_dir), add_pooling_layer=False,
+                                                      dtype=torch.float32).to(device)
     backbone.requires_grad_(False)
     for layer in backbone.encoder.layer:
         for parent, name in ((layer.attention.self, "query"), (layer.attention.self, "key"),
@@ -142,7 +160,7 @@ def time_pytorch(setup, rounds: int, threads: int) -> list[float]:
     for module in backbone.modules():
         if isinstance(module, torch.nn.LayerNorm):
             module.requires_grad_(True)
-    head = torch.nn.Linear(backbone.config.hidden_size, setup.num_classes)
+    head = torch.nn.Linear(backbone.config.hidden_size, setup.num_classes).to(device)
     trainable = dict([(k, v) for k, v in backbone.named_parameters() if v.requires_grad]
                      + [(f"head.{k}", v) for k, v in head.named_parameters()])
     client_states = [{k: v.detach().clone() for k, v in trainable.items()} for _ in range(n)]
@@ -160,13 +178,14 @@ def time_pytorch(setup, rounds: int, threads: int) -> list[float]:
             optimizer = torch.optim.AdamW(trainable.values(), lr=config.optimizer.learning_rate,
                                           weight_decay=config.optimizer.weight_decay)
             for step in range(setup.local_steps):
-                ids = torch.from_numpy(batches["input_ids"][i, step]).long()
-                mask = torch.from_numpy(batches["attention_mask"][i, step]).long()
-                labels = torch.from_numpy(batches["labels"][i, step]).long()
-                hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-                weights = mask.unsqueeze(-1).float()
-                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-                loss = torch.nn.functional.cross_entropy(head(pooled), labels)
+                ids = torch.from_numpy(batches["input_ids"][i, step]).long().to(device)
+                mask = torch.from_numpy(batches["attention_mask"][i, step]).long().to(device)
+                labels = torch.from_numpy(batches["labels"][i, step]).long().to(device)
+                with autocast():
+                    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+                    weights = mask.unsqueeze(-1).to(hidden.dtype)
+                    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+                    loss = torch.nn.functional.cross_entropy(head(pooled).float(), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable.values(), config.optimizer.max_grad_norm)
@@ -177,6 +196,7 @@ def time_pytorch(setup, rounds: int, threads: int) -> list[float]:
                 mean = torch.stack([s[k] for s in client_states]).mean(0)
                 for s in client_states:
                     s[k] = mean.clone()
+        synchronize()
         seconds.append(time.perf_counter() - started)
     return seconds[1:]  # the first round warms up
 
@@ -243,16 +263,22 @@ def profile_step(setup, repeats: int = 3, top: int = 12) -> dict:
     return timings
 
 
-def peak_matmul_flops(size: int = 2048, repeats: int = 5) -> float:
+def peak_matmul_flops(size: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+    b = jax.random.normal(jax.random.key(1), (size, size), dtype)
     matmul = jax.jit(jnp.dot)
     matmul(a, b).block_until_ready()
     best = min(_timed(lambda: matmul(a, b).block_until_ready()) for _ in range(repeats))
     return 2 * size ** 3 / best
+
+
+def _torch_device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def _timed(fn) -> float:
@@ -266,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (after a warm-up)")
     parser.add_argument("--smoke", action="store_true", help="2 clients, 1 step of 4 x 16 tokens")
     parser.add_argument("--skip-pytorch", action="store_true")
+    parser.add_argument("--skip-profile", action="store_true", help="no profiler trace of one client step")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a preset field (repeatable), e.g. model.dtype=bfloat16")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -275,7 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     from celora_jax.federated import engine
 
     rounds = 1 if args.smoke else args.rounds
-    setup = engine.prepare(_config(SMOKE if args.smoke else [], rounds + 2))
+    try:
+        config = _config((SMOKE if args.smoke else []) + args.overrides, rounds + 2)
+    except ValueError as error:  # an unknown key or a bad value: say so before loading anything
+        parser.error(str(error))
+    setup = engine.prepare(config)
     fed = setup.config.federation
     examples_per_round = setup.num_clients * setup.local_steps * fed.batch_size
     results = {}
@@ -287,19 +320,24 @@ def main(argv: list[str] | None = None) -> int:
         seconds = measure()
         median = statistics.median(seconds)
         results[name] = {"round_seconds": seconds, "median_round_s": median,
-                         "examples_per_s": examples_per_round / median}
+                         "examples_per_s": examples_per_round / median,
+                         "tokens_per_s": examples_per_round * setup.config.model.max_length / median}
         print(f"{name}: {median:.2f} s per round, {examples_per_round / median:.1f} examples/s", flush=True)
     ratios = {f"engine_vs_{name}": results[name]["median_round_s"] / results["engine"]["median_round_s"]
               for name in results if name != "engine"}
     flops = step_flops(setup)
     step_seconds = results["engine"]["median_round_s"] / (setup.num_clients * setup.local_steps)
-    peak = peak_matmul_flops(512 if args.smoke else 2048)
+    on_accelerator = jax.default_backend() != "cpu"
+    peak_dtype = setup.config.model.dtype if on_accelerator else "float32"
+    peak = peak_matmul_flops(512 if args.smoke else (8192 if on_accelerator else 2048), dtype=peak_dtype)
     achieved = flops / step_seconds
-    profile = profile_step(setup)
+    profile = None if args.skip_profile else profile_step(setup)
     report = {
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                    "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()},
-        "settings": {"preset": "default" + (" (smoke)" if args.smoke else ""), "clients": setup.num_clients,
+                    "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+                    "pytorch_device": _torch_device_name() if "pytorch" in results else None},
+        "settings": {"preset": "default" + (" (smoke)" if args.smoke else ""), "overrides": args.overrides,
+                     "clients": setup.num_clients,
                      "local_steps": setup.local_steps, "batch_size": fed.batch_size,
                      "max_length": setup.config.model.max_length, "rank": setup.adapter_config.rank,
                      "dtype": setup.config.model.dtype, "timed_rounds": rounds},
@@ -309,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine_seconds_per_client_step": step_seconds,
         "achieved_flops_per_s": achieved,
         "peak_matmul_flops_per_s": peak,
+        "peak_matmul_dtype": peak_dtype,
         "fraction_of_peak": achieved / peak,
         "profile_one_client_step": profile,
     }

