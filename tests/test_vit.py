@@ -157,3 +157,49 @@ def test_hf_vit_directory_matches_pytorch_vitmodel(tmp_path):
             expected = reference(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
                                  interpolate_pos_encoding=interpolate).last_hidden_state.numpy()
         np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("whole_clip", [False, True])  # CLIPVisionModel, and CLIPModel (text tower ignored)
+def test_hf_clip_directory_matches_pytorch_clip_vision(tmp_path, whole_clip):
+    """CLIP's vision tower: pre-LayerNorm, no final norm on last_hidden_state, no patch bias,
+    quick GELU, eps 1e-5, CLIP's own pixel statistics from preprocessor_config.json."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                  patch_size=4, image_size=28)
+    if whole_clip:
+        config = transformers.CLIPConfig(vision_config=vision, projection_dim=16,
+                                         text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                          intermediate_size=32, vocab_size=64))
+        model = transformers.CLIPModel(config).eval()
+        reference = lambda **inputs: model.vision_model(**inputs)
+    else:
+        model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision)).eval()
+        reference = model
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if "layrnorm" in name or "layer_norm" in name or "position" in name:
+                tensor.add_(0.3 * torch.randn_like(tensor))
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    clip_mean, clip_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": clip_mean, "image_std": clip_std}))
+
+    ours_config, params = vision_loading.read_hf_vision(tmp_path)
+    assert (ours_config.hidden_act, ours_config.layer_norm_eps) == ("quick_gelu", 1e-5)
+    assert ours_config.pre_norm and not ours_config.final_norm and not ours_config.patch_bias
+    assert ours_config.image_mean == pytest.approx(clip_mean) and ours_config.image_std == pytest.approx(clip_std)
+    assert "bias" not in params["embeddings"]["patch_embeddings"]["projection"]
+    for size, interpolate in (((28, 28), False), ((20, 24), True)):
+        pixels = np.random.default_rng(4).normal(size=(2, *size, 3)).astype(np.float32)
+        ours = vit.VisionTransformer(ours_config).apply({"params": params}, jnp.asarray(pixels))
+        with torch.no_grad():
+            expected = reference(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
+                                 interpolate_pos_encoding=interpolate).last_hidden_state.numpy()
+        np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_vision_activation_is_refused():
+    with pytest.raises(ValueError, match="hidden_act 'relu' is not supported"):
+        vit.VisionConfig.from_hf({"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1,
+                                  "num_attention_heads": 4, "patch_size": 4, "image_size": 28, "hidden_act": "relu"})

