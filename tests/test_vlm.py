@@ -154,3 +154,16 @@ def test_vit_probe_smoke_writes_accuracies(fashion_mnist, dinov2_onnx, tmp_path)
     accuracies = {row["features"]: row["accuracy"] for row in report["results"]}
     assert set(accuracies) == {"raw pixels", "CLS", "CLS + 2x2 pooled patches"}
     assert all(0.4 < a <= 1.0 for a in accuracies.values())  # 10 classes: chance is 0.1
+
+
+def test_a_frozen_projector_is_warned_about(caplog):
+    from celora_jax.federated import engine
+
+    params = {"projector": {"fc1": {"kernel": np.zeros((4, 8))}}, "decoder": {"norm": {"scale": np.ones(8)}}}
+    with caplog.at_level("WARNING"):
+        trained = {"lora": {}, "params": engine.split_base_params(params, r"(norm/scale$|projector/)")[1]}
+        assert not engine.warn_if_projector_frozen(trained, r"(norm/scale$|projector/)")
+        assert not caplog.records
+        frozen = {"lora": {}, "params": engine.split_base_params(params, r"norm/scale$")[1]}
+        assert engine.warn_if_projector_frozen(frozen, r"norm/scale$")
+    assert "does not match the projector" in caplog.text

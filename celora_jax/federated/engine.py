@@ -229,6 +229,7 @@ def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
     params = jax.tree.map(jnp.asarray, params)
     key_adapter = jax.random.split(jax.random.key(config.seed))[1]
     base_params, client_params, roles = _client_parameters(params, config, method, adapter_config, key_adapter)
+    warn_if_projector_frozen(client_params, config.model.trainable_base)
     answer_positions = encoded["targets"].shape[1]
 
     def logits_fn(full_params, lora_params, batch, dropout_key):
@@ -280,6 +281,7 @@ def _prepare_vlm(config: RunConfig, method: methods.MethodSpec,
     params = {"decoder": jax.tree.map(jnp.asarray, decoder_params),
               "projector": vlm.init_projector(key_projector, vision_config.hidden_size, model_config.hidden_size)}
     base_params, client_params, roles = _client_parameters(params, config, method, adapter_config, key_adapter)
+    warn_if_projector_frozen(client_params, config.model.trainable_base)
     answer_positions = encoded["targets"].shape[1]
 
     def logits_fn(full_params, lora_params, batch, dropout_key):
@@ -293,6 +295,17 @@ def _prepare_vlm(config: RunConfig, method: methods.MethodSpec,
                           client_params, roles, train, test, global_test,
                           config.partition.num_clients, _local_steps(config), dataset.num_classes, embed_fn,
                           clients, embed_inputs=("image_tokens",))
+
+
+def warn_if_projector_frozen(client_params: dict, trainable_base: str) -> bool:
+    """Warns (and returns True) when a VLM's projector is not among the client-trained
+    parameters: it would stay at its random initialization."""
+    if "projector" in client_params["params"]:
+        return False
+    logger.warning("model.trainable_base=%r does not match the projector: it stays at its random "
+                   "initialization, so the decoder sees noise for the images; add 'projector/' to train it "
+                   "(the vlm presets do)", trainable_base)
+    return True
 
 
 def make_strategy(setup: FederatedSetup) -> strategies.Strategy:
