@@ -42,6 +42,13 @@ class ModelConfig:
         patch size, 14 for DINOv2).
       image_grid: the ViT's patch tokens are average-pooled to image_grid x image_grid
         tokens, which (with CLS) the decoder sees as 1 + image_grid² prefix positions.
+      align_steps: "vlm" only: steps of central projector pre-alignment before federation
+        (LLaVA's stage 1: ViT and decoder frozen, no adapters, the projector trained to
+        answer on ``align_examples`` images that no client holds); 0 skips it and clients
+        start from a random projector.
+      align_examples: public images for that alignment.
+      align_batch_size: its batch size.
+      align_learning_rate: its peak learning rate (warmup, cosine decay).
     """
 
     path: str | None = None
@@ -53,10 +60,21 @@ class ModelConfig:
     vision_path: str | None = None
     image_size: int = 56
     image_grid: int = 2
+    align_steps: int = 0
+    align_examples: int = 1024
+    align_batch_size: int = 16
+    align_learning_rate: float = 1e-3
 
     def __post_init__(self):
         if self.architecture not in ("encoder", "decoder", "vlm"):
             raise ValueError(f"model.architecture must be 'encoder', 'decoder' or 'vlm', got {self.architecture!r}")
+        if self.align_steps < 0 or self.align_examples < 1 or self.align_batch_size < 1 \
+                or not self.align_learning_rate > 0:
+            raise ValueError("model.align_steps must be >= 0, align_examples and align_batch_size >= 1 and "
+                             f"align_learning_rate > 0, got {self.align_steps}, {self.align_examples}, "
+                             f"{self.align_batch_size}, {self.align_learning_rate}")
+        if self.align_steps and self.architecture != "vlm":
+            raise ValueError("model.align_steps aligns a VLM's projector; it needs model.architecture='vlm'")
         if self.image_size < 1 or self.image_grid < 1:
             raise ValueError(f"model.image_size and model.image_grid must be >= 1, got {self.image_size}, "
                              f"{self.image_grid}")

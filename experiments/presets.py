@@ -80,6 +80,7 @@ VLM = RunConfig(
 VLM_SMOKE = dataclasses.replace(
     VLM,
     name="vlm_smoke",
+    model=dataclasses.replace(VLM.model, align_steps=2, align_examples=8, align_batch_size=4),
     partition=PartitionConfig(scheme="dirichlet", num_clients=2, alpha=0.5,
                               train_examples=4, test_examples=4, global_test_examples=4),
     federation=FederationConfig(method="celora", rounds=2, batch_size=2, local_steps=1, eval_batch_size=4),

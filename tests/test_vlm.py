@@ -126,12 +126,15 @@ def test_fashion_mnist_is_the_real_dataset(fashion_mnist):
 
 @pytest.mark.assets
 @pytest.mark.slow
-def test_vlm_preset_runs_end_to_end(fashion_mnist, smollm2, dinov2_onnx, tmp_path):
+def test_vlm_preset_runs_end_to_end(fashion_mnist, smollm2, dinov2_onnx, tmp_path, caplog):
     from celora_jax.federated import engine
     from experiments.presets import get_preset
 
     config = get_preset("vlm_smoke")
-    result = engine.run(config, output_dir=tmp_path)
+    assert config.model.align_steps == 2  # the projector is pre-aligned on public images first
+    with caplog.at_level("INFO", logger="celora_jax.federated.align"):
+        result = engine.run(config, output_dir=tmp_path)
+    assert "projector alignment: 2 steps on 8 public images" in caplog.text
     assert [r["round"] for r in result.history] == [1, 2]
     final = result.history[-1]
     assert np.isfinite(final["train_loss"]) and final["train_loss"] < result.history[0]["train_loss"] + 1.0
@@ -167,3 +170,71 @@ def test_a_frozen_projector_is_warned_about(caplog):
         frozen = {"lora": {}, "params": engine.split_base_params(params, r"norm/scale$")[1]}
         assert engine.warn_if_projector_frozen(frozen, r"norm/scale$")
     assert "does not match the projector" in caplog.text
+
+
+def _synthetic_vqa(n, rng):
+    """Image features whose class is visible (class means 3 apart) and a one-token answer
+    per class followed by end-of-turn, packed like encode_instructions' output."""
+    labels = rng.integers(0, 4, n)
+    means = rng.normal(0, 3, (4, 12))
+    image_tokens = (means[labels][:, None, :] + rng.normal(0, 0.3, (n, 3, 12))).astype(np.float32)
+    targets = np.stack([20 + labels, np.full(n, TINY.eos_token_id)], 1).astype(np.int32)
+    return labels, {"image_tokens": image_tokens, "input_ids": np.tile(np.array([5, 17, 3], np.int32), (n, 1)),
+                    "attention_mask": np.ones((n, 3), np.int32), "targets": targets,
+                    "target_mask": np.ones((n, 2), np.float32)}
+
+
+def test_projector_alignment_learns_to_read_the_images_and_leaves_the_rest_alone():
+    """A toy decoder (a frozen readout of the mean projected image token, plus a fixed
+    end-of-turn logit at the second position) keeps the check about align_projector itself."""
+    from celora_jax.federated import align
+
+    projector_module = vlm.Projector(16)
+    readout = jax.random.normal(jax.random.key(1), (16, TINY.vocab_size))
+    params = {"decoder": {"readout": readout}, "projector": vlm.init_projector(jax.random.key(4), 12, 16)}
+    labels, examples = _synthetic_vqa(64, np.random.default_rng(0))
+    stop = jax.nn.one_hot(TINY.eos_token_id, TINY.vocab_size) * 100.0
+
+    def logits_fn(full, lora, batch, key):
+        assert lora == {}  # no adapters during alignment
+        image = projector_module.apply({"params": full["projector"]}, batch["image_tokens"]).mean(1)
+        answer = image @ full["decoder"]["readout"]
+        return jnp.stack([answer, jnp.broadcast_to(stop, answer.shape)], 1)
+
+    def exact_match(projector):
+        batch = {**jax.tree.map(jnp.asarray, examples), "example_mask": jnp.ones(64)}
+        logits = logits_fn({**params, "projector": projector}, {}, batch, None)
+        return float(jnp.mean(jnp.all(logits.argmax(-1) == batch["targets"], axis=-1)))
+
+    kwargs = dict(steps=100, batch_size=16, learning_rate=1e-2, key=jax.random.key(7))
+    projector, record = align.align_projector(logits_fn, params, examples, **kwargs)
+    before, after = exact_match(params["projector"]), exact_match(projector)
+    assert before < 0.5 and after > 0.95, (before, after)
+    assert record["last_loss"] < record["first_loss"] / 2 and record["last_exact_match"] > 0.9
+    chex.assert_trees_all_equal_shapes(projector, params["projector"])
+    # Deterministic in the key; the input parameters are not modified.
+    again, _ = align.align_projector(logits_fn, params, examples, **kwargs)
+    chex.assert_trees_all_close(again, projector, atol=1e-6)
+    assert exact_match(params["projector"]) == before
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        align.align_projector(logits_fn, params, {k: v[:8] for k, v in examples.items()}, **kwargs)
+
+
+def test_public_rows_avoid_every_client_row():
+    from celora_jax.federated import align
+
+    used = np.array([0, 2, 4, 6, 8, 9])
+    rows = align.public_rows(12, used, 4, seed=0)
+    assert len(set(rows)) == 4 and not set(rows) & set(used) and list(rows) == sorted(rows)
+    np.testing.assert_array_equal(rows, align.public_rows(12, used, 4, seed=0))
+    with pytest.raises(ValueError, match="needs 7 images that no client holds; only 6"):
+        align.public_rows(12, used, 7, seed=0)
+
+
+def test_alignment_settings_are_checked():
+    from celora_jax.config import ModelConfig
+
+    with pytest.raises(ValueError, match="needs model.architecture='vlm'"):
+        ModelConfig(align_steps=10)
+    with pytest.raises(ValueError, match="align_steps must be >= 0"):
+        ModelConfig(architecture="vlm", align_steps=-1)

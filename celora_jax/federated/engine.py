@@ -27,7 +27,7 @@ from celora_jax.config import RunConfig, to_dict
 from celora_jax.data import packing
 from celora_jax.data.partition import partition
 from celora_jax.data.text import load_text_dataset
-from celora_jax.federated import blocks
+from celora_jax.federated import align, blocks
 from celora_jax.federated import client as client_lib
 from celora_jax.federated import strategies
 from celora_jax.models import loading
@@ -229,7 +229,8 @@ def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
     params = jax.tree.map(jnp.asarray, params)
     key_adapter = jax.random.split(jax.random.key(config.seed))[1]
     base_params, client_params, roles = _client_parameters(params, config, method, adapter_config, key_adapter)
-    warn_if_projector_frozen(client_params, config.model.trainable_base)
+    if not config.model.align_steps:  # an aligned projector may stay frozen on purpose
+        warn_if_projector_frozen(client_params, config.model.trainable_base)
     answer_positions = encoded["targets"].shape[1]
 
     def logits_fn(full_params, lora_params, batch, dropout_key):
@@ -262,6 +263,11 @@ def _prepare_vlm(config: RunConfig, method: methods.MethodSpec,
     split = partition(dataset.labels, config.partition, dataset.groups)
     clients = local_clients(config)
     needed = _needed_examples(split, clients)
+    public = np.zeros(0, np.int64)
+    if config.model.align_steps:
+        used = np.concatenate([split.train.ravel(), split.test.ravel(), split.global_test])
+        public = align.public_rows(len(dataset.labels), used, config.model.align_examples, config.seed)
+        needed = np.union1d(needed, public)
     encoded = instructions.encode_instructions(
         tokenizer, [""] * len(needed), dataset.labels[needed], instructions.answers_for(dataset.label_names),
         config.model.max_length, model_config.pad_token_id, question=instructions.IMAGE_QUESTION)
@@ -280,13 +286,21 @@ def _prepare_vlm(config: RunConfig, method: methods.MethodSpec,
     key_projector, key_adapter = jax.random.split(jax.random.key(config.seed))
     params = {"decoder": jax.tree.map(jnp.asarray, decoder_params),
               "projector": vlm.init_projector(key_projector, vision_config.hidden_size, model_config.hidden_size)}
-    base_params, client_params, roles = _client_parameters(params, config, method, adapter_config, key_adapter)
-    warn_if_projector_frozen(client_params, config.model.trainable_base)
     answer_positions = encoded["targets"].shape[1]
 
     def logits_fn(full_params, lora_params, batch, dropout_key):
         return model.apply({"params": full_params, "lora": lora_params}, batch["image_tokens"],
                            batch["input_ids"], batch["attention_mask"], last=answer_positions)
+
+    if config.model.align_steps:
+        rows = np.searchsorted(needed, public)
+        params["projector"], _ = align.align_projector(
+            logits_fn, params, {name: value[rows] for name, value in encoded.items()},
+            steps=config.model.align_steps, batch_size=config.model.align_batch_size,
+            learning_rate=config.model.align_learning_rate, key=jax.random.fold_in(key_projector, 1))
+    base_params, client_params, roles = _client_parameters(params, config, method, adapter_config, key_adapter)
+    if not config.model.align_steps:  # an aligned projector may stay frozen on purpose
+        warn_if_projector_frozen(client_params, config.model.trainable_base)
 
     def embed_fn(full_params, image_tokens):
         return image_tokens[:, 0]  # the frozen ViT's CLS token: the client's data space
