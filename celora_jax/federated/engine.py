@@ -229,8 +229,6 @@ def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
     params = jax.tree.map(jnp.asarray, params)
     key_adapter = jax.random.split(jax.random.key(config.seed))[1]
     base_params, client_params, roles = _client_parameters(params, config, method, adapter_config, key_adapter)
-    if not config.model.align_steps:  # an aligned projector may stay frozen on purpose
-        warn_if_projector_frozen(client_params, config.model.trainable_base)
     answer_positions = encoded["targets"].shape[1]
 
     def logits_fn(full_params, lora_params, batch, dropout_key):
