@@ -2,6 +2,7 @@
 and the federated VQA preset end to end."""
 
 import gzip
+import json
 
 import chex
 import jax
@@ -135,6 +136,8 @@ def test_vlm_preset_runs_end_to_end(fashion_mnist, smollm2, dinov2_onnx, tmp_pat
     with caplog.at_level("INFO", logger="celora_jax.federated.align"):
         result = engine.run(config, output_dir=tmp_path)
     assert "projector alignment: 2 steps on 8 public images" in caplog.text
+    summary = json.loads((tmp_path / "summary.json").read_text())["projector_alignment"]
+    assert summary["steps"] == 2 and summary["examples"] == 8 and np.isfinite(summary["last_loss"])
     assert [r["round"] for r in result.history] == [1, 2]
     final = result.history[-1]
     assert np.isfinite(final["train_loss"]) and final["train_loss"] < result.history[0]["train_loss"] + 1.0

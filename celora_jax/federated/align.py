@@ -91,6 +91,8 @@ def align_projector(logits_fn: client_lib.LogitsFn, params: Mapping, examples: M
         projector, opt_state, loss, match = step(projector, opt_state, batch)
         losses.append(float(loss))
         matches.append(float(match))
+        if progress and (index + 1) % 10 == 0:
+            indices.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}", exact=f"{np.mean(matches[-10:]):.2f}")
     tenth = max(steps // 10, 1)
     record = {"steps": steps, "examples": n, "batch_size": batch_size, "learning_rate": learning_rate,
               "first_loss": float(np.mean(losses[:tenth])), "last_loss": float(np.mean(losses[-tenth:])),

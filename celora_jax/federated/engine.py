@@ -65,6 +65,8 @@ class FederatedSetup:
     # process); the other rows of train/test are zeros with the right example_mask.
     local_clients: tuple[int, int] | None = None
     embed_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+    # What preparation measured that the summary reports (the VLM's projector alignment).
+    preparation: dict = dataclasses.field(default_factory=dict)
 
     @property
     def local_range(self) -> tuple[int, int]:
@@ -129,8 +131,9 @@ def _local_steps(config: RunConfig) -> int:
     return fed.local_steps or math.ceil(config.partition.train_examples / fed.batch_size)
 
 
-def prepare(config: RunConfig) -> FederatedSetup:
-    """Loads data and model, partitions clients and builds the initial client parameters."""
+def prepare(config: RunConfig, *, progress: bool = False) -> FederatedSetup:
+    """Loads data and model, partitions clients and builds the initial client parameters
+    (``progress``: a progress bar for long preparation, the VLM's projector alignment)."""
     method = methods.get_method(config.federation.method)
     adapter_config = dataclasses.replace(config.adapter, kind=method.adapter_kind)
     if config.model.dtype not in _DTYPES:
@@ -138,7 +141,7 @@ def prepare(config: RunConfig) -> FederatedSetup:
     if config.model.architecture == "decoder":
         return _prepare_decoder(config, method, adapter_config)
     if config.model.architecture == "vlm":
-        return _prepare_vlm(config, method, adapter_config)
+        return _prepare_vlm(config, method, adapter_config, progress)
     model_dir = loading.default_model_dir() if config.model.path is None else pathlib.Path(config.model.path)
     model_config = loading.read_encoder_config(model_dir)  # fails early on a bad directory
 
@@ -248,7 +251,7 @@ def _prepare_decoder(config: RunConfig, method: methods.MethodSpec,
 
 
 def _prepare_vlm(config: RunConfig, method: methods.MethodSpec,
-                 adapter_config: adapters_lib.AdapterConfig) -> FederatedSetup:
+                 adapter_config: adapters_lib.AdapterConfig, progress: bool = False) -> FederatedSetup:
     """``prepare`` for a LLaVA-style model: a question about each image, answered in words."""
     from celora_jax.data import images as images_lib
     from celora_jax.data import instructions
@@ -290,12 +293,14 @@ def _prepare_vlm(config: RunConfig, method: methods.MethodSpec,
         return model.apply({"params": full_params, "lora": lora_params}, batch["image_tokens"],
                            batch["input_ids"], batch["attention_mask"], last=answer_positions)
 
+    preparation = {}
     if config.model.align_steps:
         rows = np.searchsorted(needed, public)
-        params["projector"], _ = align.align_projector(
+        params["projector"], preparation["projector_alignment"] = align.align_projector(
             logits_fn, params, {name: value[rows] for name, value in encoded.items()},
             steps=config.model.align_steps, batch_size=config.model.align_batch_size,
-            learning_rate=config.model.align_learning_rate, key=jax.random.fold_in(key_projector, 1))
+            learning_rate=config.model.align_learning_rate, key=jax.random.fold_in(key_projector, 1),
+            progress=progress)
     base_params, client_params, roles = _client_parameters(params, config, method, adapter_config, key_adapter)
     if not config.model.align_steps:  # an aligned projector may stay frozen on purpose
         warn_if_projector_frozen(client_params, config.model.trainable_base)
@@ -306,7 +311,7 @@ def _prepare_vlm(config: RunConfig, method: methods.MethodSpec,
     return FederatedSetup(config, method, adapter_config, model, logits_fn, base_params,
                           client_params, roles, train, test, global_test,
                           config.partition.num_clients, _local_steps(config), dataset.num_classes, embed_fn,
-                          clients, embed_inputs=("image_tokens",))
+                          clients, embed_inputs=("image_tokens",), preparation=preparation)
 
 
 def warn_if_projector_frozen(client_params: dict, trainable_base: str) -> bool:
@@ -641,6 +646,7 @@ def summarize(history: list[dict], setup: FederatedSetup) -> dict:
     }
     if "core_share_mean" in final:
         summary["core_share_mean"] = final["core_share_mean"]
+    summary.update(setup.preparation)
     if "dp_epsilon" in final:
         summary.update({k: final[k] for k in ("dp_epsilon", "dp_delta", "dp_noise_multiplier")},
                        dp_clip_norm=setup.config.dp.clip_norm)
@@ -672,7 +678,7 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
                          "or choose another output directory")
     if jax.process_index() != 0:
         output_dir, progress = None, False  # every process saves checkpoints, process 0 the rest
-    setup = prepare(config)
+    setup = prepare(config, progress=progress)
     out = None
     history: list[dict] = []
     config_text = json.dumps(to_dict(config), indent=2, sort_keys=True)
