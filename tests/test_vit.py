@@ -135,6 +135,20 @@ def test_bad_checkpoints_raise_clear_errors(tiny_dinov2_dir, tmp_path):
         vision_loading.read_onnx_vision(tmp_path / "junk.onnx")
 
 
+def _assert_matches_pytorch(config, params, reference, seed):
+    """Our ViT equals the PyTorch reference's last_hidden_state on the native 7x7 grid and,
+    with the bicubic position resize, at 20x24 pixels."""
+    import torch
+
+    for size, interpolate in (((28, 28), False), ((20, 24), True)):
+        pixels = np.random.default_rng(seed).normal(size=(2, *size, 3)).astype(np.float32)
+        ours = vit.VisionTransformer(config).apply({"params": params}, jnp.asarray(pixels))
+        with torch.no_grad():
+            expected = reference(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
+                                 interpolate_pos_encoding=interpolate).last_hidden_state.numpy()
+        np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_hf_vit_directory_matches_pytorch_vitmodel(tmp_path):
     """HF ViTModel naming (layernorm_before, intermediate.dense, ...), no LayerScale, eps 1e-12."""
     torch = pytest.importorskip("torch")
@@ -150,13 +164,7 @@ def test_hf_vit_directory_matches_pytorch_vitmodel(tmp_path):
     reference.save_pretrained(str(tmp_path), safe_serialization=True)
     ours_config, params = vision_loading.read_hf_vision(tmp_path)
     assert not ours_config.layerscale and ours_config.layer_norm_eps == 1e-12
-    for size, interpolate in (((28, 28), False), ((20, 24), True)):
-        pixels = np.random.default_rng(3).normal(size=(2, *size, 3)).astype(np.float32)
-        ours = vit.VisionTransformer(ours_config).apply({"params": params}, jnp.asarray(pixels))
-        with torch.no_grad():
-            expected = reference(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
-                                 interpolate_pos_encoding=interpolate).last_hidden_state.numpy()
-        np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=1e-4)
+    _assert_matches_pytorch(ours_config, params, reference, seed=3)
 
 
 @pytest.mark.parametrize("whole_clip", [False, True])  # CLIPVisionModel, and CLIPModel (text tower ignored)
@@ -190,13 +198,7 @@ def test_hf_clip_directory_matches_pytorch_clip_vision(tmp_path, whole_clip):
     assert ours_config.pre_norm and not ours_config.final_norm and not ours_config.patch_bias
     assert ours_config.image_mean == pytest.approx(clip_mean) and ours_config.image_std == pytest.approx(clip_std)
     assert "bias" not in params["embeddings"]["patch_embeddings"]["projection"]
-    for size, interpolate in (((28, 28), False), ((20, 24), True)):
-        pixels = np.random.default_rng(4).normal(size=(2, *size, 3)).astype(np.float32)
-        ours = vit.VisionTransformer(ours_config).apply({"params": params}, jnp.asarray(pixels))
-        with torch.no_grad():
-            expected = reference(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
-                                 interpolate_pos_encoding=interpolate).last_hidden_state.numpy()
-        np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=1e-4)
+    _assert_matches_pytorch(ours_config, params, reference, seed=4)
 
 
 def test_unsupported_vision_activation_is_refused():
