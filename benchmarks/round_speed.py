@@ -23,14 +23,15 @@ float32 matmuls.
 
 On a GPU the PyTorch reference runs on the GPU too (under bf16 autocast when
 ``model.dtype=bfloat16``), and the peak is the best large matmul in the compute dtype
-(bf16 matmuls reach several times the float32 rate there), so ``fraction_of_peak`` is MFU.
+(XLA runs float32 matmuls on TF32 tensor cores there), so ``fraction_of_peak`` is MFU.
 ``--set key=value`` changes the preset like ``celora-jax run --set``, e.g. to size the round
 for an accelerator.
 
     python benchmarks/round_speed.py                         # writes benchmarks/results/round_speed.json
     python benchmarks/round_speed.py --smoke --out /tmp/round_speed.json
-    python benchmarks/round_speed.py --set model.dtype=bfloat16 --set partition.num_clients=64 \
-        --out benchmarks/results/round_speed_gpu_bf16.json   # on a GPU
+    python benchmarks/round_speed.py --skip-profile --set model.dtype=bfloat16 \
+        --set partition.num_clients=32 --set model.max_length=128 \
+        --out benchmarks/results/round_speed_h200_bf16.json   # as run on an H200
 """
 
 from __future__ import annotations
