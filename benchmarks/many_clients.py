@@ -10,10 +10,9 @@ alive at once to one block.
 
 Reported per run: compile + first round seconds, steady round seconds (mean of the rounds
 between the first and the last, which evaluates), peak RSS, and the bytes of the frozen
-base weights and of one client's state. The
-base weights are passed to the vmapped client step with ``in_axes=None``: if they were
-copied per client, memory would grow by the base size (~90 MB) per client; the slope of
-peak RSS over N shows what one client really costs.
+base weights and of one client's state. The base weights are passed to the vmapped client
+step with ``in_axes=None``: if they were copied per client, memory would grow by the base
+size (~90 MB) per client; the slope of peak RSS over N shows what one client really costs.
 
     python benchmarks/many_clients.py                        # N = 1, 8, 32, 128, 1000
     python benchmarks/many_clients.py --smoke --out /tmp/many_clients.json
