@@ -87,6 +87,7 @@ def validate(args, hosts: int, chips_per_host: int) -> str:
     from celora_jax.config import apply_overrides
     from celora_jax.data.partition import partition
     from celora_jax.data.text import load_text_dataset
+    from celora_jax.federated.engine import shared_checkpoint_path
     from celora_jax.methods import get_method
     from experiments.presets import get_preset
 
@@ -121,7 +122,8 @@ def validate(args, hosts: int, chips_per_host: int) -> str:
              f"block: {block or 'all at once'}; rounds: {fed.rounds}; model: {config.model.architecture} "
              f"{config.model.path or '(shipped default)'}; dtype {config.model.dtype}"]
     if config.checkpoint.every > 0:
-        where = (f"{config.checkpoint.directory.rstrip('/')}/{config.name}/<method>" if config.checkpoint.directory
+        where = (shared_checkpoint_path(config.checkpoint.directory, config.name, "<method>")
+                 if config.checkpoint.directory
                  else f"{args.output_dir}/{config.name}/<method>/checkpoints (host 0's disk)")
         lines.append(f"checkpoints: every {config.checkpoint.every} rounds to {where}"
                      + ("" if where.startswith("gs://") or hosts == 1 else "; every host must see this path"))

@@ -653,10 +653,15 @@ def summarize(history: list[dict], setup: FederatedSetup) -> dict:
     return summary
 
 
+def shared_checkpoint_path(directory: str, name: str, method: str) -> str:
+    """Where a run's checkpoints go under ``checkpoint.directory`` (local or ``gs://``)."""
+    return f"{directory.rstrip('/')}/{name}/{method}"
+
+
 def checkpoint_directory(config: RunConfig, output_dir: str | pathlib.Path | None) -> str | pathlib.Path | None:
     """``checkpoint.directory/<name>/<method>`` if set, else ``<output_dir>/checkpoints``."""
     if config.checkpoint.directory:
-        return f"{config.checkpoint.directory.rstrip('/')}/{config.name}/{config.federation.method}"
+        return shared_checkpoint_path(config.checkpoint.directory, config.name, config.federation.method)
     return None if output_dir is None else pathlib.Path(output_dir) / "checkpoints"
 
 

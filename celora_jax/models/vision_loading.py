@@ -109,7 +109,7 @@ def clip_param_path(hf_name: str) -> tuple[str, ...] | None:
     match = _CLIP_LAYER.match(name)
     if match is None:
         return None
-    layer, module, projection, norm, fc, kind = match.groups()
+    layer, _, projection, norm, fc, kind = match.groups()
     leaf = {"weight": "scale" if norm else "kernel", "bias": "bias"}[kind]
     if projection == "out":
         where = ("attention", "output", "dense")
