@@ -6,7 +6,8 @@
 
 Every run writes ``<out>/<study>/<run id>/`` (``metrics.jsonl``, ``summary.json``,
 ``config.json``); a run whose ``summary.json`` exists is skipped, so an interrupted grid
-resumes where it stopped. ``python -m experiments.report`` turns the results into tables and
+resumes where it stopped, and a run whose config equals a finished run's (the ablations'
+defaults are main/alpha0.5's settings) is copied from it, its summary naming the source. ``python -m experiments.report`` turns the results into tables and
 plots. Studies:
 
 - main: methods x {Dirichlet alpha 0.1, 0.5, 1.0 over labels, split by source (IMDB vs
@@ -24,8 +25,8 @@ plots. Studies:
 Size (``STUDY`` below), chosen for the 2-core CPU machines: MiniLM, 10 clients with 64
 training and 64 test reviews each, 48 tokens, batch 16, 4 local steps (one local epoch) per
 round, 12 rounds; about 4 CPU-minutes per run measured (compile included), so the main
-table (72 runs with 3 seeds) takes about 5 CPU-hours and the ablations (42 runs) about 3:
-run them across sessions, the grid resumes. On a GPU/TPU raise clients, examples, tokens
+table (72 runs with 3 seeds) takes about 5 CPU-hours and the ablations (42 runs, 12 of
+them copies of main/alpha0.5 runs) about 2: run them across sessions, the grid resumes. On a GPU/TPU raise clients, examples, tokens
 and rounds with ``--set``.
 """
 
@@ -33,12 +34,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import pathlib
+import shutil
 import sys
 from typing import Iterator
 
-from celora_jax.config import FederationConfig, ModelConfig, RunConfig, apply_overrides
+from celora_jax.config import FederationConfig, ModelConfig, RunConfig, apply_overrides, to_dict
 from celora_jax.data.partition import PartitionConfig
 from celora_jax.methods import METHODS
 
@@ -153,8 +156,36 @@ def main(argv: list[str] | None = None) -> int:
             print(run_id)
         return 0
     for run_id, config in tqdm(todo, desc="grid", unit="run"):
+        twin = finished_twin(root, config)
+        if twin is not None:
+            copy_twin(twin, root / run_id, root)
+            continue
         engine.run(config, output_dir=root / run_id)  # writes summary.json last
     return 0
+
+
+def finished_twin(root: pathlib.Path, config: RunConfig) -> pathlib.Path | None:
+    """A finished run under ``root`` with exactly this config, if any.
+
+    Studies overlap (the ablations' defaults are main/alpha0.5's runs) and a run is a
+    deterministic function of its config, so such a run is copied rather than recomputed.
+    """
+    wanted = json.loads(json.dumps(to_dict(config)))  # as engine.run wrote it: tuples are lists
+    for summary in sorted(root.rglob("summary.json")):
+        config_path = summary.parent / "config.json"
+        if config_path.exists() and json.loads(config_path.read_text()) == wanted:
+            return summary.parent
+    return None
+
+
+def copy_twin(twin: pathlib.Path, run_dir: pathlib.Path, root: pathlib.Path) -> None:
+    """Copies a twin's results into ``run_dir``; its summary names where they came from."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "metrics.jsonl"):
+        shutil.copyfile(twin / name, run_dir / name)
+    summary = json.loads((twin / "summary.json").read_text())
+    summary.setdefault("same_config_as", str(twin.relative_to(root)))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))  # written last, as engine.run
 
 
 if __name__ == "__main__":

