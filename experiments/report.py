@@ -5,7 +5,8 @@
 
 Accuracy is each client's own-test accuracy at the final round, pooled over clients and
 seeds (mean ± std); "vs local" is the paired difference to local-only training on the same
-clients and seeds (mean ± standard error over clients); "MB/round" is what one client sends
+clients and seeds (mean ± standard error over clients; the ablations, all at α = 0.5, pair
+with main/alpha0.5's local-only runs); "MB/round" is what one client sends
 up per round; "MB to target" is the cumulative traffic (all clients, up and down) when the
 mean own-test accuracy first reaches the target (default: 95% of the best final mean
 accuracy in that table), "-" if never; "core share" is ‖A(C−I)B‖/‖ACB‖ at the last round
@@ -96,7 +97,8 @@ def table(runs: Runs, prefix: str, target_fraction: float,
         return ""
     best = max(float(np.mean(_final_accuracies(v))) for v in selected.values())
     target = target_fraction * best
-    local = next((v for name, v in selected.items() if name.split("/")[-1] == "local"), None)
+    local = next((v for name, v in selected.items() if name.split("/")[-1] == "local"),
+                 runs.get(_LOCAL_REFERENCE.get(prefix.split("/")[0], "")))
     lines = ["| run | own-test acc. (%) | vs local (pts) | global acc. (%) | seeds | MB/round (per client, up) "
              f"| MB to {100 * target:.1f}% | core share |",
              "|---|---|---|---|---|---|---|---|"]
@@ -135,6 +137,9 @@ def plot(runs: Runs, prefix: str, path: pathlib.Path) -> bool:
     plot_curves(averaged, path)
     return True
 
+
+# The ablations run on main/alpha0.5's clients (same partition and seeds): paired with its local.
+_LOCAL_REFERENCE = {study: "main/alpha0.5/local" for study in ("ablation_beta", "ablation_lambda", "ablation_rank")}
 
 # Studies whose tables are split one level further (by data split, by diagnosed setting).
 _SECTION_DEPTH = {"main": 2, "diagnose": 2}

@@ -61,6 +61,7 @@ def test_report_names_missing_and_unfinished_runs_and_pairs_with_local(tmp_path,
     _fake_run(raw, "main/alpha0.5/celora/seed0", [0.75, 0.75], core_share=0.25)
     _fake_run(raw, "main/alpha0.5/local/seed1", [1.0, 0.5])
     _fake_run(raw, "main/alpha0.5/celora/seed1", [0.75, 1.0], finished=False)  # interrupted
+    _fake_run(raw, "ablation_beta/beta0.0/seed0", [1.0, 0.75])  # on main/alpha0.5's clients
     assert report.main(["--results", str(raw), "--out", str(tmp_path / "out"), "--seeds", "0,1"]) == 0
     text = (tmp_path / "out" / "results.md").read_text()
     # celora has one of two seeds: counted as such, paired with local's seed 0 only (+25, +0).
@@ -70,6 +71,7 @@ def test_report_names_missing_and_unfinished_runs_and_pairs_with_local(tmp_path,
     assert "`main/alpha0.5/celora` (seed1)" in section.split("**Unfinished (1 run,")[1]
     assert "`main/alpha0.5/fedavg_lora` (seed0, seed1)" in section.split("**Missing (8 runs,")[1]
     assert "## main/alpha1.0\n\nNo finished runs." in text  # expected splits never started
+    assert "| beta0.0 | 87.5 ± 12.5 | +25.0 ± 25.0 | 50.0 | 1/2 |" in text  # paired with alpha0.5's local
     assert "runs missing and 1 unfinished" in capsys.readouterr().err
 
 
