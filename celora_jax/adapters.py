@@ -254,12 +254,17 @@ def adapted_linear(x: Array, kernel: Array, bias: Array | None,
         _checks.check_trailing("adapted_linear", "bias", bias, (d_out,), f"d_out = {d_out} from kernel")
     if adapter is not None:
         _check_adapter_fits("adapted_linear", adapter, (d_in, d_out))
+    # Matmuls on [tokens, d_in]: with [batch, seq, d_in] operands XLA:CPU materializes a
+    # transposed copy of each [batch, seq, d_out] cotangent for the adapters' weight
+    # gradients, which cost ~40% of a MiniLM training step (benchmarks/round_speed.py).
+    lead = _checks.shape_of(x)[:-1]
+    x = jnp.reshape(x, (-1, d_in))
     y = x @ kernel
     if bias is not None:
         y = y + bias
     if adapter is not None:
         y = y + adapter_output(x, adapter, scale)
-    return y
+    return jnp.reshape(y, (*lead, d_out))
 
 
 def _check_adapter_fits(function: str, adapter: Mapping[str, Array], kernel_dims: tuple[int, int],
