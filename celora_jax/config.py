@@ -108,8 +108,11 @@ class FederationConfig:
         with NaN/Inf are always rejected. Rejected clients keep their previous state.
       client_block: train and evaluate this many clients at a time (``lax.map`` over blocks
         of vmapped clients; rounded up to a multiple of the device count) so that
-        thousands of clients fit in memory; None trains all clients at once. Results are
-        the same either way.
+        thousands of clients fit in memory; None trains all clients at once. "auto"
+        (default): one client per device at a time on CPUs, where a client's activations
+        then stay in cache (the default preset's round is 1.3x faster than with all 10
+        clients at once on 2 cores), all clients at once on GPUs and TPUs. Results are the
+        same either way.
     """
 
     method: str = "celora"
@@ -124,7 +127,7 @@ class FederationConfig:
     participation: float = 1.0
     client_dropout: float = 0.0
     outlier_factor: float = 10.0
-    client_block: int | None = None
+    client_block: int | str | None = "auto"
 
     def __post_init__(self):
         from celora_jax.methods import get_method
@@ -139,8 +142,10 @@ class FederationConfig:
             raise ValueError(f"federation.client_dropout must be in [0, 1), got {self.client_dropout}")
         if self.outlier_factor < 0:
             raise ValueError(f"federation.outlier_factor must be >= 0, got {self.outlier_factor}")
-        if self.client_block is not None and self.client_block < 1:
-            raise ValueError(f"federation.client_block must be at least 1 or None, got {self.client_block}")
+        if not (self.client_block is None or self.client_block == "auto"
+                or (isinstance(self.client_block, int) and self.client_block >= 1)):
+            raise ValueError(f"federation.client_block must be an integer >= 1, None or 'auto', "
+                             f"got {self.client_block!r}")
         if self.data_parallel < 1 or self.batch_size % self.data_parallel:
             raise ValueError(f"federation.data_parallel must be >= 1 and divide batch_size={self.batch_size}, "
                              f"got {self.data_parallel}")

@@ -51,9 +51,12 @@ def client_mesh(num_devices: int | None = None, data_parallel: int = 1) -> Mesh:
     return Mesh(grid, (CLIENTS, DATA))
 
 
-def client_block_size(block: int | None, mesh: Mesh) -> int | None:
+def client_block_size(block: int | str | None, mesh: Mesh) -> int | None:
     """``block`` rounded up to a multiple of the clients-axis size (so that every block
-    spans every device); None stays None (all clients at once)."""
+    spans every device); None stays None (all clients at once); "auto" is one client per
+    device on CPUs (cache-sized working sets) and None on accelerators (``FederationConfig``)."""
+    if block == "auto":
+        block = mesh.shape[CLIENTS] if mesh.devices.flat[0].platform == "cpu" else None
     if block is None:
         return None
     if block < 1:
@@ -62,7 +65,7 @@ def client_block_size(block: int | None, mesh: Mesh) -> int | None:
     return -(-block // size) * size
 
 
-def padded_client_count(num_clients: int, mesh: Mesh, block: int | None = None) -> int:
+def padded_client_count(num_clients: int, mesh: Mesh, block: int | str | None = None) -> int:
     """Smallest multiple of the clients-axis size (and of ``client_block_size(block)``
     when fewer than ``num_clients``) that holds ``num_clients``."""
     multiple = mesh.shape[CLIENTS]

@@ -172,12 +172,18 @@ def finished_twin(root: pathlib.Path, config: RunConfig) -> pathlib.Path | None:
     main/alpha0.5/celora at seed 0 gave the same per-client final accuracies and training
     losses within 8e-5), so such a run is copied rather than recomputed.
     """
-    wanted = json.loads(json.dumps(to_dict(config)))  # as engine.run wrote it: tuples are lists
+    wanted = _result_settings(json.loads(json.dumps(to_dict(config))))  # as engine.run wrote it
     for summary in sorted(root.rglob("summary.json")):
         config_path = summary.parent / "config.json"
-        if config_path.exists() and json.loads(config_path.read_text()) == wanted:
+        if config_path.exists() and _result_settings(json.loads(config_path.read_text())) == wanted:
             return summary.parent
     return None
+
+
+def _result_settings(config: dict) -> dict:
+    """A written config without the fields that only schedule the work (client blocks)."""
+    federation = {k: v for k, v in config.get("federation", {}).items() if k != "client_block"}
+    return {**config, "federation": federation}
 
 
 def copy_twin(twin: pathlib.Path, run_dir: pathlib.Path, root: pathlib.Path) -> None:

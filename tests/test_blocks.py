@@ -58,4 +58,5 @@ def test_padding_makes_room_for_whole_blocks_on_every_device():
     assert sharding.padded_client_count(5, mesh, 8) == 5      # one block holds everyone
     assert sharding.padded_client_count(1000, mesh, 64) == 1024
     assert sharding.client_block_size(3, mesh) == 3 and sharding.client_block_size(None, mesh) is None
+    assert sharding.client_block_size("auto", mesh) == (1 if jax.default_backend() == "cpu" else None)
     np.testing.assert_equal(sharding.padded_client_count(7, mesh), 7)

@@ -83,7 +83,7 @@ def test_one_device_and_eight_devices_give_the_same_run(tiny_model_dir, tmp_path
     """Clients padded to a multiple of 8 on an 8-device mesh equal the same clients on one
     device, all trained at once."""
     single = [o for o in overrides if not o.startswith(("federation.client_block", "federation.data_parallel"))]
-    one = engine.run(apply_overrides(tiny_config(tiny_model_dir, method, num_devices=1), single))
+    one = engine.run(apply_overrides(tiny_config(tiny_model_dir, method, num_devices=1, client_block=None), single))
     out = str(tmp_path / "eight.npz")
     script = _EIGHT_DEVICES.format(root=str(ROOT), tests=str(ROOT / "tests"), model=str(tiny_model_dir),
                                    method=method, out=out, overrides=overrides)
@@ -100,7 +100,7 @@ def test_one_device_and_eight_devices_give_the_same_run(tiny_model_dir, tmp_path
 
 def test_client_blocks_give_the_same_run(tiny_model_dir):
     """5 clients in blocks of 2 (padded to 6, three blocks) equal all 5 at once."""
-    whole = engine.run(tiny_config(tiny_model_dir, "celora"))
+    whole = engine.run(tiny_config(tiny_model_dir, "celora", client_block=None))
     blocked = engine.run(tiny_config(tiny_model_dir, "celora", client_block=2))
     for a, b in zip(jax.tree.leaves(whole.client_params), jax.tree.leaves(blocked.client_params)):
         assert a.shape == b.shape
@@ -156,6 +156,9 @@ def test_reporting_clients_sampling():
         FederationConfig(participation=0.0)
     with pytest.raises(ValueError, match="client_dropout"):
         FederationConfig(client_dropout=1.0)
+    for block in (0, "fast", 2.5):
+        with pytest.raises(ValueError, match="client_block must be an integer >= 1, None or 'auto'"):
+            FederationConfig(client_block=block)
 
 
 @pytest.mark.parametrize("method", sorted(methods.METHODS))
