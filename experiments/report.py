@@ -23,6 +23,7 @@ import argparse
 import collections
 import json
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -89,6 +90,12 @@ def _core_share(histories: dict[str, list[dict]]) -> str:
     return f"{np.mean(shares):.3f}" if shares else "-"
 
 
+def natural_key(name: str) -> list:
+    """Sort key reading numbers as numbers: lambda3.0 before lambda10.0, rank4 before rank16."""
+    return [(0, float(part), "") if part[:1].isdigit() else (1, 0.0, part)
+            for part in re.split(r"(\d+(?:\.\d+)?)", name) if part]
+
+
 def table(runs: Runs, prefix: str, target_fraction: float,
           expected_seeds: int | None = None) -> str:
     """Markdown table of the runs whose id starts with ``prefix``."""
@@ -102,7 +109,7 @@ def table(runs: Runs, prefix: str, target_fraction: float,
     lines = ["| run | own-test acc. (%) | vs local (pts) | global acc. (%) | seeds | MB/round (per client, up) "
              f"| MB to {100 * target:.1f}% | core share |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, histories in sorted(selected.items()):
+    for name, histories in sorted(selected.items(), key=lambda item: natural_key(item[0])):
         accuracy = _final_accuracies(histories)
         global_acc = [h[-1].get("global_test_accuracy_mean") for h in histories.values()]
         global_acc = [g for g in global_acc if g is not None]

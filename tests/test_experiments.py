@@ -167,3 +167,9 @@ def test_round_speed_benchmark_smoke_with_overrides_writes_json(tmp_path, minilm
     assert report["profile_one_client_step"] is None
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--set", "model.no_such_field=1", "--out", str(out)])
+
+
+def test_report_orders_runs_by_their_numbers():
+    names = ["lambda10.0", "lambda3.0", "rank16/celora", "rank4/fedavg_lora", "rank4/celora", "lambda0.1"]
+    assert sorted(names, key=report.natural_key) == [
+        "lambda0.1", "lambda3.0", "lambda10.0", "rank4/celora", "rank4/fedavg_lora", "rank16/celora"]
