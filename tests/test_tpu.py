@@ -70,3 +70,11 @@ def test_multi_host_checkpoints_go_to_the_shared_directory(movie_reviews_csv):
                     "--set", "checkpoint.directory='gs://bucket/celora'")
     assert done.returncode == 0, done.stderr
     assert "checkpoints: every 5 rounds to gs://bucket/celora/pod/<method>\n" in done.stdout
+
+
+def test_dry_run_plans_auto_blocks_as_on_tpus(movie_reviews_csv):
+    """'auto' is one client per device on CPUs but all at once on TPUs: the plan is the TPU's."""
+    done = _dry_run("run", "--accelerator", "v4-32", "--set", "federation.client_block='auto'",
+                    "--set", "partition.num_clients=100")
+    assert done.returncode == 0, done.stderr
+    assert "clients: 100 real, padded to 104 (13 per client group); block: all at once" in done.stdout

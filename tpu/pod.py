@@ -111,8 +111,10 @@ def validate(args, hosts: int, chips_per_host: int) -> str:
                          "per host: every host takes part in the mesh")
     dataset = load_text_dataset(config.data)
     partition(dataset.labels, part, dataset.groups)  # raises if the data cannot be split so
-    total = sharding.padded_client_count(part.num_clients, mesh, fed.client_block)
-    block = sharding.client_block_size(fed.client_block, mesh)
+    # The plan is for TPUs, where 'auto' means all clients at once (not these fake CPU devices' rule).
+    planned_block = None if fed.client_block == "auto" else fed.client_block
+    total = sharding.padded_client_count(part.num_clients, mesh, planned_block)
+    block = sharding.client_block_size(planned_block, mesh)
     per_group = total // groups
     groups_per_host = chips_per_host // fed.data_parallel
     lines = [f"slice: {hosts} hosts x {chips_per_host} chips = {devices} devices; "
