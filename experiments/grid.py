@@ -7,8 +7,8 @@
 Every run writes ``<out>/<study>/<run id>/`` (``metrics.jsonl``, ``summary.json``,
 ``config.json``); a run whose ``summary.json`` exists is skipped, so an interrupted grid
 resumes where it stopped, and a run whose config equals a finished run's (the ablations'
-defaults are main/alpha0.5's settings) is copied from it, its summary naming the source. ``python -m experiments.report`` turns the results into tables and
-plots. Studies:
+defaults are main/alpha0.5's settings) is copied from it, its summary naming the source.
+``python -m experiments.report`` turns the results into tables and plots. Studies:
 
 - main: methods x {Dirichlet alpha 0.1, 0.5, 1.0 over labels, split by source (IMDB vs
   Rotten Tomatoes)}; rank 8.
@@ -26,8 +26,8 @@ Size (``STUDY`` below), chosen for the 2-core CPU machines: MiniLM, 10 clients w
 training and 64 test reviews each, 48 tokens, batch 16, 4 local steps (one local epoch) per
 round, 12 rounds; about 4 CPU-minutes per run measured (compile included), so the main
 table (72 runs with 3 seeds) takes about 5 CPU-hours and the ablations (42 runs, 12 of
-them copies of main/alpha0.5 runs) about 2: run them across sessions, the grid resumes. On a GPU/TPU raise clients, examples, tokens
-and rounds with ``--set``.
+them copies of main/alpha0.5 runs) about 2: run them across sessions, the grid resumes. On
+a GPU/TPU raise clients, examples, tokens and rounds with ``--set``.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def finished_twin(root: pathlib.Path, config: RunConfig) -> pathlib.Path | None:
-    """A finished run under ``root`` with exactly this config, if any.
+    """A finished run under ``root`` with this config (client blocks aside), if any.
 
     Studies overlap (the ablations' defaults are main/alpha0.5's runs) and a run is a
     function of its config up to floating-point reduction order (rerunning
