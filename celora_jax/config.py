@@ -103,9 +103,10 @@ class FederationConfig:
       participation: fraction of clients sampled each round (at least one).
       client_dropout: probability that a sampled client drops out before reporting. Absent
         clients keep their personal state and are left out of aggregation (no recompile).
-      outlier_factor: reject a client's round when the norm of its uploaded change exceeds
-        this multiple of the median over reporting clients (0 disables the rule). Updates
-        with NaN/Inf are always rejected. Rejected clients keep their previous state.
+      outlier_factor: leave a client's upload out of aggregation when the norm of its
+        uploaded change exceeds this multiple of the median over reporting clients (0
+        disables the rule); such a client keeps its own round of training. A client whose
+        parameters hold NaN/Inf is always left out and keeps its state from before the round.
       client_block: train and evaluate this many clients at a time (``lax.map`` over blocks
         of vmapped clients; rounded up to a multiple of the device count) so that
         thousands of clients fit in memory; None trains all clients at once. "auto"

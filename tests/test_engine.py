@@ -209,7 +209,8 @@ def test_nan_client_is_rejected_and_others_are_unaffected(tiny_model_dir, method
     with caplog.at_level("WARNING"):
         poisoned_run = engine.run(config)
     assert all(r["rejected_clients"] == [2] for r in poisoned_run.history)
-    assert "clients [2] sent non-finite" in caplog.text
+    assert "clients [2] produced NaN/Inf" in caplog.text
+    assert all(r["non_finite_clients"] == [2] for r in poisoned_run.history)
     monkeypatch.setattr(engine, "_stack", original_stack)
 
     # Reference: the same run in which client 2 simply never reports.
@@ -222,6 +223,33 @@ def test_nan_client_is_rejected_and_others_are_unaffected(tiny_model_dir, method
         np.testing.assert_allclose(np.asarray(got)[others], np.asarray(want)[others], rtol=1e-6, atol=1e-7)
     accuracy = np.asarray(poisoned_run.history[-1]["client_test_accuracy"])
     np.testing.assert_allclose(accuracy[others], np.asarray(reference.history[-1]["client_test_accuracy"])[others])
+
+
+def test_outlier_clients_keep_their_training_but_are_not_aggregated(tiny_model_dir, caplog):
+    """An unusually large (finite) upload is set aside, not the client's own training."""
+    one_round = ["federation.rounds=1"]
+    strict = apply_overrides(tiny_config(tiny_model_dir, "celora"), one_round + ["federation.outlier_factor=1.0"])
+    with caplog.at_level("WARNING"):
+        run = engine.run(strict)
+    record = run.history[-1]
+    outliers = record["rejected_clients"]
+    assert outliers and record["non_finite_clients"] == [] and "keep their own training" in caplog.text
+    others = [i for i in range(5) if i not in outliers]
+    np.testing.assert_array_equal(np.asarray(record["weights"])[np.ix_(others, outliers)], 0.0)
+    # What a client trains for itself in round 1 does not depend on aggregation: the
+    # outliers' A, B and head equal those of the same run without the rule.
+    lenient = engine.run(apply_overrides(tiny_config(tiny_model_dir, "celora"),
+                                         one_round + ["federation.outlier_factor=0.0"]))
+    assert lenient.history[-1]["rejected_clients"] == []
+    start = engine.prepare(strict).client_params
+    for path, kept, reference in ((p, a, b) for (p, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(run.client_params), jax.tree.leaves(lenient.client_params))):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['C']"):
+            continue  # the core: own for the outliers, the mixture for the others
+        np.testing.assert_allclose(np.asarray(kept)[outliers], np.asarray(reference)[outliers], atol=1e-6)
+    head = lambda params: np.asarray(params["params"]["classifier"]["kernel"])
+    assert not np.allclose(head(run.client_params)[outliers], np.broadcast_to(head(start), head(run.client_params)[outliers].shape))
 
 
 def test_bfloat16_compute_keeps_float32_adapters_and_tracks_float32(tiny_model_dir):

@@ -369,15 +369,20 @@ def _per_client(tree, reduce_leaf) -> Array:
     return jnp.ones((len(leaves),), jnp.float32) @ per_leaf
 
 
+def non_finite_updates(trained, mask) -> Array:
+    """``[N]`` bool: reporting clients with a NaN/Inf anywhere in their trained parameters."""
+    finite_count = _per_client(trained, lambda x: jnp.sum(~jnp.isfinite(x), axis=1))
+    return mask & (False if finite_count is None else finite_count > 0)
+
+
 def rejected_updates(sent_before, uploads, trained, mask, outlier_factor: float) -> Array:
-    """``[N]`` bool: reporting clients whose round must be discarded.
+    """``[N]`` bool: reporting clients whose upload the server sets aside.
 
     A client is rejected when any trained parameter is NaN/Inf, or (``outlier_factor`` > 0)
     when the norm of its uploaded change exceeds ``outlier_factor`` times the median norm
     over the reporting clients with finite updates.
     """
-    finite_count = _per_client(trained, lambda x: jnp.sum(~jnp.isfinite(x), axis=1))
-    finite = jnp.ones_like(mask) if finite_count is None else finite_count == 0
+    finite = ~non_finite_updates(trained, mask)
     rejected = mask & ~finite
     change = jax.tree.map(lambda new, old: new - old, uploads, sent_before)
     squared = _per_client(change, lambda x: jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0) ** 2, axis=1))
@@ -427,24 +432,27 @@ def build_round_step(setup: FederatedSetup, strategy: strategies.Strategy, mesh)
             noised, norms = privatize(change, config.dp.clip_norm, noise_multiplier, noise_keys)
             uploads = jax.tree.map(jnp.add, sent_before, noised)
             dp_logs = {"update_norm": norms}
-        accepted = mask & ~rejected_updates(
-            sent_before, uploads,
-            methods.select(trained["params"], roles, methods.SHARED, methods.PERSONAL), mask,
-            config.federation.outlier_factor)
+        learned = methods.select(trained["params"], roles, methods.SHARED, methods.PERSONAL)
+        broken = non_finite_updates(learned, mask)
+        accepted = mask & ~rejected_updates(sent_before, uploads, learned, mask, config.federation.outlier_factor)
         # Zero what rejected clients sent: a weight of 0 does not cancel NaN in a weighted sum.
         uploads = _where_clients(accepted, uploads, jax.tree.map(jnp.zeros_like, uploads))
         server_state, downloads, logs = strategy.aggregate(server_state, uploads, sizes, accepted)
         received = methods.combine(downloads, methods.select(trained["params"], roles,
                                                              methods.PERSONAL, methods.FROZEN))
         new_state = {"params": received, "opt_state": trained["opt_state"]}
-        logs = {**logs, **dp_logs, "rejected": mask & ~accepted}
+        logs = {**logs, **dp_logs, "rejected": mask & ~accepted, "non_finite": broken}
         if ("lora" in trained["params"] and setup.method.adapter_kind == adapters_lib.TRI
                 and not setup.adapter_config.core_only):
             # What each client learned that its core (the only thing shared) carries; under
             # core_only (C starts at 0) the core is the whole update by construction.
             logs["core_share"] = jnp.mean(adapters_lib.core_share(trained["params"]["lora"]), axis=-1)
-        # Absent and rejected clients keep the state they had before the round.
-        return _where_clients(accepted, new_state, client_state), server_state, metrics, logs
+        # Outliers (finite but unusually large uploads) keep their own round of training and
+        # only miss the mixture: under strong label skew the clients still learning are the
+        # "outliers" of clients that have converged, and rolling them back would freeze them.
+        # Absent clients and clients with NaN/Inf keep the state they had before the round.
+        own_round = _where_clients(mask & ~broken, trained, client_state)
+        return _where_clients(accepted, new_state, own_round), server_state, metrics, logs
 
     clients, replicated = sharding.clients_sharding(mesh), sharding.replicated(mesh)
     batch = sharding.batch_sharding(mesh)
@@ -594,10 +602,16 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
         if "core_share" in record:
             record["core_share_mean"] = _mean_over(record["core_share"], mask_np[:n])
         rejected = [i for i, flag in enumerate(record.pop("rejected")) if flag]
-        record["rejected_clients"] = rejected
-        if rejected:
-            logger.warning("round %d: clients %s sent non-finite or outlier updates; their round was "
-                           "discarded and they were left out of aggregation", round_index + 1, rejected)
+        non_finite = [i for i, flag in enumerate(record.pop("non_finite")) if flag]
+        outliers = [i for i in rejected if i not in non_finite]
+        record["rejected_clients"], record["non_finite_clients"] = rejected, non_finite
+        if non_finite:
+            logger.warning("round %d: clients %s produced NaN/Inf; their round was discarded and they "
+                           "were left out of aggregation", round_index + 1, non_finite)
+        if outliers:
+            logger.warning("round %d: clients %s sent updates over %g times the median norm; they keep "
+                           "their own training but were left out of aggregation", round_index + 1,
+                           outliers, fed.outlier_factor)
         record["seconds"] = time.perf_counter() - started
         saved_history.append(_scalars(record))
         every = config.checkpoint.every
