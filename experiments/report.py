@@ -145,6 +145,31 @@ def plot(runs: Runs, prefix: str, path: pathlib.Path) -> bool:
     return True
 
 
+_MAIN_COLUMNS = ("local", "celora", "celora_avg", "fedavg_lora", "fedsa_lora", "ffa_lora")
+
+
+def main_summary(runs: Runs) -> str:
+    """The main study as one table: splits x methods, own-test accuracy (%) pooled over
+    clients and seeds, the paired difference to local-only in brackets, seeds found."""
+    splits = sorted({run_id.split("/")[1] for run_id in runs if run_id.startswith("main/")}, key=natural_key)
+    if not splits:
+        return ""
+    lines = ["| split | " + " | ".join(_MAIN_COLUMNS) + " |", "|---|" + "---|" * len(_MAIN_COLUMNS)]
+    for split in splits:
+        local = runs.get(f"main/{split}/local")
+        cells = []
+        for method in _MAIN_COLUMNS:
+            histories = runs.get(f"main/{split}/{method}")
+            if histories is None:
+                cells.append("-")
+                continue
+            accuracy = 100 * _final_accuracies(histories).mean()
+            paired = "" if method == "local" else f" ({_paired_gain(histories, local)})"
+            cells.append(f"{accuracy:.1f}{paired} [{len(histories)}]")
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # The ablations run on main/alpha0.5's clients (same partition and seeds): paired with its local.
 _LOCAL_REFERENCE = {study: "main/alpha0.5/local" for study in ("ablation_beta", "ablation_lambda", "ablation_rank")}
 
@@ -208,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     missing, unfinished = incomplete_runs(root, expected)
     out.mkdir(parents=True, exist_ok=True)
     sections = []
+    summary = main_summary(runs)
+    if summary:
+        sections.append("## main (summary)\n\nOwn-test accuracy (%), pooled over clients and seeds; in brackets "
+                        "the paired difference to local-only (± standard error over clients); [seeds found].\n\n"
+                        + summary + "\n")
     for section in sorted({section_of(run_id) for run_id in list(runs) + expected}):
         text = table(runs, section + "/", args.target_fraction, len(seeds) if section.split("/")[0] in studies else None)
         image = out / f"{section.replace('/', '_')}.png"

@@ -72,6 +72,8 @@ def test_report_names_missing_and_unfinished_runs_and_pairs_with_local(tmp_path,
     assert "`main/alpha0.5/fedavg_lora` (seed0, seed1)" in section.split("**Missing (8 runs,")[1]
     assert "## main/alpha1.0\n\nNo finished runs." in text  # expected splits never started
     assert "| beta0.0 | 87.5 ± 12.5 | +25.0 ± 25.0 | 50.0 | 1/2 |" in text  # paired with alpha0.5's local
+    # The summary pivots splits x methods over the finished seeds.
+    assert "| alpha0.5 | 68.8 [2] | 75.0 (+12.5 ± 12.5) [1] | - |" in text.split("## main (summary)")[1]
     assert "runs missing and 1 unfinished" in capsys.readouterr().err
 
 
