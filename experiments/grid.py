@@ -24,10 +24,11 @@ defaults are main/alpha0.5's settings) is copied from it, its summary naming the
 
 Size (``STUDY`` below), chosen for the 2-core CPU machines: MiniLM, 10 clients with 64
 training and 64 test reviews each, 48 tokens, batch 16, 4 local steps (one local epoch) per
-round, 12 rounds; about 4 CPU-minutes per run measured (compile included), so the main
-table (72 runs with 3 seeds) takes about 5 CPU-hours and the ablations (42 runs, 12 of
-them copies of main/alpha0.5 runs) about 2: run them across sessions, the grid resumes. On
-a GPU/TPU raise clients, examples, tokens and rounds with ``--set``.
+round, 12 rounds; about 2 CPU-minutes per run measured on 2 cores (compile included; 3.6
+before the CPU speed-ups of 2026-11-26), so the main table (72 runs with 3 seeds) takes
+about 2.5 CPU-hours and the ablations (42 runs, 12 of them copies of main/alpha0.5 runs)
+about 1: run them across sessions, the grid resumes. On a GPU/TPU raise clients, examples,
+tokens and rounds with ``--set``.
 """
 
 from __future__ import annotations
