@@ -41,7 +41,7 @@ for name in $steps; do
       step speed_bf16 "$py" benchmarks/round_speed.py --skip-profile --set model.dtype=bfloat16 \
         --set partition.num_clients=32 --set model.max_length=128 --out "$out/round_speed_bf16.json" ;;
     many)
-      step many "$py" benchmarks/many_clients.py --clients 8,128,1000 --unblocked-up-to 1000 --block 125 \
+      step many "$py" benchmarks/many_clients.py --clients 1,8,32,128,1000 --unblocked-up-to 1000 --block 125 \
         --out "$out/many_clients.json" ;;
     *) echo "unknown step $name" | tee -a "$log"; exit 2 ;;
   esac

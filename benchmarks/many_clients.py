@@ -40,6 +40,7 @@ def run_one(num_clients: int, block: int | None, rounds: int, max_length: int) -
     """One measurement, in this process (the parent runs it in a fresh subprocess)."""
     import jax
 
+    from celora_jax import sharding
     from celora_jax.config import FederationConfig, ModelConfig, RunConfig
     from celora_jax.data.partition import PartitionConfig
     from celora_jax.federated import engine
@@ -60,9 +61,12 @@ def run_one(num_clients: int, block: int | None, rounds: int, max_length: int) -
         round_seconds.append(record["seconds"])
         accuracy = record.get("test_accuracy_mean")
     nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+    mesh = sharding.client_mesh(config.federation.num_devices, config.federation.data_parallel)
     return {
         "num_clients": num_clients,
         "client_block": block,
+        # The client axis is padded to whole blocks (and devices): memory follows this count.
+        "padded_clients": sharding.padded_client_count(num_clients, mesh, block),
         "prepare_s": prepare_s,
         "first_round_s": round_seconds[0],  # compile included
         # Between the first round (compiles training) and the last (evaluates, compiling the
@@ -92,6 +96,34 @@ def _subprocess(num_clients: int, block: int | None, rounds: int, max_length: in
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+
+def _report(results: list[dict], rounds: int, max_length: int, block: int) -> dict:
+    import jax
+
+    ok = [r for r in results if "error" not in r]
+    blocked = sorted((r for r in ok if r["client_block"]), key=lambda r: r["padded_clients"])
+    slope = device_slope = None
+    if len(blocked) >= 2 and blocked[-1]["padded_clients"] > blocked[0]["padded_clients"]:
+        first, last = blocked[0], blocked[-1]
+        added = last["padded_clients"] - first["padded_clients"]
+        slope = (last["peak_rss_mb"] - first["peak_rss_mb"]) / added
+        if first.get("device_peak_mb") is not None:
+            device_slope = (last["device_peak_mb"] - first["device_peak_mb"]) / added
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                    "device": str(jax.devices()[0].device_kind)},
+        "settings": {"model": "all-MiniLM-L6-v2", "method": "celora", "rank": 8, "train_examples": 4,
+                     "test_examples": 4, "max_length": max_length, "batch_size": 4, "local_steps": 1,
+                     "rounds": rounds, "block": block},
+        "runs": results,
+        # Per client slot of the padded client axis, between the smallest and largest blocked run.
+        "peak_rss_mb_per_client_blocked": slope,
+        "device_peak_mb_per_client_blocked": device_slope,
+        "base_weights_mb": ok[0]["base_weights_mb"] if ok else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,8,32,128,1000", help="comma-separated N")
@@ -119,36 +151,17 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = [(n, None) for n in counts if n <= unblocked_up_to] + [(n, block) for n in counts if block and n > block]
     results = []
+    out = Path(args.out)
     for n, b in tqdm(plan, desc="many clients", unit="run"):
         results.append(_subprocess(n, b, rounds, max_length))
         tqdm.write(json.dumps(results[-1]))
-    ok = [r for r in results if "error" not in r]
-    blocked = sorted((r for r in ok if r["client_block"]), key=lambda r: r["num_clients"])
-    slope = device_slope = None
-    if len(blocked) >= 2:
-        first, last = blocked[0], blocked[-1]
-        slope = (last["peak_rss_mb"] - first["peak_rss_mb"]) / (last["num_clients"] - first["num_clients"])
-        if first.get("device_peak_mb") is not None:
-            device_slope = ((last["device_peak_mb"] - first["device_peak_mb"])
-                            / (last["num_clients"] - first["num_clients"]))
-    import jax
-
-    report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                    "device": str(jax.devices()[0].device_kind)},
-        "settings": {"model": "all-MiniLM-L6-v2", "method": "celora", "rank": 8, "train_examples": 4,
-                     "test_examples": 4, "max_length": max_length, "batch_size": 4, "local_steps": 1,
-                     "rounds": rounds, "block": block},
-        "runs": results,
-        "peak_rss_mb_per_client_blocked": slope,
-        "device_peak_mb_per_client_blocked": device_slope,
-        "base_weights_mb": ok[0]["base_weights_mb"] if ok else None,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+        # Written after every run, so a sweep cut short (a time limit on a lent GPU) keeps
+        # the runs it finished.
+        report = _report(results, rounds, max_length, block)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("peak_rss_mb_per_client_blocked", "base_weights_mb")}))
+    ok = [r for r in results if "error" not in r]
     return 0 if len(ok) == len(results) else 1
 
 

@@ -98,6 +98,17 @@ def test_one_device_and_eight_devices_give_the_same_run(tiny_model_dir, tmp_path
     np.testing.assert_allclose(json.load(open(out + ".json")), expected, atol=1e-5)
 
 
+def test_wasteful_padding_of_the_client_axis_is_reported(caplog):
+    from celora_jax import sharding
+
+    mesh = sharding.client_mesh(1)
+    with caplog.at_level("WARNING"):
+        assert engine.warn_if_padding_wasteful(128, sharding.padded_client_count(128, mesh, 125))
+    assert "128 clients run as 250 client slots" in caplog.text
+    for num_clients, block in ((128, 32), (1000, 32), (10, None), (9, 5)):
+        assert not engine.warn_if_padding_wasteful(num_clients, sharding.padded_client_count(num_clients, mesh, block))
+
+
 def test_client_blocks_give_the_same_run(tiny_model_dir):
     """5 clients in blocks of 2 (padded to 6, three blocks) equal all 5 at once."""
     whole = engine.run(tiny_config(tiny_model_dir, "celora", client_block=None))

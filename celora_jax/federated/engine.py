@@ -325,6 +325,19 @@ def warn_if_projector_frozen(client_params: dict, trainable_base: str) -> bool:
     return True
 
 
+def warn_if_padding_wasteful(num_clients: int, padded_clients: int) -> bool:
+    """Warns (and returns True) when padding the client axis to whole blocks and devices
+    adds more than a quarter of empty client slots, which every round trains and evaluates."""
+    if 4 * (padded_clients - num_clients) <= num_clients:
+        return False
+    logger.warning("%d clients run as %d client slots (the client axis is padded to a multiple of "
+                   "federation.client_block and of the devices); %d empty slots cost compute and memory "
+                   "every round: a client_block (and a federation.num_devices) that divides the number of "
+                   "clients avoids them",
+                   num_clients, padded_clients, padded_clients - num_clients)
+    return True
+
+
 def make_strategy(setup: FederatedSetup) -> strategies.Strategy:
     if not setup.method.shared:
         return strategies.local_only()
@@ -502,6 +515,7 @@ def iterate_rounds(setup: FederatedSetup, checkpoint_dir: str | pathlib.Path | N
     config, fed = setup.config, setup.config.federation
     mesh = sharding.client_mesh(fed.num_devices, fed.data_parallel)
     n, n_pad = setup.num_clients, sharding.padded_client_count(setup.num_clients, mesh, fed.client_block)
+    warn_if_padding_wasteful(n, n_pad)
     strategy = make_strategy(setup)
     round_step = build_round_step(setup, strategy, mesh)
     evaluate_own, evaluate_common = build_evaluate(setup, mesh)
