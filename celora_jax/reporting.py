@@ -47,7 +47,9 @@ def plot_curves(histories: Mapping[str, Sequence[Mapping]], path: str | pathlib.
         spread = np.array([r["test_accuracy_std"] for r in evaluated])
         megabytes = [max(r["bytes_cumulative"], 1) / 1e6 for r in evaluated]
         line, = by_round.plot(rounds, accuracy, marker="o", label=method)
-        by_round.fill_between(rounds, accuracy - spread, accuracy + spread, alpha=0.15, color=line.get_color())
+        # Clipped to [0, 1]: near the ceiling a symmetric band would show accuracies above 100%.
+        by_round.fill_between(rounds, np.clip(accuracy - spread, 0, 1), np.clip(accuracy + spread, 0, 1),
+                              alpha=0.15, color=line.get_color())
         if history[-1]["bytes_cumulative"] > 0:
             by_bytes.plot(megabytes, accuracy, marker="o", label=method, color=line.get_color())
     by_round.set(xlabel="round", ylabel="own-test accuracy (mean ± std over clients)", title="accuracy vs round")
