@@ -196,11 +196,14 @@ def test_rejected_updates_rule():
     trained = {"c": after["c"].copy(), "head": np.zeros((5, 3))}
     trained["head"][4, 1] = np.inf
     mask = np.array([True, True, True, True, True])
-    rejected = engine.rejected_updates(before, after, trained, mask, outlier_factor=10.0)
+    non_finite = engine.non_finite_updates(trained, mask)
+    np.testing.assert_array_equal(non_finite, [False, False, False, False, True])
+    rejected = engine.rejected_updates(before, after, non_finite, mask, outlier_factor=10.0)
     np.testing.assert_array_equal(rejected, [False, False, False, True, True])
-    lenient = engine.rejected_updates(before, after, trained, mask, outlier_factor=0.0)
+    lenient = engine.rejected_updates(before, after, non_finite, mask, outlier_factor=0.0)
     np.testing.assert_array_equal(lenient, [False, False, False, False, True])
-    absent = engine.rejected_updates(before, after, trained, np.array([1, 1, 1, 0, 0], bool), 10.0)
+    reporting = np.array([1, 1, 1, 0, 0], bool)
+    absent = engine.rejected_updates(before, after, engine.non_finite_updates(trained, reporting), reporting, 10.0)
     assert not absent.any()
 
 

@@ -384,18 +384,19 @@ def _per_client(tree, reduce_leaf) -> Array:
 
 def non_finite_updates(trained, mask) -> Array:
     """``[N]`` bool: reporting clients with a NaN/Inf anywhere in their trained parameters."""
-    finite_count = _per_client(trained, lambda x: jnp.sum(~jnp.isfinite(x), axis=1))
-    return mask & (False if finite_count is None else finite_count > 0)
+    non_finite_count = _per_client(trained, lambda x: jnp.sum(~jnp.isfinite(x), axis=1))
+    return mask & (False if non_finite_count is None else non_finite_count > 0)
 
 
-def rejected_updates(sent_before, uploads, trained, mask, outlier_factor: float) -> Array:
+def rejected_updates(sent_before, uploads, non_finite, mask, outlier_factor: float) -> Array:
     """``[N]`` bool: reporting clients whose upload the server sets aside.
 
-    A client is rejected when any trained parameter is NaN/Inf, or (``outlier_factor`` > 0)
-    when the norm of its uploaded change exceeds ``outlier_factor`` times the median norm
-    over the reporting clients with finite updates.
+    A client is rejected when its trained parameters hold NaN/Inf (``non_finite``, from
+    ``non_finite_updates``), or (``outlier_factor`` > 0) when the norm of its uploaded
+    change exceeds ``outlier_factor`` times the median norm over the reporting clients
+    with finite updates.
     """
-    finite = ~non_finite_updates(trained, mask)
+    finite = ~non_finite
     rejected = mask & ~finite
     change = jax.tree.map(lambda new, old: new - old, uploads, sent_before)
     squared = _per_client(change, lambda x: jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0) ** 2, axis=1))
@@ -447,7 +448,7 @@ def build_round_step(setup: FederatedSetup, strategy: strategies.Strategy, mesh)
             dp_logs = {"update_norm": norms}
         learned = methods.select(trained["params"], roles, methods.SHARED, methods.PERSONAL)
         broken = non_finite_updates(learned, mask)
-        accepted = mask & ~rejected_updates(sent_before, uploads, learned, mask, config.federation.outlier_factor)
+        accepted = mask & ~rejected_updates(sent_before, uploads, broken, mask, config.federation.outlier_factor)
         # Zero what rejected clients sent: a weight of 0 does not cancel NaN in a weighted sum.
         uploads = _where_clients(accepted, uploads, jax.tree.map(jnp.zeros_like, uploads))
         server_state, downloads, logs = strategy.aggregate(server_state, uploads, sizes, accepted)
