@@ -43,7 +43,7 @@ def run_one(num_clients: int, block: int | None, rounds: int, max_length: int) -
     from celora_jax import sharding
     from celora_jax.config import FederationConfig, ModelConfig, RunConfig
     from celora_jax.data.partition import PartitionConfig
-    from celora_jax.federated import engine
+    from celora_jax.federated import engine, loop
 
     config = RunConfig(
         name="many_clients",
@@ -57,7 +57,7 @@ def run_one(num_clients: int, block: int | None, rounds: int, max_length: int) -
     setup = engine.prepare(config)
     prepare_s = time.perf_counter() - started
     round_seconds = []
-    for record in engine.iterate_rounds(setup):
+    for record, _ in loop.iterate_rounds(setup):
         round_seconds.append(record["seconds"])
         accuracy = record.get("test_accuracy_mean")
     nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
@@ -75,8 +75,8 @@ def run_one(num_clients: int, block: int | None, rounds: int, max_length: int) -
         "last_round_s": round_seconds[-1],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "device_peak_mb": _device_peak_mb(jax.devices()[0]),
-        "base_weights_mb": nbytes(setup.base_params) / 1e6,
-        "client_params_mb": nbytes(setup.client_params) / 1e6,
+        "base_weights_mb": nbytes(setup.task.base_params) / 1e6,
+        "client_params_mb": nbytes(setup.task.client_params) / 1e6,
         "final_test_accuracy": accuracy,
     }
 

@@ -56,7 +56,7 @@ SMOKE = ["partition.num_clients=2", "partition.train_examples=8", "partition.tes
 
 def _config(overrides: list[str], rounds: int):
     from celora_jax.config import apply_overrides
-    from experiments.presets import get_preset
+    from celora_jax.presets import get_preset
 
     # Evaluate only after the last round, so the timed rounds are training + aggregation.
     return apply_overrides(get_preset("default"), [f"federation.rounds={rounds}",
@@ -64,10 +64,10 @@ def _config(overrides: list[str], rounds: int):
 
 
 def time_engine(setup) -> list[float]:
-    from celora_jax.federated import engine
+    from celora_jax.federated import loop
 
     # The first round compiles and the last one evaluates: time the ones between.
-    return [record["seconds"] for record in engine.iterate_rounds(setup)][1:-1]
+    return [output.record["seconds"] for output in loop.iterate_rounds(setup)][1:-1]
 
 
 def time_jax_loop(setup, rounds: int) -> list[float]:
@@ -75,28 +75,28 @@ def time_jax_loop(setup, rounds: int) -> list[float]:
     import jax
     import numpy as np
 
-    from celora_jax import methods
+    from celora_jax import roles as methods
     from celora_jax.data import packing
     from celora_jax.federated import client as client_lib
-    from celora_jax.federated import engine
+    from celora_jax.federated import loop
 
     config, n = setup.config, setup.num_clients
-    update = jax.jit(client_lib.make_client_update(setup.logits_fn, setup.roles, config.optimizer,
+    update = jax.jit(client_lib.make_client_update(setup.task.logits_fn, setup.roles, config.optimizer,
                                                    rounds * setup.local_steps))
-    strategy = engine.make_strategy(setup)
+    strategy = loop.server_strategy(setup)
     aggregate = jax.jit(strategy.aggregate)
-    state = client_lib.init_client_state(setup.client_params, setup.roles, config.optimizer)
-    states = [{"params": setup.client_params, "opt_state": state["opt_state"]} for _ in range(n)]
+    state = client_lib.init_client_state(setup.task.client_params, setup.roles, config.optimizer)
+    states = [{"params": setup.task.client_params, "opt_state": state["opt_state"]} for _ in range(n)]
     stack = lambda trees: jax.tree.map(lambda *xs: np.stack(xs), *trees)
     sizes = jax.numpy.asarray(setup.sizes)
     server_state = strategy.init(methods.select(stack([s["params"] for s in states]), setup.roles,
                                                 methods.SHARED), sizes)
     mask = jax.numpy.ones(n, bool)
-    base = setup.base_params
+    base = setup.task.base_params
     seconds = []
     for round_index in range(rounds):
         started = time.perf_counter()
-        batches = packing.round_batches(setup.train, setup.local_steps, config.federation.batch_size,
+        batches = packing.round_batches(setup.task.train, setup.local_steps, config.federation.batch_size,
                                         config.seed, round_index)
         keys = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), round_index), n)
         trained = []
@@ -132,7 +132,7 @@ def time_pytorch(setup, rounds: int, threads: int) -> list[float]:
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     config, n = setup.config, setup.num_clients
-    rank, scale = setup.adapter_config.rank, setup.adapter_config.scale
+    rank, scale = setup.task.adapter_config.rank, setup.task.adapter_config.scale
     model_dir = config.model.path or loading.default_model_dir()
 
     class TriLoRALinear(torch.nn.Module):
@@ -161,7 +161,7 @@ def time_pytorch(setup, rounds: int, threads: int) -> list[float]:
     for module in backbone.modules():
         if isinstance(module, torch.nn.LayerNorm):
             module.requires_grad_(True)
-    head = torch.nn.Linear(backbone.config.hidden_size, setup.num_classes).to(device)
+    head = torch.nn.Linear(backbone.config.hidden_size, setup.task.num_classes).to(device)
     trainable = dict([(k, v) for k, v in backbone.named_parameters() if v.requires_grad]
                      + [(f"head.{k}", v) for k, v in head.named_parameters()])
     client_states = [{k: v.detach().clone() for k, v in trainable.items()} for _ in range(n)]
@@ -169,7 +169,7 @@ def time_pytorch(setup, rounds: int, threads: int) -> list[float]:
     seconds = []
     for round_index in range(rounds + 1):
         started = time.perf_counter()
-        batches = packing.round_batches(setup.train, setup.local_steps, config.federation.batch_size,
+        batches = packing.round_batches(setup.task.train, setup.local_steps, config.federation.batch_size,
                                         config.seed, round_index)
         backbone.train()
         for i in range(n):
@@ -211,12 +211,12 @@ def step_flops(setup) -> float:
     from celora_jax.federated import client as client_lib
 
     config = setup.config
-    update = client_lib.make_client_update(setup.logits_fn, setup.roles, config.optimizer, 1)
-    state = client_lib.init_client_state(setup.client_params, setup.roles, config.optimizer)
-    state = {"params": setup.client_params, "opt_state": state["opt_state"]}
-    batches = packing.round_batches(setup.train, 1, config.federation.batch_size, config.seed, 0)
+    update = client_lib.make_client_update(setup.task.logits_fn, setup.roles, config.optimizer, 1)
+    state = client_lib.init_client_state(setup.task.client_params, setup.roles, config.optimizer)
+    state = {"params": setup.task.client_params, "opt_state": state["opt_state"]}
+    batches = packing.round_batches(setup.task.train, 1, config.federation.batch_size, config.seed, 0)
     one = jax.tree.map(lambda x: x[0], batches)  # [1 step, B, ...]
-    compiled = jax.jit(update).lower(setup.base_params, state, one, jax.random.key(0), 0).compile()
+    compiled = jax.jit(update).lower(setup.task.base_params, state, one, jax.random.key(0), 0).compile()
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
     return float(analysis["flops"])
@@ -235,16 +235,16 @@ def profile_step(setup, repeats: int = 3, top: int = 12) -> dict:
     from celora_jax.data import packing
     from celora_jax.federated import client as client_lib
 
-    batches = packing.round_batches(setup.train, 1, setup.config.federation.batch_size, setup.config.seed, 0)
+    batches = packing.round_batches(setup.task.train, 1, setup.config.federation.batch_size, setup.config.seed, 0)
     batch = jax.tree.map(lambda x: x[0, 0], batches)
-    full = client_lib.full_params(setup.base_params, setup.client_params)
+    full = client_lib.full_params(setup.task.base_params, setup.task.client_params)
 
     def loss(full, lora):
-        return client_lib.task_loss(setup.logits_fn(full, lora, batch, None), batch)[0]
+        return client_lib.task_loss(setup.task.logits_fn(full, lora, batch, None), batch)[0]
 
     forward = jax.jit(loss)
     gradient = jax.jit(jax.grad(loss, argnums=1))
-    lora = setup.client_params["lora"]
+    lora = setup.task.client_params["lora"]
     timings = {}
     for name, fn in (("forward_s", forward), ("gradient_to_adapters_s", gradient)):
         jax.block_until_ready(fn(full, lora))
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"preset": "default" + (" (smoke)" if args.smoke else ""), "overrides": args.overrides,
                      "clients": setup.num_clients,
                      "local_steps": setup.local_steps, "batch_size": fed.batch_size,
-                     "max_length": setup.config.model.max_length, "rank": setup.adapter_config.rank,
+                     "max_length": setup.config.model.max_length, "rank": setup.task.adapter_config.rank,
                      "dtype": setup.config.model.dtype, "timed_rounds": rounds},
         "variants": results,
         "ratios": ratios,

@@ -14,7 +14,7 @@ internal and may change.
   :func:`weighted_average_cores`.
 * The baselines' aggregations: :func:`fedavg`, :func:`fedavg_lora`, :func:`ffa_lora`,
   :func:`fedsa_lora`.
-* Methods and runs: :data:`METHODS`, :func:`get_method`, :func:`parameter_roles`,
+* Methods and runs: :data:`METHODS`, :class:`FederatedMethod`, :func:`get_method`, :func:`parameter_roles`,
   :class:`RunConfig`; adapters as PEFT folders: :func:`export_peft`, :func:`load_peft`.
 """
 
@@ -38,7 +38,8 @@ from celora_jax.config import RunConfig
 from celora_jax.export import export_peft, load_peft
 from celora_jax.functional import adapt
 from celora_jax.gmm import ClassMixtures, MixtureConfig, fit_class_mixtures
-from celora_jax.methods import METHODS, MethodSpec, get_method, parameter_roles
+from celora_jax.federated.methods import METHODS, FederatedMethod, get_method
+from celora_jax.roles import parameter_roles
 from celora_jax.similarity import data_distance, parameter_distance
 
 __version__ = "0.1.0"
@@ -54,5 +55,5 @@ __all__ = [
     # baselines
     "fedavg", "fedavg_lora", "ffa_lora", "fedsa_lora",
     # methods, runs, export
-    "METHODS", "MethodSpec", "get_method", "parameter_roles", "RunConfig", "export_peft", "load_peft",
+    "METHODS", "FederatedMethod", "get_method", "parameter_roles", "RunConfig", "export_peft", "load_peft",
 ]

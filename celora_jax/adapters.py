@@ -43,7 +43,8 @@ class AdapterConfig:
     """How adapters are attached to a model.
 
     Attributes:
-      kind: "tri" for CE-LoRA's A·C·B adapter, "lora" for the classic two-factor A·B.
+      kind: "tri" for CE-LoRA's A·C·B adapter, "lora" for the classic two-factor A·B; None
+        leaves it to the federated method (a run's default).
       rank: r, the inner dimension of the factors.
       alpha: scaling numerator; the update is multiplied by alpha / rank. None means
         alpha = rank (scale 1), the authors' default.
@@ -64,7 +65,7 @@ class AdapterConfig:
       celora_jax.adapters.AdapterConfigError: adapter rank must be a positive integer, got 0
     """
 
-    kind: str = TRI
+    kind: str | None = TRI
     rank: int = 8
     alpha: float | None = None
     target: str = DEFAULT_TARGET
@@ -72,11 +73,12 @@ class AdapterConfig:
     core_only: bool = False
 
     def __post_init__(self):
-        if self.kind not in (TRI, LORA):
-            raise AdapterConfigError(f"adapter kind must be 'tri' or 'lora', got {self.kind!r}")
+        if self.kind not in (TRI, LORA, None):
+            raise AdapterConfigError(f"adapter kind must be 'tri', 'lora' or None (decided by the federated "
+                                     f"method), got {self.kind!r}")
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise AdapterConfigError(f"adapter rank must be a positive integer, got {self.rank!r}")
-        if self.core_only and self.kind != TRI:
+        if self.core_only and self.kind == LORA:
             raise AdapterConfigError("core_only applies to tri-matrix adapters only")
         try:
             re.compile(self.target)
@@ -136,6 +138,8 @@ def init_adapters(key: Array, params: Params, config: AdapterConfig) -> dict:
                          f"{type(params).__name__} (for other pytrees use celora_jax.adapt)")
     if not isinstance(config, AdapterConfig):
         raise ValueError(f"init_adapters: config must be an AdapterConfig, got {type(config).__name__}")
+    if config.kind is None:
+        raise AdapterConfigError("init_adapters: config.kind is None; choose 'tri' or 'lora'")
     paths = target_kernel_paths(params, config.target)
     if not paths:
         kernels = [path_string(p) for p, v in traverse_util.flatten_dict(params).items()
@@ -152,12 +156,13 @@ def init_adapters(key: Array, params: Params, config: AdapterConfig) -> dict:
             raise AdapterConfigError(
                 f"adapter rank {config.rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
                 f"of kernel {path_string(path)} with shape {(d_in, d_out)}")
-        for name, value in _init_factors(path_key, d_in, d_out, config).items():
+        for name, value in init_factors(path_key, d_in, d_out, config).items():
             flat_adapters[path[:-1] + (name,)] = value
     return traverse_util.unflatten_dict(flat_adapters)
 
 
-def _init_factors(key: Array, d_in: int, d_out: int, config: AdapterConfig) -> dict:
+def init_factors(key: Array, d_in: int, d_out: int, config: AdapterConfig) -> dict:
+    """The initial factors of one adapted ``[d_in, d_out]`` kernel (see ``init_adapters``)."""
     key_a, key_b = jax.random.split(key)
     r = config.rank
     factors = {"A": config.a_init_std * jax.random.normal(key_a, (d_in, r), jnp.float32)}

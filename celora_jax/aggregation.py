@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from optax import projections
 
-from celora_jax import similarity
+from celora_jax import similarity, usable
 from celora_jax.gmm import ClassMixtures
 
 Array = jax.Array
@@ -267,11 +267,11 @@ def weighted_average_cores(cores: Array, sizes: Array, mask: Array | None = None
 
 
 def _core_is_finite(cores: Array) -> Array:
-    return jnp.all(jnp.isfinite(cores), axis=(1, 2, 3))
+    return usable.finite_clients(cores)
 
 
 def _size_is_valid(sizes: Array) -> Array:
-    return jnp.isfinite(sizes) & (sizes >= 0)
+    return usable.valid_sizes(sizes)
 
 
 def _data_distance_ok(distance: Array) -> Array:
@@ -296,7 +296,7 @@ def _server_step_impl(cores, stats, sizes, mask, data_distance, config: Aggregat
     sizes = jnp.where(size_ok, sizes, 0.0)
 
     if data_distance is None and stats is not None:
-        data_distance = similarity._data_distance_impl(stats, config.bandwidth_sq, config.mmd_block_clients)
+        data_distance = similarity.data_distance_traced(stats, config.bandwidth_sq, config.mmd_block_clients)
     if data_distance is None:
         data_distance = jnp.zeros((n, n), cores.dtype)
     stat_ok = _data_distance_ok(data_distance)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import _checks, aggregation
+from celora_jax import _checks, aggregation, usable
 
 Array = jax.Array
 PyTree = Any
@@ -44,11 +44,9 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def usable_clients(uploads: PyTree, sizes: Array, mask: Array) -> Array:
-    """[N] bool: reported (mask), valid size (finite, ≥ 0) and every upload leaf finite."""
-    ok = jnp.asarray(mask, bool) & aggregation._size_is_valid(sizes)
-    for leaf in jax.tree.leaves(uploads):
-        ok = ok & jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], -1), axis=1)
-    return ok
+    """[N] bool: reported (mask), valid size (finite, ≥ 0) and every upload leaf finite
+    (``celora_jax.usable``, the rule the round step and CE-LoRA's server apply too)."""
+    return usable.usable_clients(uploads, sizes, mask)
 
 
 @jax.jit

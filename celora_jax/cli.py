@@ -13,7 +13,7 @@ import logging
 import pathlib
 import sys
 
-from celora_jax import methods
+from celora_jax.federated.methods import get_method, method_names
 
 logger = logging.getLogger("celora_jax")
 
@@ -23,9 +23,13 @@ _HEATMAP_KEYS = ("weights", "data_distance", "param_distance")
 def _parse_methods(text: str | None, default: str) -> list[str]:
     if text is None:
         return [default]
-    names = sorted(methods.METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    names = method_names() if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
     for name in names:
-        methods.get_method(name)
+        get_method(name)
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"--methods lists {', '.join(duplicates)} more than once; each method runs once "
+                         "into its own directory")
     return names
 
 
@@ -36,7 +40,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="federated fine-tuning of one or more methods")
     run.add_argument("--preset", default="default", help="named preset (see `celora-jax presets`)")
     run.add_argument("--methods", default=None,
-                     help=f"comma-separated methods or 'all' ({', '.join(sorted(methods.METHODS))}); "
+                     help=f"comma-separated methods or 'all' ({', '.join(method_names())}); "
                           "default: the preset's method")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. --set federation.rounds=4 (repeatable)")
@@ -93,7 +97,7 @@ def _run(args) -> int:
     from celora_jax.config import apply_overrides, to_json
     from celora_jax.federated import engine
     from celora_jax.reporting import plot_curves, plot_heatmaps, summary_table
-    from experiments.presets import get_preset
+    from celora_jax.presets import get_preset
 
     if args.resume:
         root, plan = _resume_plan(args.resume, args.overrides)
@@ -122,9 +126,10 @@ def _run(args) -> int:
         summaries.append(result.summary)
         histories[name] = result.history
         final = result.history[-1]
-        if writer and all(key in final for key in _HEATMAP_KEYS):
-            plot_heatmaps({key: final[key] for key in _HEATMAP_KEYS}, method_dir / "weights_final.png",
-                          title=f"{name}: round {final['round']}")
+        # The data distance is constant and recorded once, with round 1.
+        matrices = {key: next((r[key] for r in reversed(result.history) if key in r), None) for key in _HEATMAP_KEYS}
+        if writer and all(value is not None for value in matrices.values()):
+            plot_heatmaps(matrices, method_dir / "weights_final.png", title=f"{name}: round {final['round']}")
     table = summary_table(summaries)
     if not writer:
         return 0
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
     if args.command == "presets":
-        from experiments.presets import PRESETS
+        from celora_jax.presets import PRESETS
 
         for name, preset in PRESETS.items():
             fed, part = preset.federation, preset.partition

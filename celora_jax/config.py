@@ -9,10 +9,14 @@ import typing
 from typing import Any
 
 from celora_jax.adapters import AdapterConfig
+from celora_jax.aggregation import AggregationConfig
 from celora_jax.data.partition import PartitionConfig
 from celora_jax.data.text import TextDataConfig
-from celora_jax.federated.client import OptimizerConfig
+from celora_jax.federated.methods import get_method
 from celora_jax.privacy.dp import DPConfig
+
+# The compute dtypes a model can run in (parameters stay float32).
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +28,7 @@ class ModelConfig:
         shipped all-MiniLM-L6-v2.
       pooling: "mean", "first" or "pooler" (see ``models.bert.SequenceClassifier``).
       max_length: tokens per example (longer texts are truncated).
-      dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
+      dtype: compute dtype, "float32", "bfloat16" or "float16" (parameters stay float32).
       trainable_base: regex over base parameter paths that every client trains and keeps
         personal (LayerNorms and the task head by default, METHOD.md §1).
       architecture: "encoder" (BERT family: sequence classification) or "decoder" (Llama
@@ -66,6 +70,8 @@ class ModelConfig:
     align_learning_rate: float = 1e-3
 
     def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.architecture not in ("encoder", "decoder", "vlm"):
             raise ValueError(f"model.architecture must be 'encoder', 'decoder' or 'vlm', got {self.architecture!r}")
         if self.align_steps < 0 or self.align_examples < 1 or self.align_batch_size < 1 \
@@ -81,11 +87,43 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Local AdamW with linear warmup and linear decay over the whole run.
+
+    Attributes:
+      learning_rate: peak learning rate.
+      warmup_fraction: fraction of all local steps (rounds x steps) spent warming up.
+      weight_decay: decoupled weight decay of AdamW.
+      max_grad_norm: global-norm gradient clipping (0 disables it).
+      reset_each_round: start every round with fresh Adam moments (METHOD.md §2, [decided]);
+        the learning-rate schedule always follows the global step.
+      dropout: train with the model's dropout (otherwise deterministic forward passes).
+    """
+
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.06
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    reset_each_round: bool = True
+    dropout: bool = True
+
+    def __post_init__(self):
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
 class FederationConfig:
     """Rounds, local work and evaluation.
 
     Attributes:
-      method: one of ``celora_jax.methods.METHODS``.
+      method: a registered federated method (``celora-jax run --methods all`` lists them;
+        ``celora_jax.federated.methods``).
+      method_options: options of methods by name, e.g. ``{"fedprox": {"mu": 0.1}}`` (set
+        one with ``--set federation.method_options.fedprox.mu=0.1``); only the entry of
+        the method that runs is used, every entry is checked.
       rounds: communication rounds.
       local_steps: local optimizer steps per round; None means one local epoch
         (ceil(train_examples / batch_size)).
@@ -117,6 +155,7 @@ class FederationConfig:
     """
 
     method: str = "celora"
+    method_options: dict = dataclasses.field(default_factory=dict)
     rounds: int = 8
     local_steps: int | None = None
     batch_size: int = 16
@@ -131,9 +170,17 @@ class FederationConfig:
     client_block: int | str | None = "auto"
 
     def __post_init__(self):
-        from celora_jax.methods import get_method
-
         get_method(self.method)
+        if not isinstance(self.method_options, dict):
+            raise ValueError(f"federation.method_options must be a dict of method name -> options, "
+                             f"got {self.method_options!r}")
+        for name, options in self.method_options.items():
+            if not isinstance(options, dict):
+                raise ValueError(f"federation.method_options.{name} must be a dict of options, got {options!r}")
+            try:
+                get_method(name, **options)
+            except ValueError as err:
+                raise ValueError(f"federation.method_options.{name}: {err}") from None
         for name in ("rounds", "batch_size", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"federation.{name} must be at least 1, got {getattr(self, name)}")
@@ -179,12 +226,6 @@ class CheckpointConfig:
                              f"got every={self.every}, keep={self.keep}")
 
 
-def _aggregation_config_type():
-    from celora_jax.aggregation import AggregationConfig
-
-    return AggregationConfig
-
-
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything a federated run needs.
@@ -195,7 +236,8 @@ class RunConfig:
       model, data, partition, adapter, optimizer, federation, aggregation, checkpoint, dp:
         see their types (``dp``: clipped, noised uploads with an ε accountant; off by
         default).
-        ``adapter.kind`` is decided by the method (tri for CE-LoRA, lora otherwise).
+        ``adapter.kind`` is decided by the method (None, the default; tri for the CE-LoRA
+        methods, lora for the others); a kind that conflicts with the method is an error.
       export_peft: at the end, write every client's adapters as a PEFT LoRA folder
         (``adapters/client_XXXX``, factors A and C·B; see ``celora_jax.export``).
       output_dir: root directory of run outputs.
@@ -213,14 +255,24 @@ class RunConfig:
     model: ModelConfig = ModelConfig()
     data: TextDataConfig = TextDataConfig()
     partition: PartitionConfig = PartitionConfig()
-    adapter: AdapterConfig = AdapterConfig()
+    adapter: AdapterConfig = AdapterConfig(kind=None)
     optimizer: OptimizerConfig = OptimizerConfig()
     federation: FederationConfig = FederationConfig()
-    aggregation: Any = dataclasses.field(default_factory=lambda: _aggregation_config_type()())
+    aggregation: AggregationConfig = AggregationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     dp: DPConfig = DPConfig()
     export_peft: bool = False
     output_dir: str = "runs"
+
+    def __post_init__(self):
+        method = get_method(self.federation.method)
+        if self.adapter.kind not in (None, method.adapter_kind):
+            raise ValueError(f"adapter.kind={self.adapter.kind!r} conflicts with federation.method="
+                             f"{method.name!r}, which uses {method.adapter_kind!r} adapters; leave adapter.kind "
+                             "unset (None) and the method decides")
+        if self.adapter.core_only and method.adapter_kind != "tri":
+            raise ValueError(f"adapter.core_only trains only the cores of tri-matrix adapters; "
+                             f"federation.method={method.name!r} uses {method.adapter_kind!r} adapters")
 
 
 def to_dict(config) -> dict:
@@ -235,6 +287,10 @@ def from_dict(data: dict, cls: type = None):
     """Rebuilds a config (``RunConfig`` by default) from ``to_dict`` output, e.g. a run's
     ``config.json``; unknown keys are an error."""
     cls = RunConfig if cls is None else cls
+    if cls is RunConfig and "method_options" not in data.get("federation", {"method_options": {}}):
+        # Written before methods were objects: adapter.kind was then always replaced by the
+        # method's, so the recorded value ("tri") says nothing and would now conflict.
+        data = {**data, "adapter": {**data.get("adapter", {}), "kind": None}}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -242,7 +298,7 @@ def from_dict(data: dict, cls: type = None):
         raise ValueError(f"unknown {cls.__name__} keys {unknown}")
     kwargs = {}
     for name, value in data.items():
-        kind = _aggregation_config_type() if (cls is RunConfig and name == "aggregation") else hints[name]
+        kind = hints[name]
         if dataclasses.is_dataclass(kind) and isinstance(value, dict):
             value = from_dict(value, kind)
         kwargs[name] = value
@@ -285,6 +341,8 @@ def _replace_fields(node, path: list[str], values: dict[str, tuple[Any, str]]):
             raise ValueError(f"unknown config key {full_key!r}: {type(node).__name__} has fields "
                              f"{sorted(fields)}")
         current = getattr(node, head)
+        if isinstance(current, dict):  # e.g. federation.method_options.fedprox.mu=0.1
+            return dataclasses.replace(node, **{head: _set_in_dict(current, path[1:], values)})
         if not dataclasses.is_dataclass(current):
             raise ValueError(f"config key {full_key!r}: {head} is not a section")
         return dataclasses.replace(node, **{head: _replace_fields(current, path[1:], values)})
@@ -298,6 +356,19 @@ def _replace_fields(node, path: list[str], values: dict[str, tuple[Any, str]]):
             raise ValueError(f"config key {full_key!r} names a section; set one of its fields")
         changes[name] = _coerce(value, current, type(node), name, full_key)
     return dataclasses.replace(node, **changes)
+
+
+def _set_in_dict(current: dict, path: list[str], values: dict[str, tuple[Any, str]]) -> dict:
+    """A copy of ``current`` with ``values`` (key -> (value, full key)) set under ``path``."""
+    updated = dict(current)
+    if path:
+        inner = updated.get(path[0], {})
+        if not isinstance(inner, dict):
+            raise ValueError(f"config key {next(iter(values.values()))[1]!r}: {path[0]} is not a dict")
+        updated[path[0]] = _set_in_dict(inner, path[1:], values)
+        return updated
+    updated.update({name: value for name, (value, _) in values.items()})
+    return updated
 
 
 def _coerce(value, current, owner, name, full_key):

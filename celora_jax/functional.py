@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from celora_jax.adapters import (TRI, AdapterConfig, AdapterConfigError, _init_factors,
+from celora_jax.adapters import (TRI, AdapterConfig, AdapterConfigError, init_factors,
                                  adapter_output, merge_kernel, path_string)
 
 Array = jax.Array
@@ -199,7 +199,7 @@ def init_target_adapters(key: Array, targets: Sequence[KernelTarget],
             raise AdapterConfigError(
                 f"adapter rank {config.rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
                 f"of kernel {path_string(t.kernel_path)} with shape {t.shape}")
-        init = lambda k: _init_factors(k, d_in, d_out, config)
+        init = lambda k: init_factors(k, d_in, d_out, config)
         if t.layers:
             # One independent init per layer slice: C = I in every layer, A drawn per layer.
             factors = jax.vmap(init)(jax.random.split(kernel_key, t.layers[0]))

@@ -214,7 +214,8 @@ def mixture_inner_products(stats: ClassMixtures, bandwidth_sq: Array, valid: Arr
     return gram[:num_clients, :num_clients]
 
 
-def _data_distance_impl(stats: ClassMixtures, bandwidth_sq: float | None, block_clients: int) -> Array:
+def data_distance_traced(stats: ClassMixtures, bandwidth_sq: float | None, block_clients: int) -> Array:
+    """``data_distance`` without its input checks, for use inside a jitted program."""
     valid = statistic_is_valid(stats)
     # Sanitize so that one corrupt upload cannot poison the bandwidth or other clients' rows.
     present = _present_components(stats) & valid[:, None, None]
@@ -238,7 +239,7 @@ def _data_distance_impl(stats: ClassMixtures, bandwidth_sq: float | None, block_
     return jnp.where(pair_valid, dist, jnp.nan)
 
 
-_data_distance_jit = jax.jit(_data_distance_impl, static_argnames=("bandwidth_sq", "block_clients"))
+_data_distance_jit = jax.jit(data_distance_traced, static_argnames=("bandwidth_sq", "block_clients"))
 
 
 def check_statistics(stats: ClassMixtures, num_clients: int | None = None, name: str = "stats") -> None:

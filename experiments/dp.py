@@ -50,7 +50,7 @@ def run_id(epsilon: float) -> str:
 
 
 def study_config(preset: str, epsilon: float, clip_norm: float, overrides: list[str]):
-    from experiments.presets import get_preset
+    from celora_jax.presets import get_preset
 
     settings = ["aggregation.beta=0.0"]
     if not math.isinf(epsilon):

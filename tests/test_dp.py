@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scipy import optimize, stats
 
 from celora_jax.config import RunConfig, apply_overrides
-from celora_jax.federated import engine
+from celora_jax.federated import engine, loop
 from celora_jax.privacy import dp
 
 from helpers import tiny_config
@@ -134,13 +134,13 @@ def test_dp_config_validation_and_overrides_in_any_order():
         assert dp.resolve_noise_multiplier(config.dp, 8) == pytest.approx(dp.noise_multiplier_for(4.0, 8, 1e-5))
 
 
-def _shared_change(record, setup):
+def _shared_change(output, setup):
     """Round-1 change of the first client's shared arrays (FedAvg: the server's mean)."""
-    from celora_jax import methods
+    from celora_jax import roles
 
-    before = methods.select(setup.client_params, setup.roles, methods.SHARED)
-    after = methods.select(jax.tree.map(lambda x: np.asarray(x)[0], record["_client_params"]),
-                           setup.roles, methods.SHARED)
+    before = roles.select(setup.task.client_params, setup.roles, roles.SHARED)
+    after = roles.select(jax.tree.map(lambda x: np.asarray(x)[0], output.client_params),
+                         setup.roles, roles.SHARED)
     return np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))])
 
 
@@ -151,13 +151,15 @@ def test_engine_sends_clipped_and_noised_updates(tiny_model_dir):
     base = dataclasses.replace(base, federation=dataclasses.replace(base.federation, rounds=1))
     # Clipping only: the server's mean of five clipped changes is within the clip ball.
     clip_only = engine.prepare(apply_overrides(base, ["dp.clip_norm=1e-4", "dp.noise_multiplier=0.0"]))
-    record = next(engine.iterate_rounds(clip_only))
-    assert 0 < np.linalg.norm(_shared_change(record, clip_only)) <= 1e-4 * (1 + 1e-3)
+    output = next(loop.iterate_rounds(clip_only))
+    record = output.record
+    assert 0 < np.linalg.norm(_shared_change(output, clip_only)) <= 1e-4 * (1 + 1e-3)
     assert record["dp_clipped_fraction"] == 1.0 and record["dp_update_norm_median"] > 1e-4
     assert record["dp_epsilon"] == math.inf
     # Noise dominates a tiny clip bound: the mean of five noised uploads has std σ·S/√5.
     noisy = engine.prepare(apply_overrides(base, ["dp.clip_norm=1e-6", "dp.noise_multiplier=1e4"]))
-    record = next(engine.iterate_rounds(noisy))
-    change = _shared_change(record, noisy)
+    output = next(loop.iterate_rounds(noisy))
+    record = output.record
+    change = _shared_change(output, noisy)
     assert abs(change.std() / (1e4 * 1e-6 / math.sqrt(5)) - 1) < 0.05
     assert record["dp_epsilon"] == pytest.approx(dp.epsilon(1e4, 1, 1e-5))

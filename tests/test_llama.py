@@ -10,6 +10,7 @@ import pytest
 from flax import traverse_util
 
 from celora_jax import AdapterConfig, init_adapters
+from celora_jax.data import instructions
 from celora_jax.models import decoder_loading, llama
 from celora_jax.models.loading import ModelLoadError
 
@@ -159,7 +160,7 @@ def test_smollm2_config_and_tokenizer(smollm2):
     encoded = tokenizer.encode("<|im_start|>user\nHello 2024!<|im_end|>")
     assert encoded.ids[0] == 1 and encoded.ids[-1] == 2  # ChatML control tokens are single ids
     assert tokenizer.decode(encoded.ids, skip_special_tokens=False) == "<|im_start|>user\nHello 2024!<|im_end|>"
-    assert decoder_loading.chatml([{"role": "user", "content": "Hi"}]) == \
+    assert instructions.chatml([{"role": "user", "content": "Hi"}]) == \
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 

@@ -5,9 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from celora_jax import adapters, methods
+from celora_jax import adapters
+from celora_jax import roles as methods
 from celora_jax.aggregation import AggregationConfig
-from celora_jax.federated import engine, personalized, strategies
+from celora_jax.federated import strategies
+from celora_jax.federated.methods import celora as celora_method
+from celora_jax.federated.methods import fedex_lora, get_method
+from celora_jax.federated.methods.base import shared_bytes
 
 MINILM_SHAPES = {"q": (384, 384), "k": (384, 384), "v": (384, 384), "o": (384, 384),
                  "up": (384, 1536), "down": (1536, 384)}
@@ -22,7 +26,7 @@ def _minilm_like_params():
 
 def _client_params(method, rank=8):
     params = _minilm_like_params()
-    spec = methods.get_method(method)
+    spec = get_method(method)
     config = adapters.AdapterConfig(kind=spec.adapter_kind, rank=rank)
     lora = adapters.init_adapters(jax.random.key(0), params, config)
     return {"lora": lora, "params": {"LayerNorm": params["LayerNorm"]}}, spec
@@ -41,14 +45,14 @@ def _client_params(method, rank=8):
 def test_bytes_per_client_match_method_table_for_minilm_rank_8(method, expected_numbers):
     client_params, spec = _client_params(method)
     roles = methods.parameter_roles(client_params, spec)
-    assert engine.bytes_per_client(client_params, roles) == 4 * expected_numbers
+    assert shared_bytes(client_params, roles) == 4 * expected_numbers
 
 
 def test_celora_sends_over_100x_fewer_bytes_than_fedavg_lora():
     sizes = {}
     for method in ("celora", "fedavg_lora"):
         client_params, spec = _client_params(method)
-        sizes[method] = engine.bytes_per_client(client_params, methods.parameter_roles(client_params, spec))
+        sizes[method] = shared_bytes(client_params, methods.parameter_roles(client_params, spec))
     assert sizes["fedavg_lora"] / sizes["celora"] == 144.0
 
 
@@ -67,7 +71,7 @@ def test_roles_per_method():
     shared_base = methods.parameter_roles(params, spec, share_base=True)
     assert shared_base["params"]["LayerNorm"]["bias"] == "shared"
     with pytest.raises(ValueError, match="unknown method"):
-        methods.get_method("fedprox")
+        get_method("fedprox2")
 
 
 def test_select_and_combine_round_trip():
@@ -93,7 +97,7 @@ def _uploads(num_clients, key, identical=False):
 ALL_STRATEGIES = {
     "weighted_average": strategies.weighted_average,
     "local_only": strategies.local_only,
-    "celora_personalized": lambda: personalized.personalized(
+    "celora_personalized": lambda: celora_method.personalized_strategy(
         np.abs(np.subtract.outer(np.arange(5.0), np.arange(5.0))), AggregationConfig()),
 }
 
@@ -132,7 +136,7 @@ def test_local_only_returns_each_clients_own_upload():
 def test_personalized_strategy_mixes_every_shared_leaf_with_its_weights():
     uploads = _uploads(4, jax.random.key(3))
     data_distance = np.array([[0, 1, 5, 5], [1, 0, 5, 5], [5, 5, 0, 1], [5, 5, 1, 0]], np.float32)
-    strategy = personalized.personalized(data_distance, AggregationConfig(beta=1.0, lam=1.0))
+    strategy = celora_method.personalized_strategy(data_distance, AggregationConfig(beta=1.0, lam=1.0))
     sizes, mask = jnp.ones(4), jnp.array([True, True, True, False])
     state = strategy.init(uploads, sizes)
     _, downloads, logs = jax.jit(strategy.aggregate)(state, uploads, sizes, mask)
@@ -144,3 +148,59 @@ def test_personalized_strategy_mixes_every_shared_leaf_with_its_weights():
                       (uploads["b"]["c"], downloads["b"]["c"])):
         expected = np.tensordot(weights, np.asarray(sent), axes=1)
         np.testing.assert_allclose(got[:3], expected[:3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["fedprox", "fedavg_lora_ft"])
+def test_new_fedavg_variants_send_what_fedavg_lora_sends(method):
+    client_params, spec = _client_params(method)
+    reference, fedavg = _client_params("fedavg_lora")
+    roles = methods.parameter_roles(client_params, spec)
+    assert spec.upload_bytes(client_params, roles) == spec.download_bytes(client_params, roles) == \
+        shared_bytes(reference, methods.parameter_roles(reference, fedavg))
+
+
+def test_fedex_lora_downloads_a_dense_residual_per_adapted_matrix():
+    client_params, spec = _client_params("fedex_lora")
+    roles = methods.parameter_roles(client_params, spec)
+    dense = 6 * sum(a * b for a, b in MINILM_SHAPES.values())
+    assert spec.upload_bytes(client_params, roles) == 4 * 6 * sum(8 * (a + b) for a, b in MINILM_SHAPES.values())
+    assert spec.download_bytes(client_params, roles) == spec.upload_bytes(client_params, roles) + 4 * dense
+
+
+def test_fedex_residual_makes_the_aggregate_exact():
+    """W0 + s·ΣR + s·Ā·B̄ equals W0 + s·Σ p_i A_i B_i (numpy reference, float64)."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 6, 3)).astype(np.float32)
+    b = rng.normal(size=(4, 3, 5)).astype(np.float32)
+    sizes = np.array([1.0, 2.0, 3.0, 4.0], np.float32)
+    mask = np.array([True, True, False, True])
+    uploads = {"lora": {"dense": {"A": jnp.asarray(a), "B": jnp.asarray(b)}}}
+    strategy = fedex_lora.exact_aggregation()
+    state = strategy.init(uploads, jnp.asarray(sizes))
+    state, downloads, _ = jax.jit(strategy.aggregate)(state, uploads, jnp.asarray(sizes), jnp.asarray(mask))
+    p = np.where(mask, sizes, 0) / sizes[mask].sum()
+    exact = np.einsum("n,nir,nro->io", p, a.astype(np.float64), b.astype(np.float64))
+    got_a, got_b = np.asarray(downloads["lora"]["dense"]["A"]), np.asarray(downloads["lora"]["dense"]["B"])
+    np.testing.assert_allclose(got_a[0], got_a[3])  # every client receives the same average
+    np.testing.assert_allclose(got_a[0], np.einsum("n,nir->ir", p, a), rtol=1e-5, atol=1e-6)
+    residual = np.asarray(state["residual"]["dense"])
+    np.testing.assert_allclose(residual + got_a[0] @ got_b[0], exact, rtol=1e-4, atol=1e-5)
+    assert np.abs(residual).max() > 1e-2  # averaging the factors alone is not exact
+    base = {"dense": {"kernel": jnp.zeros((6, 5)), "bias": jnp.zeros(5)}}
+    folded = fedex_lora.fold_residual(base, state, scale=0.5)
+    np.testing.assert_allclose(folded["dense"]["kernel"], 0.5 * residual, rtol=1e-6)
+    np.testing.assert_array_equal(folded["dense"]["bias"], 0.0)
+    # A second round adds its residual to the first one's: the base holds their sum.
+    state2, _, _ = jax.jit(strategy.aggregate)(state, uploads, jnp.asarray(sizes), jnp.asarray(mask))
+    np.testing.assert_allclose(state2["residual"]["dense"], 2 * residual, rtol=1e-5, atol=1e-6)
+
+
+def test_method_options_are_checked_with_the_method_named():
+    assert get_method("fedprox").options == {"mu": 0.01}
+    assert get_method("fedavg_lora_ft", steps=3).finetune_steps == 3
+    with pytest.raises(ValueError, match="method 'fedprox' has no option 'steps'"):
+        get_method("fedprox", steps=2)
+    with pytest.raises(ValueError, match="method 'fedprox': mu must be a finite number >= 0"):
+        get_method("fedprox", mu=float("nan"))
+    with pytest.raises(ValueError, match="method 'fedavg_lora_ft': steps must be an integer >= 1"):
+        get_method("fedavg_lora_ft", steps=0)

@@ -129,7 +129,7 @@ def test_fashion_mnist_is_the_real_dataset(fashion_mnist):
 @pytest.mark.slow
 def test_vlm_preset_runs_end_to_end(fashion_mnist, smollm2, dinov2_onnx, tmp_path, caplog):
     from celora_jax.federated import engine
-    from experiments.presets import get_preset
+    from celora_jax.presets import get_preset
 
     config = get_preset("vlm_smoke")
     assert config.model.align_steps == 2  # the projector is pre-aligned on public images first
@@ -163,15 +163,15 @@ def test_vit_probe_smoke_writes_accuracies(fashion_mnist, dinov2_onnx, tmp_path)
 
 
 def test_a_frozen_projector_is_warned_about(caplog):
-    from celora_jax.federated import engine
+    from celora_jax.federated.tasks import base, vlm
 
     params = {"projector": {"fc1": {"kernel": np.zeros((4, 8))}}, "decoder": {"norm": {"scale": np.ones(8)}}}
     with caplog.at_level("WARNING"):
-        trained = {"lora": {}, "params": engine.split_base_params(params, r"(norm/scale$|projector/)")[1]}
-        assert not engine.warn_if_projector_frozen(trained, r"(norm/scale$|projector/)")
+        trained = {"lora": {}, "params": base.split_base_params(params, r"(norm/scale$|projector/)")[1]}
+        assert not vlm.warn_if_projector_frozen(trained, r"(norm/scale$|projector/)")
         assert not caplog.records
-        frozen = {"lora": {}, "params": engine.split_base_params(params, r"norm/scale$")[1]}
-        assert engine.warn_if_projector_frozen(frozen, r"norm/scale$")
+        frozen = {"lora": {}, "params": base.split_base_params(params, r"norm/scale$")[1]}
+        assert vlm.warn_if_projector_frozen(frozen, r"norm/scale$")
     assert "does not match the projector" in caplog.text
 
 

@@ -88,8 +88,8 @@ def validate(args, hosts: int, chips_per_host: int) -> str:
     from celora_jax.data.partition import partition
     from celora_jax.data.text import load_text_dataset
     from celora_jax.federated.engine import shared_checkpoint_path
-    from celora_jax.methods import get_method
-    from experiments.presets import get_preset
+    from celora_jax.federated.methods import get_method
+    from celora_jax.presets import get_preset
 
     if jax.device_count() != devices:
         raise ValueError(f"expected {devices} fake devices, jax sees {jax.device_count()} "

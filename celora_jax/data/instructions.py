@@ -19,12 +19,17 @@ from typing import Sequence
 import numpy as np
 
 from celora_jax.data.text import DataError
-from celora_jax.models.decoder_loading import chatml
 
 QUESTION = ("Is the sentiment of this movie review positive or negative? Answer with the sentiment "
             "and a short verdict.\n\nReview: {review}")
 # The shipped movie reviews label 0 = negative, 1 = positive.
 SENTIMENT_ANSWERS = {"0": "Negative. Verdict: skip it.", "1": "Positive. Verdict: worth watching."}
+
+
+def chatml(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """ChatML text (``<|im_start|>role\\ncontent<|im_end|>\\n``), SmolLM2's chat format."""
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
 # A vision-language question: the image comes before the chat, so there is no text slot to fill.

@@ -9,48 +9,20 @@ What travels where:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from celora_jax import methods
+from celora_jax import roles as roles_lib
+from celora_jax.config import OptimizerConfig
 
 Array = jax.Array
 PyTree = Any
 # logits_fn(params, lora, batch, dropout_key or None) -> logits [B, classes]; params is the
 # full base pytree (frozen part merged with the client's trained part).
 LogitsFn = Callable[[Mapping, Mapping, Mapping, Array | None], Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """Local AdamW with linear warmup and linear decay over the whole run.
-
-    Attributes:
-      learning_rate: peak learning rate.
-      warmup_fraction: fraction of all local steps (rounds x steps) spent warming up.
-      weight_decay: decoupled weight decay of AdamW.
-      max_grad_norm: global-norm gradient clipping (0 disables it).
-      reset_each_round: start every round with fresh Adam moments (METHOD.md §2, [decided]);
-        the learning-rate schedule always follows the global step.
-      dropout: train with the model's dropout (otherwise deterministic forward passes).
-    """
-
-    learning_rate: float = 1e-3
-    warmup_fraction: float = 0.06
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    reset_each_round: bool = True
-    dropout: bool = True
-
-    def __post_init__(self):
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
 
 
 def learning_rate_at(step: Array, total_steps: int, config: OptimizerConfig) -> Array:
@@ -110,47 +82,62 @@ def task_loss(logits: Array, batch: Mapping[str, Array]) -> tuple[Array, tuple[A
 
 def full_params(base_params: Mapping, client_params: Mapping) -> dict:
     """The model's parameter pytree: frozen base plus the client's trained base subset."""
-    return methods.combine(base_params, client_params.get("params", {}))
+    return roles_lib.combine(base_params, client_params.get("params", {}))
 
 
 def init_client_state(client_params: Mapping, roles: Mapping, config: OptimizerConfig) -> dict:
     """Optimizer state over the trained leaves of one client."""
-    trained = methods.select(client_params, roles, methods.SHARED, methods.PERSONAL)
+    trained = roles_lib.select(client_params, roles, roles_lib.SHARED, roles_lib.PERSONAL)
     return {"params": dict(client_params), "opt_state": local_optimizer(config).init(trained)}
 
 
 def make_client_update(logits_fn: LogitsFn, roles: Mapping, config: OptimizerConfig,
-                       total_steps: int) -> Callable:
+                       total_steps: int, objective: Callable | None = None,
+                       learning_rate_fn: Callable | None = None) -> Callable:
     """Builds ``client_update(base_params, client_state, batches, key, round_index)``.
 
     The returned function trains the client's trained leaves for the ``S`` steps in
     ``batches [S, B, ...]`` with ``lax.scan`` and returns ``(client_state, metrics)`` where
-    metrics hold the round's mean loss and accuracy over real examples.
+    metrics hold the round's mean task loss and accuracy over real examples.
+
+    Args:
+      objective: ``objective(loss_fn, roles) -> loss_fn`` wraps the task loss
+        ``loss_fn(trained, anchor, fixed, base_params, batch, dropout_key)``, where
+        ``anchor`` is ``trained`` as it was at the start of the round (FedProx's proximal
+        term); None trains on the task loss.
+      learning_rate_fn: ``(round_index, local_step, num_steps) -> rate``; None follows the
+        warmup/decay schedule over the global step ``round_index * num_steps + local_step``.
     """
     optimizer = local_optimizer(config)
 
-    def loss_fn(trained, fixed, base_params, batch, dropout_key):
-        client_params = methods.combine(trained, fixed)
+    def task_objective(trained, anchor, fixed, base_params, batch, dropout_key):
+        client_params = roles_lib.combine(trained, fixed)
         logits = logits_fn(full_params(base_params, client_params), client_params.get("lora", {}),
                            batch, dropout_key)
-        return task_loss(logits, batch)
+        loss, (correct, count) = task_loss(logits, batch)
+        return loss, (loss, correct, count)
 
+    loss_fn = task_objective if objective is None else objective(task_objective, roles)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if learning_rate_fn is None:
+        def learning_rate_fn(round_index, local_step, num_steps):
+            return learning_rate_at(round_index * num_steps + local_step, total_steps, config)
 
     def client_update(base_params, client_state, batches, key, round_index):
         client_params = client_state["params"]
-        trained = methods.select(client_params, roles, methods.SHARED, methods.PERSONAL)
-        fixed = methods.select(client_params, roles, methods.FROZEN)
+        trained = roles_lib.select(client_params, roles, roles_lib.SHARED, roles_lib.PERSONAL)
+        fixed = roles_lib.select(client_params, roles, roles_lib.FROZEN)
         opt_state = optimizer.init(trained) if config.reset_each_round else client_state["opt_state"]
         num_steps = jax.tree.leaves(batches)[0].shape[0]
+        anchor = trained
 
         def step(carry, inputs):
             trained, opt_state = carry
             batch, step_key, local_step = inputs
             dropout_key = step_key if config.dropout else None
-            (loss, (correct, count)), grads = grad_fn(trained, fixed, base_params, batch, dropout_key)
+            (_, (loss, correct, count)), grads = grad_fn(trained, anchor, fixed, base_params, batch, dropout_key)
             updates, opt_state = optimizer.update(grads, opt_state, trained)
-            rate = learning_rate_at(round_index * num_steps + local_step, total_steps, config)
+            rate = learning_rate_fn(round_index, local_step, num_steps)
             trained = jax.tree.map(lambda p, u: p + rate * u, trained, updates)
             return (trained, opt_state), (loss * count, correct, count)
 
@@ -159,7 +146,7 @@ def make_client_update(logits_fn: LogitsFn, roles: Mapping, config: OptimizerCon
             step, (trained, opt_state), (batches, keys, jnp.arange(num_steps)))
         total = jnp.maximum(counts.sum(), 1.0)
         metrics = {"train_loss": loss_sums.sum() / total, "train_accuracy": correct.sum() / total}
-        new_state = {"params": methods.combine(trained, fixed), "opt_state": opt_state}
+        new_state = {"params": roles_lib.combine(trained, fixed), "opt_state": opt_state}
         return new_state, metrics
 
     return client_update

@@ -9,7 +9,8 @@ A strategy never sees a model, only pytrees of uploaded arrays stacked over clie
              (one row per client, so personalized strategies fit the same interface).
 
 ``aggregate(state, uploads, sizes, mask) -> (state, downloads, logs)`` is pure and jittable;
-``logs`` is a dict of arrays recorded every round (e.g. the personalized weights).
+``logs`` is a dict of arrays recorded every round (e.g. the personalized weights);
+``initial_logs(state)`` what is recorded once, with round 1 (e.g. a constant distance matrix).
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ class Strategy:
       name: identifier.
       init: ``init(uploads, sizes) -> state`` from the round-0 uploads (shapes only matter).
       aggregate: ``aggregate(state, uploads, sizes, mask) -> (state, downloads, logs)``.
+      initial_logs: ``initial_logs(state) -> {name: array}``, recorded once with round 1.
     """
 
     name: str
     init: Callable[[PyTree, Array], PyTree]
     aggregate: Callable[[PyTree, PyTree, Array, Array], tuple[PyTree, PyTree, Mapping[str, Array]]]
+    initial_logs: Callable[[PyTree], Mapping[str, Array]] = lambda state: {}
 
 
 def broadcast(tree: PyTree, count: int) -> PyTree:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from celora_jax.models.llama import DecoderConfig
-from celora_jax.models.loading import ModelLoadError, _our_layout, safetensors_tensors
+from celora_jax.models.loading import ModelLoadError, torch_to_flax_layout, safetensors_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def read_hf_llama(model_dir: str | pathlib.Path) -> tuple[DecoderConfig, dict, A
         if path is None:
             logger.info("checkpoint tensor %s is not used", name)
             continue
-        flat[path] = _our_layout(path, tensor)
+        flat[path] = torch_to_flax_layout(path, tensor)
     params = traverse_util.unflatten_dict(flat)
     if config.tie_embeddings:
         params.pop("lm_head", None)
@@ -282,9 +282,3 @@ def load_decoder(source: str | pathlib.Path | None = None) -> tuple[DecoderConfi
     if path.suffix == ".gguf" or path.is_file():
         return read_gguf(path)
     raise ModelLoadError(f"decoder source {path} is neither a .gguf file nor a directory")
-
-
-def chatml(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """ChatML text (``<|im_start|>role\\ncontent<|im_end|>\\n``), SmolLM2's chat format."""
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from celora_jax.models.bert import Dense
+from celora_jax.models.layers import Dense
 
 Array = jax.Array
 

@@ -66,7 +66,7 @@ def read_checkpoint(model_dir: str | pathlib.Path) -> dict:
     for name, tensor in safetensors_tensors(_existing_dir(model_dir)):
         path = _our_path(name)
         if path is not None:
-            flat[path] = _our_layout(path, tensor)
+            flat[path] = torch_to_flax_layout(path, tensor)
     return traverse_util.unflatten_dict(flat)
 
 
@@ -127,7 +127,8 @@ def _our_path(hf_name: str) -> tuple[str, ...] | None:
     return tuple(merged)
 
 
-def _our_layout(path: tuple[str, ...], tensor: np.ndarray) -> np.ndarray:
+def torch_to_flax_layout(path: tuple[str, ...], tensor: np.ndarray) -> np.ndarray:
+    """A checkpoint tensor as float32 in our layout (Flax kernels are [in, out])."""
     tensor = np.asarray(tensor, dtype=np.float32)
     # torch.nn.Linear stores [out, in]; Flax kernels are [in, out].
     return tensor.T if path[-1] == "kernel" else tensor

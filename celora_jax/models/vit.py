@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax.models.bert import Dense
+from celora_jax.models.layers import Dense
 
 Array = jax.Array
 

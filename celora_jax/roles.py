@@ -1,4 +1,4 @@
-"""Which client parameters each federated method trains, sends and keeps (METHOD.md §6).
+"""Which client parameters a federated method trains, sends and keeps (METHOD.md §6).
 
 A client's parameters are one pytree ``{"lora": adapters, "params": base_subset}`` where
 ``base_subset`` holds the base parameters the client fine-tunes itself (LayerNorms and the
@@ -11,13 +11,9 @@ task head by default). Every leaf gets one role:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping
 
-import jax
 from flax import traverse_util
-
-from celora_jax.adapters import LORA, TRI
 
 SHARED = "shared"
 PERSONAL = "personal"
@@ -25,77 +21,13 @@ FROZEN = "frozen"
 ROLES = (SHARED, PERSONAL, FROZEN)
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    """The client-side contract of a federated fine-tuning method.
-
-    Attributes:
-      name: identifier used in configs and results.
-      adapter_kind: "tri" (A·C·B) or "lora" (A·B).
-      trained: adapter factors trained locally.
-      shared: adapter factors sent to the server and replaced by its answer each round.
-      personalized: whether the server answers each client with its own mixture
-        (learned weights, METHOD.md §5) instead of one common average.
-      description: one line for tables and help texts.
-
-    Examples:
-      >>> from celora_jax import METHODS
-      >>> spec = METHODS["celora"]
-      >>> sorted(spec.trained), sorted(spec.shared), spec.personalized
-      (['A', 'B', 'C'], ['C'], True)
-    """
-
-    name: str
-    adapter_kind: str
-    trained: frozenset
-    shared: frozenset
-    personalized: bool
-    description: str
-
-
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec for spec in (
-        MethodSpec("celora", TRI, frozenset("ACB"), frozenset("C"), True,
-                   "CE-LoRA: tri-matrix adapters, personalized mixtures of cores"),
-        MethodSpec("celora_avg", TRI, frozenset("ACB"), frozenset("C"), False,
-                   "CE-LoRA without personalization: cores averaged with weights n_i/n"),
-        MethodSpec("fedavg_lora", LORA, frozenset("AB"), frozenset("AB"), False,
-                   "FedIT / FedAvg-LoRA: A and B averaged"),
-        MethodSpec("ffa_lora", LORA, frozenset("B"), frozenset("B"), False,
-                   "FFA-LoRA: A frozen at its shared random init, B averaged"),
-        MethodSpec("fedsa_lora", LORA, frozenset("AB"), frozenset("A"), False,
-                   "FedSA-LoRA: A averaged, B personal"),
-        MethodSpec("local", LORA, frozenset("AB"), frozenset(), False,
-                   "local-only: LoRA trained on each client, nothing sent"),
-    )
-}
-
-
-def get_method(name: str) -> MethodSpec:
-    """Looks up a method by name with a clear error for unknown names.
-
-    Examples:
-      >>> from celora_jax import get_method
-      >>> get_method("ffa_lora").description
-      'FFA-LoRA: A frozen at its shared random init, B averaged'
-      >>> get_method("fedprox")
-      Traceback (most recent call last):
-      ...
-      ValueError: unknown method 'fedprox'; choose one of ['celora', 'celora_avg', 'fedavg_lora', 'fedsa_lora', 'ffa_lora', 'local']
-    """
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
-
-
-def parameter_roles(client_params: Mapping[str, Any], method: MethodSpec, *,
+def parameter_roles(client_params: Mapping[str, Any], method: Any, *,
                     core_only: bool = False, share_base: bool = False) -> dict:
     """Labels every leaf of ``client_params`` with its role under ``method``.
 
     Args:
       client_params: ``{"lora": adapters, "params": base_subset}`` (either may be absent).
-      method: the federated method.
+      method: the federated method (anything with ``trained`` and ``shared`` factor sets).
       core_only: CE-LoRA ablation where only the cores are trained (A and B frozen).
       share_base: also average the client-trained base parameters (LayerNorms and head),
         which are personal by default under every method (METHOD.md §6, [decided]).
@@ -115,8 +47,8 @@ def parameter_roles(client_params: Mapping[str, Any], method: MethodSpec, *,
     if not isinstance(client_params, Mapping):
         raise ValueError(f"parameter_roles: client_params must be a mapping like {{'lora': adapters, "
                          f"'params': trained_base}}, got {type(client_params).__name__}")
-    if not isinstance(method, MethodSpec):
-        raise ValueError(f"parameter_roles: method must be a MethodSpec (see get_method), got {method!r}")
+    if not all(hasattr(method, name) for name in ("trained", "shared")):
+        raise ValueError(f"parameter_roles: method must be a FederatedMethod (see get_method), got {method!r}")
     trained = frozenset("C") if core_only else method.trained
     roles = {}
     for path in traverse_util.flatten_dict(dict(client_params)):
@@ -151,8 +83,3 @@ def combine(*trees: Mapping[str, Any]) -> dict:
                 raise ValueError(f"combine: leaf {'/'.join(path)} appears twice")
             flat[path] = leaf
     return traverse_util.unflatten_dict(flat)
-
-
-def trainable_mask(roles: Mapping[str, Any]) -> dict:
-    """Boolean pytree, True where a leaf is trained (for ``optax.masked``)."""
-    return jax.tree.map(lambda role: role != FROZEN, dict(roles))

@@ -1,0 +1,69 @@
+"""CE-LoRA (METHOD.md §1-5): tri-matrix adapters, only the cores travel, and the server
+answers every client with its own mixture of cores under learned weights W.
+
+Once, before round 1, every client uploads its data statistic (per-class Gaussian
+mixtures of frozen features, ``celora_jax.federated.statistics``); the server turns them
+into the data distance. Each round it stacks the uploaded cores, computes the parameter
+distance, learns W (``celora_jax.aggregation.server_step``) and returns C̃_i = Σ_j W_ij C_j.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from celora_jax import adapters, aggregation, similarity
+from celora_jax.federated import strategies
+from celora_jax.federated.methods.base import FederatedMethod, ServerInputs, core_share_logs
+
+
+def personalized_strategy(data_distance: np.ndarray, config: aggregation.AggregationConfig) -> strategies.Strategy:
+    """Personalized mixtures of cores with learned weights (METHOD.md §4-5).
+
+    Args:
+      data_distance: ``[N, N]`` squared MMD between the clients' statistics; clients
+        beyond N (mesh padding) get zero rows and are always masked.
+      config: β, λ and the other aggregation options.
+
+    Uploads must hold the cores under ``"lora"``; any other shared leaves (only with
+    ``federation.share_base``) are mixed with the same weights W. The data distance is
+    constant, so it is logged once (``data_distance`` in round 1's logs only).
+    """
+
+    def init(uploads, sizes):
+        n_pad = sizes.shape[0]
+        padded = np.zeros((n_pad, n_pad), np.float32)
+        padded[: data_distance.shape[0], : data_distance.shape[0]] = data_distance
+        return {"data_distance": jnp.asarray(padded)}
+
+    def aggregate(state, uploads, sizes, mask):
+        cores = adapters.stack_cores(uploads["lora"])  # [N, L, r, r]
+        out = aggregation.server_step(cores, None, sizes, mask, config, data_distance=state["data_distance"])
+        lora = adapters.unstack_cores(uploads["lora"], out.mixed_cores)
+        others = {k: v for k, v in uploads.items() if k != "lora"}
+        mixed_others = jax.tree.map(lambda leaf: jnp.tensordot(out.weights, leaf, axes=1), others)
+        logs = {"weights": out.weights, "param_distance": out.param_distance, "excluded": out.excluded}
+        return state, {"lora": lora, **mixed_others}, logs
+
+    def initial_logs(state):
+        # As server_step reports it: entries of clients with unusable statistics shown as 0.
+        distance = state["data_distance"]
+        return {"data_distance": jnp.where(jnp.isfinite(distance), distance, 0.0)}
+
+    return strategies.Strategy("celora_personalized", init, aggregate, initial_logs)
+
+
+def server(inputs: ServerInputs) -> strategies.Strategy:
+    if inputs.data_statistics is None:
+        raise ValueError("celora: the personalized server needs the clients' data statistics")
+    distance = np.asarray(similarity.data_distance(inputs.data_statistics))
+    return personalized_strategy(distance, inputs.aggregation)
+
+
+def make() -> FederatedMethod:
+    return FederatedMethod(
+        name="celora",
+        description="CE-LoRA: tri-matrix adapters, personalized mixtures of cores",
+        adapter_kind=adapters.TRI, trained=frozenset("ACB"), shared=frozenset("C"),
+        server=server, needs_data_statistics=True, client_logs=core_share_logs)

@@ -1,0 +1,12 @@
+"""FedSA-LoRA: A (general knowledge) averaged, B (client-specific) kept personal."""
+
+from __future__ import annotations
+
+from celora_jax import adapters
+from celora_jax.federated.methods.base import FederatedMethod
+
+
+def make() -> FederatedMethod:
+    return FederatedMethod(
+        name="fedsa_lora", description="FedSA-LoRA: A averaged, B personal",
+        adapter_kind=adapters.LORA, trained=frozenset("AB"), shared=frozenset("A"))

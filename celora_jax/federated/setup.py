@@ -1,0 +1,71 @@
+"""A prepared run: the config, the method object, the task and the roles of every leaf."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from celora_jax import adapters as adapters_lib
+from celora_jax import roles as roles_lib
+from celora_jax.config import RunConfig
+from celora_jax.federated.methods import FederatedMethod, get_method
+from celora_jax.federated.tasks import Task, prepare_task
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything the round loop needs, fixed before round 1.
+
+    Attributes:
+      config: the run's configuration.
+      method: the federated method (``federation.method`` with its options).
+      task: model, data and initial client parameters.
+      roles: the role (shared, personal, frozen) of every leaf of ``task.client_params``.
+      local_steps: local optimizer steps per round.
+    """
+
+    config: RunConfig
+    method: FederatedMethod
+    task: Task
+    roles: dict
+    local_steps: int
+
+    @property
+    def num_clients(self) -> int:
+        return self.task.num_clients
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self.task.sizes
+
+
+def local_steps(config: RunConfig) -> int:
+    """``federation.local_steps``, or one local epoch: ceil(train_examples / batch_size)."""
+    fed = config.federation
+    return fed.local_steps or math.ceil(config.partition.train_examples / fed.batch_size)
+
+
+def resolve_method(config: RunConfig) -> FederatedMethod:
+    fed = config.federation
+    return get_method(fed.method, **fed.method_options.get(fed.method, {}))
+
+
+def adapter_config_for(config: RunConfig, method: FederatedMethod) -> adapters_lib.AdapterConfig:
+    """``config.adapter`` with the method's adapter kind."""
+    return dataclasses.replace(config.adapter, kind=method.adapter_kind)
+
+
+def prepare(config: RunConfig, *, progress: bool = False) -> Setup:
+    """Resolves the method, loads the task and labels the client parameters with their
+    roles (``progress``: bars for long preparation, the VLM's projector alignment)."""
+    method = resolve_method(config)
+    steps = local_steps(config)
+    if method.finetune_steps > steps:
+        raise ValueError(f"method {method.name!r} fine-tunes for {method.finetune_steps} steps after each "
+                         f"download, more than the {steps} local steps of a round (its batches)")
+    task = prepare_task(config, adapter_config_for(config, method), progress=progress)
+    roles = roles_lib.parameter_roles(task.client_params, method, core_only=task.adapter_config.core_only,
+                                      share_base=config.federation.share_base)
+    return Setup(config, method, task, roles, steps)

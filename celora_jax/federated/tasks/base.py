@@ -1,0 +1,129 @@
+"""What every task (encoder, decoder, VLM) hands the federated loop, and the host-side
+steps they share: which clients this process holds, which dataset rows it encodes, and
+how examples and parameters are stacked over clients."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from celora_jax import adapters as adapters_lib
+from celora_jax import sharding
+from celora_jax.config import RunConfig
+from celora_jax.data import packing
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A loaded model and its clients' encoded data (numpy or unsharded jax arrays).
+
+    Attributes:
+      logits_fn: ``logits_fn(full_params, lora, batch, dropout_key or None) -> logits``.
+      embed_fn: ``embed_fn(full_params, *[batch[name] for name in embed_inputs]) -> [B, D]``
+        float32: the frozen pre-trained features each client summarizes for the data
+        distance (METHOD.md §3).
+      embed_inputs: the batch entries embed_fn takes.
+      base_params: frozen base parameters, one copy shared by all clients.
+      client_params: one client's initial ``{"lora": adapters, "params": trained base}``.
+      adapter_config: the adapters as attached (the decoder's default targets filled in).
+      train, test: ``[N, n, ...]`` per entry; rows of clients other processes hold are zeros.
+      global_test: ``[n_global, ...]``, a common test set every client is also scored on.
+      num_classes: labels of the task.
+      local_clients: clients ``[start, stop)`` whose examples this process loaded.
+      base_model: the base checkpoint's path, recorded in exported PEFT folders.
+      preparation: what preparation measured that the summary reports (the VLM's
+        projector alignment).
+    """
+
+    logits_fn: Callable
+    embed_fn: Callable
+    embed_inputs: tuple[str, ...]
+    base_params: dict
+    client_params: dict
+    adapter_config: adapters_lib.AdapterConfig
+    train: dict
+    test: dict
+    global_test: dict
+    num_classes: int
+    local_clients: tuple[int, int]
+    base_model: str
+    preparation: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.train["example_mask"].shape[0])
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """``[N]`` training examples per client."""
+        return self.train["example_mask"].sum(1).astype(np.float32)
+
+
+def split_base_params(params: dict, trainable_regex: str) -> tuple[dict, dict]:
+    """(frozen, client-trained) parts of the base parameters by path regex."""
+    pattern = re.compile(trainable_regex)
+    flat = traverse_util.flatten_dict(params)
+    trained = {p: v for p, v in flat.items() if pattern.search("/".join(p))}
+    frozen = {p: v for p, v in flat.items() if p not in trained}
+    return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(trained)
+
+
+def client_parameters(params: dict, config: RunConfig, adapter_config: adapters_lib.AdapterConfig,
+                      key_adapter: jax.Array) -> tuple[dict, dict]:
+    """(frozen base params, one client's initial parameters ``{"lora", "params"}``)."""
+    base_params, trained_base = split_base_params(params, config.model.trainable_base)
+    # One key for every client: all start from the same A (METHOD.md §1).
+    lora = adapters_lib.init_adapters(key_adapter, params, adapter_config)
+    return base_params, {"lora": lora, "params": trained_base}
+
+
+def process_clients(config: RunConfig) -> tuple[int, int]:
+    """The real clients ``[start, stop)`` whose rows live on this process's devices."""
+    fed = config.federation
+    mesh = sharding.client_mesh(fed.num_devices, fed.data_parallel)
+    total = sharding.padded_client_count(config.partition.num_clients, mesh, fed.client_block)
+    start, stop = sharding.local_client_rows(mesh, total)
+    num_clients = config.partition.num_clients
+    return min(start, num_clients), min(stop, num_clients)
+
+
+def needed_examples(split, clients: tuple[int, int]) -> np.ndarray:
+    """Dataset rows this process must encode: its clients' examples and the global test."""
+    start, stop = clients
+    return np.unique(np.concatenate([split.train[start:stop].ravel(), split.test[start:stop].ravel(),
+                                     split.global_test]))
+
+
+def client_examples(encoded: dict, all_labels: np.ndarray, needed: np.ndarray, split,
+                    clients: tuple[int, int]) -> tuple[dict, dict, dict]:
+    """Client-stacked train ``[N, n_train, ...]``, test ``[N, n_test, ...]`` and global test
+    arrays from the examples ``encoded`` for the dataset rows ``needed``. Rows of clients
+    outside ``clients`` (held by other processes) are zeros, with example_mask kept."""
+    position = np.full(len(all_labels), -1, np.int64)
+    position[needed] = np.arange(len(needed))
+    labels = all_labels[needed]
+    start, stop = clients
+
+    def gather(indices):
+        examples = packing.gather_examples(encoded, labels, position[indices])
+        for name, value in examples.items():
+            if name != "example_mask":
+                value[:start] = 0
+                value[stop:] = 0
+        return examples
+
+    train, test = gather(split.train), gather(split.test)
+    global_test = packing.gather_examples(encoded, labels, position[split.global_test][None])
+    return train, test, {k: v[0] for k, v in global_test.items()}
+
+
+def compute_dtype(config: RunConfig):
+    """The jnp dtype of ``model.dtype`` (validated by ``ModelConfig``)."""
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[config.model.dtype]

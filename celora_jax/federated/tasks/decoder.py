@@ -1,0 +1,65 @@
+"""Instruction tuning of a Llama-family decoder (SmolLM2 by default): each labelled text
+becomes a ChatML chat asking for its label; loss on the answer tokens, exact match."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from celora_jax import adapters as adapters_lib
+from celora_jax.config import RunConfig
+from celora_jax.data import instructions
+from celora_jax.data.partition import partition
+from celora_jax.data.text import load_text_dataset
+from celora_jax.federated.tasks import base
+from celora_jax.models import decoder_loading, llama, loading
+
+
+def load_decoder(config: RunConfig, adapter_config: adapters_lib.AdapterConfig):
+    """(adapter config with the decoder's default targets, decoder config, params, tokenizer)."""
+    if adapter_config.target == adapters_lib.DEFAULT_TARGET:
+        adapter_config = dataclasses.replace(adapter_config, target=llama.DECODER_TARGET)
+    model_config, params, tokenizer = decoder_loading.load_decoder(config.model.path)
+    if tokenizer is None:
+        raise loading.ModelLoadError(f"{config.model.path} has no tokenizer.json; the decoder needs one")
+    return adapter_config, model_config, params, tokenizer
+
+
+def base_model_path(config: RunConfig) -> str:
+    return str(config.model.path or decoder_loading.default_gguf_path())
+
+
+def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, progress: bool = False) -> base.Task:
+    """Loads the decoder and the texts, partitions clients and encodes their chats."""
+    adapter_config, model_config, params, tokenizer = load_decoder(config, adapter_config)
+
+    dataset = load_text_dataset(config.data)
+    split = partition(dataset.labels, config.partition, dataset.groups)
+    clients = base.process_clients(config)
+    needed = base.needed_examples(split, clients)
+    encoded = instructions.encode_instructions(
+        tokenizer, [dataset.texts[i] for i in needed], dataset.labels[needed],
+        instructions.answers_for(dataset.label_names), config.model.max_length, model_config.pad_token_id)
+    train, test, global_test = base.client_examples(encoded, dataset.labels, needed, split, clients)
+
+    model = llama.LlamaForCausalLM(model_config, lora_scale=adapter_config.scale, dtype=base.compute_dtype(config))
+    params = jax.tree.map(jnp.asarray, params)
+    key_adapter = jax.random.split(jax.random.key(config.seed))[1]
+    base_params, client_params = base.client_parameters(params, config, adapter_config, key_adapter)
+    answer_positions = encoded["targets"].shape[1]
+
+    def logits_fn(full_params, lora_params, batch, dropout_key):
+        logits, _ = model.apply({"params": full_params, "lora": lora_params}, batch["input_ids"],
+                                batch["attention_mask"], last=answer_positions)
+        return logits
+
+    def embed_fn(full_params, input_ids, attention_mask):
+        hidden, _ = model.apply({"params": full_params}, input_ids, attention_mask, return_hidden=True)
+        weights = attention_mask.astype(jnp.float32)[..., None]
+        return (hidden * weights).sum(-2) / jnp.maximum(weights.sum(-2), 1.0)
+
+    return base.Task(logits_fn, embed_fn, ("input_ids", "attention_mask"), base_params, client_params,
+                     adapter_config, train, test, global_test, dataset.num_classes, clients,
+                     base_model_path(config))

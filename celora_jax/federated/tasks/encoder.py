@@ -1,0 +1,59 @@
+"""Sequence classification with a BERT-family encoder (MiniLM by default) on labelled texts."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from celora_jax import adapters as adapters_lib
+from celora_jax.config import RunConfig
+from celora_jax.data.partition import partition
+from celora_jax.data.text import load_text_dataset
+from celora_jax.federated.tasks import base
+from celora_jax.models import loading
+from celora_jax.models.bert import BertModel, pool
+
+
+def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, progress: bool = False) -> base.Task:
+    """Loads the encoder and the texts, partitions and tokenizes this process's clients."""
+    model_dir = loading.default_model_dir() if config.model.path is None else pathlib.Path(config.model.path)
+    model_config = loading.read_encoder_config(model_dir)  # fails early on a bad directory
+
+    dataset = load_text_dataset(config.data)
+    split = partition(dataset.labels, config.partition, dataset.groups)
+    tokenizer = loading.load_tokenizer(model_dir)
+    clients = base.process_clients(config)
+    needed = base.needed_examples(split, clients)
+    encoded = loading.encode_texts(tokenizer, [dataset.texts[i] for i in needed],
+                                   config.model.max_length, model_config.pad_token_id)
+    largest_id = int(encoded["input_ids"].max())
+    if largest_id >= model_config.vocab_size:
+        raise loading.ModelLoadError(
+            f"the tokenizer of {model_dir} produced token id {largest_id} but the model's vocabulary "
+            f"has {model_config.vocab_size} entries: tokenizer and model do not match")
+    train, test, global_test = base.client_examples(encoded, dataset.labels, needed, split, clients)
+
+    key_model, key_adapter = jax.random.split(jax.random.key(config.seed))
+    model, params = loading.load_classifier(
+        model_dir, key_model, num_labels=dataset.num_classes, pooling=config.model.pooling,
+        lora_scale=adapter_config.scale, dtype=base.compute_dtype(config))
+    base_params, client_params = base.client_parameters(params, config, adapter_config, key_adapter)
+
+    def logits_fn(full_params, lora_params, batch, dropout_key):
+        variables = {"params": full_params, "lora": lora_params}
+        if dropout_key is None:
+            return model.apply(variables, batch["input_ids"], batch["attention_mask"])
+        return model.apply(variables, batch["input_ids"], batch["attention_mask"],
+                           deterministic=False, rngs={"dropout": dropout_key})
+
+    trunk = BertModel(model.config, dtype=model.dtype)
+    summary = "first" if model.pooling != "mean" else "mean"
+
+    def embed_fn(full_params, input_ids, attention_mask):
+        hidden = trunk.apply({"params": full_params["backbone"]}, input_ids, attention_mask)
+        return pool(hidden, attention_mask, summary).astype(jnp.float32)
+
+    return base.Task(logits_fn, embed_fn, ("input_ids", "attention_mask"), base_params, client_params,
+                     adapter_config, train, test, global_test, dataset.num_classes, clients, str(model_dir))
