@@ -24,21 +24,19 @@ from celora_jax.adapters import (
     adapted_linear,
     adapter_delta,
     adapter_output,
-    core_share,
     init_adapters,
     merge_adapters,
     merge_kernel,
-    stack_cores,
     to_two_factor,
-    unstack_cores,
 )
 from celora_jax.aggregation import AggregationConfig, ServerOutputs, server_step, weighted_average_cores
 from celora_jax.baselines import fedavg, fedavg_lora, fedsa_lora, ffa_lora
 from celora_jax.config import RunConfig
+from celora_jax.cores import core_share, stack_cores, unstack_cores
 from celora_jax.export import export_peft, load_peft
+from celora_jax.federated.methods import METHODS, FederatedMethod, get_method
 from celora_jax.functional import adapt
 from celora_jax.gmm import ClassMixtures, MixtureConfig, fit_class_mixtures
-from celora_jax.federated.methods import METHODS, FederatedMethod, get_method
 from celora_jax.roles import parameter_roles
 from celora_jax.similarity import data_distance, parameter_distance
 

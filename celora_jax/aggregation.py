@@ -25,7 +25,6 @@ So every row of W is on the simplex and ``mixed_cores`` is always finite.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import numbers
 from typing import NamedTuple, Sequence
@@ -40,8 +39,6 @@ from celora_jax import similarity, usable
 from celora_jax.gmm import ClassMixtures
 
 Array = jax.Array
-
-logger = logging.getLogger(__name__)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -411,32 +408,3 @@ def server_step(
     return _server_step_jit(
         cores, stats, jnp.asarray(sizes, cores.dtype), jnp.asarray(mask, bool), data_distance, config
     )
-
-
-def logged_server_step(
-    cores: Array | Sequence[Array],
-    stats: ClassMixtures | None,
-    sizes: Array,
-    mask: Array | None,
-    config: AggregationConfig = AggregationConfig(),
-    *,
-    data_distance: Array | None = None,
-    round_index: int | None = None,
-) -> ServerOutputs:
-    """``server_step`` plus a logged warning naming excluded clients (caller side, not jitted).
-
-    Use this from the Python round loop; inside a larger jitted program call
-    ``server_step`` and inspect ``outputs.excluded`` afterwards.
-    """
-    outputs = server_step(cores, stats, sizes, mask, config, data_distance=data_distance)
-    excluded = np.asarray(outputs.excluded)
-    if excluded.any():
-        where = "" if round_index is None else f" (round {round_index})"
-        logger.warning(
-            "server_step%s: clients %s excluded from aggregation (non-finite core, statistic "
-            "or size); they received no weight this round",
-            where,
-            np.flatnonzero(excluded).tolist(),
-        )
-    return outputs
-

@@ -264,12 +264,27 @@ class RunConfig:
     export_peft: bool = False
     output_dir: str = "runs"
 
+    @property
+    def local_steps(self) -> int:
+        """Local optimizer steps per round: ``federation.local_steps``, or one local epoch,
+        ceil(partition.train_examples / federation.batch_size)."""
+        fed = self.federation
+        return fed.local_steps or -(-self.partition.train_examples // fed.batch_size)
+
     def __post_init__(self):
         method = get_method(self.federation.method)
         if self.adapter.kind not in (None, method.adapter_kind):
             raise ValueError(f"adapter.kind={self.adapter.kind!r} conflicts with federation.method="
                              f"{method.name!r}, which uses {method.adapter_kind!r} adapters; leave adapter.kind "
                              "unset (None) and the method decides")
+        options = self.federation.method_options.get(method.name, {})
+        steps = get_method(method.name, **options).finetune_steps
+        if steps > self.local_steps:
+            raise ValueError(f"method {method.name!r} fine-tunes for {steps} steps after each download, more "
+                             f"than the {self.local_steps} local steps of a round (its batches)")
+        if not self.aggregation.personalized:
+            raise ValueError("aggregation.personalized=False (cores averaged with weights n_i/n) is the method "
+                             "celora_avg: run --methods celora_avg (a method is chosen in one place)")
         if self.adapter.core_only and method.adapter_kind != "tri":
             raise ValueError(f"adapter.core_only trains only the cores of tri-matrix adapters; "
                              f"federation.method={method.name!r} uses {method.adapter_kind!r} adapters")
@@ -387,74 +402,3 @@ def _coerce(value, current, owner, name, full_key):
     if str in allowed:
         return str(value)
     raise ValueError(f"config key {full_key!r} expects {expected}, got {value!r}")
-
-
-def attribute_docs(cls: type) -> dict[str, str]:
-    """{field name: description} parsed from the ``Attributes:`` section of ``cls``'s docstring.
-
-    An entry may name several fields ("a, b: ..."); continuation lines are joined.
-    """
-    lines = (cls.__doc__ or "").splitlines()
-    try:
-        start = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:")
-    except StopIteration:
-        return {}
-    docs: dict[str, str] = {}
-    current: list[str] = []
-    entry_indent = None
-    for line in lines[start + 1:]:
-        if not line.strip():
-            if entry_indent is not None:
-                break  # a blank line ends the section
-            continue
-        indent = len(line) - len(line.lstrip())
-        entry_indent = indent if entry_indent is None else entry_indent
-        if indent < entry_indent:
-            break
-        text = line.strip()
-        if indent == entry_indent and ":" in text:
-            names, description = text.split(":", 1)
-            current = [name.strip() for name in names.split(",")]
-            for name in current:
-                docs[name] = description.strip()
-        else:
-            for name in current:
-                docs[name] = f"{docs[name]} {text}"
-    return docs
-
-
-def _type_name(hint) -> str:
-    args = typing.get_args(hint)
-    if args:
-        return " | ".join(_type_name(arg) for arg in args)
-    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
-
-
-def config_reference(config=None) -> str:
-    """Markdown tables of every ``--set`` key of ``RunConfig``: type, default, meaning.
-
-    Generated from the dataclasses themselves (fields, type hints, defaults, docstrings), so
-    the documentation cannot drift from the code. ``config`` (default ``RunConfig()``)
-    supplies the default values shown.
-    """
-    config = RunConfig() if config is None else config
-    out = ["Set any key from the command line with `--set section.key=value` "
-           "(or `--set key=value` for top-level keys), e.g. `--set federation.rounds=20`.", ""]
-    sections = [("", config)] + [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
-                                 if dataclasses.is_dataclass(getattr(config, f.name))]
-    for prefix, node in sections:
-        cls = type(node)
-        docs = attribute_docs(cls)
-        summary = (cls.__doc__ or "").strip().splitlines()[0]
-        out += [f"## `{prefix or 'top level'}`", "", f"{summary} (`{cls.__module__}.{cls.__name__}`)", "",
-                "| key | type | default | meaning |", "|---|---|---|---|"]
-        hints = typing.get_type_hints(cls)
-        for field in dataclasses.fields(cls):
-            value = getattr(node, field.name)
-            if dataclasses.is_dataclass(value):
-                continue
-            key = f"{prefix}.{field.name}" if prefix else field.name
-            meaning = docs.get(field.name, "").replace("|", "\\|")
-            out.append(f"| `{key}` | `{_type_name(hints[field.name])}` | `{value!r}` | {meaning} |")
-        out.append("")
-    return "\n".join(out)

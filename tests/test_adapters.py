@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from celora_jax import adapters
+from celora_jax import cores as cores_lib
 
 
 def _base_params(key, d_in=12, d_hidden=10, d_out=6):
@@ -113,9 +114,9 @@ def test_stack_and_unstack_cores_round_trip_with_client_axis():
     config = adapters.AdapterConfig(rank=3, target="encoder")
     tree = adapters.init_adapters(jax.random.key(1), params, config)
     clients = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), tree)
-    cores = adapters.stack_cores(clients)
+    cores = cores_lib.stack_cores(clients)
     chex.assert_shape(cores, (2, 2, 3, 3))
-    back = adapters.unstack_cores(clients, cores * 3)
+    back = cores_lib.unstack_cores(clients, cores * 3)
     np.testing.assert_array_equal(back["encoder"]["layer_1"]["dense"]["C"][1], 6 * np.eye(3))
 
 
@@ -123,7 +124,7 @@ def test_core_share_matches_dense_numpy_norms_with_client_axis():
     keys = jax.random.split(jax.random.key(3), 2)
     tree = {"q": _random_adapter(keys[0], 12, 10, 4), "v": _random_adapter(keys[1], 10, 6, 4)}
     clients = jax.tree.map(lambda x: jnp.stack([x, 0.5 * x, -x]), tree)
-    share = adapters.core_share(clients)
+    share = cores_lib.core_share(clients)
     chex.assert_shape(share, (3, 2))
     for c in range(3):
         for index, name in enumerate(sorted(tree)):
@@ -135,12 +136,12 @@ def test_core_share_matches_dense_numpy_norms_with_client_axis():
 def test_core_share_is_zero_at_init_and_for_identity_cores():
     params = _base_params(jax.random.key(0))
     tree = adapters.init_adapters(jax.random.key(1), params, adapters.AdapterConfig(rank=3, target="encoder"))
-    np.testing.assert_array_equal(adapters.core_share(tree), 0.0)  # B = 0: no update yet
+    np.testing.assert_array_equal(cores_lib.core_share(tree), 0.0)  # B = 0: no update yet
     trained = jax.tree.map(lambda x: x, tree)
     trained["encoder"]["layer_0"]["dense"]["B"] = jnp.ones((3, 10))
-    np.testing.assert_array_equal(adapters.core_share(trained), 0.0)  # C = I carries nothing
+    np.testing.assert_array_equal(cores_lib.core_share(trained), 0.0)  # C = I carries nothing
     with pytest.raises(ValueError, match="core_share.*no core"):
-        adapters.core_share({"q": {"A": jnp.ones((4, 2)), "B": jnp.ones((2, 4))}})
+        cores_lib.core_share({"q": {"A": jnp.ones((4, 2)), "B": jnp.ones((2, 4))}})
 
 
 def test_scale_is_alpha_over_rank():
@@ -209,11 +210,11 @@ def _tri(d_in=6, r=2, d_out=5):
      r"adapted_linear: bias must have shape \[\.\.\., 5\]"),
     (lambda: adapters.merge_kernel(jnp.ones((5, 6)), _tri(), 1.0),
      r"merge_kernel: adapter maps 6 -> 5 .* but the kernel is \(5, 6\)"),
-    (lambda: adapters.stack_cores({"q": {"A": jnp.ones((4, 2)), "B": jnp.ones((2, 4))}}),
+    (lambda: cores_lib.stack_cores({"q": {"A": jnp.ones((4, 2)), "B": jnp.ones((2, 4))}}),
      r"stack_cores: adapters at \['q'\] have no core 'C'"),
-    (lambda: adapters.stack_cores({"q": {"C": jnp.eye(2)}, "v": {"C": jnp.eye(3)}}),
+    (lambda: cores_lib.stack_cores({"q": {"C": jnp.eye(2)}, "v": {"C": jnp.eye(3)}}),
      r"stack_cores: all cores must share one shape"),
-    (lambda: adapters.unstack_cores({"q": {"C": jnp.eye(2)}, "v": {"C": jnp.eye(2)}}, jnp.ones((3, 2, 2))),
+    (lambda: cores_lib.unstack_cores({"q": {"C": jnp.eye(2)}, "v": {"C": jnp.eye(2)}}, jnp.ones((3, 2, 2))),
      r"unstack_cores: cores must have shape \(2, 2, 2\)"),
     (lambda: adapters.init_adapters(jax.random.key(0), [jnp.ones((4, 4))], adapters.AdapterConfig()),
      r"init_adapters: params must be a nested mapping"),

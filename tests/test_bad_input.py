@@ -66,7 +66,16 @@ def bad_dirs(tmp_path, tiny_model_dir, good_run):
 # (argv with {placeholders}, expected fragment of the one-line error)
 CASES = [
     ("run --preset huge", "unknown preset 'huge'"),
-    ("run --methods fedprox", "unknown method 'fedprox'"),
+    ("run --methods fedavg", "unknown method 'fedavg'"),
+    ("run --methods celora,local,celora", "--methods lists celora more than once"),
+    ("run --set federation.method_options.fedprox.mu=-1",
+     "federation.method_options.fedprox: method 'fedprox': mu must be a finite number >= 0"),
+    ("run --set federation.method_options.fedprox.steps=2", "method 'fedprox' has no option 'steps'"),
+    ("run --methods fedavg_lora_ft --set federation.method_options.fedavg_lora_ft.steps=9",
+     "fine-tunes for 9 steps after each download, more than the 8 local steps"),
+    ("run --methods fedavg_lora --set adapter.kind=tri", "adapter.kind='tri' conflicts with federation.method='fedavg_lora'"),
+    ("run --methods local --set adapter.core_only=True", "adapter.core_only trains only the cores"),
+    ("run --set aggregation.personalized=False", "is the method celora_avg"),
     ("run --set federation.round=3", "unknown config key 'federation.round'"),
     ("run --set federation.rounds=many", "expects int"),
     ("run --set federation.rounds=-1", "federation.rounds must be at least 1"),

@@ -31,7 +31,7 @@ def test_smoke_preset_runs_real_minilm_on_movie_reviews(tmp_path, minilm_dir, mo
 
 @pytest.mark.parametrize("argv, message", [
     (["run", "--preset", "huge"], "unknown preset 'huge'"),
-    (["run", "--methods", "fedprox"], "unknown method 'fedprox'"),
+    (["run", "--methods", "fedavg"], "unknown method 'fedavg'"),
     (["run", "--set", "partition.alpha=-1"], "alpha must be > 0"),
     (["run", "--set", "federation.rounds"], "not of the form key=value"),
 ])

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from celora_jax import config as config_lib
+from celora_jax import config_docs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -31,14 +32,14 @@ def _sections():
 
 @pytest.mark.parametrize("prefix, node", list(_sections()), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_config_field_is_documented(prefix, node):
-    docs = config_lib.attribute_docs(type(node))
+    docs = config_docs.attribute_docs(type(node))
     undocumented = [f.name for f in dataclasses.fields(node)
                     if not dataclasses.is_dataclass(getattr(node, f.name)) and not docs.get(f.name)]
     assert not undocumented, f"{type(node).__name__} fields without an Attributes entry: {undocumented}"
 
 
 def test_config_reference_lists_every_key_with_its_default():
-    reference = config_lib.config_reference()
+    reference = config_docs.config_reference()
     for prefix, node in _sections():
         for field in dataclasses.fields(node):
             value = getattr(node, field.name)

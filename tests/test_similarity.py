@@ -11,13 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import load_benchmark_module
+import numpy_reference as reference
 
 from celora_jax import similarity
 from celora_jax.gmm import ClassMixtures
 
 
-reference = load_benchmark_module("aggregation")
 _median = jax.jit(similarity.masked_median)
 
 # Two 2-D clients, two classes with two components each: small enough for Monte Carlo.

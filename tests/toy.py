@@ -11,7 +11,7 @@ import numpy as np
 from celora_jax import adapters, roles
 from celora_jax.config import FederationConfig, RunConfig
 from celora_jax.data.partition import PartitionConfig
-from celora_jax.federated.setup import Setup, adapter_config_for, local_steps
+from celora_jax.federated.setup import Setup, adapter_config_for
 from celora_jax.federated.tasks import Task
 from celora_jax.federated.methods import get_method
 
@@ -70,7 +70,7 @@ def toy_setup(config: RunConfig) -> Setup:
     method = get_method(fed.method, **fed.method_options.get(fed.method, {}))
     task = toy_task(config, adapter_config_for(config, method))
     role_tree = roles.parameter_roles(task.client_params, method, share_base=fed.share_base)
-    return Setup(config, method, task, role_tree, local_steps(config))
+    return Setup(config, method, task, role_tree, config.local_steps)
 
 
 def with_federation(config: RunConfig, **changes) -> RunConfig:

@@ -136,6 +136,27 @@ def dp_record(config, noise_multiplier: float, rounds_done: int, update_norms, r
     return record
 
 
+def _round_record(setup: Setup, round_index: int, metrics: dict, mask: np.ndarray, bytes_each_way: tuple[int, int],
+                  cumulative_bytes: int) -> dict:
+    """The record of a round before evaluation and logs: losses, who reported, bytes."""
+    n = setup.num_clients
+    participants = int(mask[:n].sum())
+    up, down = bytes_each_way
+    return {
+        "round": round_index + 1,
+        "method": setup.method.name,
+        # Absent clients are computed too (static shapes) but their round does not count.
+        "train_loss": _mean_over(metrics["train_loss"], mask),
+        "train_accuracy": _mean_over(metrics["train_accuracy"], mask),
+        "participants": participants,
+        "reporting_clients": [int(i) for i in np.flatnonzero(mask[:n])],
+        "bytes_up_per_client": up,
+        "bytes_down_per_client": down,
+        "bytes_round": (up + down) * participants,
+        "bytes_cumulative": cumulative_bytes,
+    }
+
+
 def _add_logs(record: dict, logs: dict, n: int, mask: np.ndarray, outlier_factor: float) -> None:
     """Server and client logs of a round into its record, with warnings for rejections."""
     for name, value in logs.items():
@@ -253,22 +274,8 @@ def iterate_rounds(setup: Setup, checkpoint_dir: str | pathlib.Path | None = Non
         if round_index == 0:
             logs = {**initial_logs, **logs}
         metrics, logs = sharding.to_host((metrics, logs))
-        participants = int(mask_np[:n].sum())
-        round_bytes = (bytes_up + bytes_down) * participants
-        cumulative_bytes += round_bytes
-        record = {
-            "round": round_index + 1,
-            "method": setup.method.name,
-            # Absent clients are computed too (static shapes) but their round does not count.
-            "train_loss": _mean_over(metrics["train_loss"], mask_np),
-            "train_accuracy": _mean_over(metrics["train_accuracy"], mask_np),
-            "participants": participants,
-            "reporting_clients": [int(i) for i in np.flatnonzero(mask_np[:n])],
-            "bytes_up_per_client": bytes_up,
-            "bytes_down_per_client": bytes_down,
-            "bytes_round": round_bytes,
-            "bytes_cumulative": cumulative_bytes,
-        }
+        cumulative_bytes += (bytes_up + bytes_down) * int(mask_np[:n].sum())
+        record = _round_record(setup, round_index, metrics, mask_np, (bytes_up, bytes_down), cumulative_bytes)
         last = round_index + 1 == fed.rounds
         evaluated = round_lib.evaluated_params(client_state)
         if last or (round_index + 1) % fed.eval_every == 0:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-
 import numpy as np
 
 from celora_jax import adapters as adapters_lib
@@ -41,12 +39,6 @@ class Setup:
         return self.task.sizes
 
 
-def local_steps(config: RunConfig) -> int:
-    """``federation.local_steps``, or one local epoch: ceil(train_examples / batch_size)."""
-    fed = config.federation
-    return fed.local_steps or math.ceil(config.partition.train_examples / fed.batch_size)
-
-
 def resolve_method(config: RunConfig) -> FederatedMethod:
     fed = config.federation
     return get_method(fed.method, **fed.method_options.get(fed.method, {}))
@@ -61,11 +53,7 @@ def prepare(config: RunConfig, *, progress: bool = False) -> Setup:
     """Resolves the method, loads the task and labels the client parameters with their
     roles (``progress``: bars for long preparation, the VLM's projector alignment)."""
     method = resolve_method(config)
-    steps = local_steps(config)
-    if method.finetune_steps > steps:
-        raise ValueError(f"method {method.name!r} fine-tunes for {method.finetune_steps} steps after each "
-                         f"download, more than the {steps} local steps of a round (its batches)")
     task = prepare_task(config, adapter_config_for(config, method), progress=progress)
     roles = roles_lib.parameter_roles(task.client_params, method, core_only=task.adapter_config.core_only,
                                       share_base=config.federation.share_base)
-    return Setup(config, method, task, roles, steps)
+    return Setup(config, method, task, roles, config.local_steps)

@@ -56,6 +56,18 @@ def get_method(name: str, **options) -> FederatedMethod:
 
     Raises:
       ValueError: unknown name, unknown option, or an invalid option value (named).
+
+    Examples:
+      >>> from celora_jax import get_method
+      >>> spec = get_method("celora")
+      >>> sorted(spec.trained), sorted(spec.shared), spec.needs_data_statistics
+      (['A', 'B', 'C'], ['C'], True)
+      >>> get_method("fedavg_lora_ft", steps=4).finetune_steps
+      4
+      >>> get_method("fedprox", mu=-1.0)
+      Traceback (most recent call last):
+      ...
+      ValueError: method 'fedprox': mu must be a finite number >= 0, got -1.0
     """
     factory = _factory(name)
     known = method_options(name)

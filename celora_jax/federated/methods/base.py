@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from celora_jax import adapters as adapters_lib
+from celora_jax import cores
 from celora_jax import roles as roles_lib
 from celora_jax.aggregation import AggregationConfig
 from celora_jax.federated import strategies
@@ -115,6 +116,20 @@ class FederatedMethod:
       client_logs: ``client_logs(trained_params, adapter_config) -> {name: [N] array}``
         over the client-stacked trained parameters: diagnostics recorded every round.
       options: the factory's keyword arguments, recorded with the run.
+
+    Examples:
+      A method that trains and sends only B, like FFA-LoRA, under another name:
+
+      >>> from celora_jax import FederatedMethod
+      >>> mine = FederatedMethod(name="b_only", description="B averaged, A frozen",
+      ...                        adapter_kind="lora", trained=frozenset("B"), shared=frozenset("B"))
+      >>> mine.communicates, mine.finetune_steps
+      (True, 0)
+      >>> FederatedMethod(name="bad", description="", adapter_kind="lora",
+      ...                 trained=frozenset("AB"), shared=frozenset("C"))
+      Traceback (most recent call last):
+      ...
+      ValueError: method 'bad': shared names factors ['C'] that a 'lora' adapter does not have
     """
 
     name: str
@@ -157,4 +172,4 @@ def core_share_logs(trained_params: Mapping, adapter_config: adapters_lib.Adapte
     carries; under core_only (C starts at 0) the core is the whole update by construction."""
     if "lora" not in trained_params or adapter_config.core_only:
         return {}
-    return {"core_share": jnp.mean(adapters_lib.core_share(trained_params["lora"]), axis=-1)}
+    return {"core_share": jnp.mean(cores.core_share(trained_params["lora"]), axis=-1)}

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import adapters, aggregation, similarity
+from celora_jax import aggregation, cores, similarity
+from celora_jax.adapters import TRI
 from celora_jax.federated import strategies
 from celora_jax.federated.methods.base import FederatedMethod, ServerInputs, core_share_logs
 
@@ -38,9 +39,9 @@ def personalized_strategy(data_distance: np.ndarray, config: aggregation.Aggrega
         return {"data_distance": jnp.asarray(padded)}
 
     def aggregate(state, uploads, sizes, mask):
-        cores = adapters.stack_cores(uploads["lora"])  # [N, L, r, r]
-        out = aggregation.server_step(cores, None, sizes, mask, config, data_distance=state["data_distance"])
-        lora = adapters.unstack_cores(uploads["lora"], out.mixed_cores)
+        stacked = cores.stack_cores(uploads["lora"])  # [N, L, r, r]
+        out = aggregation.server_step(stacked, None, sizes, mask, config, data_distance=state["data_distance"])
+        lora = cores.unstack_cores(uploads["lora"], out.mixed_cores)
         others = {k: v for k, v in uploads.items() if k != "lora"}
         mixed_others = jax.tree.map(lambda leaf: jnp.tensordot(out.weights, leaf, axes=1), others)
         logs = {"weights": out.weights, "param_distance": out.param_distance, "excluded": out.excluded}
@@ -65,5 +66,5 @@ def make() -> FederatedMethod:
     return FederatedMethod(
         name="celora",
         description="CE-LoRA: tri-matrix adapters, personalized mixtures of cores",
-        adapter_kind=adapters.TRI, trained=frozenset("ACB"), shared=frozenset("C"),
+        adapter_kind=TRI, trained=frozenset("ACB"), shared=frozenset("C"),
         server=server, needs_data_statistics=True, client_logs=core_share_logs)
