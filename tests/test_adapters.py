@@ -238,5 +238,5 @@ def test_config_and_roles_arguments_are_checked():
         adapters.init_adapters(jax.random.key(0), {"m": {"kernel": jnp.ones((4, 4))}}, {"rank": 2})
     with pytest.raises(ValueError, match="parameter_roles: client_params must be a mapping"):
         parameter_roles([1, 2], get_method("celora"))
-    with pytest.raises(ValueError, match="parameter_roles: method must be a MethodSpec"):
+    with pytest.raises(ValueError, match="parameter_roles: method must be a FederatedMethod"):
         parameter_roles({"lora": {}}, "celora")

@@ -54,7 +54,7 @@ def test_other_commands_print_gcloud():
     (["run", "--accelerator", "v4-32", "--set", "partition.num_clients=100000"], "the data has 33530"),
     (["run", "--accelerator", "v4-32", "--set", "checkpoint.every=1"], "checkpoint.directory that every host"),
     (["run", "--accelerator", "v4-32", "--set", "federation.num_devices=6"], "multiple of the 4 chips"),
-    (["run", "--accelerator", "v4-32", "--methods", "fedprox"], "unknown method"),
+    (["run", "--accelerator", "v4-32", "--methods", "fedavg"], "unknown method"),
     (["run", "--accelerator", "v4-32", "--set", "federation.data_parallel=8"], "stays on one host"),
     (["run", "--accelerator", "v4-32", "--set", "federation.data_parallel=3"], "divide batch_size=8"),
     (["create", "--accelerator", "v9-3"], "unknown accelerator type"),

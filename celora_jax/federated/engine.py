@@ -102,7 +102,8 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
         from tqdm.auto import tqdm
 
         rounds = tqdm(rounds, total=config.federation.rounds, desc=setup.method.name, unit="round")
-    client_params, history = None, []
+    # A resumed run that had already finished yields no rounds: its records are the file's.
+    client_params, history = None, files.history
     for record, client_params in rounds:
         history = files.add(record)
         if progress:
