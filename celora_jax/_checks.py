@@ -8,6 +8,9 @@ rather than as an XLA dot-dimension error deep inside a trace.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
@@ -64,3 +67,43 @@ def factor_dims(function: str, adapter: Any, name: str = "adapter") -> tuple[int
     if len(set(leading.values())) > 1:
         fail(function, f"{name}'s factors disagree on their leading (layer/client) axes: {leading}")
     return d_in, r, d_out
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key (e.g.
+    ``federation.rounds``) and what was expected."""
+
+
+def _allowed_types(hint) -> tuple:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (dict, list, tuple):
+        return (typing.get_origin(hint),)
+    return tuple(typing.get_origin(a) or a for a in args) if args else (hint,)
+
+
+def _type_names(allowed: tuple) -> str:
+    return " or ".join("None" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+
+
+def check_fields(config, section: str) -> None:
+    """Every field of the dataclass ``config`` holds a value of its annotated type.
+
+    Ints stand in for floats but bools for neither; floats must be finite; None only where
+    the hint allows it; a nested dataclass must be of its annotated class. Raises
+    ``ConfigError`` naming ``section.field``. Called first in ``__post_init__``, so that the
+    range checks after it compare numbers, never a string with an int.
+    """
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value, allowed = getattr(config, field.name), _allowed_types(hints[field.name])
+        key = f"{section}.{field.name}" if section else field.name
+        if any(t is typing.Any for t in allowed):
+            continue
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        fits = (any(isinstance(value, t) and not (isinstance(value, bool) and t in (int, float))
+                    for t in allowed if isinstance(t, type))
+                or (is_number and isinstance(value, int) and float in allowed))
+        if not fits:
+            raise ConfigError(f"{key} expects {_type_names(allowed)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")

@@ -34,7 +34,7 @@ LORA = "lora"
 DEFAULT_TARGET = r"encoder/layer_\d+/.*/kernel$"
 
 
-class AdapterConfigError(ValueError):
+class AdapterConfigError(_checks.ConfigError):
     """Raised when an adapter configuration cannot be applied to the given parameters."""
 
 
@@ -73,6 +73,12 @@ class AdapterConfig:
     core_only: bool = False
 
     def __post_init__(self):
+        _checks.check_fields(self, "adapter")
+        if self.alpha is not None and not self.alpha > 0:
+            raise AdapterConfigError(f"adapter alpha must be > 0 or None (alpha = rank), got {self.alpha!r}")
+        if not self.a_init_std > 0:
+            raise AdapterConfigError(f"adapter a_init_std must be > 0 (A = 0 would never learn), got "
+                                     f"{self.a_init_std!r}")
         if self.kind not in (TRI, LORA, None):
             raise AdapterConfigError(f"adapter kind must be 'tri', 'lora' or None (decided by the federated "
                                      f"method), got {self.kind!r}")

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from optax import projections
 
-from celora_jax import similarity, usable
+from celora_jax import _checks, similarity, usable
 from celora_jax.gmm import ClassMixtures
 
 Array = jax.Array
@@ -87,6 +87,7 @@ class AggregationConfig:
     projection: str = "bisection"
 
     def __post_init__(self):
+        _checks.check_fields(self, "aggregation")
         if not (isinstance(self.beta, numbers.Real) and 0.0 <= self.beta <= 1.0):
             raise ValueError(f"beta must be a number in [0, 1], got {self.beta!r}")
         if not (isinstance(self.lam, numbers.Real) and math.isfinite(self.lam) and self.lam > 0.0):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import pathlib
 import sys
+import traceback
 
 from celora_jax.federated.methods import get_method, method_names
 
@@ -78,6 +80,16 @@ def _resume_plan(directory: str, overrides: list[str]):
     return method_dirs[0].parent, plan
 
 
+def create_output_directory(root: pathlib.Path) -> None:
+    """Creates the run's output directory before anything is loaded, or says why it cannot."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output directory {root}: {err.strerror or err}") from None
+    if not os.access(root, os.W_OK):
+        raise ValueError(f"the output directory {root} is not writable")
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
     """``jax.distributed.initialize`` before any device is touched; CPU processes exchange
@@ -117,7 +129,7 @@ def _run(args) -> int:
 
     writer = jax.process_index() == 0  # every process computes; process 0 writes
     if writer:
-        root.mkdir(parents=True, exist_ok=True)
+        create_output_directory(root)
     summaries, histories = [], {}
     for method_config, method_dir in plan:
         name = method_config.federation.method
@@ -155,8 +167,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except ValueError as err:  # config, data, model and checkpoint errors carry clear messages
-        print(f"celora-jax: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"celora-jax: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file or directory the user named that cannot be read or written
+        where = f" {err.filename}" if err.filename else ""
+        print(f"celora-jax: error: cannot use{where}: {err.strerror or _one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("celora-jax: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug: the traceback is for us, the last line for the user
+        traceback.print_exc()
+        print(f"celora-jax: internal error: {type(err).__name__}: {_one_line(err)[:300]} (a bug in celora-jax, "
+              "not in your input: please report it with the command line and the traceback above)",
+              file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

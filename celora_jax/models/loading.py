@@ -95,6 +95,9 @@ def strip_prefix(name: str, prefixes: Sequence[str]) -> str:
 
 def _existing_dir(model_dir) -> pathlib.Path:
     model_dir = pathlib.Path(model_dir)
+    if model_dir.is_file():
+        raise ModelLoadError(f"model.path {model_dir} is a file; an encoder needs a local HF model directory "
+                             "(config.json and *.safetensors)")
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
     return model_dir

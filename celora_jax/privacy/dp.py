@@ -67,6 +67,7 @@ class DPConfig:
     accountant: str = "analytic"
 
     def __post_init__(self):
+        _checks.check_fields(self, "dp")
         if self.clip_norm < 0:
             raise ValueError(f"dp.clip_norm must be >= 0 (0 disables DP), got {self.clip_norm}")
         if not 0 < self.delta < 1:

@@ -22,6 +22,9 @@ def load_decoder(config: RunConfig, adapter_config: adapters_lib.AdapterConfig):
     if adapter_config.target == adapters_lib.DEFAULT_TARGET:
         adapter_config = dataclasses.replace(adapter_config, target=llama.DECODER_TARGET)
     model_config, params, tokenizer = decoder_loading.load_decoder(config.model.path)
+    if config.model.max_length > model_config.max_position_embeddings:
+        raise loading.ModelLoadError(f"model.max_length={config.model.max_length} exceeds the decoder's context of "
+                                     f"{model_config.max_position_embeddings} tokens")
     if tokenizer is None:
         raise loading.ModelLoadError(f"{config.model.path} has no tokenizer.json; the decoder needs one")
     return adapter_config, model_config, params, tokenizer

@@ -16,10 +16,21 @@ from celora_jax.models import loading
 from celora_jax.models.bert import BertModel, pool
 
 
+def check_max_length(max_length: int, model_config, model_dir) -> None:
+    """``model.max_length`` fits the encoder's position table (RoBERTa-style models number
+    real tokens from pad_token_id + 1, so they hold that many fewer)."""
+    offset = model_config.pad_token_id + 1 if model_config.roberta_positions else 0
+    positions = model_config.max_position_embeddings - offset
+    if max_length > positions:
+        raise loading.ModelLoadError(f"model.max_length={max_length} exceeds the {positions} positions of the "
+                                     f"encoder in {model_dir}")
+
+
 def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, progress: bool = False) -> base.Task:
     """Loads the encoder and the texts, partitions and tokenizes this process's clients."""
     model_dir = loading.default_model_dir() if config.model.path is None else pathlib.Path(config.model.path)
     model_config = loading.read_encoder_config(model_dir)  # fails early on a bad directory
+    check_max_length(config.model.max_length, model_config, model_dir)
 
     dataset = load_text_dataset(config.data)
     split = partition(dataset.labels, config.partition, dataset.groups)
