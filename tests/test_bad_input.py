@@ -60,6 +60,7 @@ def bad_dirs(tmp_path, tiny_model_dir, good_run):
     (tmp_path / "columns.csv").write_text("review,stars\ngood,1\n")
     (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 8)
     (tmp_path / "one_class.csv").write_text("text,label\ngood,1\nfine,1\n")
+    (tmp_path / "two_classes.csv").write_text("text,label\ngood,1\nbad,0\n")
     (tmp_path / "empty.csv").write_text("")
     return {"tmp": tmp_path, "model": tiny_model_dir, "no_weights": no_weights, "small_vocab": small_vocab,
             "corrupt": corrupt, "truncated": truncated, "empty_run": empty_run, "good": good_run}
@@ -105,6 +106,8 @@ CASES = [
     ("run --set data.path={tmp}", "is a directory; give one CSV/TSV/JSON(L)/parquet file"),
     ("run --set data.path={tmp}/one_class.csv", "holds a single class ('1'); classification needs at least two"),
     ("run --set data.path={tmp}/empty.csv", "is empty"),
+    ("run --set data.path={tmp}/two_classes.csv --set partition.scheme='source' --set data.group_column='domain'",
+     "partition.scheme='source' splits clients by data.group_column, but the data has no column 'domain'"),
     ("run --set seed=-1", "seed must be an integer >= 0, got -1"),
     ("run --set optimizer.learning_rate=1e999", "optimizer.learning_rate must be a finite number, got inf"),
     ("run --output-dir {tmp}/notes.txt/runs", "cannot create the output directory"),

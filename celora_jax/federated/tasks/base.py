@@ -16,6 +16,8 @@ from celora_jax import adapters as adapters_lib
 from celora_jax import sharding
 from celora_jax.config import RunConfig
 from celora_jax.data import packing
+from celora_jax.data.partition import partition
+from celora_jax.data.text import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,16 @@ def process_clients(config: RunConfig) -> tuple[int, int]:
     start, stop = sharding.local_client_rows(mesh, total)
     num_clients = config.partition.num_clients
     return min(start, num_clients), min(stop, num_clients)
+
+
+def split_text_clients(dataset, config: RunConfig):
+    """``partition`` of a text dataset, with an error naming the group column when the
+    scheme splits by groups the data does not have."""
+    scheme, column = config.partition.scheme, config.data.group_column
+    if scheme in ("source", "dirichlet_source") and dataset.groups is None:
+        reason = "data.group_column is None" if column is None else f"the data has no column {column!r}"
+        raise DataError(f"partition.scheme={scheme!r} splits clients by data.group_column, but {reason}")
+    return partition(dataset.labels, config.partition, dataset.groups)
 
 
 def needed_examples(split, clients: tuple[int, int]) -> np.ndarray:

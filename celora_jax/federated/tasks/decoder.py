@@ -11,7 +11,6 @@ import jax.numpy as jnp
 from celora_jax import adapters as adapters_lib
 from celora_jax.config import RunConfig
 from celora_jax.data import instructions
-from celora_jax.data.partition import partition
 from celora_jax.data.text import load_text_dataset
 from celora_jax.federated.tasks import base
 from celora_jax.models import decoder_loading, llama, loading
@@ -39,7 +38,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     adapter_config, model_config, params, tokenizer = load_decoder(config, adapter_config)
 
     dataset = load_text_dataset(config.data)
-    split = partition(dataset.labels, config.partition, dataset.groups)
+    split = base.split_text_clients(dataset, config)
     clients = base.process_clients(config)
     needed = base.needed_examples(split, clients)
     encoded = instructions.encode_instructions(

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 
 from celora_jax import adapters as adapters_lib
 from celora_jax.config import RunConfig
-from celora_jax.data.partition import partition
 from celora_jax.data.text import load_text_dataset
 from celora_jax.federated.tasks import base
 from celora_jax.models import loading
@@ -33,7 +32,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     check_max_length(config.model.max_length, model_config, model_dir)
 
     dataset = load_text_dataset(config.data)
-    split = partition(dataset.labels, config.partition, dataset.groups)
+    split = base.split_text_clients(dataset, config)
     tokenizer = loading.load_tokenizer(model_dir)
     clients = base.process_clients(config)
     needed = base.needed_examples(split, clients)
