@@ -299,13 +299,13 @@ class RunConfig:
             raise ConfigError("output_dir must be a directory path, got ''")
         if self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed}")
-        method = get_method(self.federation.method)
+        options = self.federation.method_options.get(self.federation.method, {})
+        method = get_method(self.federation.method, **options)
         if self.adapter.kind not in (None, method.adapter_kind):
             raise ConfigError(f"adapter.kind={self.adapter.kind!r} conflicts with federation.method="
                              f"{method.name!r}, which uses {method.adapter_kind!r} adapters; leave adapter.kind "
                              "unset (None) and the method decides")
-        options = self.federation.method_options.get(method.name, {})
-        steps = get_method(method.name, **options).finetune_steps
+        steps = method.finetune_steps
         if steps > self.local_steps:
             raise ConfigError(f"method {method.name!r} fine-tunes for {steps} steps after each download, more "
                              f"than the {self.local_steps} local steps of a round (its batches)")

@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import jax
@@ -70,7 +71,7 @@ def references():
     """Every method's run in which client 2 never reports, on one device (here) and on 8
     fake devices (a subprocess, clients padded to 8 and trained in blocks of 4)."""
     one = {method: run_toy(_config(method), silent_client=POISONED) for method in ALL}
-    with __import__("tempfile").TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "eight.json"
         script = _EIGHT_DEVICES.format(root=str(ROOT), tests=str(ROOT / "tests"), methods=ALL, out=str(out))
         env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")

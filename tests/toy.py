@@ -11,9 +11,8 @@ import numpy as np
 from celora_jax import adapters, roles
 from celora_jax.config import FederationConfig, RunConfig
 from celora_jax.data.partition import PartitionConfig
-from celora_jax.federated.setup import Setup, adapter_config_for
+from celora_jax.federated.setup import Setup, adapter_config_for, resolve_method
 from celora_jax.federated.tasks import Task
-from celora_jax.federated.methods import get_method
 
 DIM, CLASSES = 8, 3
 
@@ -67,7 +66,7 @@ def toy_task(config: RunConfig, adapter_config: adapters.AdapterConfig, seed: in
 
 def toy_setup(config: RunConfig) -> Setup:
     fed = config.federation
-    method = get_method(fed.method, **fed.method_options.get(fed.method, {}))
+    method = resolve_method(config)
     task = toy_task(config, adapter_config_for(config, method))
     role_tree = roles.parameter_roles(task.client_params, method, share_base=fed.share_base)
     return Setup(config, method, task, role_tree, config.local_steps)

@@ -137,8 +137,9 @@ def dp_record(config, noise_multiplier: float, rounds_done: int, update_norms, r
 
 
 def _round_record(setup: Setup, round_index: int, metrics: dict, mask: np.ndarray, bytes_each_way: tuple[int, int],
-                  cumulative_bytes: int) -> dict:
-    """The record of a round before evaluation and logs: losses, who reported, bytes."""
+                  bytes_before: int) -> dict:
+    """The record of a round before evaluation and logs: losses, who reported, bytes
+    (``bytes_before``: the cumulative bytes of the rounds before it)."""
     n = setup.num_clients
     participants = int(mask[:n].sum())
     up, down = bytes_each_way
@@ -153,7 +154,7 @@ def _round_record(setup: Setup, round_index: int, metrics: dict, mask: np.ndarra
         "bytes_up_per_client": up,
         "bytes_down_per_client": down,
         "bytes_round": (up + down) * participants,
-        "bytes_cumulative": cumulative_bytes,
+        "bytes_cumulative": bytes_before + (up + down) * participants,
     }
 
 
@@ -274,8 +275,8 @@ def iterate_rounds(setup: Setup, checkpoint_dir: str | pathlib.Path | None = Non
         if round_index == 0:
             logs = {**initial_logs, **logs}
         metrics, logs = sharding.to_host((metrics, logs))
-        cumulative_bytes += (bytes_up + bytes_down) * int(mask_np[:n].sum())
         record = _round_record(setup, round_index, metrics, mask_np, (bytes_up, bytes_down), cumulative_bytes)
+        cumulative_bytes = record["bytes_cumulative"]
         last = round_index + 1 == fed.rounds
         evaluated = round_lib.evaluated_params(client_state)
         if last or (round_index + 1) % fed.eval_every == 0:

@@ -48,13 +48,14 @@ def exact_aggregation() -> strategies.Strategy:
         return {"residual": traverse_util.unflatten_dict(zeros)}
 
     def aggregate(state, uploads, sizes, mask):
+        mean = baselines.fedavg(uploads, sizes, mask)  # Ā and B̄, as FedAvg-LoRA sends them
         usable = baselines.usable_clients(uploads, sizes, mask)
-        weights = aggregation.client_prior(sizes, usable)
-        safe = jax.tree.map(lambda x: jnp.where(usable.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0), uploads)
-        mean = jax.tree.map(lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1, precision=_HIGHEST), safe)
+        weights = aggregation.client_prior(sizes, usable)  # the same p_i fedavg used
+        lora = jax.tree.map(lambda x: jnp.where(usable.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0),
+                            uploads["lora"])
         # The server keeps the sum of all rounds' residuals; the clients' frozen weights are
         # W0 + s·(that sum), so a resumed run rebuilds them from the server state alone.
-        state = {"residual": jax.tree.map(jnp.add, state["residual"], residuals(safe["lora"], weights))}
+        state = {"residual": jax.tree.map(jnp.add, state["residual"], residuals(lora, weights))}
         return state, strategies.broadcast(mean, sizes.shape[0]), {}
 
     return strategies.Strategy("exact_aggregation", init, aggregate)
