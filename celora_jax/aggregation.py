@@ -43,6 +43,9 @@ Array = jax.Array
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+DATA_DISTANCES = ("marginal", "class_conditional")
+
+
 @dataclasses.dataclass(frozen=True)
 class AggregationConfig:
     """Server-side aggregation options (hashable: passed to jit as a static argument).
@@ -61,6 +64,9 @@ class AggregationConfig:
         ``server_step``; None = median heuristic over component means (METHOD.md §3).
       mmd_block_clients: clients per row block of the pairwise MMD computation (bounds
         memory; see ``similarity.data_distance``).
+      data_distance: "marginal" (METHOD.md §3: MMD between the feature marginals) or
+        "class_conditional" (our extension: MMD between the joint distributions of features
+        and labels, which also sees clients that label the same inputs differently).
       projection: how each row is projected onto the simplex. "optax" is
         ``optax.projections.projection_simplex`` (sort-based); "bisection" (default) finds
         the support by bisection on the threshold, then applies the same closed form as
@@ -84,6 +90,7 @@ class AggregationConfig:
     normalize: bool = True
     bandwidth_sq: float | None = None
     mmd_block_clients: int = 8
+    data_distance: str = "marginal"
     projection: str = "bisection"
 
     def __post_init__(self):
@@ -98,6 +105,8 @@ class AggregationConfig:
             raise ValueError(f"bandwidth_sq must be None or a finite number > 0, got {self.bandwidth_sq!r}")
         if not isinstance(self.mmd_block_clients, int) or self.mmd_block_clients < 1:
             raise ValueError(f"mmd_block_clients must be a positive integer, got {self.mmd_block_clients!r}")
+        if self.data_distance not in DATA_DISTANCES:
+            raise ValueError(f"data_distance must be one of {DATA_DISTANCES}, got {self.data_distance!r}")
         if self.projection not in ("optax", "bisection"):
             raise ValueError(f"projection must be 'optax' or 'bisection', got {self.projection!r}")
 
@@ -294,7 +303,8 @@ def _server_step_impl(cores, stats, sizes, mask, data_distance, config: Aggregat
     sizes = jnp.where(size_ok, sizes, 0.0)
 
     if data_distance is None and stats is not None:
-        data_distance = similarity.data_distance_traced(stats, config.bandwidth_sq, config.mmd_block_clients)
+        data_distance = similarity.data_distance_traced(stats, config.bandwidth_sq, config.mmd_block_clients,
+                                                        config.data_distance == "class_conditional")
     if data_distance is None:
         data_distance = jnp.zeros((n, n), cores.dtype)
     stat_ok = _data_distance_ok(data_distance)

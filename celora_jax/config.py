@@ -108,6 +108,11 @@ class OptimizerConfig:
       reset_each_round: start every round with fresh Adam moments (METHOD.md §2, [decided]);
         the learning-rate schedule always follows the global step.
       dropout: train with the model's dropout (otherwise deterministic forward passes).
+      core_lr_multiplier: the cores C of tri-LoRA adapters train at this multiple of the
+        learning rate (a remedy for cores that carry little of the update; 1 = as A, B).
+      freeze_factors_after: from round k+1 on (k = this value), A and B stay as they are
+        and adapters learn only through their cores C (0 = never); with LoRA adapters
+        (no core) only the trained base parameters then move.
     """
 
     learning_rate: float = 1e-3
@@ -116,6 +121,8 @@ class OptimizerConfig:
     max_grad_norm: float = 1.0
     reset_each_round: bool = True
     dropout: bool = True
+    core_lr_multiplier: float = 1.0
+    freeze_factors_after: int = 0
 
     def __post_init__(self):
         check_fields(self, "optimizer")
@@ -126,6 +133,11 @@ class OptimizerConfig:
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ConfigError(f"optimizer.weight_decay and optimizer.max_grad_norm must be >= 0 (0 disables "
                               f"clipping), got {self.weight_decay}, {self.max_grad_norm}")
+        if not self.core_lr_multiplier > 0:
+            raise ConfigError(f"optimizer.core_lr_multiplier must be > 0, got {self.core_lr_multiplier}")
+        if self.freeze_factors_after < 0:
+            raise ConfigError(f"optimizer.freeze_factors_after must be >= 0 (0 = never), got "
+                              f"{self.freeze_factors_after}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +273,9 @@ class RunConfig:
       export_peft: at the end, write every client's adapters as a PEFT LoRA folder
         (``adapters/client_XXXX``, factors A and C·B; see ``celora_jax.export``).
       output_dir: root directory of run outputs.
+      compilation_cache: JAX's persistent compilation cache: "auto" (a per-user directory,
+        or $CELORA_JAX_COMPILATION_CACHE), "off", or a directory (``celora_jax.compile_cache``;
+        the environment variable, when set, wins).
 
     Examples:
       >>> from celora_jax import RunConfig
@@ -283,6 +298,7 @@ class RunConfig:
     dp: DPConfig = DPConfig()
     export_peft: bool = False
     output_dir: str = "runs"
+    compilation_cache: str = "auto"
 
     @property
     def local_steps(self) -> int:

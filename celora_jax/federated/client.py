@@ -42,6 +42,24 @@ def local_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
+def factor_rates(trained: Mapping, round_index: Array, config: OptimizerConfig) -> PyTree:
+    """Per-leaf multipliers of the learning rate: ``core_lr_multiplier`` on adapter cores
+    C, 0 on A and B from round ``freeze_factors_after`` + 1 on (when set), 1 elsewhere."""
+    frozen_factors = (jnp.asarray(round_index) >= config.freeze_factors_after
+                      if config.freeze_factors_after > 0 else jnp.asarray(False))
+
+    def rate(path, leaf):
+        in_adapter = bool(path) and getattr(path[0], "key", None) == "lora"
+        name = getattr(path[-1], "key", None) if path else None
+        if in_adapter and name == "C":
+            return jnp.float32(config.core_lr_multiplier)
+        if in_adapter and name in ("A", "B"):
+            return jnp.where(frozen_factors, 0.0, 1.0).astype(jnp.float32)
+        return jnp.float32(1.0)
+
+    return jax.tree_util.tree_map_with_path(rate, trained)
+
+
 def classification_loss(logits: Array, labels: Array, example_mask: Array) -> tuple[Array, tuple[Array, Array]]:
     """Mean cross-entropy over real examples, plus (#correct, #examples)."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -130,6 +148,7 @@ def make_client_update(logits_fn: LogitsFn, roles: Mapping, config: OptimizerCon
         opt_state = optimizer.init(trained) if config.reset_each_round else client_state["opt_state"]
         num_steps = jax.tree.leaves(batches)[0].shape[0]
         anchor = trained
+        multipliers = factor_rates(trained, round_index, config)
 
         def step(carry, inputs):
             trained, opt_state = carry
@@ -138,7 +157,7 @@ def make_client_update(logits_fn: LogitsFn, roles: Mapping, config: OptimizerCon
             (_, (loss, correct, count)), grads = grad_fn(trained, anchor, fixed, base_params, batch, dropout_key)
             updates, opt_state = optimizer.update(grads, opt_state, trained)
             rate = learning_rate_fn(round_index, local_step, num_steps)
-            trained = jax.tree.map(lambda p, u: p + rate * u, trained, updates)
+            trained = jax.tree.map(lambda p, u, m: p + (rate * m) * u, trained, updates, multipliers)
             return (trained, opt_state), (loss * count, correct, count)
 
         keys = jax.random.split(key, num_steps)

@@ -18,7 +18,7 @@ from typing import Any
 
 import jax
 
-from celora_jax import checkpoint, sharding
+from celora_jax import checkpoint, compile_cache, sharding
 from celora_jax.config import RunConfig, to_dict
 from celora_jax.federated.loop import iterate_rounds
 from celora_jax.federated.setup import Setup, prepare
@@ -56,8 +56,11 @@ def summarize(history: list[dict], setup: Setup) -> dict:
     }
     if setup.method.options:
         summary["method_options"] = dict(setup.method.options)
-    if "core_share_mean" in final:
-        summary["core_share_mean"] = final["core_share_mean"]
+    for name in ("core_share_mean", "weight_in_true_cluster_mean"):
+        if name in final:
+            summary[name] = final[name]
+    if setup.task.clusters is not None and len(set(setup.task.clusters.tolist())) > 1:
+        summary["true_clusters"] = [int(c) for c in setup.task.clusters]
     summary.update(setup.task.preparation)
     if "dp_epsilon" in final:
         summary.update({k: final[k] for k in ("dp_epsilon", "dp_delta", "dp_noise_multiplier")},
@@ -95,6 +98,7 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
                          "or choose another output directory")
     if jax.process_index() != 0:
         output_dir, progress = None, False  # every process saves checkpoints, process 0 the rest
+    compile_cache.enable(config.compilation_cache)
     setup = prepare(config, progress=progress)
     files = RunFiles(output_dir, json.dumps(to_dict(config), indent=2, sort_keys=True), resume)
     rounds = iterate_rounds(setup, checkpoint_dir, resume)

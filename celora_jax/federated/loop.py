@@ -87,7 +87,8 @@ def server_strategy(setup: Setup) -> strategies.Strategy:
         stats = statistics.client_statistics(
             task.embed_fn, params, task.train, task.embed_inputs, task.num_classes, task.local_clients,
             task.num_clients, jax.random.fold_in(jax.random.key(setup.config.seed), 2))
-    return setup.method.server(ServerInputs(aggregation=setup.config.aggregation, data_statistics=stats))
+    return setup.method.server(ServerInputs(aggregation=setup.config.aggregation, data_statistics=stats,
+                                            clusters=setup.task.clusters))
 
 
 def initial_client_state(setup: Setup, n_pad: int) -> dict:
@@ -176,6 +177,18 @@ def _add_logs(record: dict, logs: dict, n: int, mask: np.ndarray, outlier_factor
         logger.warning("round %d: clients %s sent updates over %g times the median norm; they keep "
                        "their own training but were left out of aggregation", record["round"],
                        outliers, outlier_factor)
+
+
+def weight_in_true_cluster(weights, clusters) -> dict:
+    """How much of each client's aggregation weight row ``W [N, N]`` falls on its own true
+    cluster (1 = the cluster oracle's W): ``weight_in_true_cluster`` ``[N]`` and its mean;
+    {} without weights (non-personalized methods) or with one cluster (nothing to recover)."""
+    if weights is None or clusters is None or len(np.unique(clusters)) < 2:
+        return {}
+    weights, clusters = np.asarray(weights, np.float64), np.asarray(clusters)
+    inside = (weights * (clusters[:, None] == clusters[None, :])).sum(1)
+    return {"weight_in_true_cluster": [float(v) for v in inside],
+            "weight_in_true_cluster_mean": float(inside.mean())}
 
 
 class _Checkpoints:
@@ -285,6 +298,7 @@ def iterate_rounds(setup: Setup, checkpoint_dir: str | pathlib.Path | None = Non
             if last and len(task.global_test["labels"]):
                 record.update(_evaluation(evaluate_common, eval_base, evaluated, global_test, n, "global_test"))
         _add_logs(record, logs, n, mask_np[:n], fed.outlier_factor)
+        record.update(weight_in_true_cluster(record.get("weights"), task.clusters))
         if config.dp.enabled:
             record.update(dp_record(config, noise_multiplier, round_index + 1, record.get("update_norm"),
                                     mask_np[:n]))

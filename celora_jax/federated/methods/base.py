@@ -58,10 +58,14 @@ class ServerInputs:
       data_statistics: every client's once-uploaded data statistic (per-class Gaussian
         mixtures of frozen features, stacked over clients), or None when the method does
         not ask for it (``needs_data_statistics``).
+      clusters: ``[N]`` the true cluster of every client, as the partition made them
+        (``ClientSplit.clusters``). Only reference methods read it (the cluster oracle: an
+        upper bound no real server could reach); None outside a simulation.
     """
 
     aggregation: AggregationConfig = AggregationConfig()
     data_statistics: ClassMixtures | None = None
+    clusters: np.ndarray | None = None
 
 
 def plain_objective(loss_fn: LossFn, roles: Mapping) -> LossFn:

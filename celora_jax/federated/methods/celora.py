@@ -58,7 +58,9 @@ def personalized_strategy(data_distance: np.ndarray, config: aggregation.Aggrega
 def server(inputs: ServerInputs) -> strategies.Strategy:
     if inputs.data_statistics is None:
         raise ValueError("celora: the personalized server needs the clients' data statistics")
-    distance = np.asarray(similarity.data_distance(inputs.data_statistics))
+    config = inputs.aggregation
+    distance = np.asarray(similarity.data_distance(inputs.data_statistics, config.bandwidth_sq, config.mmd_block_clients,
+                                                   class_conditional=config.data_distance == "class_conditional"))
     return personalized_strategy(distance, inputs.aggregation)
 
 

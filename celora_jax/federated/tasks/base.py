@@ -16,7 +16,7 @@ from celora_jax import adapters as adapters_lib
 from celora_jax import sharding
 from celora_jax.config import RunConfig
 from celora_jax.data import packing
-from celora_jax.data.partition import partition
+from celora_jax.data.partition import GROUP_SCHEMES, partition
 from celora_jax.data.text import DataError
 
 
@@ -37,6 +37,8 @@ class Task:
       global_test: ``[n_global, ...]``, a common test set every client is also scored on.
       num_classes: labels of the task.
       local_clients: clients ``[start, stop)`` whose examples this process loaded.
+      clusters: ``[N]`` every client's true cluster (``ClientSplit.clusters``), which only
+        reference methods such as the cluster oracle may read.
       base_model: the base checkpoint's path, recorded in exported PEFT folders.
       preparation: what preparation measured that the summary reports (the VLM's
         projector alignment).
@@ -54,6 +56,7 @@ class Task:
     num_classes: int
     local_clients: tuple[int, int]
     base_model: str
+    clusters: np.ndarray | None = None
     preparation: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -94,13 +97,17 @@ def process_clients(config: RunConfig) -> tuple[int, int]:
     return min(start, num_clients), min(stop, num_clients)
 
 
-def split_text_clients(dataset, config: RunConfig):
-    """``partition`` of a text dataset, with an error naming the group column when the
+def split_clients(dataset, config: RunConfig):
+    """``partition`` of a dataset (texts or images), with an error naming the group column when the
     scheme splits by groups the data does not have."""
     scheme, column = config.partition.scheme, config.data.group_column
-    if scheme in ("source", "dirichlet_source") and dataset.groups is None:
+    if scheme in GROUP_SCHEMES and dataset.groups is None:
         reason = "data.group_column is None" if column is None else f"the data has no column {column!r}"
         raise DataError(f"partition.scheme={scheme!r} splits clients by data.group_column, but {reason}")
+    if scheme == "clustered_labels" and config.model.architecture != "encoder":
+        raise DataError("partition.scheme='clustered_labels' renames class ids per cluster, which only a "
+                        "classification head (model.architecture='encoder') can learn; the "
+                        f"{config.model.architecture!r} task answers with the class names")
     return partition(dataset.labels, config.partition, dataset.groups)
 
 
@@ -130,6 +137,10 @@ def client_examples(encoded: dict, all_labels: np.ndarray, needed: np.ndarray, s
         return examples
 
     train, test = gather(split.train), gather(split.test)
+    if split.label_maps is not None:  # each client's own names for the classes (clustered_labels)
+        rows = np.arange(len(split.label_maps))[:, None]
+        train["labels"] = split.label_maps[rows, train["labels"]].astype(np.int32)
+        test["labels"] = split.label_maps[rows, test["labels"]].astype(np.int32)
     global_test = packing.gather_examples(encoded, labels, position[split.global_test][None])
     return train, test, {k: v[0] for k, v in global_test.items()}
 

@@ -38,7 +38,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     adapter_config, model_config, params, tokenizer = load_decoder(config, adapter_config)
 
     dataset = load_text_dataset(config.data)
-    split = base.split_text_clients(dataset, config)
+    split = base.split_clients(dataset, config)
     clients = base.process_clients(config)
     needed = base.needed_examples(split, clients)
     encoded = instructions.encode_instructions(
@@ -64,4 +64,4 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
 
     return base.Task(logits_fn, embed_fn, ("input_ids", "attention_mask"), base_params, client_params,
                      adapter_config, train, test, global_test, dataset.num_classes, clients,
-                     base_model_path(config))
+                     base_model_path(config), clusters=split.clusters)

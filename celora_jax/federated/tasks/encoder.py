@@ -32,7 +32,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     check_max_length(config.model.max_length, model_config, model_dir)
 
     dataset = load_text_dataset(config.data)
-    split = base.split_text_clients(dataset, config)
+    split = base.split_clients(dataset, config)
     tokenizer = loading.load_tokenizer(model_dir)
     clients = base.process_clients(config)
     needed = base.needed_examples(split, clients)
@@ -66,4 +66,5 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
         return pool(hidden, attention_mask, summary).astype(jnp.float32)
 
     return base.Task(logits_fn, embed_fn, ("input_ids", "attention_mask"), base_params, client_params,
-                     adapter_config, train, test, global_test, dataset.num_classes, clients, str(model_dir))
+                     adapter_config, train, test, global_test, dataset.num_classes, clients, str(model_dir),
+                     clusters=split.clusters)

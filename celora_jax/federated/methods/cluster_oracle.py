@@ -1,0 +1,58 @@
+"""Cluster oracle: FedAvg-LoRA inside each true cluster of clients.
+
+A reference, not a method a server could run: it reads the partition's hidden clusters
+(``ServerInputs.clusters``). It is the upper bound a similarity-based aggregation can reach
+when the clients' differences are the clusters, so a benchmark on which it does not beat
+FedAvg-LoRA and local training cannot show what personalized aggregation is worth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from celora_jax import adapters
+from celora_jax.federated import strategies
+from celora_jax.federated.methods.base import FederatedMethod, ServerInputs
+
+
+def cluster_weights(clusters: jax.Array, sizes: jax.Array, mask: jax.Array) -> jax.Array:
+    """``[N, N]`` row-stochastic W: client i averages the reporting clients of its cluster
+    with weights n_j; a client whose cluster has no reporter keeps its own upload."""
+    same = clusters[:, None] == clusters[None, :]
+    raw = jnp.where(same & mask[None, :], sizes[None, :], 0.0)
+    total = raw.sum(1, keepdims=True)
+    return jnp.where(total > 0, raw / jnp.where(total > 0, total, 1.0), jnp.eye(clusters.shape[0]))
+
+
+def clustered_average(clusters: np.ndarray) -> strategies.Strategy:
+    """Weighted averages within the clusters ``[N]``; clients beyond N (mesh padding) form
+    clusters of their own."""
+
+    def init(uploads, sizes):
+        n_pad = sizes.shape[0]
+        padded = -1 - np.arange(n_pad)  # padding: ids no real cluster has
+        padded[: len(clusters)] = clusters
+        return {"clusters": jnp.asarray(padded, jnp.int32)}
+
+    def aggregate(state, uploads, sizes, mask):
+        weights = cluster_weights(state["clusters"], sizes.astype(jnp.float32), mask)
+        downloads = jax.tree.map(lambda leaf: jnp.tensordot(weights, leaf.astype(jnp.float32), axes=1)
+                                 .astype(leaf.dtype), uploads)
+        return state, downloads, {"weights": weights}
+
+    return strategies.Strategy("clustered_average", init, aggregate)
+
+
+def server(inputs: ServerInputs) -> strategies.Strategy:
+    if inputs.clusters is None:
+        raise ValueError("cluster_oracle needs the clients' true clusters (ServerInputs.clusters), which only "
+                         "a simulation knows")
+    return clustered_average(np.asarray(inputs.clusters, np.int64))
+
+
+def make() -> FederatedMethod:
+    return FederatedMethod(
+        name="cluster_oracle", description="reference: FedAvg-LoRA inside each true cluster (reads the partition)",
+        adapter_kind=adapters.LORA, trained=frozenset("AB"), shared=frozenset("AB"), server=server)
