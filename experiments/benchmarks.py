@@ -132,10 +132,12 @@ def read_run(run_dir: pathlib.Path) -> dict | None:
         "curve": [r.get("test_accuracy_mean") for r in records],
         "bytes_per_round": float(final["bytes_round"]),
         "weights": final.get("weights"),
+        "weights_by_round": [r.get("weights") for r in records],
         "weight_in_true_cluster": [r.get("weight_in_true_cluster_mean") for r in records],
         "core_share": final.get("core_share_mean"),
         "clusters": summary.get("true_clusters"),
         "seconds": float(summary.get("seconds", 0.0)),
+        "first_round_seconds": float(records[0].get("seconds", 0.0)),
     }
 
 
@@ -171,6 +173,11 @@ def adjusted_rand_of_weights(weights, clusters) -> float | None:
     return float(adjusted_rand_score(clusters, found))
 
 
+def mean_by_round(curves: list[list]) -> list:
+    """Mean over seeds of per-round values; None for a round some seed lacks."""
+    return [None if any(v is None for v in values) else float(np.mean(values)) for values in zip(*curves)]
+
+
 def gate_result(gate: Gate, methods: dict[str, dict[int, dict]]) -> dict:
     checks = []
     for winner, loser in gate.pairs:
@@ -195,18 +202,21 @@ def summarize_setting(setting_dir: pathlib.Path, gate: Gate | None) -> dict:
                "seeds": len(seeds),
                "bytes_per_round": by_seed[seeds[0]]["bytes_per_round"],
                "seconds_per_run": float(np.mean([by_seed[s]["seconds"] for s in seeds])),
+               # Round 1 compiles the programs: cold for the first seed, from the cache after.
+               "first_round_seconds_by_seed": [by_seed[s]["first_round_seconds"] for s in seeds],
                "accuracy_by_round": np.mean([by_seed[s]["curve"] for s in seeds], axis=0).tolist()}
         for reference in ("local", "fedavg_lora"):
-            diff, se, _ = paired(by_seed, methods.get(reference, {}))
+            diff, se, _ = paired(by_seed, methods.get(reference, {}) if reference != name else {})
             row[f"diff_vs_{reference}"], row[f"se_vs_{reference}"] = diff, se
         in_cluster = [by_seed[s]["weight_in_true_cluster"][-1] for s in seeds
                       if by_seed[s]["weight_in_true_cluster"] and by_seed[s]["weight_in_true_cluster"][-1] is not None]
         if in_cluster:
             row["weight_in_true_cluster"] = float(np.mean(in_cluster))
-            row["weight_in_true_cluster_by_round"] = np.mean(
-                [by_seed[s]["weight_in_true_cluster"] for s in seeds], axis=0).tolist()
-            aris = [adjusted_rand_of_weights(by_seed[s]["weights"], by_seed[s]["clusters"]) for s in seeds]
-            row["adjusted_rand_index"] = float(np.mean([a for a in aris if a is not None]))
+            row["weight_in_true_cluster_by_round"] = mean_by_round([by_seed[s]["weight_in_true_cluster"]
+                                                                    for s in seeds])
+            by_round = mean_by_round([[adjusted_rand_of_weights(w, by_seed[s]["clusters"])
+                                       for w in by_seed[s]["weights_by_round"]] for s in seeds])
+            row["adjusted_rand_index"], row["adjusted_rand_index_by_round"] = by_round[-1], by_round
         shares = [by_seed[s]["core_share"] for s in seeds if by_seed[s]["core_share"] is not None]
         if shares:
             row["core_share"] = float(np.mean(shares))

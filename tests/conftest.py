@@ -5,6 +5,13 @@ import shutil
 
 import pytest
 
+from celora_jax import compile_cache
+
+# Tests build the same programs again and again (every test makes its own jitted closures):
+# JAX's persistent cache turns the repeats into reads. $CELORA_JAX_COMPILATION_CACHE=off
+# disables it.
+compile_cache.enable("auto")
+
 
 def require_asset(loader, what: str):
     """Returns ``loader()``; a missing asset is a skip locally and a failure in CI."""
