@@ -153,6 +153,19 @@ def _run(args) -> int:
     return 0
 
 
+def describe_preset(name: str, preset) -> str:
+    """One line: method, data, clients and partition (with the parameter that matters for
+    its scheme), rounds, sequence length."""
+    fed, part, data = preset.federation, preset.partition, preset.data
+    detail = {"dirichlet": f"alpha={part.alpha}", "dirichlet_source": f"alpha={part.alpha}",
+              "pathological": f"{part.labels_per_client} labels each", "clustered_labels": f"{part.num_clusters} clusters",
+              "clustered_domains": f"{part.num_clusters} clusters"}.get(part.scheme)
+    source = data.path or (data.corpus if preset.model.architecture != "vlm" else "fashion-mnist")
+    scheme = part.scheme if detail is None else f"{part.scheme} ({detail})"
+    return (f"{name}: {fed.method}, {source}, {part.num_clients} clients, {scheme}, {fed.rounds} rounds, "
+            f"seq {preset.model.max_length}")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
@@ -160,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         from celora_jax.presets import PRESETS
 
         for name, preset in PRESETS.items():
-            fed, part = preset.federation, preset.partition
-            print(f"{name}: {fed.method}, {part.num_clients} clients, {part.scheme} "
-                  f"(alpha={part.alpha}), {fed.rounds} rounds, seq {preset.model.max_length}")
+            print(describe_preset(name, preset))
         return 0
     try:
         return _run(args)

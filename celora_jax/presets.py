@@ -109,7 +109,7 @@ POD = RunConfig(
 # (federation.share_base): with a personal head, every method absorbs a relabeling in the
 # head and a 16-example head caps every method alike. MiniLM, mean pooling (no pooler).
 _BENCHMARK_MODEL = ModelConfig(max_length=32, trainable_base=r"(LayerNorm|classifier)")
-_BENCHMARK_FEDERATION = FederationConfig(method="fedavg_lora", rounds=10, batch_size=8, local_steps=4,
+_BENCHMARK_FEDERATION = FederationConfig(method="celora", rounds=10, batch_size=8, local_steps=4,
                                          eval_batch_size=64, share_base=True)
 
 # (a) Few-shot IID: TREC's 6 coarse question classes, 30 clients with 16 questions each. One

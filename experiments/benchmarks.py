@@ -307,9 +307,18 @@ def plot(summary: dict, root: pathlib.Path, out: pathlib.Path) -> list[pathlib.P
     return written
 
 
+def _without_nan(value):
+    """NaN (a difference nothing pairs with) as null, so that summary.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def report(root: pathlib.Path) -> dict:
     summary = summarize(root)
-    (root / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+    (root / "summary.json").write_text(json.dumps(_without_nan(summary), indent=2, allow_nan=False))
     (root / "table.md").write_text(markdown(summary))
     plot(summary, root, root)
     return summary

@@ -224,3 +224,21 @@ def test_compilation_cache_writes_programs_and_can_be_turned_off(monkeypatch, tm
     finally:
         compile_cache.enable(before or "off")
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
+
+
+@pytest.mark.parametrize("preset", ["trec_fewshot_iid_smoke", "movie_reviews_clustered_domains_smoke"])
+def test_other_benchmark_smoke_presets_prepare_their_clients(preset, minilm_dir, trec_path, movie_reviews_csv):
+    """The smoke presets CI does not train (wordnet_clustered_labels_smoke runs end to end in
+    test_experiments) load their data and clusters; training is the same code path."""
+    from celora_jax.federated import setup as setup_lib
+    from celora_jax.presets import get_preset
+
+    config = get_preset(preset)
+    prepared = setup_lib.prepare(config)
+    task = prepared.task
+    assert task.num_clients == 4 and task.train["labels"].shape == (4, 4)
+    if preset.startswith("trec"):
+        assert task.num_classes == 6 and set(task.clusters.tolist()) == {0}
+    else:
+        assert task.clusters.tolist() == [0, 0, 1, 1]
+    assert prepared.roles["params"]["backbone"]["embeddings"]["LayerNorm"]["scale"] == "shared"  # share_base

@@ -45,7 +45,9 @@ def test_print_config_and_presets(capsys):
     config = json.loads(capsys.readouterr().out)
     assert config["federation"]["rounds"] == 3 and config["federation"]["method"] == "celora"
     assert cli.main(["presets"]) == 0
-    assert "default" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    assert "default: celora, movie_reviews, 10 clients, dirichlet (alpha=0.5), 8 rounds, seq 64" in listing
+    assert "wordnet_clustered_labels: celora, wordnet_nouns, 20 clients, clustered_labels (4 clusters)" in listing
 
 
 def test_readme_commands_and_ci_agree():
