@@ -49,6 +49,7 @@ class Gate:
     pairs: tuple[tuple[str, str], ...]
     any_winner: bool = False
     threshold: float = 3.0
+    min_seeds: int = 3  # fewer seeds make a pilot, not a gate
 
     def methods(self) -> list[str]:
         return sorted({m for pair in self.pairs for m in pair})
@@ -183,9 +184,11 @@ def gate_result(gate: Gate, methods: dict[str, dict[int, dict]]) -> dict:
     for winner, loser in gate.pairs:
         diff, se, seeds = paired(methods.get(winner, {}), methods.get(loser, {}))
         checks.append({"winner": winner, "loser": loser, "diff": diff, "se": se, "seeds": seeds,
-                       "passed": bool(seeds and se > 0 and diff > gate.threshold * se)})
+                       "passed": bool(seeds >= gate.min_seeds and se > 0 and diff > gate.threshold * se)})
     passed = any(c["passed"] for c in checks) if gate.any_winner else all(c["passed"] for c in checks)
-    return {"rule": gate.rule, "passed": bool(passed), "checks": checks}
+    seeds = min((c["seeds"] for c in checks), default=0)
+    return {"rule": gate.rule, "passed": bool(passed), "checks": checks, "seeds": seeds,
+            "pilot": seeds < gate.min_seeds}
 
 
 def summarize_setting(setting_dir: pathlib.Path, gate: Gate | None) -> dict:
@@ -250,7 +253,8 @@ def markdown(summary: dict) -> str:
         gate = setting.get("gate")
         lines.append(f"## {name}")
         if gate:
-            verdict = "passed" if gate["passed"] else "FAILED (the setting cannot rank methods)"
+            verdict = ("passed" if gate["passed"] else "FAILED (the setting cannot rank methods)") if not gate["pilot"] \
+                else f"not decided: a pilot with {gate['seeds']} seed(s), the gate needs 3"
             checks = "; ".join(f"{c['winner']} - {c['loser']} = {_number(c['diff'], 2)} ± {_number(c['se'], 2)}"
                                for c in gate["checks"])
             lines += ["", f"Gate: {gate['rule']}: **{verdict}** ({checks})."]
