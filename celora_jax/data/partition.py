@@ -138,7 +138,10 @@ def partition(labels: np.ndarray, config: PartitionConfig, groups: np.ndarray | 
     clusters, label_maps = np.zeros(config.num_clients, np.int64), None
     if config.scheme in GROUP_SCHEMES and groups is None:
         raise DataError(f"the {config.scheme!r} partition needs a group column (data.group_column)")
-    if config.scheme == "iid":
+    if config.scheme == "clustered_labels":  # IID labels, renamed per cluster afterwards
+        clusters = cluster_of_clients(config.num_clients, config.num_clusters)
+        label_maps = cluster_label_maps(num_classes, config.num_clusters, rng)[clusters]
+    if config.scheme in ("iid", "clustered_labels"):
         counts = rng.multinomial(per_client, np.bincount(labels, minlength=num_classes) / len(labels),
                                  size=config.num_clients)
         cells = [{(None, c): n for c, n in enumerate(row)} for row in counts]
@@ -165,12 +168,6 @@ def partition(labels: np.ndarray, config: PartitionConfig, groups: np.ndarray | 
         proportions = rng.dirichlet(config.alpha * np.maximum(prior, 1e-12), size=config.num_clients)
         counts = np.stack([rng.multinomial(per_client, p) for p in proportions])
         cells = [{divmod(cell, num_classes): n for cell, n in enumerate(row)} for row in counts]
-    elif config.scheme == "clustered_labels":
-        clusters = cluster_of_clients(config.num_clients, config.num_clusters)
-        label_maps = cluster_label_maps(num_classes, config.num_clusters, rng)[clusters]
-        counts = rng.multinomial(per_client, np.bincount(labels, minlength=num_classes) / len(labels),
-                                 size=config.num_clients)
-        cells = [{(None, c): n for c, n in enumerate(row)} for row in counts]
     elif config.scheme == "natural":
         clusters = natural_groups(groups, config.num_clients, per_client)
         cells = []
