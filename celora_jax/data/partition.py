@@ -17,7 +17,9 @@ from celora_jax._checks import check_fields
 from celora_jax.data.errors import DataError
 
 SCHEMES = ("iid", "dirichlet", "pathological", "source", "dirichlet_source", "clustered_labels",
-           "clustered_domains", "natural")
+           "clustered_domains", "clustered_rotations", "natural")
+# clustered_rotations turns cluster k's images by k quarter turns: 4 distinct domains at most.
+MAX_ROTATION_CLUSTERS = 4
 # Schemes whose clients are defined by data.group_column.
 GROUP_SCHEMES = ("source", "dirichlet_source", "clustered_domains", "natural")
 
@@ -38,13 +40,16 @@ class PartitionConfig:
         the same text has different labels in different clusters; at most C clusters,
         whose relabelings then differ on every class); "clustered_domains" (num_clusters
         clusters of consecutive clients, cluster k drawing only from source/group k, labels
-        IID within it); "natural" (one client per group, e.g. a speaking role: the
+        IID within it); "clustered_rotations" (the image form of clustered_domains:
+        num_clusters <= 4 clusters of consecutive clients, labels IID, cluster k's images
+        rotated by k x 90 degrees, so each cluster sees its own domain of the same
+        classes); "natural" (one client per group, e.g. a speaking role: the
         num_clients largest groups holding at least train_examples + test_examples
         examples).
       num_clients: N.
       alpha: Dirichlet concentration (scheme "dirichlet"); smaller is more skewed.
       labels_per_client: classes per client (scheme "pathological").
-      num_clusters: hidden clusters (schemes "clustered_labels", "clustered_domains").
+      num_clusters: hidden clusters (the "clustered_*" schemes).
       train_examples: training examples per client.
       test_examples: test examples per client, from the client's own distribution.
       global_test_examples: examples of a common test set drawn from the remaining data
@@ -85,6 +90,9 @@ class PartitionConfig:
             if self.num_clusters > self.num_clients:
                 raise DataError(f"partition.num_clusters={self.num_clusters} exceeds the {self.num_clients} "
                                 "clients: every cluster needs a client")
+            if self.scheme == "clustered_rotations" and self.num_clusters > MAX_ROTATION_CLUSTERS:
+                raise DataError(f"partition.num_clusters={self.num_clusters} exceeds the {MAX_ROTATION_CLUSTERS} "
+                                "distinct quarter turns clustered_rotations gives its clusters")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +100,16 @@ class ClientSplit:
     """Example indices into the dataset: ``train [N, n_train]``, ``test [N, n_test]``,
     ``global_test [n_global]``; ``clusters [N]`` each client's true cluster;
     ``label_maps [N, C]`` (clustered_labels only, else None): client i's label of an example
-    of dataset class y is ``label_maps[i, y]``. The global test keeps the dataset's labels
-    (those of cluster 0)."""
+    of dataset class y is ``label_maps[i, y]``; ``quarter_turns [N]`` (clustered_rotations
+    only, else None): client i's images are rotated by ``quarter_turns[i] x 90`` degrees.
+    The global test keeps the dataset's labels and images (those of cluster 0)."""
 
     train: np.ndarray
     test: np.ndarray
     global_test: np.ndarray
     clusters: np.ndarray | None = None
     label_maps: np.ndarray | None = None
+    quarter_turns: np.ndarray | None = None
 
 
 def cluster_of_clients(num_clients: int, num_clusters: int) -> np.ndarray:
@@ -135,13 +145,16 @@ def partition(labels: np.ndarray, config: PartitionConfig, groups: np.ndarray | 
                         f"{config.global_test_examples} global test examples need {needed} "
                         f"examples, the data has {len(labels)}")
     pools = _Pools(labels, groups, rng)
-    clusters, label_maps = np.zeros(config.num_clients, np.int64), None
+    clusters, label_maps, quarter_turns = np.zeros(config.num_clients, np.int64), None, None
     if config.scheme in GROUP_SCHEMES and groups is None:
         raise DataError(f"the {config.scheme!r} partition needs a group column (data.group_column)")
     if config.scheme == "clustered_labels":  # IID labels, renamed per cluster afterwards
         clusters = cluster_of_clients(config.num_clients, config.num_clusters)
         label_maps = cluster_label_maps(num_classes, config.num_clusters, rng)[clusters]
-    if config.scheme in ("iid", "clustered_labels"):
+    if config.scheme == "clustered_rotations":  # IID labels, images turned per cluster by the task
+        clusters = cluster_of_clients(config.num_clients, config.num_clusters)
+        quarter_turns = clusters.copy()
+    if config.scheme in ("iid", "clustered_labels", "clustered_rotations"):
         counts = rng.multinomial(per_client, np.bincount(labels, minlength=num_classes) / len(labels),
                                  size=config.num_clients)
         cells = [{(None, c): n for c, n in enumerate(row)} for row in counts]
@@ -197,7 +210,8 @@ def partition(labels: np.ndarray, config: PartitionConfig, groups: np.ndarray | 
         train.append(indices[: config.train_examples])
         test.append(indices[config.train_examples:])
     global_test = pools.take_global(config.global_test_examples, num_classes)
-    return ClientSplit(np.stack(train), np.stack(test), global_test, np.asarray(clusters, np.int64), label_maps)
+    return ClientSplit(np.stack(train), np.stack(test), global_test, np.asarray(clusters, np.int64), label_maps,
+                       quarter_turns)
 
 
 def natural_groups(groups: np.ndarray, num_clients: int, per_client: int) -> np.ndarray:

@@ -91,8 +91,32 @@ def answer_loss(logits: Array, targets: Array, target_mask: Array,
     return loss, (correct, example_mask.sum())
 
 
+def next_token_loss(logits: Array, targets: Array, token_mask: Array,
+                    example_mask: Array) -> tuple[Array, tuple[Array, Array]]:
+    """Causal-LM loss over every real token, plus (#tokens predicted right, #tokens).
+
+    Args:
+      logits: ``[B, T, vocab]`` next-token logits at every position.
+      targets: ``[B, T]`` the token each position must predict.
+      token_mask: ``[B, T]`` 1 where the position holds a real token.
+      example_mask: ``[B]`` 1 for real examples.
+
+    Counting tokens, not examples, makes the round's accuracy the top-1 next-token accuracy
+    and its loss the mean per-token cross-entropy (perplexity = exp(loss)).
+    """
+    mask = token_mask * example_mask[:, None]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    count = mask.sum()
+    loss = (losses * mask).sum() / jnp.maximum(count, 1.0)
+    correct = ((logits.argmax(-1) == targets) * mask).sum()
+    return loss, (correct, count)
+
+
 def task_loss(logits: Array, batch: Mapping[str, Array]) -> tuple[Array, tuple[Array, Array]]:
-    """``answer_loss`` for instruction batches (with ``targets``), else ``classification_loss``."""
+    """``next_token_loss`` for language-modelling batches (with ``token_mask``),
+    ``answer_loss`` for instruction batches (with ``targets``), else ``classification_loss``."""
+    if "token_mask" in batch:
+        return next_token_loss(logits, batch["targets"], batch["token_mask"], batch["example_mask"])
     if "targets" in batch:
         return answer_loss(logits, batch["targets"], batch["target_mask"], batch["example_mask"])
     return classification_loss(logits, batch["labels"], batch["example_mask"])

@@ -315,3 +315,30 @@ class VisionTransformer(nn.Module):
             x = _layer_norm(cfg, "pre_layernorm")(x)
         x = Encoder(cfg, self.lora_scale, name="encoder")(x)
         return _layer_norm(cfg, "layernorm")(x) if cfg.final_norm else x
+
+
+def prepare_pixels(images: Array, config: VisionConfig, image_size: int) -> Array:
+    """uint8 images ``[batch, H, W]`` or ``[batch, H, W, C]`` to the ViT's normalized
+    ``[batch, image_size, image_size, channels]`` pixels (bilinear resize), inside jit."""
+    images = jnp.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    pixels = normalize_images(images, config)
+    return jax.image.resize(pixels, (pixels.shape[0], image_size, image_size, pixels.shape[-1]), "bilinear")
+
+
+class ImageClassifier(nn.Module):
+    """A ViT with a linear head on its CLS token: uint8 images ``[batch, H, W(, C)]`` in,
+    logits ``[batch, num_labels]`` out. The trunk's parameters sit under ``backbone`` (like
+    the text classifier's), so the encoder's adapter target regex finds its linears."""
+
+    config: VisionConfig
+    num_labels: int
+    image_size: int
+    lora_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, images: Array) -> Array:
+        tokens = VisionTransformer(self.config, self.lora_scale, name="backbone")(
+            prepare_pixels(images, self.config, self.image_size))
+        return nn.Dense(self.num_labels, dtype=jnp.float32, name="classifier")(tokens[:, 0])

@@ -3,6 +3,7 @@
   encoder  BERT-family sequence classification on labelled texts (MiniLM by default)
   decoder  Llama-family instruction tuning on chats built from labelled texts (SmolLM2)
   vlm      LLaVA-style visual question answering (DINOv2 ViT + projector + SmolLM2)
+  vit      image classification: a ViT (DINOv2 ViT-S/14) with a linear head on its CLS token
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import types
 
 from celora_jax import adapters as adapters_lib
 from celora_jax.config import RunConfig
-from celora_jax.federated.tasks import decoder, encoder, vlm
+from celora_jax.federated.tasks import decoder, encoder, vision, vlm
 from celora_jax.federated.tasks.base import Task
 
-TASKS = types.MappingProxyType({"encoder": encoder.prepare, "decoder": decoder.prepare, "vlm": vlm.prepare})
+TASKS = types.MappingProxyType({"encoder": encoder.prepare, "decoder": decoder.prepare, "vlm": vlm.prepare,
+                                 "vit": vision.prepare})
 
 
 def prepare_task(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, progress: bool = False) -> Task:

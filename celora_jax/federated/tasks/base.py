@@ -104,10 +104,13 @@ def split_clients(dataset, config: RunConfig):
     if scheme in GROUP_SCHEMES and dataset.groups is None:
         reason = "data.group_column is None" if column is None else f"the data has no column {column!r}"
         raise DataError(f"partition.scheme={scheme!r} splits clients by data.group_column, but {reason}")
-    if scheme == "clustered_labels" and config.model.architecture != "encoder":
+    if scheme == "clustered_labels" and config.model.architecture not in ("encoder", "vit"):
         raise DataError("partition.scheme='clustered_labels' renames class ids per cluster, which only a "
-                        "classification head (model.architecture='encoder') can learn; the "
+                        "classification head (model.architecture='encoder' or 'vit') can learn; the "
                         f"{config.model.architecture!r} task answers with the class names")
+    if scheme == "clustered_rotations" and config.model.architecture != "vit":
+        raise DataError("partition.scheme='clustered_rotations' rotates each cluster's images, which needs "
+                        f"the image classifier (model.architecture='vit'), not {config.model.architecture!r}")
     return partition(dataset.labels, config.partition, dataset.groups)
 
 
@@ -141,8 +144,17 @@ def client_examples(encoded: dict, all_labels: np.ndarray, needed: np.ndarray, s
         rows = np.arange(len(split.label_maps))[:, None]
         train["labels"] = split.label_maps[rows, train["labels"]].astype(np.int32)
         test["labels"] = split.label_maps[rows, test["labels"]].astype(np.int32)
+    if split.quarter_turns is not None:  # each client's own view of the images (clustered_rotations)
+        for examples in (train, test):
+            examples["images"] = rotate_clients(examples["images"], split.quarter_turns)
     global_test = packing.gather_examples(encoded, labels, position[split.global_test][None])
     return train, test, {k: v[0] for k, v in global_test.items()}
+
+
+def rotate_clients(images: np.ndarray, quarter_turns: np.ndarray) -> np.ndarray:
+    """Client i's images ``[N, n, H, W(, C)]`` turned counter-clockwise by ``quarter_turns[i]``
+    x 90 degrees (square images: the shape stays)."""
+    return np.stack([np.rot90(client, int(turns), axes=(1, 2)) for client, turns in zip(images, quarter_turns)])
 
 
 def compute_dtype(config: RunConfig):

@@ -1,5 +1,7 @@
-"""Instruction tuning of a Llama-family decoder (SmolLM2 by default): each labelled text
-becomes a ChatML chat asking for its label; loss on the answer tokens, exact match."""
+"""A Llama-family decoder (SmolLM2 by default) on texts: instruction tuning (each labelled
+text becomes a ChatML chat asking for its label; loss on the answer tokens, exact match) or,
+with ``model.objective="next_token"``, language modelling on the texts themselves (loss and
+top-1 accuracy over every next token)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import jax.numpy as jnp
 
 from celora_jax import adapters as adapters_lib
 from celora_jax.config import RunConfig
-from celora_jax.data import instructions
+from celora_jax.data import instructions, language
 from celora_jax.data.text import load_text_dataset
 from celora_jax.federated.tasks import base
 from celora_jax.models import decoder_loading, llama, loading
@@ -41,16 +43,21 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     split = base.split_clients(dataset, config)
     clients = base.process_clients(config)
     needed = base.needed_examples(split, clients)
-    encoded = instructions.encode_instructions(
-        tokenizer, [dataset.texts[i] for i in needed], dataset.labels[needed],
-        instructions.answers_for(dataset.label_names), config.model.max_length, model_config.pad_token_id)
+    texts = [dataset.texts[i] for i in needed]
+    if config.model.objective == "next_token":
+        encoded = language.encode_next_token(tokenizer, texts, config.model.max_length, model_config.pad_token_id,
+                                             language.start_token_id(tokenizer, model_config.bos_token_id))
+    else:
+        encoded = instructions.encode_instructions(
+            tokenizer, texts, dataset.labels[needed], instructions.answers_for(dataset.label_names),
+            config.model.max_length, model_config.pad_token_id)
     train, test, global_test = base.client_examples(encoded, dataset.labels, needed, split, clients)
 
     model = llama.LlamaForCausalLM(model_config, lora_scale=adapter_config.scale, dtype=base.compute_dtype(config))
     params = jax.tree.map(jnp.asarray, params)
     key_adapter = jax.random.split(jax.random.key(config.seed))[1]
     base_params, client_params = base.client_parameters(params, config, adapter_config, key_adapter)
-    answer_positions = encoded["targets"].shape[1]
+    answer_positions = encoded["targets"].shape[1]  # every position for next-token prediction
 
     def logits_fn(full_params, lora_params, batch, dropout_key):
         logits, _ = model.apply({"params": full_params, "lora": lora_params}, batch["input_ids"],

@@ -1,0 +1,65 @@
+"""Image classification with a ViT (the shipped DINOv2 ViT-S/14 by default) and a linear head
+on its CLS token, tri-LoRA in every block, on Fashion-MNIST or any MNIST-style IDX data.
+
+Images stay uint8 at their stored size in the client arrays; resizing and normalization run
+inside the step. Under ``partition.scheme="clustered_rotations"`` each client's images are
+turned by its cluster's quarter turns once, here, so the cluster is a domain of its own.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from celora_jax import adapters as adapters_lib
+from celora_jax.config import RunConfig
+from celora_jax.data import images as images_lib
+from celora_jax.federated.tasks import base
+from celora_jax.models import vision_loading, vit
+
+
+def base_model_path(config: RunConfig) -> str:
+    return str(config.model.vision_path or vision_loading.default_onnx_path())
+
+
+def init_classifier_params(key: jax.Array, model: vit.ImageClassifier, backbone: dict, image_shape) -> dict:
+    """The loaded trunk under ``backbone`` plus a fresh head (from an abstract init, so the
+    random trunk it would build is never computed)."""
+    shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, *image_shape), jnp.uint8)), key)["params"]
+    # Flax Dense's own defaults: LeCun-normal kernel, zero bias.
+    head = {"kernel": jax.nn.initializers.lecun_normal()(key, shapes["classifier"]["kernel"].shape, jnp.float32),
+            "bias": jnp.zeros(shapes["classifier"]["bias"].shape, jnp.float32)}
+    return {"backbone": jax.tree.map(jnp.asarray, backbone), "classifier": head}
+
+
+def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, progress: bool = False) -> base.Task:
+    """Loads the ViT and the images, partitions clients and builds the classifier."""
+    vision_config, vision_params = vision_loading.load_vision(config.model.vision_path)
+    size = config.model.image_size
+    if size % vision_config.patch_size:
+        raise vit.ImageInputError(f"model.image_size={size} is not a multiple of the ViT's patch size "
+                                  f"{vision_config.patch_size}")
+    dataset = images_lib.load_fashion_mnist(config.data.path)
+    split = base.split_clients(dataset, config)
+    clients = base.process_clients(config)
+    needed = base.needed_examples(split, clients)
+    train, test, global_test = base.client_examples({"images": dataset.images[needed]}, dataset.labels, needed,
+                                                    split, clients)
+
+    model = vit.ImageClassifier(vision_config, dataset.num_classes, size, lora_scale=adapter_config.scale)
+    key_head, key_adapter = jax.random.split(jax.random.key(config.seed))
+    params = init_classifier_params(key_head, model, vision_params, dataset.images.shape[1:])
+    base_params, client_params = base.client_parameters(params, config, adapter_config, key_adapter)
+
+    def logits_fn(full_params, lora_params, batch, dropout_key):
+        return model.apply({"params": full_params, "lora": lora_params}, batch["images"])
+
+    trunk = vit.VisionTransformer(vision_config)
+
+    def embed_fn(full_params, images):
+        pixels = vit.prepare_pixels(images, vision_config, size)
+        return trunk.apply({"params": full_params["backbone"]}, pixels)[:, 0].astype(jnp.float32)
+
+    return base.Task(logits_fn, embed_fn, ("images",), base_params, client_params, adapter_config,
+                     train, test, global_test, dataset.num_classes, clients, base_model_path(config),
+                     clusters=split.clusters)
