@@ -93,6 +93,9 @@ class ModelConfig:
             raise ConfigError(f"model.dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"model.architecture must be one of {list(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.architecture == "vit" and self.dtype != "float32":
+            raise ConfigError(f"model.dtype={self.dtype!r}: the ViT image classifier (model.architecture='vit') "
+                              "computes in float32 only")
         if self.objective not in ("labels", "next_token"):
             raise ConfigError(f"model.objective must be 'labels' or 'next_token', got {self.objective!r}")
         if self.objective == "next_token" and self.architecture != "decoder":

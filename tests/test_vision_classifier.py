@@ -40,6 +40,26 @@ def test_clustered_rotations_bad_input_is_named():
         base.split_clients(None, config)
     with pytest.raises(ConfigError, match="model.architecture must be one of"):
         ModelConfig(architecture="resnet")
+    with pytest.raises(ConfigError, match="computes in float32 only"):
+        ModelConfig(architecture="vit", dtype="bfloat16")
+
+
+def _write_idx(path, array):
+    array = np.asarray(array, np.uint8)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def test_rotating_images_that_are_not_square_is_a_clear_error(tmp_path):
+    from celora_jax.federated.tasks import vision
+
+    for prefix, n in (("train", 40), ("t10k", 10)):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", np.zeros((n, 4, 6)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    config = apply_overrides(RunConfig(), ["model.architecture=vit", "partition.scheme=clustered_rotations",
+                                           f"data.path={tmp_path}", "partition.num_clients=2"])
+    with pytest.raises(DataError, match="needs square images; .* holds 4x6 images"):
+        vision.prepare(config, config.adapter)
 
 
 def test_image_classifier_is_the_vit_cls_token_through_a_linear_head():

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from celora_jax import adapters as adapters_lib
 from celora_jax.config import RunConfig
 from celora_jax.data import images as images_lib
+from celora_jax.data.errors import DataError
 from celora_jax.federated.tasks import base
 from celora_jax.models import vision_loading, vit
 
@@ -34,13 +35,17 @@ def init_classifier_params(key: jax.Array, model: vit.ImageClassifier, backbone:
 
 def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, progress: bool = False) -> base.Task:
     """Loads the ViT and the images, partitions clients and builds the classifier."""
+    dataset = images_lib.load_fashion_mnist(config.data.path)
+    height, width = dataset.images.shape[1:3]
+    if config.partition.scheme == "clustered_rotations" and height != width:
+        raise DataError(f"partition.scheme='clustered_rotations' turns images by quarter turns, which needs "
+                        f"square images; {config.data.path or 'the data'} holds {height}x{width} images")
+    split = base.split_clients(dataset, config)
     vision_config, vision_params = vision_loading.load_vision(config.model.vision_path)
     size = config.model.image_size
     if size % vision_config.patch_size:
         raise vit.ImageInputError(f"model.image_size={size} is not a multiple of the ViT's patch size "
                                   f"{vision_config.patch_size}")
-    dataset = images_lib.load_fashion_mnist(config.data.path)
-    split = base.split_clients(dataset, config)
     clients = base.process_clients(config)
     needed = base.needed_examples(split, clients)
     train, test, global_test = base.client_examples({"images": dataset.images[needed]}, dataset.labels, needed,
