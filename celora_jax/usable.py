@@ -1,7 +1,8 @@
 """One rule for whether a client's contribution can be used this round, shared by the round
-step (which rolls back clients with NaN/Inf), the baselines' averages and CE-LoRA's server
+step (which rolls back clients with NaN/Inf), the server of a deployment
+(``celora_jax.federated.server_node``), the baselines' averages and CE-LoRA's server
 kernel: the client reported, its size is a finite count ≥ 0, and every array it trained or
-sent is finite.
+sent is finite; and, with an outlier factor, its change is not far larger than the others'.
 """
 
 from __future__ import annotations
@@ -43,3 +44,34 @@ def valid_sizes(sizes: Array) -> Array:
 def usable_clients(tree: PyTree, sizes: Array, mask: Array) -> Array:
     """``[N]`` bool: reported (``mask``), a valid size and every leaf of ``tree`` finite."""
     return jnp.asarray(mask, bool) & valid_sizes(sizes) & finite_clients(tree)
+
+
+def non_finite_updates(trained, mask) -> Array:
+    """``[N]`` bool: reporting clients with a NaN/Inf anywhere in their trained parameters."""
+    return mask & ~finite_clients(trained)
+
+
+def rejected_updates(sent_before, uploads, non_finite, mask, outlier_factor: float) -> Array:
+    """``[N]`` bool: reporting clients whose upload the server sets aside.
+
+    A client is rejected when its trained parameters hold NaN/Inf (``non_finite``, from
+    ``non_finite_updates``), or (``outlier_factor`` > 0) when the norm of its uploaded
+    change exceeds ``outlier_factor`` times the median norm over the reporting clients
+    with finite updates.
+    """
+    finite = ~non_finite
+    rejected = mask & ~finite
+    change = jax.tree.map(lambda new, old: new - old, uploads, sent_before)
+    squared = per_client_sum(change, lambda x: jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0) ** 2, axis=1))
+    if outlier_factor > 0 and squared is not None:
+        norms = jnp.sqrt(squared)
+        median = jnp.nanmedian(jnp.where(mask & finite, norms, jnp.nan))
+        rejected |= mask & finite & (median > 0) & (norms > outlier_factor * median)
+    return rejected
+
+
+def where_clients(mask, new, old):
+    """Per client (leading axis), ``new`` where ``mask`` else ``old``."""
+    def pick(n, o):
+        return jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o)
+    return jax.tree.map(pick, new, old)

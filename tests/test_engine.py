@@ -15,7 +15,7 @@ import pytest
 from celora_jax.config import FederationConfig, apply_overrides
 from celora_jax.data.text import DataError, TextDataConfig
 from celora_jax.federated import engine, loop
-from celora_jax.federated import round as round_lib
+from celora_jax import usable
 from helpers import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -204,14 +204,14 @@ def test_rejected_updates_rule():
     trained = {"c": after["c"].copy(), "head": np.zeros((5, 3))}
     trained["head"][4, 1] = np.inf
     mask = np.array([True, True, True, True, True])
-    non_finite = round_lib.non_finite_updates(trained, mask)
+    non_finite = usable.non_finite_updates(trained, mask)
     np.testing.assert_array_equal(non_finite, [False, False, False, False, True])
-    rejected = round_lib.rejected_updates(before, after, non_finite, mask, outlier_factor=10.0)
+    rejected = usable.rejected_updates(before, after, non_finite, mask, outlier_factor=10.0)
     np.testing.assert_array_equal(rejected, [False, False, False, True, True])
-    lenient = round_lib.rejected_updates(before, after, non_finite, mask, outlier_factor=0.0)
+    lenient = usable.rejected_updates(before, after, non_finite, mask, outlier_factor=0.0)
     np.testing.assert_array_equal(lenient, [False, False, False, False, True])
     reporting = np.array([1, 1, 1, 0, 0], bool)
-    absent = round_lib.rejected_updates(before, after, round_lib.non_finite_updates(trained, reporting), reporting, 10.0)
+    absent = usable.rejected_updates(before, after, usable.non_finite_updates(trained, reporting), reporting, 10.0)
     assert not absent.any()
 
 

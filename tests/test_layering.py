@@ -9,7 +9,8 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "celora_jax"
 # What the server runs: it sees uploaded arrays only.
 SERVER_SIDE = ("celora_jax.aggregation", "celora_jax.similarity", "celora_jax.baselines", "celora_jax.gmm",
-               "celora_jax.usable", "celora_jax.federated.strategies", "celora_jax.federated.methods")
+               "celora_jax.usable", "celora_jax.federated.strategies", "celora_jax.federated.methods",
+               "celora_jax.wire", "celora_jax.federated.server_node")
 
 
 def _module_name(path: pathlib.Path) -> str:

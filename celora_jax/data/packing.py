@@ -23,17 +23,20 @@ def gather_examples(encoded: dict, labels: np.ndarray, indices: np.ndarray) -> B
     }
 
 
-def round_batches(examples: Batch, steps: int, batch_size: int, seed: int, round_index: int) -> Batch:
+def round_batches(examples: Batch, steps: int, batch_size: int, seed: int, round_index: int,
+                  first_client: int = 0) -> Batch:
     """Each client's training batches for one round ``[N, S, B, ...]``.
 
     Every client walks through reshuffled epochs of its own examples; the order depends only
-    on (seed, round, client), so a resumed run sees exactly the batches it would have seen.
+    on (seed, round, client), so a resumed run sees exactly the batches it would have seen,
+    and a node holding only client ``first_client``'s rows (a deployment) the batches the
+    simulator would give that client.
     """
     num_clients, num_examples = examples["labels"].shape
     needed = steps * batch_size
     order = np.empty((num_clients, needed), np.int64)
     for client in range(num_clients):
-        rng = np.random.default_rng((seed, round_index, client))
+        rng = np.random.default_rng((seed, round_index, first_client + client))
         epochs = -(-needed // num_examples)
         order[client] = np.concatenate([rng.permutation(num_examples) for _ in range(epochs)])[:needed]
     rows = np.arange(num_clients)[:, None]

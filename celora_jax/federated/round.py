@@ -26,37 +26,6 @@ from celora_jax.privacy import dp as dp_lib
 Array = jax.Array
 
 
-def non_finite_updates(trained, mask) -> Array:
-    """``[N]`` bool: reporting clients with a NaN/Inf anywhere in their trained parameters."""
-    return mask & ~usable.finite_clients(trained)
-
-
-def rejected_updates(sent_before, uploads, non_finite, mask, outlier_factor: float) -> Array:
-    """``[N]`` bool: reporting clients whose upload the server sets aside.
-
-    A client is rejected when its trained parameters hold NaN/Inf (``non_finite``, from
-    ``non_finite_updates``), or (``outlier_factor`` > 0) when the norm of its uploaded
-    change exceeds ``outlier_factor`` times the median norm over the reporting clients
-    with finite updates.
-    """
-    finite = ~non_finite
-    rejected = mask & ~finite
-    change = jax.tree.map(lambda new, old: new - old, uploads, sent_before)
-    squared = usable.per_client_sum(change, lambda x: jnp.sum(jnp.where(jnp.isfinite(x), x, 0.0) ** 2, axis=1))
-    if outlier_factor > 0 and squared is not None:
-        norms = jnp.sqrt(squared)
-        median = jnp.nanmedian(jnp.where(mask & finite, norms, jnp.nan))
-        rejected |= mask & finite & (median > 0) & (norms > outlier_factor * median)
-    return rejected
-
-
-def where_clients(mask, new, old):
-    """Per client (leading axis), ``new`` where ``mask`` else ``old``."""
-    def pick(n, o):
-        return jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o)
-    return jax.tree.map(pick, new, old)
-
-
 def evaluated_params(client_state: dict) -> dict:
     """The parameters a client is evaluated with: its fine-tuned copy under methods with
     ``finetune_steps``, else its parameters."""
@@ -121,10 +90,10 @@ def build_round_step(setup, strategy: strategies.Strategy, mesh) -> Callable:
             uploads = jax.tree.map(jnp.add, sent_before, noised)
             dp_logs = {"update_norm": norms}
         learned = roles_lib.select(trained["params"], roles, roles_lib.SHARED, roles_lib.PERSONAL)
-        broken = non_finite_updates(learned, mask)
-        accepted = mask & ~rejected_updates(sent_before, uploads, broken, mask, config.federation.outlier_factor)
+        broken = usable.non_finite_updates(learned, mask)
+        accepted = mask & ~usable.rejected_updates(sent_before, uploads, broken, mask, config.federation.outlier_factor)
         # Zero what rejected clients sent: a weight of 0 does not cancel NaN in a weighted sum.
-        uploads = where_clients(accepted, uploads, jax.tree.map(jnp.zeros_like, uploads))
+        uploads = usable.where_clients(accepted, uploads, jax.tree.map(jnp.zeros_like, uploads))
         server_state, downloads, logs = strategy.aggregate(server_state, uploads, sizes, accepted)
         new_state = {"params": method.receive(trained["params"], downloads, roles), "opt_state": trained["opt_state"]}
         logs = {**logs, **dp_logs, **method.client_logs(trained["params"], task.adapter_config),
@@ -133,15 +102,15 @@ def build_round_step(setup, strategy: strategies.Strategy, mesh) -> Callable:
         # only miss the mixture: under strong label skew the clients still learning are the
         # "outliers" of clients that have converged, and rolling them back would freeze them.
         # Absent clients and clients with NaN/Inf keep the state they had before the round.
-        own_round = where_clients(mask & ~broken, trained, {k: client_state[k] for k in trained})
-        state = where_clients(accepted, new_state, own_round)
+        own_round = usable.where_clients(mask & ~broken, trained, {k: client_state[k] for k in trained})
+        state = usable.where_clients(accepted, new_state, own_round)
         if finetune_clients is not None:
             # Personal steps from what was just received; the next round trains on from `state`.
             first = jax.tree.map(lambda x: x[:, :method.finetune_steps], batches)
             tune_keys = jax.random.split(jax.random.fold_in(key, 0xF17E), mask.shape[0])
             tuned, _ = finetune_clients(method.fold_into_base(base, server_state, scale), state, first,
                                         tune_keys, round_index)
-            state = {**state, "tuned": where_clients(mask & ~broken, tuned["params"], client_state["tuned"])}
+            state = {**state, "tuned": usable.where_clients(mask & ~broken, tuned["params"], client_state["tuned"])}
         return state, server_state, metrics, logs
 
     clients, replicated = sharding.clients_sharding(mesh), sharding.replicated(mesh)

@@ -1,0 +1,145 @@
+"""One client's side of a round outside the simulator: the node that holds client ``i``'s
+data trains it, uploads its shared leaves, and applies what the server sends back
+(``celora_jax.federated.server_node`` is the other side).
+
+Everything a node computes is what the simulator computes for that client: the same
+batches (``packing.round_batches`` keyed by seed, round and client), the same PRNG keys,
+the same optimizer and objective, the same ``method.receive`` of a download, the same
+clipping and noise under DP. The differences are only where the work runs and that one
+client is trained at a time. A round::
+
+    node = ClientNode(setup, client=3)
+    state = node.initial_state()                       # kept by the node between rounds
+    statistic = node.statistic()                       # once, for methods that need it
+    state, upload, metrics = node.train(state, round_index)
+    ...                                                # the server aggregates the uploads
+    state = node.receive(state, download)              # only if the server sent one
+    scores = node.evaluate(state)                      # own test split: loss, correct, count
+
+Methods that update the frozen base weights (FedEx-LoRA's residual, ``fold_into_base``) or
+fine-tune after the download (``finetune_steps``) need the server state or an extra pass a
+node does not have here; they are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from celora_jax import gmm, sharding
+from celora_jax import roles as roles_lib
+from celora_jax.data import packing
+from celora_jax.federated import client as client_lib
+from celora_jax.federated import statistics
+from celora_jax.federated.methods import base as methods_base
+from celora_jax.federated.setup import Setup
+from celora_jax.privacy import dp as dp_lib
+
+PyTree = Any
+
+
+def unsupported_reason(method) -> str | None:
+    """Why ``method`` cannot run on separate nodes yet, or None."""
+    if method.fold_into_base is not methods_base.keep_base:
+        return "updates the frozen base weights from the server state (fold_into_base)"
+    if method.finetune_steps:
+        return "fine-tunes after each download (finetune_steps)"
+    return None
+
+
+def _row(tree: PyTree, client: int) -> PyTree:
+    return jax.tree.map(lambda x: np.asarray(x[client:client + 1]), tree)
+
+
+class ClientNode:
+    """Client ``client`` of a prepared run (see the module docstring).
+
+    ``setup`` is the run's ``Setup``; a node only reads its own client's rows of the task's
+    arrays (a deployment prepares just those: the other rows may be zeros).
+    """
+
+    def __init__(self, setup: Setup, client: int):
+        reason = unsupported_reason(setup.method)
+        if reason:
+            raise ValueError(f"method {setup.method.name!r} cannot run on separate nodes yet: it {reason}")
+        if not 0 <= client < setup.num_clients:
+            raise ValueError(f"client {client} is not one of the run's {setup.num_clients} clients")
+        self.setup, self.client = setup, int(client)
+        config, fed, task = setup.config, setup.config.federation, setup.task
+        self.train_examples = _row(task.train, client)
+        self.test_examples = jax.tree.map(lambda x: x[0], _row(task.test, client))
+        self.size = float(task.sizes[client])
+        total_steps = fed.rounds * setup.local_steps
+        self._update = jax.jit(client_lib.make_client_update(task.logits_fn, setup.roles, config.optimizer,
+                                                             total_steps, objective=setup.method.client_objective))
+        self._evaluate = jax.jit(client_lib.make_evaluate(task.logits_fn, fed.eval_batch_size))
+        self._privatize = jax.jit(dp_lib.privatize_update, static_argnums=(1, 2))  # float options
+        self._noise_multiplier = dp_lib.resolve_noise_multiplier(config.dp, fed.rounds)
+        # The simulator splits each round's key over its padded client slots: so does the node.
+        mesh = sharding.client_mesh(fed.num_devices, fed.data_parallel)
+        self._slots = sharding.padded_client_count(setup.num_clients, mesh, fed.client_block)
+        self._root_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+        self._base = jax.tree.map(jnp.asarray, task.base_params)
+
+    def initial_state(self) -> dict:
+        """``{"params", "opt_state"}`` before round 1 (every client starts alike)."""
+        task = self.setup.task
+        return client_lib.init_client_state(task.client_params, self.setup.roles, self.setup.config.optimizer)
+
+    def shared(self, state: dict) -> PyTree:
+        """The shared leaves of ``state``: what this node uploads."""
+        return roles_lib.select(state["params"], self.setup.roles, roles_lib.SHARED)
+
+    def statistic(self) -> gmm.ClassMixtures:
+        """This client's data statistic (leading axis 1), the once-only upload of methods
+        with ``needs_data_statistics``: equal to its row of the simulator's."""
+        task, config = self.setup.task, self.setup.config
+        params = roles_lib.combine(task.base_params, task.client_params["params"])
+        features = statistics.client_features(task.embed_fn, params,
+                                               [self.train_examples[name] for name in task.embed_inputs])
+        return gmm.fit_class_mixtures(jnp.asarray(features), jnp.asarray(self.train_examples["labels"]),
+                                      jnp.asarray(self.train_examples["example_mask"] > 0), task.num_classes,
+                                      jax.random.fold_in(jax.random.key(config.seed), 2), first_client=self.client)
+
+    def receive(self, state: dict, download: PyTree) -> dict:
+        """``state`` with the server's answer applied (``method.receive``: e.g. the shared
+        leaves replaced), as the simulator applies it at the end of a round."""
+        params = self.setup.method.receive(state["params"], jax.tree.map(jnp.asarray, download), self.setup.roles)
+        return {**state, "params": params}
+
+    def train(self, state: dict, round_index: int) -> tuple[dict, PyTree | None, dict]:
+        """One round of local training from ``state``: ``(state, upload, metrics)`` with
+        train_loss and train_accuracy in metrics.
+
+        When the training produces NaN/Inf the round is discarded as in the simulator:
+        ``state`` comes back unchanged, ``upload`` is None and metrics has
+        ``non_finite=True``. A client whose upload the server does not accept keeps the
+        returned state and trains on from it.
+        """
+        setup, fed = self.setup, self.setup.config.federation
+        batches = packing.round_batches(self.train_examples, setup.local_steps, fed.batch_size, setup.config.seed,
+                                        round_index, first_client=self.client)
+        round_key = jax.random.fold_in(self._root_key, round_index)
+        key = jax.random.split(round_key, self._slots)[self.client]
+        trained, metrics = self._update(self._base, state, jax.tree.map(lambda x: jnp.asarray(x[0]), batches),
+                                        key, jnp.int32(round_index))
+        metrics = {k: float(v) for k, v in metrics.items()}
+        learned = roles_lib.select(trained["params"], setup.roles, roles_lib.SHARED, roles_lib.PERSONAL)
+        if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(learned)):
+            return state, None, {**metrics, "non_finite": True}
+        sent_before, upload = self.shared(state), self.shared(trained)
+        if setup.config.dp.enabled and jax.tree.leaves(upload):
+            # The client clips and noises its change before it leaves, as in the simulator.
+            change = jax.tree.map(jnp.subtract, upload, sent_before)
+            noise_key = jax.random.split(jax.random.fold_in(round_key, 0xD1FF), self._slots)[self.client]
+            noised, _ = self._privatize(change, setup.config.dp.clip_norm, self._noise_multiplier, noise_key)
+            upload = jax.tree.map(jnp.add, sent_before, noised)
+        return trained, jax.device_get(upload), metrics
+
+    def evaluate(self, state: dict) -> dict:
+        """``{"loss", "correct", "count"}`` of ``state`` on this client's own test split."""
+        scores = self._evaluate(self._base, state["params"], self.test_examples)
+        return {k: float(v) for k, v in scores.items()}
