@@ -110,6 +110,13 @@ def unflatten_tree(arrays: Mapping[str, np.ndarray], dtypes: Mapping[str, str], 
     return traverse_util.unflatten_dict(flat)
 
 
+def tree_from_record(arrays: Mapping[str, np.ndarray], dtypes: Mapping[str, str]) -> dict:
+    """The pytree a record describes, with no template to check it against (the receiver
+    learns the shapes from it, e.g. the server from the first node's initial parameters)."""
+    return traverse_util.unflatten_dict({tuple(key.split(SEPARATOR)): _restore(value, dtypes.get(key, str(value.dtype)))
+                                         for key, value in arrays.items()})
+
+
 def record_bytes(arrays: Mapping[str, np.ndarray]) -> int:
     """Payload bytes of a record: the array buffers alone (what the simulator's byte counters
     count; a transport adds its own headers on top)."""

@@ -1,0 +1,10 @@
+"""celora-jax methods as a Flower application (``pip install celora-jax[flower]``, flwr 1.42).
+
+- ``client_app.make_client_app(config)``: the ClientApp; one SuperNode per client.
+- ``server_app.CeloraStrategy`` / ``make_server_app``: the method's server as a Strategy on
+  Flower's Message API, sending each node its own download.
+- ``records``: pytrees in Flower records by key path.
+
+The nodes compute what the simulator computes for their client
+(``celora_jax.federated.nodes``, ``celora_jax.federated.server_node``).
+"""

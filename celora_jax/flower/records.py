@@ -1,0 +1,63 @@
+"""Pytrees in Flower records: an ``ArrayRecord`` of the leaves by path
+(``celora_jax.wire``), with a ``ConfigRecord`` of their dtypes beside it, because Flower's
+arrays keep bfloat16 only as raw bytes.
+
+``put_tree(content, "upload", tree)`` stores ``content["upload"]`` (the arrays) and
+``content["upload.dtypes"]``; ``take_tree(content, "upload", like)`` rebuilds and checks it
+against the pytree the receiver expects.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from celora_jax import wire
+
+PyTree = Any
+
+
+def dtypes_key(name: str) -> str:
+    return f"{name}.dtypes"
+
+
+def to_records(tree: Mapping) -> tuple[ArrayRecord, ConfigRecord]:
+    """``(arrays, dtypes)`` records of a nested mapping of arrays."""
+    arrays, dtypes = wire.flatten_tree(tree)
+    return ArrayRecord({key: Array(np.asarray(value)) for key, value in arrays.items()}), ConfigRecord(dtypes)
+
+
+def from_records(arrays: ArrayRecord, dtypes: ConfigRecord, like: Mapping, *, what: str,
+                 require_finite: bool = False) -> dict:
+    """The pytree shaped like ``like`` from its records (``wire.WireError`` on any mismatch)."""
+    return wire.unflatten_tree({key: arrays[key].numpy() for key in arrays}, {k: str(v) for k, v in dtypes.items()},
+                               like, what=what, require_finite=require_finite)
+
+
+def put_tree(content: RecordDict, name: str, tree: Mapping) -> None:
+    content[name], content[dtypes_key(name)] = to_records(tree)
+
+
+def has_tree(content: RecordDict, name: str) -> bool:
+    return name in content.array_records
+
+
+def take_tree(content: RecordDict, name: str, like: Mapping, *, what: str, require_finite: bool = False) -> dict:
+    if name not in content.array_records or dtypes_key(name) not in content.config_records:
+        raise wire.WireError(f"{what} has no {name!r} record")
+    return from_records(content.array_records[name], content.config_records[dtypes_key(name)], like, what=what,
+                        require_finite=require_finite)
+
+
+def read_tree(content: RecordDict, name: str) -> dict:
+    """A pytree as its sender laid it out, with no template (``wire.tree_from_record``)."""
+    arrays = content.array_records[name]
+    dtypes = content.config_records[dtypes_key(name)]
+    return wire.tree_from_record({key: arrays[key].numpy() for key in arrays}, {k: str(v) for k, v in dtypes.items()})
+
+
+def tree_bytes(tree: Mapping) -> int:
+    """Payload bytes of a pytree on the wire (what the simulator's byte counters count)."""
+    return wire.record_bytes(wire.flatten_tree(tree)[0])

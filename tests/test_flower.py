@@ -1,0 +1,168 @@
+"""celora-jax methods as a Flower app: the Strategy on Flower's Message API with the
+ClientApp behind a fake in-process Grid (every message really built, routed and answered
+by the ClientApp), checked against the native simulator; and Flower's own simulation engine."""
+
+import numpy as np
+import pytest
+
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from celora_jax.federated import loop  # noqa: E402
+from celora_jax.flower.client_app import make_client_app  # noqa: E402
+from celora_jax.flower.server_app import CeloraStrategy  # noqa: E402
+from toy import toy_config, toy_setup, with_federation  # noqa: E402
+
+
+class FakeGrid:
+    """Flower's Grid for one process: each message goes to the ClientApp with its node's
+    own persistent Context, as a SuperNode would run it."""
+
+    def __init__(self, client_app, num_nodes: int, first_id: int = 100):
+        self.app = client_app
+        self.contexts = {first_id + i: Context(run_id=1, node_id=first_id + i,
+                                               node_config={"partition-id": i, "num-partitions": num_nodes},
+                                               state=RecordDict(), run_config={})
+                         for i in range(num_nodes)}
+        self.sent: list[Message] = []
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            TaskIdentity.node_id = message.metadata.dst_node_id
+            try:
+                replies.append(self.app(message, self.contexts[message.metadata.dst_node_id]))
+            except Exception as err:  # what a SuperNode sends back when its ClientApp raised
+                replies.append(Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=message))
+        TaskIdentity.node_id = 0
+        return replies
+
+
+@pytest.fixture()
+def task_identity(monkeypatch):
+    """Messages are stamped with the running task's identity; here, a made-up one."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def run_flower(setup, grid_nodes=None):
+    fed = setup.config.federation
+    app = make_client_app(setup.config, prepare=lambda config: setup)
+    grid = FakeGrid(app, grid_nodes or setup.num_clients)
+    strategy = CeloraStrategy(setup.method, setup.config.aggregation, setup.num_clients, fed.outlier_factor,
+                              fed.rounds)
+    strategy.setup(grid, timeout=10)
+    from flwr.app import ArrayRecord
+
+    strategy.start(grid, ArrayRecord(), num_rounds=fed.rounds, timeout=10)
+    return strategy, grid
+
+
+@pytest.mark.parametrize("method", ["celora", "fedavg_lora", "local"])
+def test_flower_strategy_and_client_app_reproduce_the_simulator(method, task_identity):
+    setup = toy_setup(with_federation(toy_config(method, num_clients=4), rounds=3))
+    simulated = [out.record for out in loop.iterate_rounds(setup)]
+    strategy, grid = run_flower(setup)
+    np.testing.assert_allclose([strategy.accuracies[i] for i in range(4)], simulated[-1]["client_test_accuracy"],
+                               atol=1e-6)
+    for record, flower in zip(simulated, strategy.history):
+        np.testing.assert_allclose(flower["train_loss"], record["train_loss"], rtol=1e-5)
+        assert flower["bytes_up"] == record["bytes_up_per_client"] * record["participants"]
+    # Downloads: the simulator counts one per client per round; Flower sends round r's in
+    # round r + 1's train message and the last one with the evaluation.
+    downs = [h["bytes_down"] for h in strategy.history[1:]] + [strategy.history[-1]["bytes_down_final"]]
+    assert downs == [r["bytes_down_per_client"] * r["participants"] for r in simulated]
+
+
+def test_each_node_gets_its_own_core_mixture_and_only_cores_travel(task_identity):
+    setup = toy_setup(with_federation(toy_config("celora", num_clients=4), rounds=2))
+    strategy, grid = run_flower(setup)
+    round_two = [m for m in grid.sent if m.metadata.message_type == "train"
+                 and int(m.content["config"]["server-round"]) == 2]
+    assert len(round_two) == 4 and len({m.metadata.dst_node_id for m in round_two}) == 4
+    cores = [m.content.array_records["download"]["lora/dense/C"].numpy() for m in round_two]
+    assert all(c.shape == (2, 2) for c in cores)  # rank 2, one adapted matrix
+    assert len({c.tobytes() for c in cores}) == 4  # personalized: every node its own mixture
+    assert strategy.history[1]["bytes_down"] == 4 * (2 * 2 * 4)  # r^2 float32 per node
+    assert strategy.history[0]["bytes_up"] == 4 * (2 * 2 * 4)
+    # Each round's record of a node is a fresh one: no two messages share content.
+    assert len({id(m.content) for m in grid.sent}) == len(grid.sent)
+
+
+def test_a_bad_upload_is_excluded_and_the_round_goes_on(task_identity, caplog):
+    setup = toy_setup(with_federation(toy_config("fedavg_lora", num_clients=4), rounds=2))
+    app = make_client_app(setup.config, prepare=lambda config: setup)
+
+    def broken(message, context):  # node 2 sends NaN, node 3 a core of the wrong shape
+        reply = app(message, context)
+        client = context.node_config["partition-id"]
+        if message.metadata.message_type == "train" and client in (2, 3):
+            record = reply.content.array_records["upload"]
+            key = sorted(record)[0]
+            value = record[key].numpy()
+            from flwr.app import Array
+
+            record[key] = Array(np.full_like(value, np.nan) if client == 2 else np.zeros((5, 5), value.dtype))
+        return reply
+
+    grid = FakeGrid(broken, 4)
+    strategy = CeloraStrategy(setup.method, setup.config.aggregation, 4, num_rounds=2)
+    strategy.setup(grid, timeout=10)
+    from flwr.app import ArrayRecord
+
+    with caplog.at_level("ERROR"):
+        strategy.start(grid, ArrayRecord(), num_rounds=2, timeout=10)
+    assert strategy.history[0]["reporting"] == [0, 1] and strategy.history[0]["excluded"] == [2, 3]
+    assert "client 2" in caplog.text and "NaN" in caplog.text and "has shape (5, 5)" in caplog.text
+    assert len(strategy.accuracies) == 4  # everyone is still evaluated
+
+
+def test_a_node_without_partition_id_is_a_clear_error(task_identity):
+    setup = toy_setup(toy_config("fedavg_lora", num_clients=2))
+    app = make_client_app(setup.config, prepare=lambda config: setup)
+    grid = FakeGrid(app, 2)
+    grid.contexts[100].node_config.pop("partition-id")
+    strategy = CeloraStrategy(setup.method, setup.config.aggregation, 2)
+    with pytest.raises(RuntimeError, match="failed the set-up: .*no partition-id in its node config"):
+        strategy.setup(grid, timeout=5)
+
+
+@pytest.mark.slow
+def test_flower_simulation_engine_runs_four_nodes(monkeypatch):
+    """Flower's own simulation engine (Ray actors as SuperNodes, the ServerApp in a thread):
+    4 nodes, 2 rounds of CE-LoRA on the toy task, the same accuracies as the simulator."""
+    import os
+    import pathlib
+
+    from flwr.simulation import run_simulation
+
+    from celora_jax.flower.server_app import make_server_app
+
+    setup = toy_setup(with_federation(toy_config("celora", num_clients=4), rounds=2))
+    simulated = [out.record for out in loop.iterate_rounds(setup)]
+    done = {}
+    server_app = make_server_app(setup.method, setup.config.aggregation, 4, 2, timeout=120,
+                                 on_done=lambda strategy: done.update(strategy=strategy))
+    client_app = make_client_app(setup.config, prepare=_toy_prepare)
+    # Ray's workers inherit the environment of the process that starts the local cluster.
+    tests = str(pathlib.Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=4,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    strategy = done["strategy"]
+    np.testing.assert_allclose([strategy.accuracies[i] for i in range(4)], simulated[-1]["client_test_accuracy"],
+                               atol=1e-6)
+    assert [h["bytes_up"] for h in strategy.history] == [r["bytes_round"] // 2 for r in simulated]
+
+
+def _toy_prepare(config):
+    """Builds the toy setup inside a Ray worker (a closure over a Setup would be pickled)."""
+    from toy import toy_setup as build
+
+    return build(config)
