@@ -91,46 +91,46 @@ def make_client_app(config: RunConfig, prepare: Callable = setup_lib.prepare) ->
             nodes[client] = ClientNode(setup, client)
         return nodes[client]
 
-    def received(node: ClientNode, msg: Message, state: dict) -> dict:
+    def arrive(msg: Message, context: Context) -> tuple[ClientNode, int, dict]:
+        """(node, server round, state with the message's download applied if it has one)."""
+        node = node_for(context)
+        server_round = int(msg.content["config"]["server-round"])
+        state = _load_state(node, context, server_round)
         if records.has_tree(msg.content, "download"):
-            like = node.shared(state)
-            download = records.take_tree(msg.content, "download", like, what=f"the download of client {node.client}")
+            download = records.take_tree(msg.content, "download", node.shared(state),
+                                         what=f"the download of client {node.client}")
             state = node.receive(state, download)
-        return state
+        return node, server_round, state
+
+    def reply(msg: Message, node: ClientNode, **metrics) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": node.size, "client": node.client,
+                                                            **metrics})}), reply_to=msg)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         node = node_for(context)
-        content = RecordDict({"metrics": MetricRecord({"num-examples": node.size, "client": node.client})})
+        answer = reply(msg, node)
         if node.setup.method.needs_data_statistics:
-            records.put_tree(content, "statistic", node.statistic()._asdict())
+            records.put_tree(answer.content, "statistic", node.statistic()._asdict())
         if node.client == 0:
-            records.put_tree(content, "initial", node.shared(node.initial_state()))
-        return Message(content, reply_to=msg)
+            records.put_tree(answer.content, "initial", node.shared(node.initial_state()))
+        return answer
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        node = node_for(context)
-        server_round = int(msg.content["config"]["server-round"])
-        state = received(node, msg, _load_state(node, context, server_round))
+        node, server_round, state = arrive(msg, context)
         state, upload, metrics = node.train(state, server_round - 1)
         _save_state(context, state)
         if upload is None:
             raise ValueError(f"client {node.client}: round {server_round} produced NaN/Inf; nothing uploaded")
-        content = RecordDict({"metrics": MetricRecord({"num-examples": node.size, "client": node.client,
-                                                       "train_loss": metrics["train_loss"],
-                                                       "train_accuracy": metrics["train_accuracy"]})})
-        records.put_tree(content, "upload", upload)
-        return Message(content, reply_to=msg)
+        answer = reply(msg, node, train_loss=metrics["train_loss"], train_accuracy=metrics["train_accuracy"])
+        records.put_tree(answer.content, "upload", upload)
+        return answer
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        node = node_for(context)
-        server_round = int(msg.content["config"]["server-round"])
-        state = received(node, msg, _load_state(node, context, server_round))
+        node, _, state = arrive(msg, context)
         _save_state(context, state)
-        scores = node.evaluate(state)
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": node.size, "client": node.client,
-                                                            **scores})}), reply_to=msg)
+        return reply(msg, node, **node.evaluate(state))
 
     return app

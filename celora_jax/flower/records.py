@@ -23,39 +23,33 @@ def dtypes_key(name: str) -> str:
     return f"{name}.dtypes"
 
 
-def to_records(tree: Mapping) -> tuple[ArrayRecord, ConfigRecord]:
-    """``(arrays, dtypes)`` records of a nested mapping of arrays."""
-    arrays, dtypes = wire.flatten_tree(tree)
-    return ArrayRecord({key: Array(np.asarray(value)) for key, value in arrays.items()}), ConfigRecord(dtypes)
-
-
-def from_records(arrays: ArrayRecord, dtypes: ConfigRecord, like: Mapping, *, what: str,
-                 require_finite: bool = False) -> dict:
-    """The pytree shaped like ``like`` from its records (``wire.WireError`` on any mismatch)."""
-    return wire.unflatten_tree({key: arrays[key].numpy() for key in arrays}, {k: str(v) for k, v in dtypes.items()},
-                               like, what=what, require_finite=require_finite)
-
-
 def put_tree(content: RecordDict, name: str, tree: Mapping) -> None:
-    content[name], content[dtypes_key(name)] = to_records(tree)
+    """Stores ``tree`` as ``content[name]`` (arrays by path) and its dtypes beside it."""
+    arrays, dtypes = wire.flatten_tree(tree)
+    content[name] = ArrayRecord({key: Array(np.asarray(value)) for key, value in arrays.items()})
+    content[dtypes_key(name)] = ConfigRecord(dtypes)
 
 
 def has_tree(content: RecordDict, name: str) -> bool:
     return name in content.array_records
 
 
-def take_tree(content: RecordDict, name: str, like: Mapping, *, what: str, require_finite: bool = False) -> dict:
+def _flat(content: RecordDict, name: str, what: str) -> tuple[dict, dict]:
     if name not in content.array_records or dtypes_key(name) not in content.config_records:
         raise wire.WireError(f"{what} has no {name!r} record")
-    return from_records(content.array_records[name], content.config_records[dtypes_key(name)], like, what=what,
-                        require_finite=require_finite)
-
-
-def read_tree(content: RecordDict, name: str) -> dict:
-    """A pytree as its sender laid it out, with no template (``wire.tree_from_record``)."""
     arrays = content.array_records[name]
-    dtypes = content.config_records[dtypes_key(name)]
-    return wire.tree_from_record({key: arrays[key].numpy() for key in arrays}, {k: str(v) for k, v in dtypes.items()})
+    return ({key: arrays[key].numpy() for key in arrays},
+            {key: str(value) for key, value in content.config_records[dtypes_key(name)].items()})
+
+
+def take_tree(content: RecordDict, name: str, like: Mapping, *, what: str, require_finite: bool = False) -> dict:
+    """The pytree shaped like ``like`` from ``content[name]`` (``wire.WireError`` on any mismatch)."""
+    return wire.unflatten_tree(*_flat(content, name, what), like, what=what, require_finite=require_finite)
+
+
+def read_tree(content: RecordDict, name: str, *, what: str = "the message") -> dict:
+    """A pytree as its sender laid it out, with no template (``wire.tree_from_record``)."""
+    return wire.tree_from_record(*_flat(content, name, what))
 
 
 def tree_bytes(tree: Mapping) -> int:

@@ -83,9 +83,10 @@ class CeloraStrategy(Strategy):
             self.node_of[client] = reply.metadata.src_node_id
             sizes[client] = float(metrics["num-examples"])
             if records.has_tree(reply.content, "statistic"):
-                statistics[client] = ClassMixtures(**records.read_tree(reply.content, "statistic"))
+                statistics[client] = ClassMixtures(**records.read_tree(reply.content, "statistic",
+                                                                       what=f"client {client}'s set-up"))
             if records.has_tree(reply.content, "initial"):
-                initial = records.read_tree(reply.content, "initial")
+                initial = records.read_tree(reply.content, "initial", what="partition 0's set-up")
         missing = sorted(set(range(self.num_clients)) - set(sizes))
         if missing or initial is None:
             raise RuntimeError(f"clients {missing} did not answer the set-up" if missing else
@@ -97,16 +98,22 @@ class CeloraStrategy(Strategy):
                                  self.outlier_factor)
 
     # ------------------------------------------------------------------ rounds
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def _messages(self, server_round: int, message_type: str) -> tuple[list[Message], int]:
+        """One message per node, each a fresh record holding that node's pending download
+        (its own mixture, if it has one): ``(messages, download payload bytes)``."""
         messages, down = [], 0
         for client, node in sorted(self.node_of.items()):
             content = RecordDict({"config": ConfigRecord({"server-round": server_round})})
-            if client in self.pending:  # a fresh record per node: its own mixture
+            if client in self.pending:
                 download = self.pending.pop(client)
                 records.put_tree(content, "download", download)
                 down += records.tree_bytes(download)
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+            messages.append(Message(content, dst_node_id=node, message_type=message_type))
+        return messages, down
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages, down = self._messages(server_round, MessageType.TRAIN)
         self.history.append({"round": server_round, "bytes_down": down,
                              "message_bytes_down": sum(content_bytes(m.content) for m in messages)})
         return messages
@@ -146,14 +153,7 @@ class CeloraStrategy(Strategy):
                            grid: Grid) -> Iterable[Message]:
         if not (self.evaluate_last and server_round == self.num_rounds):
             return []
-        messages, down = [], 0
-        for client, node in sorted(self.node_of.items()):
-            content = RecordDict({"config": ConfigRecord({"server-round": server_round})})
-            if client in self.pending:
-                download = self.pending.pop(client)
-                records.put_tree(content, "download", download)
-                down += records.tree_bytes(download)
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
+        messages, down = self._messages(server_round, MessageType.EVALUATE)
         self.history[-1]["bytes_down_final"] = down
         return messages
 

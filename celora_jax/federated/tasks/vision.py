@@ -23,14 +23,13 @@ def base_model_path(config: RunConfig) -> str:
     return str(config.model.vision_path or vision_loading.default_onnx_path())
 
 
-def init_classifier_params(key: jax.Array, model: vit.ImageClassifier, backbone: dict, image_shape) -> dict:
-    """The loaded trunk under ``backbone`` plus a fresh head (from an abstract init, so the
-    random trunk it would build is never computed)."""
-    shapes = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, *image_shape), jnp.uint8)), key)["params"]
-    # Flax Dense's own defaults: LeCun-normal kernel, zero bias.
-    head = {"kernel": jax.nn.initializers.lecun_normal()(key, shapes["classifier"]["kernel"].shape, jnp.float32),
-            "bias": jnp.zeros(shapes["classifier"]["bias"].shape, jnp.float32)}
-    return {"backbone": jax.tree.map(jnp.asarray, backbone), "classifier": head}
+def init_classifier_params(key: jax.Array, vision_config: vit.VisionConfig, backbone: dict,
+                           num_classes: int) -> dict:
+    """The loaded trunk under ``backbone`` plus a fresh head on its CLS token (Flax Dense's
+    own initialization: LeCun-normal kernel, zero bias)."""
+    kernel = jax.nn.initializers.lecun_normal()(key, (vision_config.hidden_size, num_classes), jnp.float32)
+    return {"backbone": jax.tree.map(jnp.asarray, backbone),
+            "classifier": {"kernel": kernel, "bias": jnp.zeros((num_classes,), jnp.float32)}}
 
 
 def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, progress: bool = False) -> base.Task:
@@ -53,7 +52,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
 
     model = vit.ImageClassifier(vision_config, dataset.num_classes, size, lora_scale=adapter_config.scale)
     key_head, key_adapter = jax.random.split(jax.random.key(config.seed))
-    params = init_classifier_params(key_head, model, vision_params, dataset.images.shape[1:])
+    params = init_classifier_params(key_head, vision_config, vision_params, dataset.num_classes)
     base_params, client_params = base.client_parameters(params, config, adapter_config, key_adapter)
 
     def logits_fn(full_params, lora_params, batch, dropout_key):
