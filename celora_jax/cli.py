@@ -1,8 +1,10 @@
-"""Command line: ``celora-jax run`` (federated fine-tuning) and ``celora-jax presets``.
+"""Command line: ``celora-jax run`` (federated fine-tuning), ``celora-jax presets`` and
+``celora-jax flower-app`` (a Flower app directory for ``flwr run``).
 
     celora-jax run                                   # default preset, CE-LoRA
     celora-jax run --methods all --set federation.rounds=4
     celora-jax run --preset smoke --methods celora,fedavg_lora --output-dir /tmp/runs
+    celora-jax flower-app my_app --preset smoke --set federation.rounds=4
 """
 
 from __future__ import annotations
@@ -63,7 +65,45 @@ def _build_parser() -> argparse.ArgumentParser:
     multi.add_argument("--num-processes", type=int, default=None)
     multi.add_argument("--process-id", type=int, default=None)
     commands.add_parser("presets", help="list the named presets")
+    flower = commands.add_parser(
+        "flower-app", help="write a Flower app directory for `flwr run` (needs the flower extra)",
+        description="Writes DIR/pyproject.toml: a Flower app whose ServerApp and ClientApp run a celora-jax "
+                    "preset's method (docs page 'Deploying with Flower'). Then: flwr run DIR <superlink> --stream")
+    flower.add_argument("directory", metavar="DIR")
+    flower.add_argument("--preset", default="smoke", help="named preset (default: smoke)")
+    flower.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, as for `run` (repeatable)")
+    flower.add_argument("--output-dir", default="", help="where the ServerApp writes flower_summary.json")
+    flower.add_argument("--round-timeout", type=float, default=600.0,
+                        help="seconds to wait for the nodes of a round (default 600)")
     return parser
+
+
+def _flower_app(args) -> int:
+    from celora_jax.config import apply_overrides
+    from celora_jax.presets import get_preset
+
+    from celora_jax.federated.nodes import unsupported_reason
+    from celora_jax.federated.setup import resolve_method
+
+    config = apply_overrides(get_preset(args.preset), args.overrides)  # refuses a bad preset or override now
+    reason = unsupported_reason(resolve_method(config))
+    if reason:
+        raise ValueError(f"method {config.federation.method!r} cannot run on Flower nodes yet: it {reason}")
+    if args.round_timeout <= 0:
+        raise ValueError(f"--round-timeout must be positive, got {args.round_timeout}")
+    if any(";" in item for item in args.overrides):
+        raise ValueError("an override for a Flower app cannot contain ';' (it separates the overrides)")
+    try:
+        from celora_jax.flower.app_dir import write_app
+    except ImportError as err:
+        raise ValueError(f"the Flower app needs the flower extra: pip install 'celora-jax[flower]' ({err})") from None
+    directory = write_app(args.directory, {"preset": args.preset, "set": "; ".join(args.overrides),
+                                           "output-dir": args.output_dir, "round-timeout": args.round_timeout})
+    print(f"wrote {directory / 'pyproject.toml'}: {config.federation.method} on {config.partition.num_clients} "
+          f"SuperNodes (partition-id 0..{config.partition.num_clients - 1}), {config.federation.rounds} rounds\n"
+          f"run it with: flwr run {directory} <superlink connection> --stream")
+    return 0
 
 
 def _resume_plan(directory: str, overrides: list[str]):
@@ -180,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_preset(name, preset))
         return 0
     try:
-        return _run(args)
+        return _flower_app(args) if args.command == "flower-app" else _run(args)
     except ValueError as err:  # config, data, model and checkpoint errors carry clear messages
         print(f"celora-jax: error: {_one_line(err)}", file=sys.stderr)
         return 2

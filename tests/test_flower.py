@@ -166,3 +166,31 @@ def _toy_prepare(config):
     from toy import toy_setup as build
 
     return build(config)
+
+
+def test_flower_app_command_writes_a_valid_app_and_refuses_bad_input(tmp_path, capsys):
+    """``celora-jax flower-app``: a pyproject.toml Flower accepts (components importable),
+    whose run config is the preset and overrides; bad input is refused before writing."""
+    from flwr.common.config import get_fused_config_from_dir, get_project_config, validate_config
+
+    from celora_jax.cli import main
+    from celora_jax.flower.app import config_from_run_config
+
+    app = tmp_path / "app"
+    assert main(["flower-app", str(app), "--preset", "smoke", "--set", "federation.rounds=3",
+                 "--set", "federation.method='fedavg_lora'", "--round-timeout", "90"]) == 0
+    valid, errors, _ = validate_config(get_project_config(app), check_module=True, project_dir=app)
+    assert valid, errors
+    run_config = get_fused_config_from_dir(app, {"output-dir": "/tmp/x"})
+    config = config_from_run_config(run_config)
+    assert (config.federation.rounds, config.federation.method, run_config["round-timeout"]) == (3, "fedavg_lora", 90.0)
+    for argv, message in ((["--preset", "nope"], "unknown preset"), (["--set", "federation.roundz=1"], "roundz"),
+                          (["--set", "federation.method='fedex_lora'"], "cannot run on Flower nodes yet"),
+                          (["--round-timeout", "0"], "must be positive")):
+        assert main(["flower-app", str(tmp_path / "bad"), *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="unknown run config keys \\['round-timout'\\]"):
+        config_from_run_config({"round-timout": 3})
+    with pytest.raises(ValueError, match="config-factory 'nomodule:f': cannot import"):
+        config_from_run_config({"config-factory": "nomodule:f"})

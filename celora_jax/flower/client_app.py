@@ -9,25 +9,34 @@ Messages (all arrays as flat records by path, ``celora_jax.flower.records``):
   train     round r: ``download`` = the server's answer to round r - 1 for this node (absent
             in round 1 or when its last upload was not accepted); the node applies it,
             trains one round and replies ``upload`` (its shared leaves) with metrics
-            ``train_loss``, ``train_accuracy``, ``num-examples``.
+            ``train_loss``, ``train_accuracy``, ``num-examples``, ``state_restored`` (1: its
+            state came from its state-dir) and ``state_fresh`` (1: it had lost its state).
   evaluate  ``download`` of the last round; the node applies it and replies its own-test
             ``correct``, ``count`` and ``loss``.
 
 The node's parameters and optimizer state live in ``context.state`` between rounds
-(``celora.params``, ``celora.opt_state``), which Flower keeps for the run on the node; a
-node that lost it (restarted without persisted state) starts from the initial parameters
-and says so in a warning.
+(``celora.params``, ``celora.opt_state``), which the SuperNode keeps in memory for the run.
+A SuperNode started with ``state-dir=DIR`` in its node config also writes them to
+``DIR/client<k>.npz`` after every message, so that after a restart it continues where it
+stopped; one without (or with nothing there yet) starts from the initial parameters and
+says so in a warning. The server sends a restarted node the download it missed only if
+that node had not been sent it yet.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import pathlib
 from typing import Callable
 
 import jax
+import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from celora_jax import wire
 from celora_jax.config import RunConfig
 from celora_jax.federated import setup as setup_lib
 from celora_jax.federated.nodes import ClientNode
@@ -48,19 +57,25 @@ def partition_id(context: Context, num_clients: int) -> int:
     return client
 
 
-def _load_state(node: ClientNode, context: Context, server_round: int) -> dict:
+def _load_state(node: ClientNode, context: Context, server_round: int) -> tuple[dict, str]:
+    """``(state, origin)``: Flower's ``context.state`` (kept by the SuperNode for the run;
+    origin "memory"), else the node's ``state-dir`` (a SuperNode that restarted; "disk"),
+    else the initial state ("initial")."""
     initial = node.initial_state()
-    if PARAMS not in context.state.array_records:
-        if server_round > 1:
-            logger.warning("client %d: no persisted state in round %d (the node restarted?); it starts fresh "
-                           "from the initial parameters", node.client, server_round)
-        return initial
-    params = records.take_tree(context.state, PARAMS, initial["params"], what=f"client {node.client}'s state")
-    leaves = records.take_tree(context.state, OPT_STATE, _numbered_leaves(initial["opt_state"]),
-                               what=f"client {node.client}'s optimizer state")
-    opt_state = jax.tree.unflatten(jax.tree.structure(initial["opt_state"]),
-                                   [leaves[str(i)] for i in range(len(leaves))])
-    return {"params": params, "opt_state": opt_state}
+    if PARAMS in context.state.array_records:
+        params = records.take_tree(context.state, PARAMS, initial["params"], what=f"client {node.client}'s state")
+        leaves = records.take_tree(context.state, OPT_STATE, _numbered_leaves(initial["opt_state"]),
+                                   what=f"client {node.client}'s optimizer state")
+        return _with_opt_leaves(initial, params, leaves), "memory"
+    state_file = _state_file(context, node.client)
+    if state_file is not None and state_file.is_file():
+        restored = _read_state_file(state_file, initial, node.client)
+        logger.warning("client %d: restored its state from %s (the node restarted)", node.client, state_file)
+        return restored, "disk"
+    if server_round > 1:
+        logger.warning("client %d: no persisted state in round %d (the node restarted without a state-dir in "
+                       "its node config?); it starts fresh from the initial parameters", node.client, server_round)
+    return initial, "initial"
 
 
 def _numbered_leaves(tree) -> dict:
@@ -69,14 +84,64 @@ def _numbered_leaves(tree) -> dict:
     return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
 
 
-def _save_state(context: Context, state: dict) -> None:
+def _with_opt_leaves(initial: dict, params, leaves: dict) -> dict:
+    opt_state = jax.tree.unflatten(jax.tree.structure(initial["opt_state"]),
+                                   [leaves[str(i)] for i in range(len(leaves))])
+    return {"params": params, "opt_state": opt_state}
+
+
+def _state_file(context: Context, client: int) -> pathlib.Path | None:
+    """``<state-dir>/client<k>.npz`` if the node config names a ``state-dir``."""
+    directory = context.node_config.get("state-dir")
+    return None if not directory else pathlib.Path(str(directory)) / f"client{client}.npz"
+
+
+def _write_state_file(path: pathlib.Path, state: dict) -> None:
+    """Params and optimizer leaves by path, with their dtypes, replaced atomically (a node
+    killed mid-write leaves the previous file)."""
+    params, params_dtypes = wire.flatten_tree(state["params"])
+    leaves, leaf_dtypes = wire.flatten_tree(_numbered_leaves(state["opt_state"]))
+    arrays = {**{f"params/{k}": v for k, v in params.items()}, **{f"opt/{k}": v for k, v in leaves.items()}}
+    dtypes = {**{f"params/{k}": v for k, v in params_dtypes.items()}, **{f"opt/{k}": v for k, v in leaf_dtypes.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as handle:
+        np.savez(handle, __dtypes__=np.asarray(json.dumps(dtypes)), **arrays)
+    os.replace(partial, path)
+
+
+def _read_state_file(path: pathlib.Path, initial: dict, client: int) -> dict:
+    with np.load(path) as data:
+        dtypes = json.loads(str(data["__dtypes__"]))
+        arrays = {key: data[key] for key in data.files if key != "__dtypes__"}
+
+    def part(prefix: str) -> tuple[dict, dict]:
+        keys = [k for k in arrays if k.startswith(prefix)]
+        return ({k[len(prefix):]: arrays[k] for k in keys}, {k[len(prefix):]: dtypes[k] for k in keys})
+
+    what = f"client {client}'s state file {path}"
+    params = wire.unflatten_tree(*part("params/"), initial["params"], what=what)
+    leaves = wire.unflatten_tree(*part("opt/"), _numbered_leaves(initial["opt_state"]), what=what)
+    return _with_opt_leaves(initial, params, leaves)
+
+
+def _save_state(context: Context, state: dict, client: int) -> None:
     records.put_tree(context.state, PARAMS, state["params"])
     records.put_tree(context.state, OPT_STATE, _numbered_leaves(state["opt_state"]))
+    state_file = _state_file(context, client)
+    if state_file is not None:
+        _write_state_file(state_file, state)
 
 
 def make_client_app(config: RunConfig, prepare: Callable = setup_lib.prepare) -> ClientApp:
     """A ClientApp running ``config``'s method on each node's own client (``prepare``
     builds the run's ``Setup``; tests pass a toy one)."""
+    return client_app_for(lambda context: prepare(config))
+
+
+def client_app_for(build_setup: Callable[[Context], "setup_lib.Setup"]) -> ClientApp:
+    """A ClientApp whose ``Setup`` is built by ``build_setup(context)`` on the first message
+    a process handles (``celora_jax.flower.app`` reads it from Flower's run config)."""
     app = ClientApp()
     # Built once per process (a simulation serves several clients from one process; a
     # SuperNode starts a process per message, where the compilation cache saves the rest).
@@ -84,23 +149,26 @@ def make_client_app(config: RunConfig, prepare: Callable = setup_lib.prepare) ->
 
     def node_for(context: Context) -> ClientNode:
         if prepared["setup"] is None:
-            prepared["setup"] = prepare(config)
+            prepared["setup"] = build_setup(context)
         setup, nodes = prepared["setup"], prepared["nodes"]
         client = partition_id(context, setup.num_clients)
         if client not in nodes:
             nodes[client] = ClientNode(setup, client)
         return nodes[client]
 
-    def arrive(msg: Message, context: Context) -> tuple[ClientNode, int, dict]:
-        """(node, server round, state with the message's download applied if it has one)."""
+    def arrive(msg: Message, context: Context) -> tuple[ClientNode, int, dict, dict]:
+        """(node, server round, state with the message's download applied if it has one,
+        metrics saying where the state came from)."""
         node = node_for(context)
         server_round = int(msg.content["config"]["server-round"])
-        state = _load_state(node, context, server_round)
+        state, origin = _load_state(node, context, server_round)
+        origin_metrics = {"state_restored": int(origin == "disk"),
+                          "state_fresh": int(origin == "initial" and server_round > 1)}
         if records.has_tree(msg.content, "download"):
             download = records.take_tree(msg.content, "download", node.shared(state),
                                          what=f"the download of client {node.client}")
             state = node.receive(state, download)
-        return node, server_round, state
+        return node, server_round, state, origin_metrics
 
     def reply(msg: Message, node: ClientNode, **metrics) -> Message:
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": node.size, "client": node.client,
@@ -118,19 +186,20 @@ def make_client_app(config: RunConfig, prepare: Callable = setup_lib.prepare) ->
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        node, server_round, state = arrive(msg, context)
+        node, server_round, state, origin = arrive(msg, context)
         state, upload, metrics = node.train(state, server_round - 1)
-        _save_state(context, state)
+        _save_state(context, state, node.client)
         if upload is None:
             raise ValueError(f"client {node.client}: round {server_round} produced NaN/Inf; nothing uploaded")
-        answer = reply(msg, node, train_loss=metrics["train_loss"], train_accuracy=metrics["train_accuracy"])
+        answer = reply(msg, node, train_loss=metrics["train_loss"], train_accuracy=metrics["train_accuracy"],
+                       **origin)
         records.put_tree(answer.content, "upload", upload)
         return answer
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        node, _, state = arrive(msg, context)
-        _save_state(context, state)
-        return reply(msg, node, **node.evaluate(state))
+        node, _, state, origin = arrive(msg, context)
+        _save_state(context, state, node.client)
+        return reply(msg, node, **node.evaluate(state), **origin)
 
     return app

@@ -54,15 +54,21 @@ class CeloraStrategy(Strategy):
       num_clients: N; the nodes' partition ids are 0..N-1.
       outlier_factor: ``federation.outlier_factor``.
       evaluate_last: ask every node for its own-test accuracy after the last round.
+      on_round: called with the strategy after every round's aggregation and after the
+        evaluation (the Flower app writes its summary file there).
     """
 
     def __init__(self, method: FederatedMethod, aggregation: AggregationConfig, num_clients: int,
-                 outlier_factor: float = 0.0, num_rounds: int = 1, evaluate_last: bool = True):
+                 outlier_factor: float = 0.0, num_rounds: int = 1, evaluate_last: bool = True, on_round=None):
         self.method, self.aggregation, self.num_clients = method, aggregation, int(num_clients)
         self.outlier_factor, self.num_rounds, self.evaluate_last = outlier_factor, int(num_rounds), evaluate_last
+        self.on_round = on_round
         self.server: ServerNode | None = None
         self.node_of: dict[int, int] = {}  # client (partition id) -> Flower node id
-        self.pending: dict[int, dict] = {}  # client -> download not yet delivered
+        self.pending: dict[int, dict] = {}  # client -> download its node has not answered yet
+        self._awaiting: dict[int, int] = {}  # node id -> client, of the messages in flight
+        self._ignored: set[int] = set()  # nodes that are no client of this run
+        self.timeout: float | None = None
         self.history: list[dict] = []
         self.accuracies: dict[int, float] = {}
         self._like = None
@@ -70,10 +76,9 @@ class CeloraStrategy(Strategy):
     # ------------------------------------------------------------------ set-up (round 0)
     def setup(self, grid: Grid, timeout: float | None = None) -> None:
         """Asks every node who it is, its size and (if needed) its data statistic."""
+        self.timeout = timeout
         node_ids = _wait_for_nodes(grid, self.num_clients, timeout)
-        replies = grid.send_and_receive([Message(RecordDict({"config": ConfigRecord({"server-round": 0})}),
-                                                 dst_node_id=node, message_type=MessageType.QUERY)
-                                         for node in node_ids], timeout=timeout)
+        replies = grid.send_and_receive(_queries(node_ids, 0), timeout=timeout)
         sizes, statistics, initial = {}, {}, None
         for reply in replies:
             if reply.has_error():
@@ -97,34 +102,88 @@ class CeloraStrategy(Strategy):
                                  np.asarray([sizes[i] for i in range(self.num_clients)], np.float32), stats,
                                  self.outlier_factor)
 
+    # ------------------------------------------------------------------ membership
+    def _refresh_nodes(self, grid: Grid, server_round: int) -> None:
+        """Follows the SuperLink's node list: a client whose node left is dropped; a node not
+        seen before (a SuperNode that restarted) is asked who it is and takes its client's
+        place, with that client's undelivered download still pending. (Two live nodes with
+        one partition id: the later one is the client, with a warning.)"""
+        live = set(grid.get_node_ids())
+        for client, node in sorted(self.node_of.items()):
+            if node not in live:
+                logger.warning("round %d: client %d (node %s) has left the run", server_round, client, node)
+                del self.node_of[client]
+        new = sorted(live - set(self.node_of.values()) - self._ignored)
+        if not new:
+            return
+        for reply in grid.send_and_receive(_queries(new, server_round), timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                logger.error("round %d: node %s cannot join: %s", server_round, node, reply.error.reason)
+                self._ignored.add(node)
+                continue
+            client = int(reply.content["metrics"]["client"])
+            if not 0 <= client < self.num_clients:
+                logger.error("round %d: node %s claims client %d of a %d-client run; ignored", server_round,
+                             node, client, self.num_clients)
+                self._ignored.add(node)
+                continue
+            # The newest node of a client takes its place: a restarted SuperNode registers
+            # anew while the SuperLink may still list the dead one for a while.
+            previous = self.node_of.get(client)
+            if previous is not None:
+                self._ignored.add(previous)
+            logger.warning("round %d: client %d rejoined as node %s%s", server_round, client, node,
+                           "" if previous is None else f" (replacing node {previous})")
+            self.node_of[client] = node
+
     # ------------------------------------------------------------------ rounds
     def _messages(self, server_round: int, message_type: str) -> tuple[list[Message], int]:
         """One message per node, each a fresh record holding that node's pending download
-        (its own mixture, if it has one): ``(messages, download payload bytes)``."""
+        (its own mixture, if it has one): ``(messages, download payload bytes)``. A download
+        stays pending until its node answers, so a node that missed a round gets it again."""
         messages, down = [], 0
+        self._awaiting = {}
         for client, node in sorted(self.node_of.items()):
             content = RecordDict({"config": ConfigRecord({"server-round": server_round})})
             if client in self.pending:
-                download = self.pending.pop(client)
+                download = self.pending[client]
                 records.put_tree(content, "download", download)
                 down += records.tree_bytes(download)
             messages.append(Message(content, dst_node_id=node, message_type=message_type))
+            self._awaiting[node] = client
         return messages, down
+
+    def _answered(self, replies: list[Message]) -> None:
+        """The nodes that answered (even with an error) have applied their download."""
+        for reply in replies:
+            client = self._awaiting.pop(reply.metadata.src_node_id, None)
+            if client is not None:
+                self.pending.pop(client, None)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self._refresh_nodes(grid, server_round)
         messages, down = self._messages(server_round, MessageType.TRAIN)
         self.history.append({"round": server_round, "bytes_down": down,
                              "message_bytes_down": sum(content_bytes(m.content) for m in messages)})
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        uploads, losses, up, message_up, excluded = {}, [], 0, 0, []
+        replies = list(replies)
+        client_of = dict(self._awaiting)
+        self._answered(replies)
+        silent = sorted(self._awaiting.values())
+        if silent:
+            logger.error("round %d: clients %s did not answer within %s s; the round goes on without them",
+                         server_round, silent, self.timeout)
+        uploads, losses, up, message_up, excluded, restored, fresh = {}, [], 0, 0, [], [], []
         for reply in replies:
             if reply.has_error():
-                logger.error("round %d: node %s failed: %s", server_round, reply.metadata.src_node_id,
-                             reply.error.reason)
-                excluded.append(reply.metadata.src_node_id)
+                node = reply.metadata.src_node_id
+                logger.error("round %d: client %s (node %s) failed: %s", server_round, client_of.get(node, "?"),
+                             node, reply.error.reason)
+                excluded.append(client_of.get(node, node))
                 continue
             metrics = reply.content["metrics"]
             client = int(metrics["client"])
@@ -135,41 +194,60 @@ class CeloraStrategy(Strategy):
                 logger.error("round %d: %s; client %d is left out of this round", server_round, err, client)
                 excluded.append(client)
                 continue
+            for flag, clients in (("state_restored", restored), ("state_fresh", fresh)):
+                if int(metrics.get(flag, 0)):
+                    clients.append(client)
             uploads[client] = upload
             up += records.tree_bytes(upload)
             message_up += content_bytes(reply.content)
             losses.append(float(metrics["train_loss"]))
+        if fresh:
+            logger.warning("round %d: clients %s lost their state and started again from the initial parameters",
+                           server_round, fresh)
         downloads, logs = self.server.aggregate(uploads)
         self.pending.update(downloads)
         record = self.history[-1]
         record.update(bytes_up=up, message_bytes_up=message_up, reporting=sorted(uploads), excluded=excluded,
+                      silent=silent, restored=restored, fresh=fresh,
                       train_loss=float(np.mean(losses)) if losses else float("nan"),
                       accepted=logs["accepted"], rejected=logs["rejected"])
         if "weights" in logs:
             record["weights"] = np.asarray(logs["weights"]).tolist()
+        if self.on_round is not None:
+            self.on_round(self)
         return None, MetricRecord({"train_loss": record["train_loss"], "reporting": len(uploads)})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         if not (self.evaluate_last and server_round == self.num_rounds):
             return []
+        self._refresh_nodes(grid, server_round)
         messages, down = self._messages(server_round, MessageType.EVALUATE)
         self.history[-1]["bytes_down_final"] = down
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        self._answered(replies)
         for reply in replies:
             if reply.has_error():
                 logger.error("evaluation: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
             metrics = reply.content["metrics"]
             self.accuracies[int(metrics["client"])] = float(metrics["correct"]) / max(float(metrics["count"]), 1.0)
+        if self.on_round is not None:
+            self.on_round(self)
         if not self.accuracies:
             return None
         return MetricRecord({"accuracy_mean": float(np.mean(list(self.accuracies.values())))})
 
     def summary(self) -> None:
         logger.info("celora-jax %s over %d clients", self.method.name, self.num_clients)
+
+
+def _queries(node_ids, server_round: int) -> list[Message]:
+    return [Message(RecordDict({"config": ConfigRecord({"server-round": server_round})}), dst_node_id=node,
+                    message_type=MessageType.QUERY) for node in node_ids]
 
 
 def _wait_for_nodes(grid: Grid, count: int, timeout: float | None) -> list[int]:

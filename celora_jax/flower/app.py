@@ -1,0 +1,145 @@
+"""The Flower app that ``flwr run`` starts: ``server_app`` and ``client_app``, configured
+from Flower's run config (the ``[tool.flwr.app.config]`` table of the app's pyproject.toml,
+overridable with ``flwr run --run-config``).
+
+Run config keys (all optional; Flower run configs are flat TOML scalars):
+
+  preset          a celora-jax preset name (``celora-jax presets``); default ``smoke``.
+  set             ``;``-separated overrides as for ``celora-jax run --set``, e.g.
+                  ``"federation.method='fedavg_lora'; federation.rounds=4"``.
+  config-factory  ``"module:function"`` returning a ``RunConfig`` instead of the preset
+                  (``set`` still applies).
+  setup-factory   ``"module:function"`` mapping the ``RunConfig`` to a prepared ``Setup``
+                  (your own model and data on the nodes); default
+                  ``celora_jax.federated.setup.prepare``. Only the ClientApp calls it.
+  output-dir      where the ServerApp writes ``flower_summary.json`` (per-round bytes,
+                  losses, learned weights; per-client own-test accuracy); empty: nowhere.
+  round-timeout   seconds the server waits for the nodes of one round; a node that does
+                  not answer in time is left out of that round (default 600).
+
+Every node and the server must see the same config: the server checks every upload's
+shapes against the initial shared parameters, so a node built from another config is
+excluded from the round with a logged error, never aggregated.
+
+An app directory with these keys is ``celora_jax/flower/app_template/``; the docs page
+"Deploying with Flower" gives the commands for a SuperLink and SuperNodes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import pathlib
+from typing import Any, Callable, Mapping
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from celora_jax.config import RunConfig, apply_overrides
+from celora_jax.federated.methods import get_method
+from celora_jax.flower.client_app import client_app_for
+from celora_jax.flower.server_app import CeloraStrategy
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS = {"preset": "smoke", "set": "", "config-factory": "", "setup-factory": "", "output-dir": "",
+            "round-timeout": 600.0}
+
+
+def load_callable(spec: str, what: str) -> Callable:
+    """``"package.module:function"`` -> the function, or a clear error naming ``what``."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"{what} must be 'module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{what} {spec!r}: cannot import {module_name!r} ({err})") from None
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ValueError(f"{what} {spec!r}: {module_name} has no {attribute!r}") from None
+
+
+def run_settings(run_config: Mapping[str, Any]) -> dict:
+    """The run config with defaults filled in; unknown keys are an error (a typo would
+    otherwise silently run the default)."""
+    unknown = sorted(set(run_config) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown run config keys {unknown}; celora-jax reads {sorted(DEFAULTS)}")
+    return {**DEFAULTS, **dict(run_config)}
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """The celora-jax ``RunConfig`` a Flower run config describes."""
+    settings = run_settings(run_config)
+    if settings["config-factory"]:
+        config = load_callable(settings["config-factory"], "config-factory")()
+        if not isinstance(config, RunConfig):
+            raise ValueError(f"config-factory {settings['config-factory']!r} returned {type(config).__name__}, "
+                             "not a RunConfig")
+    else:
+        from celora_jax.presets import get_preset
+
+        config = get_preset(str(settings["preset"]))
+    overrides = [item.strip() for item in str(settings["set"]).split(";") if item.strip()]
+    return apply_overrides(config, overrides)
+
+
+def _prepare_from(run_config: Mapping[str, Any]) -> Callable:
+    spec = run_settings(run_config)["setup-factory"]
+    if spec:
+        return load_callable(spec, "setup-factory")
+    from celora_jax.federated.setup import prepare
+
+    return prepare
+
+
+def _setup_for(context: Context):
+    from celora_jax import compile_cache
+
+    config = config_from_run_config(context.run_config)
+    # A SuperNode runs each message in a fresh process: the cache spares it recompiling.
+    compile_cache.enable(config.compilation_cache)
+    return _prepare_from(context.run_config)(config)
+
+
+client_app = client_app_for(_setup_for)
+server_app = ServerApp()
+
+
+def summary_of(strategy: CeloraStrategy) -> dict:
+    """What the ServerApp writes to ``flower_summary.json`` (``finished`` once evaluated)."""
+    return {"method": strategy.method.name, "num_clients": strategy.num_clients, "rounds": strategy.num_rounds,
+            "finished": bool(strategy.accuracies),
+            "history": strategy.history,
+            "client_test_accuracy": [strategy.accuracies.get(i) for i in range(strategy.num_clients)]}
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    settings = run_settings(context.run_config)
+    config = config_from_run_config(context.run_config)
+    fed = config.federation
+    method = get_method(fed.method, **fed.method_options.get(fed.method, {}))
+    timeout = float(settings["round-timeout"])
+    write = None
+    if settings["output-dir"]:
+        out = pathlib.Path(str(settings["output-dir"]))
+        out.mkdir(parents=True, exist_ok=True)
+        write = lambda strategy: write_summary(strategy, out / "flower_summary.json")  # noqa: E731
+    strategy = CeloraStrategy(method, config.aggregation, config.partition.num_clients, fed.outlier_factor,
+                              fed.rounds, on_round=write)
+    logger.info("celora-jax %s on Flower: %d nodes, %d rounds", method.name, strategy.num_clients, fed.rounds)
+    strategy.setup(grid, timeout)
+    strategy.start(grid, ArrayRecord(), num_rounds=fed.rounds, timeout=timeout)
+
+
+def write_summary(strategy: CeloraStrategy, path: pathlib.Path) -> None:
+    """Rewritten after every round (atomically), so a long run can be followed and a
+    crashed one keeps what it did."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(summary_of(strategy), indent=2))
+    os.replace(partial, path)
