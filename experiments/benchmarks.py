@@ -219,7 +219,9 @@ def summarize_setting(setting_dir: pathlib.Path, gate: Gate | None) -> dict:
                # Round 1 compiles the programs: cold for the first seed, from the cache after.
                "first_round_seconds_by_seed": [by_seed[s]["first_round_seconds"] for s in seeds],
                "accuracy_by_round": np.mean([by_seed[s]["curve"] for s in seeds], axis=0).tolist()}
-        for reference in ("local", "fedavg_lora"):
+        # CE-LoRA and its variants also against its plain average of cores (METHOD.md §7 claim 2).
+        claim_two = ("celora_avg",) if name.startswith("celora") and name != "celora_avg" else ()
+        for reference in ("local", "fedavg_lora", *claim_two):
             diff, se, _ = paired(by_seed, methods.get(reference, {}) if reference != name else {})
             row[f"diff_vs_{reference}"], row[f"se_vs_{reference}"] = diff, se
         in_cluster = [by_seed[s]["weight_in_true_cluster"][-1] for s in seeds
@@ -257,7 +259,8 @@ def _number(value, digits=1, scale=100.0) -> str:
 def markdown(summary: dict) -> str:
     lines = ["# Benchmarks that tell methods apart", "",
              "Own-test accuracy (%) at the last round, mean over clients and seeds; worst10 = mean of the "
-             "worst 10% of clients; differences in points, paired over (client, seed), ± one standard error. "
+             "worst 10% of clients; differences in points, paired over (client, seed), ± one standard error "
+             "(vs CE-LoRA avg: CE-LoRA and its variants against the plain average of cores). "
              "W in cluster = mass of CE-LoRA's aggregation weights on the client's true cluster; ARI = adjusted "
              "Rand index of a spectral clustering of W.", ""]
     for name, setting in summary["settings"].items():
@@ -269,13 +272,15 @@ def markdown(summary: dict) -> str:
             checks = "; ".join(f"{c['winner']} - {c['loser']} = {_number(c['diff'], 2)} ± {_number(c['se'], 2)}"
                                for c in gate["checks"])
             lines += ["", f"Gate: {gate['rule']}: **{verdict}** ({checks})."]
-        lines += ["", "| method | seeds | accuracy | worst10 | vs local | vs FedAvg-LoRA | MB/round | W in cluster | ARI "
-                  "| core share |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| method | seeds | accuracy | worst10 | vs local | vs FedAvg-LoRA | vs CE-LoRA avg | MB/round "
+                  "| W in cluster | ARI | core share |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, row in setting["methods"].items():
             lines.append(
                 f"| {method} | {row['seeds']} | {_number(row['mean'])} | {_number(row['worst10'])} | "
                 f"{_number(row['diff_vs_local'], 2)} ± {_number(row['se_vs_local'], 2)} | "
                 f"{_number(row['diff_vs_fedavg_lora'], 2)} ± {_number(row['se_vs_fedavg_lora'], 2)} | "
+                + (f"{_number(row['diff_vs_celora_avg'], 2)} ± {_number(row['se_vs_celora_avg'], 2)} | "
+                   if "diff_vs_celora_avg" in row else "n/a | ") +
                 f"{row['bytes_per_round'] / 1e6:.3f} | {_number(row.get('weight_in_true_cluster'), 2, 1.0)} | "
                 f"{_number(row.get('adjusted_rand_index'), 2, 1.0)} | {_number(row.get('core_share'), 3, 1.0)} |")
         lines.append("")

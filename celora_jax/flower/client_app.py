@@ -93,7 +93,12 @@ def _with_opt_leaves(initial: dict, params, leaves: dict) -> dict:
 def _state_file(context: Context, client: int) -> pathlib.Path | None:
     """``<state-dir>/client<k>.npz`` if the node config names a ``state-dir``."""
     directory = context.node_config.get("state-dir")
-    return None if not directory else pathlib.Path(str(directory)) / f"client{client}.npz"
+    if not directory:
+        return None
+    directory = pathlib.Path(str(directory)).expanduser()
+    if not directory.is_absolute():  # the ClientApp runs in a process whose directory is Flower's
+        raise ValueError(f"the node config's state-dir {str(directory)!r} must be an absolute path")
+    return directory / f"client{client}.npz"
 
 
 def _write_state_file(path: pathlib.Path, state: dict) -> None:

@@ -23,6 +23,7 @@ counters for the same config, and Flower's own ``count_bytes`` of every message
 from __future__ import annotations
 
 import logging
+import time
 from typing import Iterable
 
 import numpy as np
@@ -69,6 +70,7 @@ class CeloraStrategy(Strategy):
         self._awaiting: dict[int, int] = {}  # node id -> client, of the messages in flight
         self._ignored: set[int] = set()  # nodes that are no client of this run
         self.timeout: float | None = None
+        self._round_started = time.perf_counter()
         self.history: list[dict] = []
         self.accuracies: dict[int, float] = {}
         self._like = None
@@ -163,6 +165,7 @@ class CeloraStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self._round_started = time.perf_counter()
         self._refresh_nodes(grid, server_round)
         messages, down = self._messages(server_round, MessageType.TRAIN)
         self.history.append({"round": server_round, "bytes_down": down,
@@ -209,6 +212,7 @@ class CeloraStrategy(Strategy):
         record = self.history[-1]
         record.update(bytes_up=up, message_bytes_up=message_up, reporting=sorted(uploads), excluded=excluded,
                       silent=silent, restored=restored, fresh=fresh,
+                      seconds=time.perf_counter() - self._round_started,
                       train_loss=float(np.mean(losses)) if losses else float("nan"),
                       accepted=logs["accepted"], rejected=logs["rejected"])
         if "weights" in logs:
@@ -253,8 +257,6 @@ def _queries(node_ids, server_round: int) -> list[Message]:
 def _wait_for_nodes(grid: Grid, count: int, timeout: float | None) -> list[int]:
     """The ids of ``count`` connected nodes, waiting for them (a simulation connects its
     nodes after the ServerApp starts)."""
-    import time
-
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         nodes = sorted(grid.get_node_ids())
