@@ -89,7 +89,7 @@ def _flower_app(args) -> int:
     config = apply_overrides(get_preset(args.preset), args.overrides)  # refuses a bad preset or override now
     reason = unsupported_reason(resolve_method(config))
     if reason:
-        raise ValueError(f"method {config.federation.method!r} cannot run on Flower nodes yet: it {reason}")
+        raise ValueError(f"method {config.federation.method!r} cannot run on Flower nodes: it {reason}")
     if args.round_timeout <= 0:
         raise ValueError(f"--round-timeout must be positive, got {args.round_timeout}")
     if any(";" in item for item in args.overrides):

@@ -62,7 +62,7 @@ def run_flower(setup, grid_nodes=None):
     return strategy, grid
 
 
-@pytest.mark.parametrize("method", ["celora", "fedavg_lora", "local"])
+@pytest.mark.parametrize("method", ["celora", "fedavg_lora", "local", "fedex_lora", "fedavg_lora_ft"])
 def test_flower_strategy_and_client_app_reproduce_the_simulator(method, task_identity):
     setup = toy_setup(with_federation(toy_config(method, num_clients=4), rounds=3))
     simulated = [out.record for out in loop.iterate_rounds(setup)]
@@ -185,7 +185,7 @@ def test_flower_app_command_writes_a_valid_app_and_refuses_bad_input(tmp_path, c
     config = config_from_run_config(run_config)
     assert (config.federation.rounds, config.federation.method, run_config["round-timeout"]) == (3, "fedavg_lora", 90.0)
     for argv, message in ((["--preset", "nope"], "unknown preset"), (["--set", "federation.roundz=1"], "roundz"),
-                          (["--set", "federation.method='fedex_lora'"], "cannot run on Flower nodes yet"),
+                          (["--set", "federation.method='cluster_oracle'"], "cannot run on Flower nodes: it reads"),
                           (["--round-timeout", "0"], "must be positive")):
         assert main(["flower-app", str(tmp_path / "bad"), *argv]) == 2
         assert message in capsys.readouterr().err

@@ -14,7 +14,8 @@ from celora_jax.federated.server_node import ServerNode, stack_statistics
 from celora_jax.privacy.dp import DPConfig
 from toy import toy_config, toy_setup, with_federation
 
-NODE_METHODS = ["celora", "celora_avg", "fedavg_lora", "ffa_lora", "fedsa_lora", "fedprox", "local"]
+NODE_METHODS = ["celora", "celora_avg", "fedavg_lora", "ffa_lora", "fedsa_lora", "fedprox", "local", "fedex_lora",
+                "fedavg_lora_ft"]
 
 
 def run_nodes(setup, rounds: int):
@@ -28,19 +29,27 @@ def run_nodes(setup, rounds: int):
     server = ServerNode(setup.method, config.aggregation, like, setup.sizes, statistics, fed.outlier_factor)
     records = []
     for round_index in range(rounds):
+        bytes_down = []
         reporting = np.flatnonzero(loop.reporting_clients(n, fed.participation, fed.client_dropout, config.seed,
                                                           round_index))
-        uploads, losses = {}, []
+        uploads, losses, trained = {}, [], []
         for i in reporting:
             states[i], upload, metrics = nodes[i].train(states[i], round_index)
+            if upload is not None:
+                trained.append(int(i))
             arrays, dtypes = wire.flatten_tree(upload)  # what would cross the network
             uploads[int(i)] = wire.unflatten_tree(arrays, dtypes, like=like, require_finite=True)
             losses.append(metrics["train_loss"])
         downloads, logs = server.aggregate(uploads)
         for i, download in downloads.items():
             arrays, dtypes = wire.flatten_tree(download)
-            states[i] = nodes[i].receive(states[i], wire.unflatten_tree(arrays, dtypes, like=like))
-        records.append({"train_loss": float(np.mean(losses)), "reporting": reporting.tolist(), **logs})
+            states[i] = nodes[i].receive(states[i], wire.unflatten_tree(arrays, dtypes,
+                                                                        like=nodes[i].download_like(states[i])))
+            bytes_down.append(wire.record_bytes(arrays))
+        for i in trained:  # personal steps once the round's answer is in (FedAvg-LoRA+FT)
+            states[i] = nodes[i].finetune(states[i], round_index)
+        records.append({"train_loss": float(np.mean(losses)), "reporting": reporting.tolist(),
+                        "bytes_down": bytes_down, **logs})
     scores = [node.evaluate(state) for node, state in zip(nodes, states)]
     return records, [s["correct"] / max(s["count"], 1.0) for s in scores]
 
@@ -54,6 +63,7 @@ def test_nodes_reproduce_the_simulator(method):
     for simulated_round, node_round in zip(simulated, records):
         assert simulated_round["reporting_clients"] == node_round["reporting"]
         np.testing.assert_allclose(node_round["train_loss"], simulated_round["train_loss"], rtol=1e-5, atol=1e-6)
+        assert set(node_round["bytes_down"]) <= {simulated_round["bytes_down_per_client"]}
         if "weights" in simulated_round:  # CE-LoRA's personalized W
             # Learned from distances of statistics fitted one client at a time instead of six
             # at once: float32 reduction order moves W by ~3e-5.
@@ -91,10 +101,9 @@ def test_server_refuses_nan_and_keeps_absent_clients_out():
         server.aggregate({7: uploads[0]})
 
 
-def test_methods_a_node_cannot_run_yet_are_refused():
-    for method, reason in (("fedex_lora", "fold_into_base"), ("fedavg_lora_ft", "finetune_steps")):
-        with pytest.raises(ValueError, match=f"cannot run on separate nodes yet: .*{reason}"):
-            ClientNode(toy_setup(toy_config(method)), 0)
+def test_methods_a_node_cannot_run_are_refused():
+    with pytest.raises(ValueError, match="cannot run on separate nodes: .*true clusters"):
+        ClientNode(toy_setup(toy_config("cluster_oracle")), 0)
     setup = toy_setup(toy_config("celora"))
     with pytest.raises(ValueError, match="needs every client's data statistic"):
         ServerNode(setup.method, setup.config.aggregation, {}, setup.sizes)

@@ -16,9 +16,12 @@ client is trained at a time. A round::
     state = node.receive(state, download)              # only if the server sent one
     scores = node.evaluate(state)                      # own test split: loss, correct, count
 
-Methods that update the frozen base weights (FedEx-LoRA's residual, ``fold_into_base``) or
-fine-tune after the download (``finetune_steps``) need the server state or an extra pass a
-node does not have here; they are refused with a clear error.
+Methods that update the frozen base weights from the server state (FedEx-LoRA's residual,
+``fold_into_base``) receive that state with every download (``ServerNode`` sends
+``{"shared": ..., "fold": server state}``; the node keeps it in ``state["fold"]`` and trains
+and evaluates on the folded base). Methods that fine-tune after the download
+(``finetune_steps``) do so in ``finetune(state, round_index)``, which the node calls once it
+knows the round's answer; ``evaluate`` then uses the fine-tuned copy (``state["tuned"]``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from celora_jax import gmm, sharding
 from celora_jax import roles as roles_lib
 from celora_jax.data import packing
 from celora_jax.federated import client as client_lib
-from celora_jax.federated import statistics
+from celora_jax.federated import statistics, strategies
+from celora_jax.federated import round as round_lib
 from celora_jax.federated.methods import base as methods_base
 from celora_jax.federated.setup import Setup
 from celora_jax.privacy import dp as dp_lib
@@ -42,12 +46,16 @@ PyTree = Any
 
 
 def unsupported_reason(method) -> str | None:
-    """Why ``method`` cannot run on separate nodes yet, or None."""
-    if method.fold_into_base is not methods_base.keep_base:
-        return "updates the frozen base weights from the server state (fold_into_base)"
-    if method.finetune_steps:
-        return "fine-tunes after each download (finetune_steps)"
+    """Why ``method`` cannot run on separate nodes, or None: only a reference that reads
+    what a simulation alone knows (the partition's true clusters) cannot."""
+    if method.name == "cluster_oracle":
+        return "reads the partition's true clusters, which only a simulation knows (a reference, not a method)"
     return None
+
+
+def folds_base(method) -> bool:
+    """The method updates the frozen base from the server state (FedEx-LoRA)."""
+    return method.fold_into_base is not methods_base.keep_base
 
 
 def _row(tree: PyTree, client: int) -> PyTree:
@@ -64,7 +72,7 @@ class ClientNode:
     def __init__(self, setup: Setup, client: int):
         reason = unsupported_reason(setup.method)
         if reason:
-            raise ValueError(f"method {setup.method.name!r} cannot run on separate nodes yet: it {reason}")
+            raise ValueError(f"method {setup.method.name!r} cannot run on separate nodes: it {reason}")
         if not 0 <= client < setup.num_clients:
             raise ValueError(f"client {client} is not one of the run's {setup.num_clients} clients")
         self.setup, self.client = setup, int(client)
@@ -83,6 +91,34 @@ class ClientNode:
         self._slots = sharding.padded_client_count(setup.num_clients, mesh, fed.client_block)
         self._root_key = jax.random.fold_in(jax.random.key(config.seed), 1)
         self._base = jax.tree.map(jnp.asarray, task.base_params)
+        self._scale = task.adapter_config.scale
+        self.fold_like = self._fold_like() if folds_base(setup.method) else None
+        self._folded = (jax.jit(lambda base, fold: setup.method.fold_into_base(base, fold, self._scale))
+                        if folds_base(setup.method) else None)
+        self._finetune = (jax.jit(round_lib.finetune_update(setup, total_steps))
+                          if setup.method.finetune_steps else None)
+
+    def _fold_like(self):
+        """Shapes and dtypes of the server state the method folds into the base (what the
+        server's strategy starts from), as zeros."""
+        setup = self.setup
+        strategy = setup.method.server(methods_base.ServerInputs(aggregation=setup.config.aggregation))
+        shared = strategies.broadcast(roles_lib.select(setup.task.client_params, setup.roles, roles_lib.SHARED),
+                                      setup.num_clients)
+        shapes = jax.eval_shape(strategy.init, shared, jnp.asarray(setup.sizes, jnp.float32))
+        return jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes)
+
+    def base(self, state: dict):
+        """The frozen weights this client trains and evaluates on: the loaded base, with the
+        server state folded in for methods that update it."""
+        if self._folded is None or "fold" not in state:
+            return self._base
+        return self._folded(self._base, jax.tree.map(jnp.asarray, state["fold"]))
+
+    def download_like(self, state: dict) -> PyTree:
+        """The structure (shapes, dtypes) of what the server sends this node."""
+        shared = self.shared(state)
+        return shared if self.fold_like is None else {"shared": shared, "fold": self.fold_like}
 
     def initial_state(self) -> dict:
         """``{"params", "opt_state"}`` before round 1 (every client starts alike)."""
@@ -106,9 +142,28 @@ class ClientNode:
 
     def receive(self, state: dict, download: PyTree) -> dict:
         """``state`` with the server's answer applied (``method.receive``: e.g. the shared
-        leaves replaced), as the simulator applies it at the end of a round."""
+        leaves replaced), as the simulator applies it at the end of a round; the server
+        state of a method that folds it into the base is kept in ``state["fold"]``."""
+        state = dict(state)
+        if self.fold_like is not None:
+            state["fold"], download = download["fold"], download["shared"]
         params = self.setup.method.receive(state["params"], jax.tree.map(jnp.asarray, download), self.setup.roles)
         return {**state, "params": params}
+
+    def finetune(self, state: dict, round_index: int) -> dict:
+        """``state`` with ``"tuned"``: the method's personal steps after round
+        ``round_index``'s answer, on that round's first batches (as the simulator takes
+        them); the next round trains on from ``state["params"]``, not from the tuned copy."""
+        if self._finetune is None:
+            return state
+        setup, fed = self.setup, self.setup.config.federation
+        batches = packing.round_batches(self.train_examples, setup.local_steps, fed.batch_size, setup.config.seed,
+                                        round_index, first_client=self.client)
+        first = jax.tree.map(lambda x: jnp.asarray(x[0][:setup.method.finetune_steps]), batches)
+        round_key = jax.random.fold_in(self._root_key, round_index)
+        key = jax.random.split(jax.random.fold_in(round_key, 0xF17E), self._slots)[self.client]
+        tuned, _ = self._finetune(self.base(state), _trainable(state), first, key, jnp.int32(round_index))
+        return {**state, "tuned": tuned["params"]}
 
     def train(self, state: dict, round_index: int) -> tuple[dict, PyTree | None, dict]:
         """One round of local training from ``state``: ``(state, upload, metrics)`` with
@@ -124,12 +179,13 @@ class ClientNode:
                                         round_index, first_client=self.client)
         round_key = jax.random.fold_in(self._root_key, round_index)
         key = jax.random.split(round_key, self._slots)[self.client]
-        trained, metrics = self._update(self._base, state, jax.tree.map(lambda x: jnp.asarray(x[0]), batches),
-                                        key, jnp.int32(round_index))
+        trained, metrics = self._update(self.base(state), _trainable(state),
+                                        jax.tree.map(lambda x: jnp.asarray(x[0]), batches), key, jnp.int32(round_index))
         metrics = {k: float(v) for k, v in metrics.items()}
         learned = roles_lib.select(trained["params"], setup.roles, roles_lib.SHARED, roles_lib.PERSONAL)
         if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(learned)):
             return state, None, {**metrics, "non_finite": True}
+        trained = {**state, **trained}  # the server state a method folds stays with the node
         sent_before, upload = self.shared(state), self.shared(trained)
         if setup.config.dp.enabled and jax.tree.leaves(upload):
             # The client clips and noises its change before it leaves, as in the simulator.
@@ -140,6 +196,13 @@ class ClientNode:
         return trained, jax.device_get(upload), metrics
 
     def evaluate(self, state: dict) -> dict:
-        """``{"loss", "correct", "count"}`` of ``state`` on this client's own test split."""
-        scores = self._evaluate(self._base, state["params"], self.test_examples)
+        """``{"loss", "correct", "count"}`` of ``state`` on this client's own test split
+        (its fine-tuned copy under methods that fine-tune, as the simulator evaluates)."""
+        params = state["tuned"] if "tuned" in state else state["params"]
+        scores = self._evaluate(self.base(state), params, self.test_examples)
         return {k: float(v) for k, v in scores.items()}
+
+
+def _trainable(state: dict) -> dict:
+    """What a client update takes: parameters and optimizer state."""
+    return {"params": state["params"], "opt_state": state["opt_state"]}

@@ -42,7 +42,7 @@ def base_folder(method, scale: float, mesh) -> Callable | None:
                    in_shardings=(replicated, replicated), out_shardings=replicated)
 
 
-def _finetune_update(setup, total_steps: int) -> Callable:
+def finetune_update(setup, total_steps: int) -> Callable:
     """Client update for a method's personal steps after the download: fresh Adam moments,
     at the learning rate of the round's last local step."""
     optimizer = dataclasses.replace(setup.config.optimizer, reset_each_round=True)
@@ -71,7 +71,7 @@ def build_round_step(setup, strategy: strategies.Strategy, mesh) -> Callable:
     privatize = jax.vmap(dp_lib.privatize_update, in_axes=(0, None, None, 0))
     block = sharding.client_block_size(config.federation.client_block, mesh)
     train_clients = blocks.blocked_vmap(client_update, (None, 0, 0, 0, None), block)
-    finetune_clients = (blocks.blocked_vmap(_finetune_update(setup, total_steps), (None, 0, 0, 0, None), block)
+    finetune_clients = (blocks.blocked_vmap(finetune_update(setup, total_steps), (None, 0, 0, 0, None), block)
                         if method.finetune_steps else None)
     scale = task.adapter_config.scale
 

@@ -13,7 +13,8 @@ A round, with uploads keyed by client index::
 
     server = ServerNode(method, aggregation, upload_like, sizes)     # once
     downloads, logs = server.aggregate(uploads)                      # every round
-    # downloads: {client: pytree} for the accepted clients
+    # downloads: {client: pytree} for the accepted clients; for methods that fold the
+    # server state into the base, {client: {"shared": pytree, "fold": server state}}
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from celora_jax import usable
 from celora_jax.aggregation import AggregationConfig
 from celora_jax.federated import strategies
-from celora_jax.federated.methods.base import FederatedMethod, ServerInputs
+from celora_jax.federated.methods.base import FederatedMethod, ServerInputs, keep_base
 from celora_jax.gmm import ClassMixtures
 
 PyTree = Any
@@ -108,6 +109,11 @@ class ServerNode:
                                             usable.where_clients(kept_own, stacked, self.sent))
         host = jax.device_get(downloads)
         out = {int(i): jax.tree.map(lambda x, i=i: x[i], host) for i in np.flatnonzero(accepted)}
+        if self.method.fold_into_base is not keep_base:
+            # The clients fold the server state into their frozen weights (FedEx-LoRA's
+            # residual sum): it travels with every download, as the simulator's bytes count.
+            fold = jax.device_get(self.state)
+            out = {i: {"shared": download, "fold": fold} for i, download in out.items()}
         logs = {name: np.asarray(value) for name, value in logs.items()}
         logs.update(accepted=[int(i) for i in np.flatnonzero(accepted)],
                     rejected=[int(i) for i in np.flatnonzero(mask & ~accepted)],

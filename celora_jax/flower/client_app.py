@@ -15,7 +15,8 @@ Messages (all arrays as flat records by path, ``celora_jax.flower.records``):
             ``correct``, ``count`` and ``loss``.
 
 The node's parameters and optimizer state live in ``context.state`` between rounds
-(``celora.params``, ``celora.opt_state``), which the SuperNode keeps in memory for the run.
+(``celora.params``, ``celora.opt``; ``celora.fold``: the server state FedEx-LoRA folds into
+the base), which the SuperNode keeps in memory for the run.
 A SuperNode started with ``state-dir=DIR`` in its node config also writes them to
 ``DIR/client<k>.npz`` after every message, so that after a restart it continues where it
 stopped; one without (or with nothing there yet) starts from the initial parameters and
@@ -43,7 +44,7 @@ from celora_jax.federated.nodes import ClientNode
 from celora_jax.flower import records
 
 logger = logging.getLogger(__name__)
-PARAMS, OPT_STATE = "celora.params", "celora.opt_state"
+PREFIX = "celora."  # context.state records: celora.params, celora.opt, celora.fold
 
 
 def partition_id(context: Context, num_clients: int) -> int:
@@ -62,14 +63,15 @@ def _load_state(node: ClientNode, context: Context, server_round: int) -> tuple[
     origin "memory"), else the node's ``state-dir`` (a SuperNode that restarted; "disk"),
     else the initial state ("initial")."""
     initial = node.initial_state()
-    if PARAMS in context.state.array_records:
-        params = records.take_tree(context.state, PARAMS, initial["params"], what=f"client {node.client}'s state")
-        leaves = records.take_tree(context.state, OPT_STATE, _numbered_leaves(initial["opt_state"]),
-                                   what=f"client {node.client}'s optimizer state")
-        return _with_opt_leaves(initial, params, leaves), "memory"
+    like = _parts_like(node, initial)
+    if records.has_tree(context.state, PREFIX + "params"):
+        parts = {name: records.take_tree(context.state, PREFIX + name, part_like,
+                                         what=f"client {node.client}'s state ({name})")
+                 for name, part_like in like.items() if records.has_tree(context.state, PREFIX + name)}
+        return _from_parts(initial, parts), "memory"
     state_file = _state_file(context, node.client)
     if state_file is not None and state_file.is_file():
-        restored = _read_state_file(state_file, initial, node.client)
+        restored = _from_parts(initial, _read_state_file(state_file, like))
         logger.warning("client %d: restored its state from %s (the node restarted)", node.client, state_file)
         return restored, "disk"
     if server_round > 1:
@@ -84,10 +86,30 @@ def _numbered_leaves(tree) -> dict:
     return {str(i): leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
 
 
-def _with_opt_leaves(initial: dict, params, leaves: dict) -> dict:
+def _parts(state: dict) -> dict:
+    """What a node keeps between messages, as flat-keyed pytrees: parameters, optimizer
+    leaves and (methods that fold it into the base) the server state it last received."""
+    parts = {"params": state["params"], "opt": _numbered_leaves(state["opt_state"])}
+    if "fold" in state:
+        parts["fold"] = state["fold"]
+    return parts
+
+
+def _parts_like(node: ClientNode, initial: dict) -> dict:
+    like = _parts(initial)
+    if node.fold_like is not None:
+        like["fold"] = node.fold_like
+    return like
+
+
+def _from_parts(initial: dict, parts: dict) -> dict:
+    leaves = parts["opt"]
     opt_state = jax.tree.unflatten(jax.tree.structure(initial["opt_state"]),
                                    [leaves[str(i)] for i in range(len(leaves))])
-    return {"params": params, "opt_state": opt_state}
+    state = {"params": parts["params"], "opt_state": opt_state}
+    if "fold" in parts:
+        state["fold"] = parts["fold"]
+    return state
 
 
 def _state_file(context: Context, client: int) -> pathlib.Path | None:
@@ -102,12 +124,13 @@ def _state_file(context: Context, client: int) -> pathlib.Path | None:
 
 
 def _write_state_file(path: pathlib.Path, state: dict) -> None:
-    """Params and optimizer leaves by path, with their dtypes, replaced atomically (a node
-    killed mid-write leaves the previous file)."""
-    params, params_dtypes = wire.flatten_tree(state["params"])
-    leaves, leaf_dtypes = wire.flatten_tree(_numbered_leaves(state["opt_state"]))
-    arrays = {**{f"params/{k}": v for k, v in params.items()}, **{f"opt/{k}": v for k, v in leaves.items()}}
-    dtypes = {**{f"params/{k}": v for k, v in params_dtypes.items()}, **{f"opt/{k}": v for k, v in leaf_dtypes.items()}}
+    """Every part by path, with the dtypes, replaced atomically (a node killed mid-write
+    leaves the previous file)."""
+    arrays, dtypes = {}, {}
+    for name, tree in _parts(state).items():
+        flat, flat_dtypes = wire.flatten_tree(tree)
+        arrays.update({f"{name}/{k}": v for k, v in flat.items()})
+        dtypes.update({f"{name}/{k}": v for k, v in flat_dtypes.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as handle:
@@ -115,24 +138,25 @@ def _write_state_file(path: pathlib.Path, state: dict) -> None:
     os.replace(partial, path)
 
 
-def _read_state_file(path: pathlib.Path, initial: dict, client: int) -> dict:
+def _read_state_file(path: pathlib.Path, like: dict) -> dict:
+    """The parts in ``path``, each checked against ``like`` (a part not saved yet, e.g. the
+    server state before the first download, is left out)."""
     with np.load(path) as data:
         dtypes = json.loads(str(data["__dtypes__"]))
         arrays = {key: data[key] for key in data.files if key != "__dtypes__"}
-
-    def part(prefix: str) -> tuple[dict, dict]:
-        keys = [k for k in arrays if k.startswith(prefix)]
-        return ({k[len(prefix):]: arrays[k] for k in keys}, {k[len(prefix):]: dtypes[k] for k in keys})
-
-    what = f"client {client}'s state file {path}"
-    params = wire.unflatten_tree(*part("params/"), initial["params"], what=what)
-    leaves = wire.unflatten_tree(*part("opt/"), _numbered_leaves(initial["opt_state"]), what=what)
-    return _with_opt_leaves(initial, params, leaves)
+    parts = {}
+    for name, part_like in like.items():
+        keys = [k for k in arrays if k.startswith(name + "/")]
+        if keys or name in ("params", "opt"):
+            parts[name] = wire.unflatten_tree({k[len(name) + 1:]: arrays[k] for k in keys},
+                                              {k[len(name) + 1:]: dtypes[k] for k in keys}, part_like,
+                                              what=f"the state file {path} ({name})")
+    return parts
 
 
 def _save_state(context: Context, state: dict, client: int) -> None:
-    records.put_tree(context.state, PARAMS, state["params"])
-    records.put_tree(context.state, OPT_STATE, _numbered_leaves(state["opt_state"]))
+    for name, tree in _parts(state).items():
+        records.put_tree(context.state, PREFIX + name, tree)
     state_file = _state_file(context, client)
     if state_file is not None:
         _write_state_file(state_file, state)
@@ -170,7 +194,7 @@ def client_app_for(build_setup: Callable[[Context], "setup_lib.Setup"]) -> Clien
         origin_metrics = {"state_restored": int(origin == "disk"),
                           "state_fresh": int(origin == "initial" and server_round > 1)}
         if records.has_tree(msg.content, "download"):
-            download = records.take_tree(msg.content, "download", node.shared(state),
+            download = records.take_tree(msg.content, "download", node.download_like(state),
                                          what=f"the download of client {node.client}")
             state = node.receive(state, download)
         return node, server_round, state, origin_metrics
@@ -203,8 +227,11 @@ def client_app_for(build_setup: Callable[[Context], "setup_lib.Setup"]) -> Clien
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        node, _, state, origin = arrive(msg, context)
+        node, server_round, state, origin = arrive(msg, context)
         _save_state(context, state, node.client)
+        # Methods that fine-tune after the download (FedAvg-LoRA+FT) do it now that the
+        # last round's answer is in, on that round's batches, and are evaluated with it.
+        state = node.finetune(state, server_round - 1)
         return reply(msg, node, **node.evaluate(state), **origin)
 
     return app
