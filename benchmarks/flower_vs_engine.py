@@ -17,6 +17,8 @@ round / the engine's, and whether the two runs ended with the same per-client ac
 
     python benchmarks/flower_vs_engine.py            # writes benchmarks/results/flower_vs_engine.json
     python benchmarks/flower_vs_engine.py --smoke --out /tmp/flower_vs_engine.json
+    PYTHONPATH=tests python benchmarks/flower_vs_engine.py --smoke --config-factory toy_flower:config \
+        --setup-factory toy:toy_setup     # any model: a RunConfig and a Setup from your own functions
 """
 
 from __future__ import annotations
@@ -38,24 +40,35 @@ SMOKE = ["partition.num_clients=2", "partition.train_examples=8", "partition.tes
          "model.max_length=16"]
 
 
-def make_config(overrides: list[str], rounds: int):
+def make_config(overrides: list[str], rounds: int, config_factory: str = ""):
     from celora_jax.config import apply_overrides
     from celora_jax.presets import get_preset
 
+    if config_factory:
+        from celora_jax.flower.app import load_callable
+
+        base = load_callable(config_factory, "--config-factory")()
+    else:
+        base = apply_overrides(get_preset("default"), ["partition.global_test_examples=0"])
     # Evaluate only after the last round (Flower's strategy does the same).
-    return apply_overrides(get_preset("default"), [f"federation.rounds={rounds}", f"federation.eval_every={rounds}",
-                                                   "partition.global_test_examples=0", *overrides])
+    return apply_overrides(base, [f"federation.rounds={rounds}", f"federation.eval_every={rounds}", *overrides])
 
 
-def run_engine(config) -> tuple[list[float], list[float]]:
+def default_prepare(config):
+    from celora_jax.federated import engine
+
+    return engine.prepare(config)
+
+
+def run_engine(config, prepare) -> tuple[list[float], list[float]]:
     """(seconds of every round, final per-client own-test accuracy)."""
-    from celora_jax.federated import engine, loop
+    from celora_jax.federated import loop
 
-    records = [output.record for output in loop.iterate_rounds(engine.prepare(config))]
+    records = [output.record for output in loop.iterate_rounds(prepare(config))]
     return [r["seconds"] for r in records], list(records[-1]["client_test_accuracy"])
 
 
-def run_flower(config, actors: int) -> tuple[list[float], list[float]]:
+def run_flower(config, actors: int, prepare) -> tuple[list[float], list[float]]:
     from flwr.simulation import run_simulation
 
     from celora_jax.federated.setup import resolve_method
@@ -70,7 +83,7 @@ def run_flower(config, actors: int) -> tuple[list[float], list[float]]:
     repository = str(Path(__file__).resolve().parents[1])  # Ray's workers import celora_jax from here
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repository, os.environ.get("PYTHONPATH")) if p)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    run_simulation(server_app=server_app, client_app=make_client_app(config),
+    run_simulation(server_app=server_app, client_app=make_client_app(config, prepare=prepare),
                    num_supernodes=config.partition.num_clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": actors, "include_dashboard": False}})
@@ -92,13 +105,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="2 clients, 1 step of 4 x 16 tokens, 1 timed round")
     parser.add_argument("--actors", type=int, default=os.cpu_count() or 1, help="Ray actors (default: cores)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    parser.add_argument("--config-factory", default="", metavar="MODULE:FUNCTION",
+                        help="a function returning the RunConfig to time instead of the default preset")
+    parser.add_argument("--setup-factory", default="", metavar="MODULE:FUNCTION",
+                        help="a function RunConfig -> Setup (your own model and data), importable by Ray's "
+                             "workers (PYTHONPATH); default: celora_jax's prepare")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.actors < 1:
         parser.error("--rounds and --actors must be >= 1")
     rounds = 1 if args.smoke else args.rounds
     try:
-        config = make_config((SMOKE if args.smoke else []) + args.overrides, rounds + 2)
+        config = make_config(([] if args.config_factory or not args.smoke else SMOKE) + args.overrides, rounds + 2,
+                             args.config_factory)
+        if args.setup_factory:
+            from celora_jax.flower.app import load_callable
+
+            prepare = load_callable(args.setup_factory, "--setup-factory")
+        else:
+            prepare = default_prepare
     except ValueError as error:
         parser.error(str(error))
     import jax
@@ -106,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
     fed = config.federation
     examples_per_round = config.partition.num_clients * config.local_steps * fed.batch_size
-    engine_seconds, engine_accuracy = run_engine(config)
-    flower_seconds, flower_accuracy = run_flower(config, args.actors)
+    engine_seconds, engine_accuracy = run_engine(config, prepare)
+    flower_seconds, flower_accuracy = run_flower(config, args.actors, prepare)
     variants = {}
     for name, seconds in (("engine", engine_seconds), ("flower", flower_seconds)):
         median = statistics.median(timed(seconds))
@@ -120,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
                     "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
                     "flwr": __import__("flwr").__version__},
-        "settings": {"preset": "default" + (" (smoke)" if args.smoke else ""), "overrides": args.overrides,
+        "settings": {"preset": args.config_factory or ("default" + (" (smoke)" if args.smoke else "")),
+                     "setup_factory": args.setup_factory or None, "overrides": args.overrides,
                      "method": fed.method, "clients": config.partition.num_clients,
                      "local_steps": config.local_steps, "batch_size": fed.batch_size,
                      "max_length": config.model.max_length, "rounds": fed.rounds, "ray_actors": args.actors},

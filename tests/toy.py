@@ -27,6 +27,12 @@ def toy_config(method: str, num_clients: int = 6, **federation) -> RunConfig:
         federation=FederationConfig(method=method, **fed))
 
 
+def benchmark_config() -> RunConfig:
+    """The toy run ``benchmarks/flower_vs_engine.py --config-factory toy:benchmark_config``
+    times: CE-LoRA over 4 clients."""
+    return toy_config("celora", num_clients=4)
+
+
 def _examples(rng, num_clients: int, count: int, rules: np.ndarray) -> dict:
     features = rng.normal(size=(num_clients, count, DIM)).astype(np.float32)
     labels = np.einsum("nkd,ndc->nkc", features, rules).argmax(-1).astype(np.int32)
