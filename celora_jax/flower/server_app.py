@@ -14,6 +14,12 @@ The round protocol (the ClientApp's side is ``celora_jax.flower.client_app``):
 3. After the last round ``configure_evaluate`` sends the last downloads with the
    evaluation request; ``aggregate_evaluate`` gathers each client's own-test accuracy.
 
+Nodes come and go: a node that does not answer within the round's timeout is left out of
+that round (``silent`` in the history) and keeps its download pending; at the start of every
+round a node the SuperLink lists for the first time (a restarted SuperNode) is asked which
+client it is and takes that client's place (``restored``/``fresh`` in the history say
+whether it came back with its state). Each history record also has the round's ``seconds``.
+
 Bytes are counted from the records that cross the wire: the array payload of every
 download and upload (``bytes_down``/``bytes_up`` per round), equal to the simulator's
 counters for the same config, and Flower's own ``count_bytes`` of every message
