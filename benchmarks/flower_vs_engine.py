@@ -34,10 +34,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.round_speed import SMOKE  # noqa: E402  the same CI-sized default preset
+
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "flower_vs_engine.json"
-SMOKE = ["partition.num_clients=2", "partition.train_examples=8", "partition.test_examples=4",
-         "partition.global_test_examples=0", "federation.batch_size=4", "federation.local_steps=1",
-         "model.max_length=16"]
 
 
 def make_config(overrides: list[str], rounds: int, config_factory: str = ""):
