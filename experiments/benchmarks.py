@@ -13,8 +13,11 @@ or FedAvg-LoRA beats local, on reviews by source and on Fashion-MNIST with each 
 images rotated by its own quarter turns (the ViT with a classification head); (d) the natural Shakespeare split (next-token prediction with
 SmolLM2, decoder-sized, so run only when named: ``--settings shakespeare_natural``):
 FedAvg-LoRA beats local, our own choice of reference pair for a natural split. The grid
-runs every method on every setting; the report says which gates passed, so no table is
-read on a setting that failed its gate.
+runs every method on every setting, with two references beside them: ``cluster_oracle``
+(FedAvg-LoRA inside each true cluster) and ``centralized`` (FedAvg-LoRA whose clients all
+draw their batches from the pooled training data, ``partition.pooled_training``: one model
+on everyone's data, the upper bound when the clients share one distribution). The report
+says which gates passed, so no table is read on a setting that failed its gate.
 
 Every run writes ``<out>/<setting>/<method>/seed<k>/`` (config.json, metrics.jsonl,
 summary.json); a run whose summary.json exists is skipped, so an interrupted stage resumes.
@@ -76,7 +79,12 @@ DEFAULT_SETTINGS = ("trec_fewshot_iid", "wordnet_clustered_labels", "movie_revie
                     "fashion_mnist_clustered_rotations")
 
 GRID_METHODS = ("local", "fedavg_lora", "fedavg_lora_ft", "ffa_lora", "fedsa_lora", "fedex_lora", "celora_avg",
-                "celora", "cluster_oracle")
+                "celora", "cluster_oracle", "centralized")
+
+# References that are a method run on other data: name -> (method, overrides). The
+# centralized reference: one model (FedAvg-LoRA, head and norms shared) whose clients all
+# draw their batches from the pooled training data, tested on each client's own split.
+REFERENCES = {"centralized": ("fedavg_lora", ["partition.pooled_training=True"])}
 
 # CE-LoRA variants: which similarity sees which shift, and does the core carry enough?
 VARIANTS = {
@@ -108,8 +116,9 @@ def runs(settings, methods, variants, seeds, smoke: bool, overrides: list[str]):
         jobs = [(m, None) for m in methods] + [("celora", v) for v in variants]
         for method, variant in jobs:
             extra = [] if variant is None else VARIANTS[variant]
+            trained_as, reference = REFERENCES.get(method, (method, []))
             for seed in seeds:
-                config = apply_overrides(base, [f"federation.method='{method}'", f"seed={seed}",
+                config = apply_overrides(base, [f"federation.method='{trained_as}'", *reference, f"seed={seed}",
                                                 f"partition.seed={seed}", "federation.eval_every=1",
                                                 *extra, *overrides])
                 yield f"{setting}/{run_label(method, variant)}/seed{seed}", config
@@ -301,7 +310,7 @@ def plot(summary: dict, root: pathlib.Path, out: pathlib.Path) -> list[pathlib.P
         for method, row in setting["methods"].items():
             curve = row["accuracy_by_round"]
             ax.plot(range(1, len(curve) + 1), [100 * v for v in curve], label=method,
-                    linestyle="--" if "oracle" in method or method == "local" else "-")
+                    linestyle="--" if method in ("local", "centralized") or "oracle" in method else "-")
         ax.set(xlabel="round", ylabel="own-test accuracy (%)", title=name)
         ax.legend(fontsize=7)
         fig.tight_layout()

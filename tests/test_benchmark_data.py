@@ -98,6 +98,29 @@ def test_client_examples_carry_each_clients_labels():
     np.testing.assert_array_equal(global_test["labels"], labels[needed[global_test["input_ids"][:, 0]]])
 
 
+def test_pooled_training_gives_every_client_all_examples_as_their_owners_label_them():
+    """The centralized reference's data: every client trains on the union of the training
+    splits, each example with its owner's class names; the test splits stay each client's."""
+    labels = _labels(600)
+    config = PartitionConfig(scheme="clustered_labels", num_clients=4, num_clusters=2, train_examples=20,
+                             test_examples=10, global_test_examples=0)
+    split = partition(labels, config)
+    needed = base.needed_examples(split, (0, 4))
+    encoded = {"input_ids": np.arange(len(needed))[:, None].astype(np.int32)}
+    own_train, own_test, _ = base.client_examples(encoded, labels, needed, split, (0, 4))
+    train, test, _ = base.client_examples(encoded, labels, needed, split, (0, 4), pooled_training=True)
+    assert train["labels"].shape == (4, 80) and train["example_mask"].shape == (4, 80)
+    for name in own_train:
+        for i in range(4):  # client i holds client j's rows at [20 j, 20 (j + 1)), as j saw them
+            np.testing.assert_array_equal(train[name][i], own_train[name].reshape(80, *own_train[name].shape[2:]))
+    owner_labels = own_train["labels"].ravel()
+    assert not (owner_labels == split.label_maps[0][labels[needed[train["input_ids"][0, :, 0]]]]).all()
+    for name in own_test:
+        np.testing.assert_array_equal(test[name], own_test[name])
+    with pytest.raises(DataError, match="one process must hold every client"):
+        base.client_examples(encoded, labels, needed, split, (0, 2), pooled_training=True)
+
+
 def test_clustered_domains_and_natural_record_their_groups():
     rng = np.random.default_rng(1)
     labels, groups = _labels(8000), rng.integers(0, 5, 8000)

@@ -154,4 +154,11 @@ def test_benchmark_smoke_runs_a_gate_end_to_end(tmp_path, minilm_dir, wordnet_no
     config = json.loads((tmp_path / "wordnet_clustered_labels/cluster_oracle/seed0/config.json").read_text())
     assert config["partition"]["scheme"] == "clustered_labels" and config["data"]["corpus"] == "wordnet_nouns"
     assert setting["methods"]["cluster_oracle"]["weight_in_true_cluster"] == pytest.approx(1.0)
+    # The centralized reference: FedAvg-LoRA on the pooled training data, in its own row.
+    assert benchmarks.main([*args[:1], "grid", *args[2:], "--methods", "centralized"]) == 0
+    config = json.loads((tmp_path / "wordnet_clustered_labels/centralized/seed0/config.json").read_text())
+    assert config["federation"]["method"] == "fedavg_lora" and config["partition"]["pooled_training"] is True
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    centralized = summary["settings"]["wordnet_clustered_labels"]["methods"]["centralized"]
+    assert centralized["seeds"] == 1 and 0.0 <= centralized["mean"] <= 1.0
     assert benchmarks.main(["--stage", "gates", "--settings", "imagenet"]) == 2

@@ -55,6 +55,11 @@ class PartitionConfig:
       global_test_examples: examples of a common test set drawn from the remaining data
         with the global label distribution (0 disables it).
       seed: seed of the partition (independent of the training seed).
+      pooled_training: every client trains on the union of all clients' training splits,
+        each example as its owner sees it (its owner's class names and image rotation),
+        while it is still tested on its own test split: the data of the ``centralized``
+        reference (one shared model trained on the pooled data). One process holding
+        every client only.
     """
 
     scheme: str = "dirichlet"
@@ -66,6 +71,7 @@ class PartitionConfig:
     test_examples: int = 64
     global_test_examples: int = 256
     seed: int = 0
+    pooled_training: bool = False
 
     def __post_init__(self):
         check_fields(self, "partition")

@@ -122,10 +122,12 @@ def needed_examples(split, clients: tuple[int, int]) -> np.ndarray:
 
 
 def client_examples(encoded: dict, all_labels: np.ndarray, needed: np.ndarray, split,
-                    clients: tuple[int, int]) -> tuple[dict, dict, dict]:
+                    clients: tuple[int, int], pooled_training: bool = False) -> tuple[dict, dict, dict]:
     """Client-stacked train ``[N, n_train, ...]``, test ``[N, n_test, ...]`` and global test
     arrays from the examples ``encoded`` for the dataset rows ``needed``. Rows of clients
-    outside ``clients`` (held by other processes) are zeros, with example_mask kept."""
+    outside ``clients`` (held by other processes) are zeros, with example_mask kept.
+    ``pooled_training``: every client's train rows are all clients' train rows
+    ``[N, N·n_train, ...]`` (``pool_clients``)."""
     position = np.full(len(all_labels), -1, np.int64)
     position[needed] = np.arange(len(needed))
     labels = all_labels[needed]
@@ -147,8 +149,25 @@ def client_examples(encoded: dict, all_labels: np.ndarray, needed: np.ndarray, s
     if split.quarter_turns is not None:  # each client's own view of the images (clustered_rotations)
         for examples in (train, test):
             examples["images"] = rotate_clients(examples["images"], split.quarter_turns)
+    if pooled_training:
+        if clients != (0, len(split.train)):
+            raise DataError("partition.pooled_training gives every client all clients' training examples, "
+                            f"so one process must hold every client; this one holds clients {start}..{stop - 1} "
+                            f"of {len(split.train)}")
+        train = pool_clients(train)
     global_test = packing.gather_examples(encoded, labels, position[split.global_test][None])
     return train, test, {k: v[0] for k, v in global_test.items()}
+
+
+def pool_clients(examples: dict) -> dict:
+    """Every client's rows become the union of all clients' rows: ``[N, n, ...]`` ->
+    ``[N, N·n, ...]``, client 0's examples first. Applied after the per-client label maps and
+    rotations, so a pooled example keeps the label and view its owner gave it."""
+    def pool(value):
+        num_clients = value.shape[0]
+        union = value.reshape(1, num_clients * value.shape[1], *value.shape[2:])
+        return np.repeat(union, num_clients, axis=0)
+    return {name: pool(value) for name, value in examples.items()}
 
 
 def rotate_clients(images: np.ndarray, quarter_turns: np.ndarray) -> np.ndarray:

@@ -51,7 +51,8 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
         encoded = instructions.encode_instructions(
             tokenizer, texts, dataset.labels[needed], instructions.answers_for(dataset.label_names),
             config.model.max_length, model_config.pad_token_id)
-    train, test, global_test = base.client_examples(encoded, dataset.labels, needed, split, clients)
+    train, test, global_test = base.client_examples(encoded, dataset.labels, needed, split, clients,
+                                                    config.partition.pooled_training)
 
     model = llama.LlamaForCausalLM(model_config, lora_scale=adapter_config.scale, dtype=base.compute_dtype(config))
     params = jax.tree.map(jnp.asarray, params)

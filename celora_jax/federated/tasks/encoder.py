@@ -43,7 +43,8 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
         raise loading.ModelLoadError(
             f"the tokenizer of {model_dir} produced token id {largest_id} but the model's vocabulary "
             f"has {model_config.vocab_size} entries: tokenizer and model do not match")
-    train, test, global_test = base.client_examples(encoded, dataset.labels, needed, split, clients)
+    train, test, global_test = base.client_examples(encoded, dataset.labels, needed, split, clients,
+                                                    config.partition.pooled_training)
 
     key_model, key_adapter = jax.random.split(jax.random.key(config.seed))
     model, params = loading.load_classifier(

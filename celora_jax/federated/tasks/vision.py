@@ -48,7 +48,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     clients = base.process_clients(config)
     needed = base.needed_examples(split, clients)
     train, test, global_test = base.client_examples({"images": dataset.images[needed]}, dataset.labels, needed,
-                                                    split, clients)
+                                                    split, clients, config.partition.pooled_training)
 
     model = vit.ImageClassifier(vision_config, dataset.num_classes, size, lora_scale=adapter_config.scale)
     key_head, key_adapter = jax.random.split(jax.random.key(config.seed))

@@ -46,7 +46,8 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     if prefix + config.model.max_length > model_config.max_position_embeddings:
         raise ValueError(f"{prefix} image tokens plus model.max_length={config.model.max_length} exceed the "
                          f"decoder's context of {model_config.max_position_embeddings}")
-    train, test, global_test = base.client_examples(encoded, dataset.labels, needed, split, clients)
+    train, test, global_test = base.client_examples(encoded, dataset.labels, needed, split, clients,
+                                                    config.partition.pooled_training)
 
     model = vlm.VisionLanguageModel(model_config, lora_scale=adapter_config.scale,
                                     dtype=base.compute_dtype(config))
