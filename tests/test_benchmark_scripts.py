@@ -1,4 +1,5 @@
-"""The benchmarks/ scripts in their --smoke form: many clients, Flower vs our engine, round speed."""
+"""The benchmarks/ scripts in their --smoke form: many clients, Flower vs our engine, round speed,
+startup."""
 
 import pytest
 
@@ -81,3 +82,23 @@ def test_round_speed_benchmark_smoke_with_overrides_writes_json(tmp_path, minilm
     assert report["profile_one_client_step"] is None
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--set", "model.no_such_field=1", "--out", str(out)])
+
+
+@pytest.mark.assets
+def test_startup_benchmark_smoke_writes_json(tmp_path, tiny_model_dir, movie_reviews_csv):
+    """Cold then warm ``celora-jax run`` in fresh processes on one compilation cache (a tiny
+    BERT, so that the test costs seconds): the cold run fills the cache, both finish round 1."""
+    import json
+
+    from helpers import load_benchmark_module
+
+    bench = load_benchmark_module("startup")
+    out = tmp_path / "startup.json"
+    assert bench.main(["--smoke", "--skip-grid", "--set", f"model.path={tiny_model_dir}", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    cli = report["cli"]
+    assert cli["cache_files_after_cold"] > 0
+    for phase in ("cold", "warm"):
+        assert 0 < cli[f"{phase}_round1_seconds"] < cli[f"{phase}_seconds"]
+    assert cli["saved_seconds"] == pytest.approx(cli["cold_seconds"] - cli["warm_seconds"], abs=0.02)
+    assert f"--set model.path={tiny_model_dir}" in cli["command"] and "grid_run" not in report
