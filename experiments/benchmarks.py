@@ -265,6 +265,29 @@ def _number(value, digits=1, scale=100.0) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{scale * value:.{digits}f}"
 
 
+def overview(summary: dict) -> list[str]:
+    """One table of every method (rows) on every setting (columns): accuracy and, in brackets,
+    the paired difference to local training ± its standard error; [k] when fewer than 3 seeds."""
+    settings = list(summary["settings"])
+    names = [m for m in GRID_METHODS if any(m in summary["settings"][s]["methods"] for s in settings)]
+    names += sorted({m for s in settings for m in summary["settings"][s]["methods"]} - set(names))
+    lines = ["## All settings", "", "Accuracy (%) (difference to local ± SE); [k]: only k seeds; -: not run.", "",
+             "| method | " + " | ".join(f"`{s}`" for s in settings) + " |", "|---" * (len(settings) + 1) + "|"]
+    for method in names:
+        cells = []
+        for setting in settings:
+            row = summary["settings"][setting]["methods"].get(method)
+            if row is None:
+                cells.append("-")
+                continue
+            cell = _number(row["mean"])
+            if method != "local" and not math.isnan(row["diff_vs_local"]):
+                cell += f" ({row['diff_vs_local'] * 100:+.1f} ± {_number(row['se_vs_local'])})"
+            cells.append(cell + (f" [{row['seeds']}]" if row["seeds"] < 3 else ""))
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(summary: dict) -> str:
     lines = ["# Benchmarks that tell methods apart", "",
              "Own-test accuracy (%) at the last round, mean over clients and seeds; worst10 = mean of the "
@@ -272,6 +295,7 @@ def markdown(summary: dict) -> str:
              "(vs CE-LoRA avg: CE-LoRA and its variants against the plain average of cores). "
              "W in cluster = mass of CE-LoRA's aggregation weights on the client's true cluster; ARI = adjusted "
              "Rand index of a spectral clustering of W.", ""]
+    lines += overview(summary)
     for name, setting in summary["settings"].items():
         gate = setting.get("gate")
         lines.append(f"## {name}")

@@ -129,7 +129,11 @@ def test_benchmark_gates_pair_clients_and_seeds(tmp_path):
     fedavg = setting["methods"]["fedavg_lora"]
     assert fedavg["diff_vs_local"] == pytest.approx(diffs.mean())
     assert fedavg["se_vs_local"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(12))
-    assert (root / "table.md").read_text().count("| cluster_oracle |") == 1
+    table = (root / "table.md").read_text()
+    assert table.count("| cluster_oracle |") == 1
+    # The overview: every method on every setting, accuracy (paired difference to local ± SE).
+    assert (f"| `cluster_oracle` | {100 * oracle['mean']:.1f} ({100 * oracle['diff_vs_local']:+.1f} ± "
+            f"{100 * oracle['se_vs_local']:.1f}) |") in table and "| `local` | " in table
     assert (root / "movie_reviews_clustered_domains_accuracy.png").stat().st_size > 0
     assert benchmarks.worst_fraction(np.array([0.9, 0.1, 0.5, 0.7, 0.3, 0.2, 0.8, 0.6, 0.4, 1.0, 0.0])) == 0.0
 
