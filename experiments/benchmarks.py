@@ -92,6 +92,9 @@ VARIANTS = {
     "beta1": ["aggregation.beta=1.0"],
     "beta1_class_conditional": ["aggregation.beta=1.0", "aggregation.data_distance='class_conditional'"],
     "class_conditional": ["aggregation.data_distance='class_conditional'"],
+    # Both measured fixes at once: the distance that sees concept shift, and cores that carry more.
+    "class_conditional_core_lr10": ["aggregation.data_distance='class_conditional'",
+                                    "optimizer.core_lr_multiplier=10.0"],
     "core_lr10": ["optimizer.core_lr_multiplier=10.0"],
     "freeze_ab_after1": ["optimizer.freeze_factors_after=1"],
 }
