@@ -16,7 +16,7 @@ FedAvg-LoRA beats local, our own choice of reference pair for a natural split. T
 runs every method on every setting, with two references beside them: ``cluster_oracle``
 (FedAvg-LoRA inside each true cluster) and ``centralized`` (FedAvg-LoRA whose clients all
 draw their batches from the pooled training data, ``partition.pooled_training``: one model
-on everyone's data, the upper bound when the clients share one distribution). The report
+on everyone's data, the usual upper bound when the clients share one distribution). The report
 says which gates passed, so no table is read on a setting that failed its gate.
 
 Every run writes ``<out>/<setting>/<method>/seed<k>/`` (config.json, metrics.jsonl,
