@@ -1,4 +1,4 @@
-"""Benchmark: one federated round of the default preset, three ways, plus achieved FLOP/s.
+"""Benchmark: one federated round of the default preset, four ways, plus achieved FLOP/s.
 
 In one run on the same machine (issue 9, item 4):
 
@@ -13,7 +13,7 @@ In one run on the same machine (issue 9, item 4):
   AOTAutograd compiles the backward pass too): the peer a PyTorch user would pick for speed.
   Its compilation falls in the warm-up round, which is not timed.
 
-All three train the same parameters (A, B, C, LayerNorms, head) on the same real
+All four train the same parameters (A, B, C, LayerNorms, head) on the same real
 movie-review batches (MiniLM, 10 clients, 8 steps of 16 x 64 tokens; the default preset),
 with dropout, gradient clipping and a fresh AdamW each round. Reported: seconds per round
 (the median over ``--rounds`` rounds after one warm-up/compile round), training examples/s
