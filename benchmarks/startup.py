@@ -78,20 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     preset = args.preset or ("smoke" if args.smoke else "default")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    cli = [sys.executable, "-m", "celora_jax.cli"]
-    if subprocess.run([*cli, "presets"], cwd=ROOT, env=env, capture_output=True).returncode != 0:
-        cli = [str(Path(sys.executable).with_name("celora-jax"))]
+    run_args = ["run", "--preset", preset, "--methods", "celora", "--set", "federation.rounds=1",
+                *[arg for item in args.overrides for arg in ("--set", item)]]
     results: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                                  "cpu_count": os.cpu_count(), "python": platform.python_version()},
                      "smoke": args.smoke}
     with tempfile.TemporaryDirectory(prefix="celora_startup_") as scratch:
         scratch = Path(scratch)
-        command = " ".join([f"celora-jax run --preset {preset} --methods celora --set federation.rounds=1",
-                            *[f"--set {item}" for item in args.overrides]])
-        results["cli"] = {"preset": preset, "command": command, **cold_and_warm(
-            lambda out: [*cli, "run", "--preset", preset, "--methods", "celora", "--set", "federation.rounds=1",
-                         *[arg for item in args.overrides for arg in ("--set", item)], "--no-progress",
-                         "--output-dir", str(out)],
+        # `python -m celora_jax.cli` is the `celora-jax` entry point, without relying on PATH.
+        results["cli"] = {"preset": preset, "command": " ".join(["celora-jax", *run_args]), **cold_and_warm(
+            lambda out: [sys.executable, "-m", "celora_jax.cli", *run_args, "--no-progress", "--output-dir", str(out)],
             scratch / "cache_cli", scratch / "cli", env, first_round_seconds)}
         print(f"cli: {results['cli']}", flush=True)
         if not args.skip_grid:
