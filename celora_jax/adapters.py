@@ -7,6 +7,12 @@ kernel at ``(..., "query", "kernel")`` the adapter lives at ``(..., "query")`` a
 arrays, so ``jax.vmap`` over a leading client axis of an adapter pytree just works.
 
 The adapted map is ``y = x W0 + b + s · ((x A) C) B`` with ``s = alpha / r``.
+
+Stacked layers: a model that runs its blocks under ``nn.scan`` keeps one kernel
+``[L, d_in, d_out]`` per block position under a module named ``stacked`` (``STACKED``)
+instead of ``layer_0 … layer_{L-1}``; its adapter then holds ``A: [L, d_in, r]``,
+``C: [L, r, r]``, ``B: [L, r, d_out]``, one slice per layer. ``stack_layers`` and
+``unstack_layers`` convert between the two layouts.
 """
 
 from __future__ import annotations
@@ -29,9 +35,14 @@ Params = Mapping[str, Any]
 TRI = "tri"
 LORA = "lora"
 
+# A module path segment under which every parameter has a leading layer axis [L, ...]:
+# the blocks of a model whose layers run under nn.scan (see the module docstring).
+STACKED = "stacked"
+_LAYER_KEY = re.compile(r"layer_(\d+)$")
+
 # Every linear layer of a BERT-family encoder block (query, key, value, attention output,
-# both MLP layers), as in the authors' code.
-DEFAULT_TARGET = r"encoder/layer_\d+/.*/kernel$"
+# both MLP layers), as in the authors' code; ``stacked`` is the same blocks under nn.scan.
+DEFAULT_TARGET = r"encoder/(layer_\d+|stacked)/.*/kernel$"
 
 
 class AdapterConfigError(_checks.ConfigError):
@@ -102,14 +113,86 @@ def path_string(path: tuple[str, ...]) -> str:
     return "/".join(str(p) for p in path)
 
 
+def layer_axes(path: tuple[str, ...]) -> int:
+    """Leading layer axes of the parameters at ``path``: 1 under a ``stacked`` module, else 0."""
+    return int(STACKED in path)
+
+
+def is_kernel(path: tuple[str, ...], leaf: Any) -> bool:
+    """A 2-D ``[d_in, d_out]`` parameter, or ``[L, d_in, d_out]`` under a ``stacked`` module."""
+    return getattr(leaf, "ndim", 0) == 2 + layer_axes(path)
+
+
 def target_kernel_paths(params: Params, target: str) -> list[tuple[str, ...]]:
-    """Paths of the 2-D parameters whose "/"-joined path matches ``target`` (sorted)."""
+    """Paths of the kernels (``is_kernel``) whose "/"-joined path matches ``target`` (sorted)."""
     pattern = re.compile(target)
     flat = traverse_util.flatten_dict(params)
     return sorted(
         path for path, leaf in flat.items()
-        if getattr(leaf, "ndim", 0) == 2 and pattern.search(path_string(path))
+        if is_kernel(path, leaf) and pattern.search(path_string(path))
     )
+
+
+def _layer_count(tree: Mapping) -> int | None:
+    """L when the keys of ``tree`` are exactly layer_0 … layer_{L-1}, else None."""
+    indices = sorted(int(m.group(1)) for m in map(_LAYER_KEY.match, map(str, tree)) if m)
+    if not tree or len(indices) != len(tree) or indices != list(range(len(tree))):
+        return None
+    return len(indices)
+
+
+def _unrolled_path(path: tuple[str, ...], index: int) -> tuple[str, ...]:
+    """``path`` of layer ``index`` in the unstacked layout (``stacked`` → ``layer_<index>``)."""
+    return tuple(f"layer_{index}" if part == STACKED else part for part in path)
+
+
+def stack_layers(tree: Params) -> dict:
+    """Every mapping ``{layer_0: t_0, …, layer_{L-1}: t_{L-1}}`` in ``tree`` becomes
+    ``{"stacked": t}`` with each leaf of ``t`` the L leaves stacked on a new axis 0: the
+    layout of a model whose blocks run under ``nn.scan``. Works on parameters and adapters.
+
+    Raises:
+      ValueError: the layers do not share one structure and shapes.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from celora_jax.adapters import stack_layers, unstack_layers
+      >>> tree = {"encoder": {f"layer_{i}": {"kernel": jnp.full((2, 3), i)} for i in range(4)}}
+      >>> stack_layers(tree)["encoder"]["stacked"]["kernel"].shape
+      (4, 2, 3)
+      >>> float(unstack_layers(stack_layers(tree))["encoder"]["layer_3"]["kernel"][0, 0])
+      3.0
+    """
+    if not isinstance(tree, Mapping):
+        return tree
+    count = _layer_count(tree)
+    if count is None:
+        return {key: stack_layers(value) for key, value in tree.items()}
+    layers = [stack_layers(tree[f"layer_{i}"]) for i in range(count)]
+    shapes = [jax.tree.map(_checks.shape_of, layer) for layer in layers]
+    if any(shape != shapes[0] for shape in shapes):
+        differs = next(i for i, shape in enumerate(shapes) if shape != shapes[0])
+        raise ValueError(f"stack_layers: layer_{differs} does not have layer_0's parameters and shapes, "
+                         f"so the layers cannot share one stacked layout")
+    return {STACKED: jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)}
+
+
+def unstack_layers(tree: Params, axis: int = 0) -> dict:
+    """Inverse of :func:`stack_layers`: each ``stacked`` module becomes ``layer_0 …``,
+    slicing its leaves along ``axis`` (1 for client-stacked adapters ``[N, L, ...]``)."""
+    if not isinstance(tree, Mapping):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key != STACKED:
+            out[key] = unstack_layers(value, axis)
+            continue
+        leaves = jax.tree.leaves(value)
+        count = _checks.shape_of(leaves[0])[axis] if leaves else 0
+        for index in range(count):
+            out[f"layer_{index}"] = unstack_layers(
+                jax.tree.map(lambda leaf: jnp.take(leaf, index, axis=axis), value), axis)
+    return out
 
 
 def init_adapters(key: Array, params: Params, config: AdapterConfig) -> dict:
@@ -118,13 +201,16 @@ def init_adapters(key: Array, params: Params, config: AdapterConfig) -> dict:
     Args:
       key: PRNG key. Use the same key for every client so that all clients start from
         the same A and their cores live in a common basis (METHOD.md §1, [decided]).
-      params: base parameters (nested dict); kernels are [d_in, d_out].
+      params: base parameters (nested dict); kernels are [d_in, d_out], or [L, d_in, d_out]
+        under a ``stacked`` module.
       config: the adapter configuration.
 
     Returns:
       A nested dict mirroring the module structure of the targeted kernels. Per kernel
       ``A: [d_in, r]`` ~ N(0, a_init_std²), ``B: [r, d_out]`` = 0 and, for "tri",
-      ``C: [r, r]`` = I. With ``core_only``: B ~ N(0, a_init_std²) and C = 0.
+      ``C: [r, r]`` = I. With ``core_only``: B ~ N(0, a_init_std²) and C = 0. A stacked
+      kernel gets factors with the same leading L: exactly ``stack_layers`` of what the
+      same key draws for the unstacked parameters.
 
     Raises:
       AdapterConfigError: the regex matches no 2-D parameter, or the rank exceeds
@@ -148,21 +234,32 @@ def init_adapters(key: Array, params: Params, config: AdapterConfig) -> dict:
         raise AdapterConfigError("init_adapters: config.kind is None; choose 'tri' or 'lora'")
     paths = target_kernel_paths(params, config.target)
     if not paths:
-        kernels = [path_string(p) for p, v in traverse_util.flatten_dict(params).items()
-                   if getattr(v, "ndim", 0) == 2]
+        kernels = [path_string(p) for p, v in traverse_util.flatten_dict(params).items() if is_kernel(p, v)]
         raise AdapterConfigError(
             f"adapter target regex {config.target!r} matches no 2-D kernel; "
             f"examples of kernel paths: {kernels[:4]}")
     flat_params = traverse_util.flatten_dict(params)
-    flat_adapters = {}
-    keys = jax.random.split(key, len(paths))
-    for path, path_key in zip(paths, keys):
-        d_in, d_out = flat_params[path].shape
+    for path in paths:
+        d_in, d_out = flat_params[path].shape[-2:]
         if config.rank > min(d_in, d_out):
             raise AdapterConfigError(
                 f"adapter rank {config.rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
-                f"of kernel {path_string(path)} with shape {(d_in, d_out)}")
-        for name, value in init_factors(path_key, d_in, d_out, config).items():
+                f"of kernel {path_string(path)} with shape {tuple(flat_params[path].shape)}")
+    # One key per layer's kernel, in the sorted order of the per-layer (unrolled) paths: the
+    # stacked layout then starts from exactly stack_layers of the unrolled layout's factors.
+    per_layer = {(path, index): _unrolled_path(path, index)
+                 for path in paths for index in range(flat_params[path].shape[0] if layer_axes(path) else 1)}
+    order = {unrolled: position for position, unrolled in enumerate(sorted(per_layer.values()))}
+    keys = jax.random.split(key, len(order))
+    flat_adapters = {}
+    for path in paths:
+        d_in, d_out = flat_params[path].shape[-2:]
+        if layer_axes(path):
+            layer_keys = keys[jnp.asarray([order[per_layer[path, i]] for i in range(flat_params[path].shape[0])])]
+            factors = jax.vmap(lambda k: init_factors(k, d_in, d_out, config))(layer_keys)
+        else:
+            factors = init_factors(keys[order[per_layer[path, 0]]], d_in, d_out, config)
+        for name, value in factors.items():
             flat_adapters[path[:-1] + (name,)] = value
     return traverse_util.unflatten_dict(flat_adapters)
 

@@ -62,6 +62,12 @@ class ModelConfig:
       align_examples: public images for that alignment.
       align_batch_size: its batch size.
       align_learning_rate: its peak learning rate (warmup, cosine decay).
+      scan_layers: run the model's blocks under ``nn.scan`` with their weights and adapters
+        stacked on a leading layer axis (modules ``.../stacked/...``, e.g. the encoder's
+        ``backbone/encoder/stacked/attention/self/query``): the compiled program holds one
+        block, so compile time no longer grows with depth. Same model and adapter init, same
+        results up to float rounding, except that dropout draws other masks; PEFT export
+        still writes one adapter per layer.
     """
 
     path: str | None = None
@@ -78,6 +84,7 @@ class ModelConfig:
     align_examples: int = 1024
     align_batch_size: int = 16
     align_learning_rate: float = 1e-3
+    scan_layers: bool = False
 
     def __post_init__(self):
         check_fields(self, "model")

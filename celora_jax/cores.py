@@ -2,7 +2,8 @@
 the server stacks and mixes, and how much of an update they carry.
 
 ``stack_cores`` turns the cores of every adapted layer (optionally with a leading client
-axis) into one ``[..., L, r, r]`` array in a fixed layer order; ``unstack_cores`` puts a
+axis) into one ``[..., L, r, r]`` array in a fixed layer order (a ``stacked`` module's
+``[..., L_block, r, r]`` core contributes its L_block layers in order); ``unstack_cores`` puts a
 mixed array back; ``core_share`` measures what part of each layer's update the core holds.
 """
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from celora_jax import _checks
-from celora_jax.adapters import Params, adapter_modules, path_string
+from celora_jax.adapters import Params, adapter_modules, layer_axes, path_string
 
 Array = jax.Array
 
@@ -28,8 +29,8 @@ def stack_cores(adapters: Params) -> Array:
         (e.g. a client axis).
 
     Returns:
-      ``[..., L, r, r]`` with layers in sorted path order, the order :func:`unstack_cores`
-      expects and the layout :func:`celora_jax.server_step` takes.
+      ``[..., L, r, r]`` with layers in sorted path order (a stacked module's layers in
+      their own order), the order :func:`unstack_cores` expects and the layout :func:`celora_jax.server_step` takes.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -42,7 +43,16 @@ def stack_cores(adapters: Params) -> Array:
     """
     modules = adapter_modules(adapters)
     _stacked_core_shape("stack_cores", modules)
-    return jnp.stack([modules[p]["C"] for p in sorted(modules)], axis=-3)
+    return jnp.concatenate([_with_layer_axis(p, modules[p]["C"]) for p in sorted(modules)], axis=-3)
+
+
+def _with_layer_axis(path: tuple[str, ...], factor: Array) -> Array:
+    """``[..., k, a, b]``: a per-layer factor gets a layer axis of 1, a stacked one keeps its."""
+    return factor if layer_axes(path) else factor[..., None, :, :]
+
+
+def _layers_of(path: tuple[str, ...], core: Array) -> int:
+    return _checks.shape_of(core)[-3] if layer_axes(path) else 1
 
 
 def _stacked_core_shape(function: str, modules: Mapping[tuple[str, ...], Mapping]) -> tuple[int, ...]:
@@ -54,10 +64,20 @@ def _stacked_core_shape(function: str, modules: Mapping[tuple[str, ...], Mapping
         _checks.fail(function, f"adapters at {missing} have no core 'C' (two-factor LoRA "
                                f"adapters have no cores to stack)")
     shapes = {path_string(p): _checks.shape_of(modules[p]["C"]) for p in sorted(modules)}
-    first = next(iter(shapes.values()))
-    if len(set(shapes.values())) > 1 or len(first) < 2 or first[-1] != first[-2]:
-        _checks.fail(function, f"all cores must share one shape [..., r, r]; got {shapes}")
-    return (*first[:-2], len(modules), *first[-2:])
+    # A stacked module's core [..., L, r, r] has one (layer) axis more than a per-layer one's.
+    per_layer = set()
+    for path in modules:
+        shape = _checks.shape_of(modules[path]["C"])
+        if layer_axes(path) and len(shape) < 3:
+            _checks.fail(function, f"the core of the stacked module {path_string(path)} must be [..., L, r, r], "
+                                   f"got {shape}")
+        per_layer.add(shape[:-3] + shape[-2:] if layer_axes(path) else shape)
+    first = next(iter(per_layer))
+    if len(per_layer) > 1 or len(first) < 2 or first[-1] != first[-2]:
+        _checks.fail(function, f"all cores must share one shape [..., r, r] ([..., L, r, r] under a "
+                               f"'stacked' module); got {shapes}")
+    layers = sum(_layers_of(p, modules[p]["C"]) for p in modules)
+    return (*first[:-2], layers, *first[-2:])
 
 
 def unstack_cores(adapters: Params, cores: Array) -> dict:
@@ -79,8 +99,12 @@ def unstack_cores(adapters: Params, cores: Array) -> dict:
         _checks.fail("unstack_cores", f"cores must have shape {expected} ([..., L, r, r] for the "
                                       f"{len(modules)} cores of adapters), got {_checks.shape_of(cores)}")
     flat = dict(traverse_util.flatten_dict(adapters))
-    for index, module_path in enumerate(sorted(modules)):
-        flat[module_path + ("C",)] = cores[..., index, :, :]
+    start = 0
+    for module_path in sorted(modules):
+        count = _layers_of(module_path, modules[module_path]["C"])
+        block = cores[..., start:start + count, :, :]
+        flat[module_path + ("C",)] = block if layer_axes(module_path) else block[..., 0, :, :]
+        start += count
     return traverse_util.unflatten_dict(flat)
 
 
@@ -119,10 +143,10 @@ def core_share(adapters: Params) -> Array:
 
     shares = []
     for path in sorted(modules):
-        a, core, b = modules[path]["A"], modules[path]["C"], modules[path]["B"]
+        a, core, b = (_with_layer_axis(path, modules[path][name]) for name in ("A", "C", "B"))
         eye = jnp.eye(core.shape[-1], dtype=core.dtype)
         full = squared_norm(a, core, b)
         departed = squared_norm(a, core - eye, b)
         shares.append(jnp.where(full > 0, jnp.sqrt(jnp.maximum(departed, 0.0) / jnp.where(full > 0, full, 1.0)),
                                 0.0))
-    return jnp.stack(shares, axis=-1)
+    return jnp.concatenate(shares, axis=-1)

@@ -52,7 +52,8 @@ def export_peft(adapters: Mapping, directory: str | pathlib.Path, *, rank: int, 
     """Writes one client's adapters (no client axis) as a PEFT LoRA folder.
 
     Args:
-      adapters: the client's adapter pytree (tri-matrix or two-factor).
+      adapters: the client's adapter pytree (tri-matrix or two-factor); a ``stacked``
+        module (layers under ``nn.scan``) is written as one PEFT module per layer.
       directory: output folder (created).
       rank: r.
       alpha: LoRA alpha; the scale alpha / r is the same in PEFT and here.
@@ -78,7 +79,9 @@ def export_peft(adapters: Mapping, directory: str | pathlib.Path, *, rank: int, 
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, names = {}, []
-    for module_path, pair in sorted(adapters_lib.adapter_modules(adapters_lib.to_two_factor(adapters)).items()):
+    # PEFT names one module per layer: stacked (nn.scan) adapters are written per layer.
+    per_layer = adapters_lib.unstack_layers(adapters)
+    for module_path, pair in sorted(adapters_lib.adapter_modules(adapters_lib.to_two_factor(per_layer)).items()):
         if np.ndim(pair["A"]) != 2:
             raise ValueError(f"export_peft takes one client's adapters; {module_path} has A of shape "
                              f"{np.shape(pair['A'])} (select a client first)")

@@ -18,8 +18,9 @@ from celora_jax._checks import ConfigError
 def apply_overrides(config, overrides: list[str]):
     """Returns ``config`` with ``section.field=value`` overrides applied.
 
-    Values are parsed as Python literals (``3``, ``0.5``, ``True``, ``None``, ``'x'``) and
-    fall back to plain strings; a value must fit the field's type. The overrides of one
+    Values are parsed as Python literals (``3``, ``0.5``, ``True``, ``None``, ``'x'``; a bool
+    field also takes ``true``/``false``) and fall back to plain strings; a value must fit
+    the field's type. The overrides of one
     section are applied together, so fields that are only valid in combination (e.g.
     ``dp.clip_norm`` with ``dp.noise_multiplier``) can be set in either order.
     """
@@ -97,6 +98,8 @@ def _coerce(value, current, owner, name, full_key):
         return None
     if isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
         return float(value)
+    if isinstance(value, str) and bool in allowed and str not in allowed and value.lower() in ("true", "false"):
+        return value.lower() == "true"  # the spelling of YAML, JSON and shells: true/false
     if isinstance(value, bool) and bool not in allowed:
         raise ConfigError(f"config key {full_key!r} expects {expected}, got {value!r}")
     for kind in allowed:

@@ -85,3 +85,11 @@ def test_the_fuzzer_sees_every_section_and_its_checks_can_fail():
         dataclasses.replace(RunConfig().optimizer, learning_rate=math.nan)
     with pytest.raises(ConfigError, match="seed must be an integer >= 0"):
         apply_overrides(RunConfig(), ["seed=-1"])
+
+
+def test_bool_fields_take_true_and_false_as_shells_spell_them():
+    config = apply_overrides(RunConfig(), ["optimizer.dropout=false", "model.scan_layers=TRUE"])
+    assert config.optimizer.dropout is False and config.model.scan_layers is True
+    assert apply_overrides(RunConfig(), ["optimizer.dropout=True"]).optimizer.dropout is True
+    with pytest.raises(ConfigError, match="optimizer.dropout. expects bool, got 'no'"):
+        apply_overrides(RunConfig(), ["optimizer.dropout=no"])

@@ -1,7 +1,8 @@
 """Flax BERT-family encoder (BERT, MiniLM, RoBERTa) with adapter-aware dense layers.
 
 Parameter names mirror Hugging Face's ``BertModel`` (``encoder/layer_0/attention/self/query/
-kernel``) so HF safetensors map onto them mechanically and adapter target regexes read like
+kernel``; ``encoder/stacked/...`` with a leading layer axis under ``scan_layers``) so HF
+safetensors map onto them mechanically and adapter target regexes read like
 the HF names. Adapters are read from the ``"lora"`` variable collection, whose structure
 mirrors the module tree (see ``celora_jax.adapters``); without it the model is the plain
 pre-trained encoder::
@@ -18,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from celora_jax.models.layers import Dense
+from celora_jax.adapters import STACKED
+from celora_jax.models.layers import Dense, scan_blocks
 
 Array = jax.Array
 
@@ -194,25 +196,40 @@ class Intermediate(nn.Module):
 
 
 class Layer(nn.Module):
+    """One block; under ``nn.scan`` (``scanned``) it returns ``(x, None)`` as scan needs."""
+
     config: EncoderConfig
     lora_scale: float = 1.0
     dtype: Any = jnp.float32
+    scanned: bool = False
 
     @nn.compact
     def __call__(self, x, attention_mask, deterministic):
         args = (self.config, self.lora_scale, self.dtype)
         x = Attention(*args, name="attention")(x, attention_mask, deterministic)
         hidden = Intermediate(*args, name="intermediate")(x)
-        return ResidualOutput(*args, name="output")(hidden, x, deterministic)
+        x = ResidualOutput(*args, name="output")(hidden, x, deterministic)
+        return (x, None) if self.scanned else x
 
 
 class Encoder(nn.Module):
+    """The blocks ``layer_0 … layer_{L-1}``, or with ``scan_layers`` one block under
+    ``nn.scan`` whose parameters and adapters (module ``stacked``) carry a leading layer
+    axis: the program then holds one block however deep the model, so compile time no
+    longer grows with depth."""
+
     config: EncoderConfig
     lora_scale: float = 1.0
     dtype: Any = jnp.float32
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x, attention_mask, deterministic):
+        if self.scan_layers:
+            blocks = scan_blocks(Layer, self.config.num_layers, (nn.broadcast, nn.broadcast))
+            x, _ = blocks(self.config, self.lora_scale, self.dtype, scanned=True, name=STACKED)(
+                x, attention_mask, deterministic)
+            return x
         for index in range(self.config.num_layers):
             x = Layer(self.config, self.lora_scale, self.dtype, name=f"layer_{index}")(
                 x, attention_mask, deterministic)
@@ -225,6 +242,7 @@ class BertModel(nn.Module):
     config: EncoderConfig
     lora_scale: float = 1.0
     dtype: Any = jnp.float32
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic=True,
@@ -235,7 +253,7 @@ class BertModel(nn.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         x = Embeddings(self.config, self.dtype, name="embeddings")(
             input_ids, attention_mask, token_type_ids, deterministic, inputs_embeds)
-        return Encoder(self.config, self.lora_scale, self.dtype, name="encoder")(
+        return Encoder(self.config, self.lora_scale, self.dtype, self.scan_layers, name="encoder")(
             x, attention_mask, deterministic)
 
 
@@ -269,6 +287,8 @@ class SequenceClassifier(nn.Module):
         state) or "pooler" (first token through HF's tanh pooler, BERT's classifier).
       lora_scale: s = alpha / r applied to every adapter found in the "lora" collection.
       dtype: compute dtype (parameters stay float32).
+      scan_layers: run the blocks under ``nn.scan`` (parameters under
+        ``backbone/encoder/stacked`` with a leading layer axis; see ``Encoder``).
     """
 
     config: EncoderConfig
@@ -276,13 +296,14 @@ class SequenceClassifier(nn.Module):
     pooling: str = "mean"
     lora_scale: float = 1.0
     dtype: Any = jnp.float32
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, deterministic=True,
                  inputs_embeds=None):
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        hidden = BertModel(self.config, self.lora_scale, self.dtype, name="backbone")(
+        hidden = BertModel(self.config, self.lora_scale, self.dtype, self.scan_layers, name="backbone")(
             input_ids, attention_mask, token_type_ids, deterministic, inputs_embeds)
         pooled = pool(hidden, attention_mask, self.pooling)
         if self.pooling == "pooler":

@@ -31,3 +31,13 @@ class Dense(nn.Module):
         adapter = {name: self.get_variable("lora", name) for name in ("A", "C", "B")
                    if self.has_variable("lora", name)} or None
         return adapted_linear(x.astype(self.dtype), kernel.astype(self.dtype), bias, adapter, self.lora_scale)
+
+
+def scan_blocks(block: type[nn.Module], num_layers: int, in_axes: tuple = ()) -> type[nn.Module]:
+    """``block`` under ``nn.scan`` over ``num_layers`` layers: its parameters and adapters
+    (the ``lora`` collection) get a leading layer axis and each layer draws its own init and
+    dropout keys. ``in_axes`` says, for each call argument after the carried hidden states,
+    ``nn.broadcast`` (masks, flags: the same for every layer) or 0 (one slice per layer, e.g.
+    a stacked key/value cache). The block returns ``(carry, per-layer output or None)``."""
+    return nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=in_axes, length=num_layers)

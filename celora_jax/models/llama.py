@@ -22,12 +22,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from celora_jax.models.layers import Dense
+from celora_jax.adapters import STACKED
+from celora_jax.models.layers import Dense, scan_blocks
 
 Array = jax.Array
 
 # Every linear layer of every block (q, k, v, o, gate, up, down), the issue's default.
-DECODER_TARGET = r"layers/layer_\d+/(self_attn|mlp)/\w+_proj/kernel$"
+DECODER_TARGET = r"layers/(layer_\d+|stacked)/(self_attn|mlp)/\w+_proj/kernel$"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,14 +210,22 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderStack(nn.Module):
-    """The blocks ``layer_0 … layer_{L-1}`` (HF's ``model.layers``)."""
+    """The blocks ``layer_0 … layer_{L-1}`` (HF's ``model.layers``), or with ``scan_layers``
+    one block under ``nn.scan`` (module ``stacked``: parameters, adapters and the key/value
+    cache with a leading layer axis), so that compile time no longer grows with depth."""
 
     config: DecoderConfig
     lora_scale: float = 1.0
     dtype: Any = jnp.float32
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x, positions, key_mask, caches, write_index):
+        if self.scan_layers:
+            blocks = scan_blocks(DecoderLayer, self.config.num_layers,
+                                 (nn.broadcast, nn.broadcast, 0, nn.broadcast))
+            return blocks(self.config, self.lora_scale, self.dtype, name=STACKED)(
+                x, positions, key_mask, caches, write_index)
         new_caches = []
         for index in range(self.config.num_layers):
             layer_cache = None if caches is None else caches[index]
@@ -244,6 +253,7 @@ class LlamaForCausalLM(nn.Module):
     config: DecoderConfig
     lora_scale: float = 1.0
     dtype: Any = jnp.float32
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Array | None = None,
@@ -278,7 +288,7 @@ class LlamaForCausalLM(nn.Module):
             visible = jnp.arange(size)[None, :] <= (write_index + jnp.arange(length))[:, None]
             key_mask = visible[None] & slots[:, None, :]  # [B, T, S]
         positions = jnp.maximum(positions, 0)
-        x, new_layers = DecoderStack(cfg, self.lora_scale, self.dtype, name="layers")(
+        x, new_layers = DecoderStack(cfg, self.lora_scale, self.dtype, self.scan_layers, name="layers")(
             x, positions, key_mask, None if cache is None else cache["layers"], write_index)
         x = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
         if return_hidden:
@@ -297,13 +307,18 @@ class LlamaForCausalLM(nn.Module):
         return logits.astype(jnp.float32), new_cache
 
 
-def init_cache(config: DecoderConfig, batch: int, size: int, dtype: Any = jnp.float32) -> dict:
+def init_cache(config: DecoderConfig, batch: int, size: int, dtype: Any = jnp.float32,
+               stacked: bool = False) -> dict:
     """An empty key/value cache for ``batch`` sequences of up to ``size`` tokens.
 
     ``{"layers": [{"k", "v": [B, size, kv_heads, head_dim]}] * L, "mask": [B, size] bool
-    (slots holding a real token), "index": next slot to write}``.
+    (slots holding a real token), "index": next slot to write}``; ``stacked`` (for a model
+    with ``scan_layers``): ``"layers"`` is one ``{"k", "v": [L, B, size, kv_heads, head_dim]}``.
     """
     shape = (batch, size, config.num_kv_heads, config.head_dim)
+    if stacked:
+        layers = {name: jnp.zeros((config.num_layers, *shape), dtype) for name in ("k", "v")}
+        return {"layers": layers, "mask": jnp.zeros((batch, size), bool), "index": jnp.int32(0)}
     layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers)]
     return {"layers": layers, "mask": jnp.zeros((batch, size), bool), "index": jnp.int32(0)}
 
@@ -331,7 +346,7 @@ def greedy_generate(model: LlamaForCausalLM, variables: Mapping[str, Any], input
                          f"context of {cfg.max_position_embeddings}")
     if max_new_tokens == 0:
         return jnp.zeros((batch, 0), jnp.int32)
-    cache = init_cache(cfg, batch, length + max_new_tokens, model.dtype)
+    cache = init_cache(cfg, batch, length + max_new_tokens, model.dtype, stacked=model.scan_layers)
     logits, cache = model.apply(variables, input_ids, attention_mask, cache, prefix=prefix)
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
 

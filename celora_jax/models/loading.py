@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from celora_jax.adapters import stack_layers
 from celora_jax.models.bert import EncoderConfig, SequenceClassifier
 
 logger = logging.getLogger(__name__)
@@ -177,12 +178,17 @@ def build_classifier_params(key: jax.Array, model: SequenceClassifier,
 
 def load_classifier(model_dir: str | pathlib.Path, key: jax.Array, *, num_labels: int = 2,
                     pooling: str = "mean", lora_scale: float = 1.0,
-                    dtype: Any = jnp.float32) -> tuple[SequenceClassifier, dict]:
-    """Model and parameters of a sequence classifier on a local HF encoder checkpoint."""
+                    dtype: Any = jnp.float32, scan_layers: bool = False) -> tuple[SequenceClassifier, dict]:
+    """Model and parameters of a sequence classifier on a local HF encoder checkpoint;
+    with ``scan_layers`` the blocks run under ``nn.scan`` and their weights load stacked
+    (``backbone/encoder/stacked/...`` ``[L, ...]``)."""
     config = read_encoder_config(model_dir)
     model = SequenceClassifier(config, num_labels=num_labels, pooling=pooling,
-                               lora_scale=lora_scale, dtype=dtype)
-    return model, build_classifier_params(key, model, read_checkpoint(model_dir))
+                               lora_scale=lora_scale, dtype=dtype, scan_layers=scan_layers)
+    checkpoint = read_checkpoint(model_dir)
+    if scan_layers:
+        checkpoint = stack_layers(checkpoint)
+    return model, build_classifier_params(key, model, checkpoint)
 
 
 def load_tokenizer(model_dir: str | pathlib.Path):

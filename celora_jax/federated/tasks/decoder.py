@@ -19,7 +19,8 @@ from celora_jax.models import decoder_loading, llama, loading
 
 
 def load_decoder(config: RunConfig, adapter_config: adapters_lib.AdapterConfig):
-    """(adapter config with the decoder's default targets, decoder config, params, tokenizer)."""
+    """(adapter config with the decoder's default targets, decoder config, params (stacked
+    with ``model.scan_layers``), tokenizer)."""
     if adapter_config.target == adapters_lib.DEFAULT_TARGET:
         adapter_config = dataclasses.replace(adapter_config, target=llama.DECODER_TARGET)
     model_config, params, tokenizer = decoder_loading.load_decoder(config.model.path)
@@ -28,6 +29,8 @@ def load_decoder(config: RunConfig, adapter_config: adapters_lib.AdapterConfig):
                                      f"{model_config.max_position_embeddings} tokens")
     if tokenizer is None:
         raise loading.ModelLoadError(f"{config.model.path} has no tokenizer.json; the decoder needs one")
+    if config.model.scan_layers:  # the blocks run under nn.scan: their weights load stacked
+        params = adapters_lib.stack_layers(params)
     return adapter_config, model_config, params, tokenizer
 
 
@@ -54,7 +57,8 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     train, test, global_test = base.client_examples(encoded, dataset.labels, needed, split, clients,
                                                     config.partition.pooled_training)
 
-    model = llama.LlamaForCausalLM(model_config, lora_scale=adapter_config.scale, dtype=base.compute_dtype(config))
+    model = llama.LlamaForCausalLM(model_config, lora_scale=adapter_config.scale, dtype=base.compute_dtype(config),
+                                   scan_layers=config.model.scan_layers)
     params = jax.tree.map(jnp.asarray, params)
     key_adapter = jax.random.split(jax.random.key(config.seed))[1]
     base_params, client_params = base.client_parameters(params, config, adapter_config, key_adapter)

@@ -49,7 +49,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     key_model, key_adapter = jax.random.split(jax.random.key(config.seed))
     model, params = loading.load_classifier(
         model_dir, key_model, num_labels=dataset.num_classes, pooling=config.model.pooling,
-        lora_scale=adapter_config.scale, dtype=base.compute_dtype(config))
+        lora_scale=adapter_config.scale, dtype=base.compute_dtype(config), scan_layers=config.model.scan_layers)
     base_params, client_params = base.client_parameters(params, config, adapter_config, key_adapter)
 
     def logits_fn(full_params, lora_params, batch, dropout_key):
@@ -59,7 +59,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
         return model.apply(variables, batch["input_ids"], batch["attention_mask"],
                            deterministic=False, rngs={"dropout": dropout_key})
 
-    trunk = BertModel(model.config, dtype=model.dtype)
+    trunk = BertModel(model.config, dtype=model.dtype, scan_layers=model.scan_layers)
     summary = "first" if model.pooling != "mean" else "mean"
 
     def embed_fn(full_params, input_ids, attention_mask):

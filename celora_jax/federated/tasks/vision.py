@@ -50,15 +50,19 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     train, test, global_test = base.client_examples({"images": dataset.images[needed]}, dataset.labels, needed,
                                                     split, clients, config.partition.pooled_training)
 
-    model = vit.ImageClassifier(vision_config, dataset.num_classes, size, lora_scale=adapter_config.scale)
+    scan = config.model.scan_layers
+    model = vit.ImageClassifier(vision_config, dataset.num_classes, size, lora_scale=adapter_config.scale,
+                                scan_layers=scan)
     key_head, key_adapter = jax.random.split(jax.random.key(config.seed))
-    params = init_classifier_params(key_head, vision_config, vision_params, dataset.num_classes)
+    params = init_classifier_params(key_head, vision_config,
+                                    adapters_lib.stack_layers(vision_params) if scan else vision_params,
+                                    dataset.num_classes)
     base_params, client_params = base.client_parameters(params, config, adapter_config, key_adapter)
 
     def logits_fn(full_params, lora_params, batch, dropout_key):
         return model.apply({"params": full_params, "lora": lora_params}, batch["images"])
 
-    trunk = vit.VisionTransformer(vision_config)
+    trunk = vit.VisionTransformer(vision_config, scan_layers=scan)
 
     def embed_fn(full_params, images):
         pixels = vit.prepare_pixels(images, vision_config, size)

@@ -50,7 +50,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
                                                     config.partition.pooled_training)
 
     model = vlm.VisionLanguageModel(model_config, lora_scale=adapter_config.scale,
-                                    dtype=base.compute_dtype(config))
+                                    dtype=base.compute_dtype(config), scan_layers=config.model.scan_layers)
     key_projector, key_adapter = jax.random.split(jax.random.key(config.seed))
     params = {"decoder": jax.tree.map(jnp.asarray, decoder_params),
               "projector": vlm.init_projector(key_projector, vision_config.hidden_size, model_config.hidden_size)}
