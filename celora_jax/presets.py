@@ -3,6 +3,12 @@
     celora-jax run --preset default            # README command 1
     celora-jax run --preset smoke --methods all
 
+The SmolLM2 presets (instruct, vlm, pod, shakespeare_natural and their smoke forms) run
+the 30 blocks under ``nn.scan`` (``model.scan_layers``): a one-round instruct_smoke run went
+from 125 to 34 s (benchmarks/compile_time.py); results recorded before 2026-12-04 ran them
+unrolled (``--set model.scan_layers=false``), which gives the same results up to float
+rounding (SmolLM2 has no dropout).
+
 Sizes are chosen for the 2-core CPU machines (one MiniLM step, batch 16 x 64 tokens,
 costs about 0.5 s per client); the same presets scale up unchanged on GPUs/TPUs by
 raising clients, examples and rounds with ``--set``.
@@ -48,7 +54,7 @@ SMOKE = dataclasses.replace(
 # method; on a GPU raise clients, examples, max_length and rounds with --set.
 INSTRUCT = RunConfig(
     name="instruct",
-    model=ModelConfig(architecture="decoder", max_length=96, trainable_base=r"norm/scale$"),
+    model=ModelConfig(architecture="decoder", max_length=96, trainable_base=r"norm/scale$", scan_layers=True),
     partition=PartitionConfig(scheme="dirichlet_source", num_clients=10, alpha=0.5,
                               train_examples=32, test_examples=16, global_test_examples=64),
     federation=FederationConfig(method="celora", rounds=6, batch_size=8, eval_batch_size=16),
@@ -58,7 +64,7 @@ INSTRUCT = RunConfig(
 INSTRUCT_SMOKE = dataclasses.replace(
     INSTRUCT,
     name="instruct_smoke",
-    model=ModelConfig(architecture="decoder", max_length=64, trainable_base=r"norm/scale$"),
+    model=ModelConfig(architecture="decoder", max_length=64, trainable_base=r"norm/scale$", scan_layers=True),
     partition=PartitionConfig(scheme="dirichlet_source", num_clients=2, alpha=0.5,
                               train_examples=4, test_examples=4, global_test_examples=4),
     federation=FederationConfig(method="celora", rounds=2, batch_size=2, local_steps=1, eval_batch_size=4,
@@ -76,7 +82,7 @@ VLM = RunConfig(
     name="vlm",
     # The projector is first aligned centrally on 2,048 images no client holds (400 steps of
     # 16, about 7 CPU-minutes): trained inside the rounds alone it learns label priors only.
-    model=ModelConfig(architecture="vlm", max_length=32, trainable_base=r"(norm/scale$|projector/)",
+    model=ModelConfig(architecture="vlm", max_length=32, trainable_base=r"(norm/scale$|projector/)", scan_layers=True,
                       align_steps=400, align_examples=2048, align_batch_size=16, align_learning_rate=2e-3),
     partition=PartitionConfig(scheme="dirichlet", num_clients=10, alpha=0.5,
                               train_examples=32, test_examples=16, global_test_examples=64),
@@ -100,7 +106,8 @@ VLM_SMOKE = dataclasses.replace(
 # Llama directory works through --set model.path=... .
 POD = RunConfig(
     name="pod",
-    model=ModelConfig(architecture="decoder", max_length=96, trainable_base=r"norm/scale$", dtype="bfloat16"),
+    model=ModelConfig(architecture="decoder", max_length=96, trainable_base=r"norm/scale$", dtype="bfloat16",
+                      scan_layers=True),
     partition=PartitionConfig(scheme="dirichlet_source", num_clients=2048, alpha=0.5,
                               train_examples=8, test_examples=4, global_test_examples=64),
     federation=FederationConfig(method="celora", rounds=20, batch_size=8, local_steps=4, eval_every=5,
@@ -171,7 +178,7 @@ FASHION_MNIST_CLUSTERED_ROTATIONS = RunConfig(
 SHAKESPEARE_NATURAL = RunConfig(
     name="shakespeare_natural",
     model=ModelConfig(architecture="decoder", objective="next_token", max_length=64,
-                      trainable_base=r"norm/scale$"),
+                      trainable_base=r"norm/scale$", scan_layers=True),
     data=TextDataConfig(corpus="shakespeare"),
     partition=PartitionConfig(scheme="natural", num_clients=20, train_examples=32, test_examples=16,
                               global_test_examples=0),
