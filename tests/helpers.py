@@ -17,6 +17,14 @@ def load_benchmark_module(name: str):
     return module
 
 
+def xla_flags(*flags: str) -> str:
+    """$XLA_FLAGS (the suite's optimization level, tests/conftest.py) plus ``flags``, for a
+    subprocess's environment: its programs then compile as the test process's do."""
+    import os
+
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+
 def tiny_config(model_dir, method="celora", **federation):
     return RunConfig(
         name="tiny",

@@ -1,5 +1,5 @@
 """The benchmarks/ scripts in their --smoke form: many clients, Flower vs our engine, round speed,
-startup."""
+startup, compile time."""
 
 import pytest
 
@@ -106,3 +106,34 @@ def test_startup_benchmark_smoke_writes_json(tmp_path, tiny_model_dir, movie_rev
         assert 0 < cli[f"{phase}_round1_seconds"] < cli[f"{phase}_seconds"]
     assert cli["saved_seconds"] == pytest.approx(cli["cold_seconds"] - cli["warm_seconds"], abs=0.02)
     assert f"--set model.path={tiny_model_dir}" in cli["command"] and "grid_run" not in report
+
+
+@pytest.mark.assets
+def test_compile_time_benchmark_smoke_writes_json(tmp_path, tiny_model_dir, movie_reviews_csv):
+    """One method in both layouts on a tiny BERT: the round step's compile events are found
+    and summed, and the persistent cache is back as it was afterwards."""
+    import json
+
+    import jax
+
+    from helpers import load_benchmark_module
+
+    bench = load_benchmark_module("compile_time")
+    assert bench.program("jit(round_step)") == bench.program("jit_round_step") == "round_step"
+    cache_before = jax.config.jax_compilation_cache_dir
+    out = tmp_path / "compile.json"
+    overrides = [f"model.path={tiny_model_dir}", "model.max_length=16"]
+    assert bench.main(["--smoke", *[a for o in overrides for a in ("--set", o)], "--out", str(out)]) == 0
+    assert jax.config.jax_compilation_cache_dir == cache_before
+    report = json.loads(out.read_text())
+    assert report["overrides"] == overrides and report["machine"]["cpu_count"] >= 1
+    layouts = report["presets"]["smoke"]["fedavg_lora"]
+    for layout in ("unrolled", "scan"):
+        step, programs = layouts[layout]["round_step"], layouts[layout]["all_programs"]
+        # Cache off: the round step is traced, lowered and compiled for real in each run.
+        assert step["trace"] > 0 and step["lower"] > 0 and step["compile"] > 0
+        assert step["total"] == pytest.approx(step["trace"] + step["lower"] + step["compile"], abs=2e-3)
+        assert programs["total"] >= step["total"] and layouts[layout]["run_seconds"] > programs["compile"]
+    # Same run in both layouts (the smoke preset's dropout aside, which differs per layer).
+    assert layouts["scan_over_unrolled"] == pytest.approx(
+        layouts["scan"]["round_step"]["total"] / layouts["unrolled"]["round_step"]["total"], abs=1e-3)

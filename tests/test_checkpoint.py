@@ -16,7 +16,7 @@ import pytest
 
 from celora_jax.config import CheckpointConfig, from_dict, to_dict
 from celora_jax.federated import engine
-from helpers import tiny_config
+from helpers import tiny_config, xla_flags
 from test_engine import ROOT
 
 # Runs 4 rounds with a checkpoint after each; blocks at the start of round 3 (after the
@@ -101,7 +101,7 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tiny_model_dir, tmp_path
 
     # The same checkpoint restores onto 8 devices (different mesh padding).
     npz = str(tmp_path / "eight.npz")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", _RESUME_ON_EIGHT.format(root=str(ROOT), out=str(eight), npz=npz)],
                    check=True, env=env)
     on_eight = np.load(npz)

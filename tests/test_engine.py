@@ -16,7 +16,7 @@ from celora_jax.config import FederationConfig, apply_overrides
 from celora_jax.data.text import DataError, TextDataConfig
 from celora_jax.federated import engine, loop
 from celora_jax import usable
-from helpers import tiny_config
+from helpers import tiny_config, xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The methods run here on the tiny BERT (one of each kind of server and adapter); every
@@ -93,7 +93,7 @@ def test_one_device_and_eight_devices_give_the_same_run(tiny_model_dir, tmp_path
     out = str(tmp_path / "eight.npz")
     script = _EIGHT_DEVICES.format(root=str(ROOT), tests=str(ROOT / "tests"), model=str(tiny_model_dir),
                                    method=method, out=out, overrides=overrides)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
     eight = np.load(out)
     leaves = jax.tree.leaves(one.client_params)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from test_engine import ROOT
+from helpers import xla_flags
 
 METHODS = ("celora", "fedavg_lora")
 
@@ -34,7 +35,7 @@ def _command(model_dir, out, *extra):
 
 
 def _env(devices: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    return dict(os.environ, XLA_FLAGS=xla_flags(f"--xla_force_host_platform_device_count={devices}"),
                 JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
 
 

@@ -17,6 +17,7 @@ from celora_jax import roles
 from celora_jax.federated import loop
 from celora_jax.federated.methods import METHODS, method_names
 from toy import toy_config, toy_setup
+from helpers import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ALL = method_names()
@@ -74,7 +75,7 @@ def references():
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "eight.json"
         script = _EIGHT_DEVICES.format(root=str(ROOT), tests=str(ROOT / "tests"), methods=ALL, out=str(out))
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+        env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
         subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp)
         eight = json.loads(out.read_text())
     return one, eight
