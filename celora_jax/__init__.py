@@ -7,7 +7,8 @@ internal and may change.
 * Adapters over parameter pytrees: :class:`AdapterConfig`, :func:`init_adapters`,
   :func:`adapter_output`, :func:`adapted_linear`, :func:`adapter_delta`,
   :func:`merge_kernel`, :func:`merge_adapters`, :func:`to_two_factor`,
-  :func:`stack_cores`, :func:`unstack_cores`.
+  :func:`stack_cores`, :func:`unstack_cores`; blocks unrolled or under ``nn.scan``:
+  :func:`stack_layers`, :func:`unstack_layers`.
 * Any JAX model, unedited: :func:`adapt`.
 * The CE-LoRA server kernel: :func:`fit_class_mixtures`, :func:`data_distance`,
   :func:`parameter_distance`, :class:`AggregationConfig`, :func:`server_step`,
@@ -37,6 +38,7 @@ from celora_jax.export import export_peft, load_peft
 from celora_jax.federated.methods import METHODS, FederatedMethod, get_method
 from celora_jax.functional import adapt
 from celora_jax.gmm import ClassMixtures, MixtureConfig, fit_class_mixtures
+from celora_jax.layer_layout import stack_layers, unstack_layers
 from celora_jax.roles import parameter_roles
 from celora_jax.similarity import data_distance, parameter_distance
 
@@ -46,7 +48,7 @@ __all__ = [
     # adapters
     "AdapterConfig", "AdapterConfigError", "adapted_linear", "adapter_delta", "adapter_output", "core_share",
     "init_adapters", "merge_adapters", "merge_kernel", "stack_cores", "to_two_factor",
-    "unstack_cores", "adapt",
+    "unstack_cores", "stack_layers", "unstack_layers", "adapt",
     # CE-LoRA server kernel
     "ClassMixtures", "MixtureConfig", "fit_class_mixtures", "data_distance", "parameter_distance",
     "AggregationConfig", "ServerOutputs", "server_step", "weighted_average_cores",

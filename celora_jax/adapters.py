@@ -26,6 +26,14 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from celora_jax import _checks
+# The layer-layout helpers live in their own module; they are part of this one's API too.
+from celora_jax.layer_layout import STACKED, layer_axes, stack_layers, unrolled_path, unstack_layers
+
+__all__ = [  # what `from celora_jax.adapters import *` and the API docs show
+    "TRI", "LORA", "STACKED", "DEFAULT_TARGET", "AdapterConfig", "AdapterConfigError", "path_string",
+    "layer_axes", "is_kernel", "target_kernel_paths", "stack_layers", "unstack_layers", "init_adapters",
+    "init_factors", "adapter_delta", "adapter_output", "adapted_linear", "merge_kernel", "merge_adapters",
+    "adapter_modules", "to_two_factor"]
 
 Array = jax.Array
 PyTree = Any
@@ -34,11 +42,6 @@ Params = Mapping[str, Any]
 
 TRI = "tri"
 LORA = "lora"
-
-# A module path segment under which every parameter has a leading layer axis [L, ...]:
-# the blocks of a model whose layers run under nn.scan (see the module docstring).
-STACKED = "stacked"
-_LAYER_KEY = re.compile(r"layer_(\d+)$")
 
 # Every linear layer of a BERT-family encoder block (query, key, value, attention output,
 # both MLP layers), as in the authors' code; ``stacked`` is the same blocks under nn.scan.
@@ -113,11 +116,6 @@ def path_string(path: tuple[str, ...]) -> str:
     return "/".join(str(p) for p in path)
 
 
-def layer_axes(path: tuple[str, ...]) -> int:
-    """Leading layer axes of the parameters at ``path``: 1 under a ``stacked`` module, else 0."""
-    return int(STACKED in path)
-
-
 def is_kernel(path: tuple[str, ...], leaf: Any) -> bool:
     """A 2-D ``[d_in, d_out]`` parameter, or ``[L, d_in, d_out]`` under a ``stacked`` module."""
     return getattr(leaf, "ndim", 0) == 2 + layer_axes(path)
@@ -131,68 +129,6 @@ def target_kernel_paths(params: Params, target: str) -> list[tuple[str, ...]]:
         path for path, leaf in flat.items()
         if is_kernel(path, leaf) and pattern.search(path_string(path))
     )
-
-
-def _layer_count(tree: Mapping) -> int | None:
-    """L when the keys of ``tree`` are exactly layer_0 … layer_{L-1}, else None."""
-    indices = sorted(int(m.group(1)) for m in map(_LAYER_KEY.match, map(str, tree)) if m)
-    if not tree or len(indices) != len(tree) or indices != list(range(len(tree))):
-        return None
-    return len(indices)
-
-
-def _unrolled_path(path: tuple[str, ...], index: int) -> tuple[str, ...]:
-    """``path`` of layer ``index`` in the unstacked layout (``stacked`` → ``layer_<index>``)."""
-    return tuple(f"layer_{index}" if part == STACKED else part for part in path)
-
-
-def stack_layers(tree: Params) -> dict:
-    """Every mapping ``{layer_0: t_0, …, layer_{L-1}: t_{L-1}}`` in ``tree`` becomes
-    ``{"stacked": t}`` with each leaf of ``t`` the L leaves stacked on a new axis 0: the
-    layout of a model whose blocks run under ``nn.scan``. Works on parameters and adapters.
-
-    Raises:
-      ValueError: the layers do not share one structure and shapes.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from celora_jax.adapters import stack_layers, unstack_layers
-      >>> tree = {"encoder": {f"layer_{i}": {"kernel": jnp.full((2, 3), i)} for i in range(4)}}
-      >>> stack_layers(tree)["encoder"]["stacked"]["kernel"].shape
-      (4, 2, 3)
-      >>> float(unstack_layers(stack_layers(tree))["encoder"]["layer_3"]["kernel"][0, 0])
-      3.0
-    """
-    if not isinstance(tree, Mapping):
-        return tree
-    count = _layer_count(tree)
-    if count is None:
-        return {key: stack_layers(value) for key, value in tree.items()}
-    layers = [stack_layers(tree[f"layer_{i}"]) for i in range(count)]
-    shapes = [jax.tree.map(_checks.shape_of, layer) for layer in layers]
-    if any(shape != shapes[0] for shape in shapes):
-        differs = next(i for i, shape in enumerate(shapes) if shape != shapes[0])
-        raise ValueError(f"stack_layers: layer_{differs} does not have layer_0's parameters and shapes, "
-                         f"so the layers cannot share one stacked layout")
-    return {STACKED: jax.tree.map(lambda *leaves: jnp.stack(leaves), *layers)}
-
-
-def unstack_layers(tree: Params, axis: int = 0) -> dict:
-    """Inverse of :func:`stack_layers`: each ``stacked`` module becomes ``layer_0 …``,
-    slicing its leaves along ``axis`` (1 for client-stacked adapters ``[N, L, ...]``)."""
-    if not isinstance(tree, Mapping):
-        return tree
-    out = {}
-    for key, value in tree.items():
-        if key != STACKED:
-            out[key] = unstack_layers(value, axis)
-            continue
-        leaves = jax.tree.leaves(value)
-        count = _checks.shape_of(leaves[0])[axis] if leaves else 0
-        for index in range(count):
-            out[f"layer_{index}"] = unstack_layers(
-                jax.tree.map(lambda leaf: jnp.take(leaf, index, axis=axis), value), axis)
-    return out
 
 
 def init_adapters(key: Array, params: Params, config: AdapterConfig) -> dict:
@@ -247,7 +183,7 @@ def init_adapters(key: Array, params: Params, config: AdapterConfig) -> dict:
                 f"of kernel {path_string(path)} with shape {tuple(flat_params[path].shape)}")
     # One key per layer's kernel, in the sorted order of the per-layer (unrolled) paths: the
     # stacked layout then starts from exactly stack_layers of the unrolled layout's factors.
-    per_layer = {(path, index): _unrolled_path(path, index)
+    per_layer = {(path, index): unrolled_path(path, index)
                  for path in paths for index in range(flat_params[path].shape[0] if layer_axes(path) else 1)}
     order = {unrolled: position for position, unrolled in enumerate(sorted(per_layer.values()))}
     keys = jax.random.split(key, len(order))

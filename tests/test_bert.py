@@ -58,11 +58,12 @@ def test_classifier_with_zero_adapters_equals_plain_model_and_vmap_equals_loop(m
     keys = jax.random.split(jax.random.key(2), 4)
     clients = jax.vmap(lambda k: jax.tree.map(
         lambda leaf: leaf + 0.05 * jax.random.normal(k, leaf.shape), lora))(keys)
-    apply = lambda client_lora: model.apply({"params": params, "lora": client_lora}, ids, mask)
-    batched = jax.jit(jax.vmap(apply))(clients)
+    # The weights are an argument, not a closure constant (which XLA would fold into the program).
+    apply = lambda weights, client_lora: model.apply({"params": weights, "lora": client_lora}, ids, mask)
+    batched = jax.jit(jax.vmap(apply, in_axes=(None, 0)))(params, clients)
     chex.assert_shape(batched, (4, 2, 2))
     for i in range(4):
-        single = apply(jax.tree.map(lambda leaf: leaf[i], clients))
+        single = apply(params, jax.tree.map(lambda leaf: leaf[i], clients))
         np.testing.assert_allclose(batched[i], single, atol=1e-5)
     assert float(jnp.abs(batched[0] - batched[1]).max()) > 1e-4  # the clients really differ
 

@@ -57,17 +57,20 @@ def align_projector(logits_fn: client_lib.LogitsFn, params: Mapping, examples: M
     n = len(examples["input_ids"])
     if n < batch_size:
         raise ValueError(f"projector alignment has {n} examples, fewer than one batch of {batch_size}")
-    frozen = {name: value for name, value in params.items() if name != "projector"}
+    # The frozen decoder is an argument, not a closure constant: captured, its weights would
+    # be baked into the program (a 650 MB executable for SmolLM2 that took 8x longer to
+    # compile and as long again to write to the compilation cache).
+    frozen = jax.tree.map(jnp.asarray, {name: value for name, value in params.items() if name != "projector"})
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 10, 1), steps)
     optimizer = optax.adamw(schedule, weight_decay=0.0)
 
-    def loss_fn(projector, batch):
+    def loss_fn(projector, frozen, batch):
         logits = logits_fn({**frozen, "projector": projector}, {}, batch, None)
         return client_lib.task_loss(logits, batch)
 
     @jax.jit
-    def step(projector, opt_state, batch):
-        (loss, (correct, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(projector, batch)
+    def step(projector, opt_state, frozen, batch):
+        (loss, (correct, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(projector, frozen, batch)
         updates, opt_state = optimizer.update(grads, opt_state, projector)
         return optax.apply_updates(projector, updates), opt_state, loss, correct / count
 
@@ -88,7 +91,7 @@ def align_projector(logits_fn: client_lib.LogitsFn, params: Mapping, examples: M
         rows = order[position * batch_size:(position + 1) * batch_size]
         batch = {name: jnp.asarray(value[rows]) for name, value in examples.items()}
         batch["example_mask"] = jnp.ones(batch_size, jnp.float32)
-        projector, opt_state, loss, match = step(projector, opt_state, batch)
+        projector, opt_state, loss, match = step(projector, opt_state, frozen, batch)
         losses.append(float(loss))
         matches.append(float(match))
         if progress and (index + 1) % 10 == 0:
