@@ -16,6 +16,7 @@ N(0, 0.02²)) so that no gradient is identically zero (with B = 0, C's gradient 
 
     python experiments/privacy.py                  # writes experiments/results/privacy/
     python experiments/privacy.py --smoke          # tiny budget, for CI
+    python experiments/privacy.py --model-dir DIR  # another local HF BERT-family model
 
 Output: ``results.jsonl`` (one line per setting, batch size and batch), ``results.md`` (the
 table) and ``recovery.png``. [CLS] and [SEP] are not counted as recovered tokens.
@@ -70,8 +71,8 @@ def _observed(setting):
 
 
 def run_study(batch_sizes, length, batches_per_size, config: attack.AttackConfig, seed: int, out: pathlib.Path,
-              settings=SETTINGS) -> list[dict]:
-    model_dir = loading.default_model_dir()
+              settings=SETTINGS, model_dir: pathlib.Path | None = None) -> list[dict]:
+    model_dir = loading.default_model_dir() if model_dir is None else pathlib.Path(model_dir)
     tokenizer = loading.load_tokenizer(model_dir)
     # [CLS] and [SEP] open and close every example: no secret, so not counted as recovered.
     special = tuple(i for i in (tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")) if i is not None)
@@ -169,6 +170,8 @@ def main(argv=None) -> int:
     parser.add_argument("--learning-rate", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default=str(RESULTS))
+    parser.add_argument("--model-dir", default=None,
+                        help="a local Hugging Face BERT-family directory (default: the shipped MiniLM)")
     args = parser.parse_args(argv)
     if args.smoke:
         sizes, length, config = [1], 8, attack.AttackConfig(steps=20, restarts=1, learning_rate=args.learning_rate)
@@ -177,7 +180,7 @@ def main(argv=None) -> int:
         length = args.length
         config = attack.AttackConfig(steps=args.steps, restarts=args.restarts, learning_rate=args.learning_rate)
     out = pathlib.Path(args.output_dir)
-    records = run_study(sizes, length, args.batches, config, args.seed, out)
+    records = run_study(sizes, length, args.batches, config, args.seed, out, model_dir=args.model_dir)
     write_report(records, out, "python experiments/privacy.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print((out / "results.md").read_text())
     return 0

@@ -1,4 +1,6 @@
-"""Study grid (resumable) and report on CI-sized smoke runs of the real model and data."""
+"""Study grid (resumable) and report on CI-sized smoke runs of the real data. The runs use a
+tiny BERT (``--set model.path=...``): what these tests check is the grid's bookkeeping, and
+the real MiniLM end to end is tests/test_cli.py's job."""
 
 import json
 
@@ -18,10 +20,11 @@ def test_grid_lists_every_study_and_rejects_unknown_ones():
         grid.grid("zipf", [0], True, [])
 
 
-def test_smoke_grid_resumes_and_reports(tmp_path, minilm_dir, movie_reviews_csv, capsys, monkeypatch):
+def test_smoke_grid_resumes_and_reports(tmp_path, tiny_model_dir, movie_reviews_csv, capsys, monkeypatch):
     import json
 
-    args = ["--study", "ablation_beta", "--smoke", "--seeds", "0", "--out", str(tmp_path / "raw")]
+    tiny = ["--set", f"model.path={tiny_model_dir}"]
+    args = ["--study", "ablation_beta", "--smoke", "--seeds", "0", "--out", str(tmp_path / "raw"), *tiny]
     assert grid.main(args) == 0
     assert grid.main(args) == 0  # everything exists: nothing reruns
     assert "3 runs, 3 already done, 0 to go" in capsys.readouterr().out
@@ -34,13 +37,14 @@ def test_smoke_grid_resumes_and_reports(tmp_path, minilm_dir, movie_reviews_csv,
 
     computed = []
     monkeypatch.setattr(engine, "run", lambda config, output_dir: computed.append(config.aggregation.lam))
-    assert grid.main(["--study", "ablation_lambda", "--smoke", "--seeds", "0", "--out", str(tmp_path / "raw")]) == 0
+    assert grid.main(["--study", "ablation_lambda", "--smoke", "--seeds", "0", "--out", str(tmp_path / "raw"),
+                      *tiny]) == 0
     assert sorted(computed) == [0.1, 0.3, 3.0, 10.0]
     raw = tmp_path / "raw"
     copied, source = raw / "ablation_lambda/lambda1.0/seed0", raw / "ablation_beta/beta0.5/seed0"
     assert (copied / "metrics.jsonl").read_text() == (source / "metrics.jsonl").read_text()
     assert json.loads((copied / "summary.json").read_text())["same_config_as"] == "ablation_beta/beta0.5/seed0"
-    assert grid.finished_twin(raw, grid.grid("ablation_lambda", [1], True, [])[2][1]) is None  # other seed
+    assert grid.finished_twin(raw, grid.grid("ablation_lambda", [1], True, tiny[1:])[2][1]) is None  # other seed
 
 
 def _fake_run(root, run_id, client_accuracy, finished=True, core_share=None):
@@ -138,13 +142,13 @@ def test_benchmark_gates_pair_clients_and_seeds(tmp_path):
     assert benchmarks.worst_fraction(np.array([0.9, 0.1, 0.5, 0.7, 0.3, 0.2, 0.8, 0.6, 0.4, 1.0, 0.0])) == 0.0
 
 
-def test_benchmark_smoke_runs_a_gate_end_to_end(tmp_path, minilm_dir, wordnet_nouns, capsys):
+def test_benchmark_smoke_runs_a_gate_end_to_end(tmp_path, tiny_model_dir, wordnet_nouns, capsys):
     """WordNet with relabelled clusters, CI-sized: the runs resume and the report has the
     summary.json shape of issue #21."""
     from experiments import benchmarks
 
     args = ["--stage", "gates", "--smoke", "--settings", "wordnet_clustered_labels", "--seeds", "0",
-            "--out", str(tmp_path)]
+            "--out", str(tmp_path), "--set", f"model.path={tiny_model_dir}"]
     assert benchmarks.main(args) == 0
     assert benchmarks.main(args) == 0
     assert "3 runs, 3 already done, 0 to go" in capsys.readouterr().out

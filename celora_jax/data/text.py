@@ -136,21 +136,28 @@ def dataset_from_table(table, config: TextDataConfig, where: str) -> TextDataset
         raise DataError(f"{where} has no column(s) {missing}; its columns are {table.column_names}")
     if len(table) == 0:
         raise DataError(f"{where} has no rows")
-    texts = ["" if t is None else str(t) for t in table[config.text_column]]
+    texts = ["" if t is None else str(t) for t in _column(table, config.text_column)]
     empty = sum(not t.strip() for t in texts)
     if empty:
         logger.warning("%s: %d of %d rows have an empty %r; they are kept (as empty texts)", where, empty,
                        len(texts), config.text_column)
     if config.strip_html:
         texts = [_HTML_BREAK.sub(" ", t) for t in texts]
-    labels, label_names = _as_ids(table[config.label_column], config.label_column)
+    labels, label_names = _as_ids(_column(table, config.label_column), config.label_column)
     if len(np.unique(labels)) < 2:
         raise DataError(f"column {config.label_column!r} of {where} holds a single class "
                         f"({label_names[int(labels[0])]!r}); classification needs at least two")
     groups, group_names = (None, ())
     if group_column is not None:
-        groups, group_names = _as_ids(table[group_column], group_column)
+        groups, group_names = _as_ids(_column(table, group_column), group_column)
     return TextDataset(texts, labels, label_names, groups, group_names)
+
+
+def _column(table, name: str) -> list:
+    """One column as a Python list, read from the Arrow table in one call: iterating a
+    ``datasets`` column formats row by row (seconds for the 33,530 reviews, per pass)."""
+    arrow = getattr(table, "data", None)
+    return arrow.column(name).to_pylist() if hasattr(arrow, "column") else list(table[name])
 
 
 def _first_line(err: BaseException) -> str:
