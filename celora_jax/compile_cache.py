@@ -8,7 +8,9 @@ written to disk and every later process that builds the same program loads it in
 ``$CELORA_JAX_COMPILATION_CACHE`` if set, else ``$XDG_CACHE_HOME/celora-jax/jax`` (or
 ``~/.cache/celora-jax/jax``): per user, never inside a repository. "off" disables it; any
 other value is a directory. ``CELORA_JAX_COMPILATION_CACHE`` set (to a directory or "off")
-overrides the config everywhere, so a machine or CI can redirect or disable it.
+overrides the config everywhere, so a machine or CI can redirect or disable it. Programs
+that compile in under a second are not cached unless ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``
+says otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax
 logger = logging.getLogger(__name__)
 
 ENVIRONMENT = "CELORA_JAX_COMPILATION_CACHE"
+MIN_SECONDS_ENVIRONMENT = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 _OFF = ("off", "none", "")
 
 
@@ -56,8 +59,11 @@ def enable(setting: str = "auto") -> pathlib.Path | None:
         except OSError as err:  # a read-only home must not stop a run
             logger.warning("compilation cache disabled: cannot create %s (%s)", directory, err)
             return None
-        # Programs that compile in under a second are cheaper to rebuild than to read back.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        # Programs that compile in under a second are mostly cheaper to rebuild than to read
+        # back; JAX's own variable, when set, wins (the test suite caches everything: its
+        # many fresh processes each rebuild ~100 small programs, ~5 s per process).
+        if MIN_SECONDS_ENVIRONMENT not in os.environ:
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_compilation_cache_dir", wanted)
     compilation_cache.reset_cache()  # JAX reads the directory once; make it read the new one
     return directory

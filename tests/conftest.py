@@ -5,6 +5,7 @@ import os
 import pathlib
 import shutil
 
+import jax
 import pytest
 
 from celora_jax import compile_cache
@@ -19,8 +20,20 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 # Tests build the same programs again and again (every test makes its own jitted closures):
 # JAX's persistent cache turns the repeats into reads. $CELORA_JAX_COMPILATION_CACHE=off
-# disables it.
+# disables it. Small programs too (the library's default skips those under a second): each
+# of the suite's dozens of fresh processes would otherwise rebuild ~100 of them (~5 s). The
+# variable reaches the subprocesses; this process's jax has already read its environment.
+os.environ.setdefault(compile_cache.MIN_SECONDS_ENVIRONMENT, "0")
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ[compile_cache.MIN_SECONDS_ENVIRONMENT]))
 compile_cache.enable("auto")
+
+# Arrays a jitted function closes over are baked into its program as constants: XLA then
+# compiles (and the cache stores) the weights themselves. A frozen SmolLM2 captured that way
+# once cost a VLM test 200 s and a 650 MB cache entry. Over 2 MB captured fails the test
+# (pyproject's filterwarnings makes the warning an error) and names where it was captured;
+# pass such arrays as arguments instead.
+jax.config.update("jax_captured_constants_warn_bytes", 2 * 2**20)
+jax.config.update("jax_captured_constants_report_frames", 4)
 
 
 # Seconds per test file on a 2-core CPU (a full run's --durations=0, summed per file; refresh

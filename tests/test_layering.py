@@ -106,3 +106,20 @@ def test_the_package_does_not_import_the_repository_scripts():
     scripts = [(name, target) for name in MODULES for target, _ in _imports(name)
                if target.split(".")[0] in ("experiments", "benchmarks", "tests", "tpu")]
     assert not scripts, scripts
+
+
+def test_a_program_that_closes_over_megabytes_fails_the_suite():
+    """The suite's guard (tests/conftest.py, pyproject's filterwarnings): weights captured by a
+    jitted closure are compiled into the program; such a test errors, naming the capture."""
+    import warnings
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    weights = jnp.asarray(np.ones((1024, 1024), np.float32))  # 4 MiB
+    with pytest.raises(UserWarning, match="A large amount of constants were captured"):
+        jax.jit(lambda x: x * weights)(2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(jax.jit(lambda w, x: (x * w).sum())(weights, 2.0)) == 2.0 * 1024 * 1024  # an argument
