@@ -78,8 +78,8 @@ GATES = {
 DEFAULT_SETTINGS = ("trec_fewshot_iid", "wordnet_clustered_labels", "movie_reviews_clustered_domains",
                     "fashion_mnist_clustered_rotations")
 
-GRID_METHODS = ("local", "fedavg_lora", "fedavg_lora_ft", "ffa_lora", "fedsa_lora", "fedex_lora", "celora_avg",
-                "celora", "cluster_oracle", "centralized")
+GRID_METHODS = ("local", "fedavg_lora", "fedavg_lora_ft", "fedprox", "ffa_lora", "fedsa_lora", "fedex_lora",
+                "celora_avg", "celora", "cluster_oracle", "centralized")
 
 # References that are a method run on other data: name -> (method, overrides). The
 # centralized reference: one model (FedAvg-LoRA, head and norms shared) whose clients all
