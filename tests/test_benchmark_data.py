@@ -265,3 +265,17 @@ def test_other_benchmark_smoke_presets_prepare_their_clients(preset, minilm_dir,
     else:
         assert task.clusters.tolist() == [0, 0, 1, 1]
     assert prepared.roles["params"]["backbone"]["embeddings"]["LayerNorm"]["scale"] == "shared"  # share_base
+
+
+def test_a_table_with_a_selection_gives_only_the_selected_rows():
+    """Columns are read in one Arrow call; a ``select``ed (or filtered) table must still give
+    its own rows, not the whole underlying table."""
+    import datasets
+
+    from celora_jax.data import text
+
+    table = datasets.Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": [0, 1, 0, 1],
+                                        "source": ["x", "x", "y", "y"]}).select([3, 0, 1])
+    data = text.dataset_from_table(table, text.TextDataConfig(), "a selected table")
+    assert data.texts == ["d", "a", "b"] and data.labels.tolist() == [1, 0, 1]
+    assert [data.group_names[g] for g in data.groups] == ["y", "x", "x"]

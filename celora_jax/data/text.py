@@ -156,8 +156,9 @@ def dataset_from_table(table, config: TextDataConfig, where: str) -> TextDataset
 def _column(table, name: str) -> list:
     """One column as a Python list, read from the Arrow table in one call: iterating a
     ``datasets`` column formats row by row (seconds for the 33,530 reviews, per pass)."""
-    arrow = getattr(table, "data", None)
-    return arrow.column(name).to_pylist() if hasattr(arrow, "column") else list(table[name])
+    # The Arrow format honours a selection (``select``, ``filter``); the raw ``table.data`` would not.
+    as_arrow = getattr(table, "with_format", None)
+    return as_arrow("arrow")[name].to_pylist() if as_arrow else list(table[name])
 
 
 def _first_line(err: BaseException) -> str:
