@@ -28,7 +28,6 @@ import collections
 import contextlib
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.machine import describe as describe_machine  # noqa: E402
+
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "compile_time.json"
 
 # (preset, methods): None = every registered method. The encoder setting has true clusters,
@@ -61,8 +62,9 @@ def program(event_name: str) -> str:
     return (match.group(1) if match else event_name).removeprefix("jit_")
 
 
-class CompileEvents:
-    """Seconds per (program name, phase) from JAX's compile events while ``recording``."""
+class CompileEvents(contextlib.AbstractContextManager):
+    """Seconds per (program name, phase) from JAX's compile events while ``recording``; a
+    context manager whose exit removes its listener from JAX's process-wide list."""
 
     def __init__(self):
         self.seconds = collections.defaultdict(float)
@@ -70,6 +72,11 @@ class CompileEvents:
         import jax
 
         jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def __exit__(self, *exc_info) -> None:
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._listen)
 
     def _listen(self, event: str, duration: float, **kwargs) -> None:
         if self.active and event in PHASES:
@@ -150,15 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from celora_jax.federated.methods import method_names
 
-    events = CompileEvents()
-    import jax
-
-    results: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                                 "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                                 "jax": jax.__version__, "backend": jax.default_backend(),
-                                 "devices": [d.device_kind for d in jax.devices()]},
+    results: dict = {"machine": describe_machine(),
                      "smoke": args.smoke, "overrides": args.overrides, "presets": {}}
-    with persistent_cache_off():
+    with CompileEvents() as events, persistent_cache_off():
         for preset, methods in (SMOKE if args.smoke else FULL):
             methods = methods or method_names()
             if not args.smoke:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import describe as describe_machine  # noqa: E402
 from benchmarks.round_speed import SMOKE  # noqa: E402  the same CI-sized default preset
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "flower_vs_engine.json"
@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
             prepare = default_prepare
     except ValueError as error:
         parser.error(str(error))
-    import jax
     import numpy as np
 
     fed = config.federation
@@ -141,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     same = all(f is not None for f in flower_accuracy) and bool(
         np.allclose(engine_accuracy, flower_accuracy, atol=1e-6))
     report = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                    "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-                    "flwr": __import__("flwr").__version__},
+        "machine": describe_machine(flwr=__import__("flwr").__version__),
         "settings": {"preset": args.config_factory or ("default" + (" (smoke)" if args.smoke else "")),
                      "setup_factory": args.setup_factory or None, "overrides": args.overrides,
                      "method": fed.method, "clients": config.partition.num_clients,

@@ -16,14 +16,13 @@ size (~90 MB) per client; the slope of peak RSS over N shows what one client rea
 
     python benchmarks/many_clients.py                        # N = 1, 8, 32, 128, 1000
     python benchmarks/many_clients.py --smoke --out /tmp/many_clients.json
+    python benchmarks/many_clients.py --model-dir DIR      # another local HF BERT-family model
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -32,11 +31,12 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import describe as describe_machine  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "many_clients.json"
 
 
-def run_one(num_clients: int, block: int | None, rounds: int, max_length: int) -> dict:
+def run_one(num_clients: int, block: int | None, rounds: int, max_length: int, model_dir: str | None) -> dict:
     """One measurement, in this process (the parent runs it in a fresh subprocess)."""
     import jax
 
@@ -47,7 +47,7 @@ def run_one(num_clients: int, block: int | None, rounds: int, max_length: int) -
 
     config = RunConfig(
         name="many_clients",
-        model=ModelConfig(max_length=max_length),
+        model=ModelConfig(path=model_dir, max_length=max_length),
         partition=PartitionConfig(scheme="dirichlet", num_clients=num_clients, alpha=0.5, train_examples=4,
                                   test_examples=4, global_test_examples=8),
         federation=FederationConfig(method="celora", rounds=rounds, batch_size=4, local_steps=1,
@@ -87,19 +87,18 @@ def _device_peak_mb(device) -> float | None:
     return stats["peak_bytes_in_use"] / 1e6 if stats and "peak_bytes_in_use" in stats else None
 
 
-def _subprocess(num_clients: int, block: int | None, rounds: int, max_length: int) -> dict:
+def _subprocess(num_clients: int, block: int | None, rounds: int, max_length: int, model_dir: str | None) -> dict:
     command = [sys.executable, __file__, "--one", str(num_clients), "--rounds", str(rounds),
-               "--max-length", str(max_length), "--block", str(block or 0)]
+               "--max-length", str(max_length), "--block", str(block or 0),
+               *(["--model-dir", model_dir] if model_dir else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"num_clients": num_clients, "client_block": block, "error": done.stderr[-2000:]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _report(results: list[dict], rounds: int, max_length: int, block: int) -> dict:
+def _report(results: list[dict], rounds: int, max_length: int, block: int, model_dir: str | None) -> dict:
     """The sweep's JSON: machine, settings, every run so far and the blocked memory slopes."""
-    import jax
-
     ok = [r for r in results if "error" not in r]
     blocked = sorted((r for r in ok if r["client_block"]), key=lambda r: r["padded_clients"])
     slope = device_slope = None
@@ -110,10 +109,8 @@ def _report(results: list[dict], rounds: int, max_length: int, block: int) -> di
         if first.get("device_peak_mb") is not None:
             device_slope = (last["device_peak_mb"] - first["device_peak_mb"]) / added
     return {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                    "device": str(jax.devices()[0].device_kind)},
-        "settings": {"model": "all-MiniLM-L6-v2", "method": "celora", "rank": 8, "train_examples": 4,
+        "machine": describe_machine(),
+        "settings": {"model": model_dir or "all-MiniLM-L6-v2", "method": "celora", "rank": 8, "train_examples": 4,
                      "test_examples": 4, "max_length": max_length, "batch_size": 4, "local_steps": 1,
                      "rounds": rounds, "block": block},
         "runs": results,
@@ -135,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--smoke", action="store_true", help="N = 2, at once and in blocks of 1; three rounds, 16 tokens")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--model-dir", default=None,
+                        help="a local Hugging Face BERT-family directory (default: the shipped MiniLM)")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one is not None:
-        print(json.dumps(run_one(args.one, args.block if args.block else None, args.rounds, args.max_length)))
+        print(json.dumps(run_one(args.one, args.block if args.block else None, args.rounds, args.max_length, args.model_dir)))
         return 0
     if args.smoke:
         counts, block, unblocked_up_to, rounds, max_length = [2], 1, 2, 3, 16
@@ -147,17 +146,24 @@ def main(argv: list[str] | None = None) -> int:
         block, unblocked_up_to, rounds, max_length = args.block, args.unblocked_up_to, args.rounds, args.max_length
     if not counts or min(counts) < 1 or rounds < 3:
         parser.error("need N >= 1 and --rounds >= 3 (the first round compiles, the last evaluates)")
+    if args.model_dir is not None:
+        from celora_jax.models import loading
+
+        try:  # a wrong directory is a usage error, not N subprocess tracebacks
+            loading.read_encoder_config(args.model_dir)
+        except loading.ModelLoadError as error:
+            parser.error(f"--model-dir: {error}")
     from tqdm.auto import tqdm
 
     plan = [(n, None) for n in counts if n <= unblocked_up_to] + [(n, block) for n in counts if block and n > block]
     results = []
     out = Path(args.out)
     for n, b in tqdm(plan, desc="many clients", unit="run"):
-        results.append(_subprocess(n, b, rounds, max_length))
+        results.append(_subprocess(n, b, rounds, max_length, args.model_dir))
         tqdm.write(json.dumps(results[-1]))
         # Written after every run, so a sweep cut short (a time limit on a lent GPU) keeps
         # the runs it finished.
-        report = _report(results, rounds, max_length, block)
+        report = _report(results, rounds, max_length, block, args.model_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("peak_rss_mb_per_client_blocked", "base_weights_mb")}))

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -50,6 +49,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import describe as describe_machine  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "round_speed.json"
 SMOKE = ["partition.num_clients=2", "partition.train_examples=8", "partition.test_examples=4",
@@ -352,10 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     achieved = flops / step_seconds
     profile = None if args.skip_profile else profile_step(setup)
     report = {
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                    "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-                    "pytorch_device": _torch_device_name() if "pytorch" in results else None,
-                    "torch": _torch_version() if "pytorch" in results else None},
+        "machine": describe_machine(pytorch_device=_torch_device_name() if "pytorch" in results else None,
+                                    torch=_torch_version() if "pytorch" in results else None),
         "settings": {"preset": "default" + (" (smoke)" if args.smoke else ""), "overrides": args.overrides,
                      "clients": setup.num_clients,
                      "local_steps": setup.local_steps, "batch_size": fed.batch_size,

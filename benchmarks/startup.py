@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(ROOT))
+from benchmarks.machine import describe as describe_machine  # noqa: E402
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "startup.json"
 
 
@@ -80,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     run_args = ["run", "--preset", preset, "--methods", "celora", "--set", "federation.rounds=1",
                 *[arg for item in args.overrides for arg in ("--set", item)]]
-    results: dict = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                                 "cpu_count": os.cpu_count(), "python": platform.python_version()},
-                     "smoke": args.smoke}
+    results: dict = {"smoke": args.smoke}
     with tempfile.TemporaryDirectory(prefix="celora_startup_") as scratch:
         scratch = Path(scratch)
         # `python -m celora_jax.cli` is the `celora-jax` entry point, without relying on PATH.
@@ -97,9 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                                    **cold_and_warm(lambda out: [*grid, "--out", str(out)], scratch / "cache_grid",
                                                    scratch / "grid", env)}
             print(f"grid_run: {results['grid_run']}", flush=True)
-    import jax
-
-    results["machine"]["jax"] = jax.__version__
+    # Described after the timed processes: importing JAX here does not touch what they measure.
+    results = {"machine": describe_machine(), **results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

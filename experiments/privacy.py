@@ -81,10 +81,11 @@ def run_study(batch_sizes, length, batches_per_size, config: attack.AttackConfig
     key = jax.random.key(seed)
     records = []
     out.mkdir(parents=True, exist_ok=True)
+    # The same victim model in every setting (loaded once: only its adapters differ).
+    model, params = loading.load_classifier(model_dir, jax.random.key(seed), num_labels=2)
     with open(out / "results.jsonl", "w") as handle:
         for kind_setting in settings:
             kind = "lora" if kind_setting == "fedavg_lora" else "tri"
-            model, params = loading.load_classifier(model_dir, jax.random.key(seed), num_labels=2)
             adapter_config = AdapterConfig(kind=kind, rank=8)
             lora = init_adapters(jax.random.key(seed + 1), params, adapter_config)
             lora = _with_factors(lora, jax.random.key(seed + 2), ("A", "B", "C"))
@@ -101,7 +102,8 @@ def run_study(batch_sizes, length, batches_per_size, config: attack.AttackConfig
                     ids, mask = jnp.asarray(encoded["input_ids"]), jnp.asarray(encoded["attention_mask"])
                     labels = dataset.labels[rows]
                     gradient_fn = attack.classifier_gradient_fn(model, ids.shape, mask, _observed(kind_setting))
-                    observed = gradient_fn(table[ids], jax.nn.one_hot(labels, 2), victim)
+                    # Jitted: run eagerly, the gradient compiles each of its ops on its own.
+                    observed = jax.jit(gradient_fn)(table[ids], jax.nn.one_hot(labels, 2), victim)
                     started = time.perf_counter()
                     key, attack_key = jax.random.split(key)
                     result = attack.invert_gradients(gradient_fn, observed, believed,
@@ -173,6 +175,11 @@ def main(argv=None) -> int:
     parser.add_argument("--model-dir", default=None,
                         help="a local Hugging Face BERT-family directory (default: the shipped MiniLM)")
     args = parser.parse_args(argv)
+    if args.model_dir is not None:
+        try:  # a wrong directory is a usage error, reported before any model is built
+            loading.read_encoder_config(args.model_dir)
+        except loading.ModelLoadError as error:
+            parser.error(f"--model-dir: {error}")
     if args.smoke:
         sizes, length, config = [1], 8, attack.AttackConfig(steps=20, restarts=1, learning_rate=args.learning_rate)
     else:

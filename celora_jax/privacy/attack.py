@@ -159,38 +159,48 @@ def invert_gradients(gradient_fn: GradientFn, observed: PyTree, weights: PyTree,
       AttackResult of the restart with the lowest final matching loss.
     """
     batch, length, width = shape
-    row_norm = jnp.mean(jnp.linalg.norm(embedding_table, axis=-1))
     schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps)
     optimizer = optax.adam(schedule)
 
-    def objective(variables):
-        embeds, label_logits = variables
-        candidate = gradient_fn(embeds, jax.nn.softmax(label_logits, axis=-1), weights)
-        return matching_loss(candidate, observed, config)
+    # One program for all restarts and the decoding: run eagerly, the vmapped restarts
+    # dispatch (and compile) every op outside the scan on its own, hundreds of programs
+    # per call. The weights are arguments, not closure constants baked into the program.
+    def restarts(observed, weights, embedding_table, offsets, key):
+        row_norm = jnp.mean(jnp.linalg.norm(embedding_table, axis=-1))
 
-    value_and_grad = jax.value_and_grad(objective)
+        def objective(variables):
+            embeds, label_logits = variables
+            candidate = gradient_fn(embeds, jax.nn.softmax(label_logits, axis=-1), weights)
+            return matching_loss(candidate, observed, config)
 
-    def one_restart(restart_key):
-        key_embed, key_label = jax.random.split(restart_key)
-        # Each dummy row gets the typical norm of a real embedding row.
-        embeds = config.init_scale * row_norm / jnp.sqrt(width) * jax.random.normal(key_embed, (batch, length, width))
-        variables = (embeds, jax.random.normal(key_label, (batch, num_classes)))
-        state = optimizer.init(variables)
+        value_and_grad = jax.value_and_grad(objective)
 
-        def step(carry, _):
-            variables, state = carry
-            loss, grads = value_and_grad(variables)
-            updates, state = optimizer.update(grads, state, variables)
-            return (optax.apply_updates(variables, updates), state), loss
+        def one_restart(restart_key):
+            key_embed, key_label = jax.random.split(restart_key)
+            # Each dummy row gets the typical norm of a real embedding row.
+            embeds = (config.init_scale * row_norm / jnp.sqrt(width)
+                      * jax.random.normal(key_embed, (batch, length, width)))
+            variables = (embeds, jax.random.normal(key_label, (batch, num_classes)))
+            state = optimizer.init(variables)
 
-        (variables, _), _ = jax.lax.scan(step, (variables, state), None, length=config.steps)
-        return variables, objective(variables)
+            def step(carry, _):
+                variables, state = carry
+                loss, grads = value_and_grad(variables)
+                updates, state = optimizer.update(grads, state, variables)
+                return (optax.apply_updates(variables, updates), state), loss
 
-    (embeds, label_logits), losses = jax.vmap(one_restart)(jax.random.split(key, config.restarts))
-    best = jnp.argmin(jnp.where(jnp.isfinite(losses), losses, jnp.inf))
-    embeds, label_logits = embeds[best], label_logits[best]
-    tokens, positions = nearest_tokens(embeds, embedding_table, offsets)
-    return AttackResult(embeds, label_logits, tokens, positions, losses[best], losses)
+            (variables, _), _ = jax.lax.scan(step, (variables, state), None, length=config.steps)
+            return variables, objective(variables)
+
+        (embeds, label_logits), losses = jax.vmap(one_restart)(jax.random.split(key, config.restarts))
+        best = jnp.argmin(jnp.where(jnp.isfinite(losses), losses, jnp.inf))
+        embeds, label_logits = embeds[best], label_logits[best]
+        tokens, positions = nearest_tokens(embeds, embedding_table, offsets)
+        return embeds, label_logits, tokens, positions, losses[best], losses
+
+    embeds, label_logits, tokens, positions, best_loss, losses = jax.jit(restarts)(
+        observed, weights, embedding_table, offsets, key)
+    return AttackResult(embeds, label_logits, tokens, positions, best_loss, losses)
 
 
 def recovery_metrics(true_tokens: np.ndarray, recovered_tokens: np.ndarray, mask: np.ndarray,
