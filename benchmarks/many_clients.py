@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one is not None:
-        print(json.dumps(run_one(args.one, args.block if args.block else None, args.rounds, args.max_length, args.model_dir)))
+        block = args.block if args.block else None
+        print(json.dumps(run_one(args.one, block, args.rounds, args.max_length, args.model_dir)))
         return 0
     if args.smoke:
         counts, block, unblocked_up_to, rounds, max_length = [2], 1, 2, 3, 16
