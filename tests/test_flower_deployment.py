@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -100,10 +101,14 @@ def _wait_for_port(port: int, process: subprocess.Popen, log: pathlib.Path, time
     raise RuntimeError(f"the SuperLink did not listen on {port} within {timeout} s")
 
 
-@pytest.fixture()
-def deployment(tmp_path):
+def _require_flower_binaries() -> None:
     if shutil.which("flower-superlink", path=str(BIN)) is None:
         pytest.fail("flower-superlink is not installed next to the interpreter (the test extra installs flwr)")
+
+
+@pytest.fixture()
+def deployment(tmp_path):
+    _require_flower_binaries()
     deployment = Deployment(tmp_path)
     try:
         yield deployment
@@ -145,30 +150,7 @@ def wait_for(condition, deployment: Deployment, run: subprocess.Popen, timeout: 
 
 
 @pytest.mark.slow
-def test_deployment_engine_reproduces_the_simulator(deployment, tmp_path):
-    """SuperLink + 2 SuperNodes on loopback, CE-LoRA, 2 rounds: the same per-client
-    accuracies as the native simulator (same seed and config) and identical bytes."""
-    app, summary_path = toy_app(tmp_path, "celora", num_clients=2, rounds=2, timeout=240.0)
-    deployment.start_superlink()
-    for partition in range(2):
-        deployment.start_node(partition, 2)
-    run = deployment.flwr_run(app)
-    summary = wait_for(lambda: (s := read_summary(summary_path)) and s["finished"] and s, deployment, run, 420,
-                       "finished run")
-    assert run.wait(timeout=60) == 0, deployment.logs()
-    simulated = [out.record for out in loop.iterate_rounds(toy_setup(with_federation(toy_config("celora", 2),
-                                                                                     rounds=2)))]
-    np.testing.assert_allclose(summary["client_test_accuracy"], simulated[-1]["client_test_accuracy"], atol=1e-6)
-    history = summary["history"]
-    assert [h["reporting"] for h in history] == [[0, 1], [0, 1]]
-    assert [h["bytes_up"] for h in history] == [r["bytes_up_per_client"] * r["participants"] for r in simulated]
-    downs = [h["bytes_down"] for h in history[1:]] + [history[-1]["bytes_down_final"]]
-    assert downs == [r["bytes_down_per_client"] * r["participants"] for r in simulated]
-    assert history[0]["bytes_up"] == 2 * 2 * 2 * 4  # two nodes, one rank-2 core each, float32
-    np.testing.assert_allclose([h["train_loss"] for h in history], [r["train_loss"] for r in simulated], rtol=1e-5)
-
-
-@pytest.mark.slow
+@pytest.mark.usefixtures("two_node_run")  # started first: it waits alongside this one
 def test_killed_supernodes_rejoin_with_or_without_their_state(deployment, tmp_path):
     """Three SuperNodes; after round 1 nodes 1 and 2 are killed and started again (node 1
     with a state-dir, node 2 without). Round 2 completes with node 0 after the timeout, and
@@ -199,3 +181,51 @@ def test_killed_supernodes_rejoin_with_or_without_their_state(deployment, tmp_pa
     # Every node, the restarted ones included, was sent a core in round 3 (theirs still
     # pending from round 1, which they never answered).
     assert second["bytes_down"] == third["bytes_down"] == 3 * 2 * 2 * 4
+
+
+class TwoNodeRun(NamedTuple):
+    deployment: Deployment
+    run: subprocess.Popen
+    summary_path: pathlib.Path
+
+
+@pytest.fixture(scope="module")
+def two_node_run(tmp_path_factory):
+    """SuperLink + 2 SuperNodes on loopback running CE-LoRA for 2 rounds, started when first
+    asked for and left running. A deployment spends most of its time in Flower's 3 s polls
+    (SuperNodes and the ServerApp's grid), not on the CPU: the killed-supernodes test asks
+    for this run first, so that the two deployments wait side by side (about a minute less
+    of the suite's wall time)."""
+    _require_flower_binaries()
+    root = tmp_path_factory.mktemp("two_node_run")
+    deployment = Deployment(root)
+    try:
+        app, summary_path = toy_app(root, "celora", num_clients=2, rounds=2, timeout=240.0)
+        deployment.start_superlink()
+        for partition in range(2):
+            deployment.start_node(partition, 2)
+        yield TwoNodeRun(deployment, deployment.flwr_run(app), summary_path)
+    finally:
+        deployment.close()
+
+
+@pytest.mark.slow
+def test_deployment_engine_reproduces_the_simulator(two_node_run):
+    """SuperLink + 2 SuperNodes on loopback, CE-LoRA, 2 rounds: the same per-client
+    accuracies as the native simulator (same seed and config) and identical bytes."""
+    deployment, run, summary_path = two_node_run
+    summary = wait_for(lambda: (s := read_summary(summary_path)) and s["finished"] and s, deployment, run, 420,
+                       "finished run")
+    assert run.wait(timeout=60) == 0, deployment.logs()
+    simulated = [out.record for out in loop.iterate_rounds(toy_setup(with_federation(toy_config("celora", 2),
+                                                                                     rounds=2)))]
+    np.testing.assert_allclose(summary["client_test_accuracy"], simulated[-1]["client_test_accuracy"], atol=1e-6)
+    history = summary["history"]
+    assert [h["reporting"] for h in history] == [[0, 1], [0, 1]]
+    assert [h["bytes_up"] for h in history] == [r["bytes_up_per_client"] * r["participants"] for r in simulated]
+    downs = [h["bytes_down"] for h in history[1:]] + [history[-1]["bytes_down_final"]]
+    assert downs == [r["bytes_down_per_client"] * r["participants"] for r in simulated]
+    assert history[0]["bytes_up"] == 2 * 2 * 2 * 4  # two nodes, one rank-2 core each, float32
+    np.testing.assert_allclose([h["train_loss"] for h in history], [r["train_loss"] for r in simulated], rtol=1e-5)
+
+

@@ -71,35 +71,48 @@ def _assert_same_rounds(expected, got, keys=("train_loss", "train_accuracy", "te
         assert b["bytes_cumulative"] == a["bytes_cumulative"]
 
 
+# Both runs on a clients x data mesh (4 client groups x 2 devices; on 2 processes each
+# client's batch is split over two devices of one process) with a checkpoint after every
+# round: the one-process run is the reference, the two-process run's checkpoints are cut and
+# resumed. (The clients-only mesh on 8 devices is covered in one process by test_engine and
+# test_round_contract; one run of each kind here keeps the file's processes to six.)
+_MESH_AND_CHECKPOINTS = ("--set", "federation.data_parallel=2", "--set", "checkpoint.every=1",
+                         "--set", "checkpoint.keep=3")
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """``(single, multi)``: output roots of the same run on 1 process x 8 devices and on
+    2 processes x 4 devices, both methods."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    single = root / "single"
+    subprocess.run(_command(tiny_model_dir, single, *_MESH_AND_CHECKPOINTS), env=_env(8), cwd=ROOT, check=True,
+                   timeout=900)
+    multi = root / "multi"
+    _two_processes(root, "process", lambda *flags: _command(tiny_model_dir, multi, *_MESH_AND_CHECKPOINTS, *flags))
+    return single, multi
+
+
 @pytest.mark.slow
-def test_two_processes_equal_one_process(tiny_model_dir, tmp_path):
-    single = tmp_path / "single"
-    subprocess.run(_command(tiny_model_dir, single), env=_env(8), cwd=ROOT, check=True, timeout=900)
-    multi = tmp_path / "multi"
-    _two_processes(tmp_path, "process", lambda *flags: _command(tiny_model_dir, multi, *flags))
+def test_two_processes_equal_one_process(runs):
+    single, multi = runs
     for method in METHODS:
         summaries = [json.loads((root / "smoke" / method / "summary.json").read_text()) for root in (single, multi)]
-        assert [(s["processes"], s["devices"], s["local_clients"]) for s in summaries] == [(1, 8, [0, 6]),
-                                                                                          (2, 8, [0, 4])]
+        assert [(s["processes"], s["devices"], s["local_clients"], s["data_parallel"]) for s in summaries] == [
+            (1, 8, [0, 6], 2), (2, 8, [0, 4], 2)]
         expected, got = _history(single, method), _history(multi, method)
         assert len(got) == len(expected) == 3
         _assert_same_rounds(expected, got, label=method)
 
 
 @pytest.mark.slow
-def test_two_processes_checkpoint_and_resume_on_a_clients_x_data_mesh(tiny_model_dir, tmp_path):
-    """2 processes x 4 devices as 4 client groups x 2 (each client's batch split over two
-    devices of one process) save sharded checkpoints; a run cut after round 2 resumes with
-    2 processes (reading its shards back) and with 1 process x 8 devices (whole arrays),
-    and both finish like the uninterrupted run."""
-    extra = ["--methods", "celora", "--set", "federation.data_parallel=2", "--set", "checkpoint.every=1",
-             "--set", "checkpoint.keep=3"]
-    full = tmp_path / "full"
-    _two_processes(tmp_path, "full", lambda *flags: _command(tiny_model_dir, full, *extra, *flags))
+def test_two_process_checkpoints_resume_on_two_processes_and_on_one(runs, tmp_path):
+    """The two-process run's sharded checkpoints, cut after round 2, resume with 2 processes
+    (reading its shards back) and with 1 process x 8 devices (whole arrays), and both finish
+    like the uninterrupted run."""
+    _, full = runs
     method_dir = full / "smoke" / "celora"
     assert sorted(p.name for p in (method_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2", "3"]
-    summary = json.loads((method_dir / "summary.json").read_text())
-    assert (summary["processes"], summary["data_parallel"]) == (2, 2)
     expected = _history(full, "celora")
 
     for name in ("cut_two", "cut_one"):  # the state of a run killed during round 3
@@ -118,5 +131,5 @@ def test_two_processes_checkpoint_and_resume_on_a_clients_x_data_mesh(tiny_model
     for name in ("cut_two", "cut_one"):
         got = _history(tmp_path / name, "celora")
         _assert_same_rounds(expected, got, label=name)
-        assert json.loads((tmp_path / name / "smoke" / "celora" / "summary.json").read_text())[
-            "processes"] == (2 if name == "cut_two" else 1)
+        summary = json.loads((tmp_path / name / "smoke" / "celora" / "summary.json").read_text())
+        assert (summary["processes"], summary["data_parallel"]) == ((2 if name == "cut_two" else 1), 2)
