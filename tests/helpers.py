@@ -26,6 +26,9 @@ def xla_flags(*flags: str) -> str:
 
 
 def tiny_config(model_dir, method="celora", **federation):
+    # All clients at once unless a test asks for blocks: CPU's "auto" (one client at a time,
+    # under lax.map) compiles ~20% slower, and client blocks have tests of their own.
+    federation = {"client_block": None, **federation}
     return RunConfig(
         name="tiny",
         model=ModelConfig(path=str(model_dir), max_length=16),

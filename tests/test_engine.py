@@ -26,11 +26,26 @@ TINY_BERT_METHODS = ("celora", "fedavg_lora", "ffa_lora", "local")
 TRI_METHODS = ("celora", "celora_avg")
 
 
+@pytest.fixture(scope="module")
+def plain_run(tiny_model_dir, tmp_path_factory):
+    """``plain_run(method) -> (result, output_dir)``: ``engine.run`` of ``tiny_config(method)``,
+    run once per method and shared by the tests that only read it."""
+    runs = {}
+
+    def run(method):
+        if method not in runs:
+            out = tmp_path_factory.mktemp(f"plain_{method}")
+            runs[method] = (engine.run(tiny_config(tiny_model_dir, method), output_dir=out), out)
+        return runs[method]
+
+    return run
+
+
 @pytest.mark.parametrize("method", TINY_BERT_METHODS)
-def test_every_method_runs_and_counts_bytes(tiny_model_dir, method, tmp_path):
-    result = engine.run(tiny_config(tiny_model_dir, method), output_dir=tmp_path)
+def test_every_method_runs_and_counts_bytes(plain_run, method):
+    result, out = plain_run(method)
     assert len(result.history) == 2
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [1, 2]
     final = result.history[-1]
     assert np.isfinite(final["train_loss"])
@@ -42,7 +57,7 @@ def test_every_method_runs_and_counts_bytes(tiny_model_dir, method, tmp_path):
     else:
         assert final["bytes_round"] == 2 * 5 * final["bytes_up_per_client"] > 0
         assert final["bytes_down_per_client"] == final["bytes_up_per_client"]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method
     if method in TRI_METHODS:  # trained cores have left the identity
         assert len(final["core_share"]) == 5 and all(0 < s < 10 for s in final["core_share"])
@@ -51,8 +66,8 @@ def test_every_method_runs_and_counts_bytes(tiny_model_dir, method, tmp_path):
         assert "core_share" not in final and "core_share_mean" not in summary
 
 
-def test_fedavg_gives_every_client_the_same_shared_factors(tiny_model_dir):
-    result = engine.run(tiny_config(tiny_model_dir, "fedavg_lora"))
+def test_fedavg_gives_every_client_the_same_shared_factors(plain_run):
+    result, _ = plain_run("fedavg_lora")
     a = result.client_params["lora"]["backbone"]["encoder"]["layer_0"]["attention"]["self"]["query"]["A"]
     np.testing.assert_allclose(a[0], a[3], atol=1e-6)
     head = result.client_params["params"]["classifier"]["kernel"]
@@ -67,16 +82,17 @@ _EIGHT_DEVICES = textwrap.dedent("""
     from helpers import tiny_config
     from celora_jax.federated import engine
     assert len(jax.devices()) == 8, jax.devices()
-    result = engine.run(apply_overrides(tiny_config({model!r}, {method!r}), {overrides!r}))
-    np.savez({out!r}, *[np.asarray(x) for x in jax.tree.leaves(result.client_params)])
-    json.dump([r["train_loss"] for r in result.history] + result.history[-1]["client_test_accuracy"],
-              open({out!r} + ".json", "w"))
+    for index, (method, overrides) in enumerate({cases!r}):
+        result = engine.run(apply_overrides(tiny_config({model!r}, method), overrides))
+        out = {out!r} + str(index)
+        np.savez(out, *[np.asarray(x) for x in jax.tree.leaves(result.client_params)])
+        json.dump([r["train_loss"] for r in result.history] + result.history[-1]["client_test_accuracy"],
+                  open(out + ".json", "w"))
 """)
-
 
 # Plain 1-vs-8-device equality of every method is checked on the toy model
 # (tests/test_round_contract.py); here the real encoder under blocks and data parallelism.
-@pytest.mark.parametrize("method,overrides", [
+EIGHT_DEVICE_CASES = [
     # 10 clients padded to 16 and trained in two strided blocks of 8, each spanning all devices.
     ("celora", ["partition.num_clients=10", "federation.client_block=8"]),
     # clients x data mesh: 4 client groups of 2 devices, each client's batch of 8 split in two,
@@ -84,24 +100,52 @@ _EIGHT_DEVICES = textwrap.dedent("""
     ("celora", ["partition.num_clients=10", "federation.client_block=4", "federation.data_parallel=2"]),
     # all 8 devices on one client at a time: one example of each batch per device.
     ("fedavg_lora", ["federation.data_parallel=8"]),
-])
-def test_one_device_and_eight_devices_give_the_same_run(tiny_model_dir, tmp_path, method, overrides):
+]
+
+
+@pytest.fixture(scope="module")
+def eight_device_runs(tiny_model_dir, tmp_path_factory):
+    """Every case of EIGHT_DEVICE_CASES on 8 fake CPU devices, in one subprocess: ``index ->
+    (client parameter leaves, train losses + last client accuracies)``."""
+    out = tmp_path_factory.mktemp("eight_devices")
+    script = _EIGHT_DEVICES.format(root=str(ROOT), tests=str(ROOT / "tests"), model=str(tiny_model_dir),
+                                   cases=EIGHT_DEVICE_CASES, out=str(out / "case"))
+    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=out)
+    return {index: (np.load(out / f"case{index}.npz"), json.loads((out / f"case{index}.json").read_text()))
+            for index in range(len(EIGHT_DEVICE_CASES))}
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tiny_model_dir):
+    """``one_device_run(method, overrides)``: the same clients on one device, all at once
+    (cached: two cases share their one-device run)."""
+    runs = {}
+
+    def run(method, overrides):
+        key = (method, tuple(overrides))
+        if key not in runs:
+            runs[key] = engine.run(apply_overrides(tiny_config(tiny_model_dir, method, num_devices=1), overrides))
+        return runs[key]
+
+    return run
+
+
+@pytest.mark.parametrize("case", range(len(EIGHT_DEVICE_CASES)),
+                         ids=[f"{m}-{'-'.join(o)}" for m, o in EIGHT_DEVICE_CASES])
+def test_one_device_and_eight_devices_give_the_same_run(eight_device_runs, one_device_run, case):
     """Clients padded to a multiple of 8 on an 8-device mesh equal the same clients on one
     device, all trained at once."""
+    method, overrides = EIGHT_DEVICE_CASES[case]
     single = [o for o in overrides if not o.startswith(("federation.client_block", "federation.data_parallel"))]
-    one = engine.run(apply_overrides(tiny_config(tiny_model_dir, method, num_devices=1, client_block=None), single))
-    out = str(tmp_path / "eight.npz")
-    script = _EIGHT_DEVICES.format(root=str(ROOT), tests=str(ROOT / "tests"), model=str(tiny_model_dir),
-                                   method=method, out=out, overrides=overrides)
-    env = dict(os.environ, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8"), JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
-    eight = np.load(out)
+    one = one_device_run(method, single)
+    eight, eight_history = eight_device_runs[case]
     leaves = jax.tree.leaves(one.client_params)
     assert len(leaves) == len(eight.files)
     for index, leaf in enumerate(leaves):
         np.testing.assert_allclose(np.asarray(leaf), eight[f"arr_{index}"], atol=2e-5, rtol=1e-4)
     expected = [r["train_loss"] for r in one.history] + one.history[-1]["client_test_accuracy"]
-    np.testing.assert_allclose(json.load(open(out + ".json")), expected, atol=1e-5)
+    np.testing.assert_allclose(eight_history, expected, atol=1e-5)
 
 
 def test_wasteful_padding_of_the_client_axis_is_reported(caplog):
@@ -115,9 +159,9 @@ def test_wasteful_padding_of_the_client_axis_is_reported(caplog):
         assert not loop.warn_if_padding_wasteful(num_clients, sharding.padded_client_count(num_clients, mesh, block))
 
 
-def test_client_blocks_give_the_same_run(tiny_model_dir):
+def test_client_blocks_give_the_same_run(tiny_model_dir, plain_run):
     """5 clients in blocks of 2 (padded to 6, three blocks) equal all 5 at once."""
-    whole = engine.run(tiny_config(tiny_model_dir, "celora", client_block=None))
+    whole, _ = plain_run("celora")  # tiny_config trains all clients at once
     blocked = engine.run(tiny_config(tiny_model_dir, "celora", client_block=2))
     for a, b in zip(jax.tree.leaves(whole.client_params), jax.tree.leaves(blocked.client_params)):
         assert a.shape == b.shape
@@ -273,9 +317,9 @@ def test_outlier_clients_keep_their_training_but_are_not_aggregated(tiny_model_d
     assert not np.allclose(head(run.client_params)[outliers], np.broadcast_to(head(start), head(run.client_params)[outliers].shape))
 
 
-def test_bfloat16_compute_keeps_float32_adapters_and_tracks_float32(tiny_model_dir):
+def test_bfloat16_compute_keeps_float32_adapters_and_tracks_float32(tiny_model_dir, plain_run):
     """Mixed precision: bf16 matmuls, float32 master adapters, optimizer state and norms."""
-    full = engine.run(tiny_config(tiny_model_dir, "celora"))
+    full, _ = plain_run("celora")
     mixed = engine.run(apply_overrides(tiny_config(tiny_model_dir, "celora"), ["model.dtype='bfloat16'"]))
     for leaf in jax.tree.leaves(mixed.client_params):
         assert leaf.dtype == np.float32
