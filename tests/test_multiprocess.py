@@ -1,5 +1,5 @@
 """Two processes x 4 CPU devices (jax.distributed, loopback coordinator, gloo collectives)
-give the same run as one process x 8 devices."""
+give the same run as one process x 8 devices, and their checkpoints resume on either."""
 
 import json
 import os

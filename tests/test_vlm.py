@@ -18,19 +18,20 @@ from test_llama import TINY, tiny_params
 
 def test_prefix_equals_the_same_embeddings_given_as_tokens():
     model, params = tiny_params()
+    apply = jax.jit(model.apply)  # one program per shape, not one per operation
     prefix_ids, ids = jnp.array([[7, 11, 13]]), jnp.array([[0, 0, 5, 17, 3]])
     mask = jnp.array([[0, 0, 1, 1, 1]])
     prefix = params["embed_tokens"]["embedding"][prefix_ids]
-    with_prefix, _ = model.apply({"params": params}, ids, mask, prefix=prefix)
-    as_tokens, _ = model.apply({"params": params}, jnp.concatenate([prefix_ids, ids], 1),
-                               jnp.concatenate([jnp.ones((1, 3), jnp.int32), mask], 1))
+    with_prefix, _ = apply({"params": params}, ids, mask, prefix=prefix)
+    as_tokens, _ = apply({"params": params}, jnp.concatenate([prefix_ids, ids], 1),
+                         jnp.concatenate([jnp.ones((1, 3), jnp.int32), mask], 1))
     chex.assert_shape(with_prefix, (1, 8, TINY.vocab_size))
     np.testing.assert_allclose(with_prefix, as_tokens, atol=1e-5)
     # The positions after the padding are those of the unpadded sequence [7, 11, 13, 5, 17, 3].
-    unpadded, _ = model.apply({"params": params}, jnp.array([[7, 11, 13, 5, 17, 3]]))
+    unpadded, _ = apply({"params": params}, jnp.array([[7, 11, 13, 5, 17, 3]]))
     np.testing.assert_allclose(with_prefix[:, -3:], unpadded[:, -3:], atol=1e-5)
     with pytest.raises(ValueError, match="prefix must be"):
-        model.apply({"params": params}, ids, mask, prefix=jnp.zeros((1, 3, 5)))
+        apply({"params": params}, ids, mask, prefix=jnp.zeros((1, 3, 5)))
 
 
 def test_greedy_generation_with_a_prefix_equals_recomputing_every_step():
@@ -38,10 +39,11 @@ def test_greedy_generation_with_a_prefix_equals_recomputing_every_step():
     prefix = jax.random.normal(jax.random.key(3), (2, 2, TINY.hidden_size))
     prompt, mask = jnp.array([[0, 5, 17], [9, 8, 7]]), jnp.array([[0, 1, 1], [1, 1, 1]])
     generated = llama.greedy_generate(model, {"params": params}, prompt, mask, max_new_tokens=4, prefix=prefix)
+    apply = jax.jit(model.apply)
     for row in range(2):
         ids = [int(t) for t, m in zip(prompt[row], mask[row]) if m]
         for step in range(4):
-            logits, _ = model.apply({"params": params}, jnp.asarray(ids)[None], prefix=prefix[row:row + 1])
+            logits, _ = apply({"params": params}, jnp.asarray(ids)[None], prefix=prefix[row:row + 1])
             following = int(jnp.argmax(logits[0, -1]))
             assert following == int(generated[row, step])
             if following == TINY.eos_token_id:
