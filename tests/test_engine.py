@@ -1,6 +1,7 @@
 """The federated engine end to end on a tiny HF-format BERT and the real movie reviews."""
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -30,13 +31,10 @@ TRI_METHODS = ("celora", "celora_avg")
 def plain_run(tiny_model_dir, tmp_path_factory):
     """``plain_run(method) -> (result, output_dir)``: ``engine.run`` of ``tiny_config(method)``,
     run once per method and shared by the tests that only read it."""
-    runs = {}
-
+    @functools.cache
     def run(method):
-        if method not in runs:
-            out = tmp_path_factory.mktemp(f"plain_{method}")
-            runs[method] = (engine.run(tiny_config(tiny_model_dir, method), output_dir=out), out)
-        return runs[method]
+        out = tmp_path_factory.mktemp(f"plain_{method}")
+        return engine.run(tiny_config(tiny_model_dir, method), output_dir=out), out
 
     return run
 
@@ -120,13 +118,9 @@ def eight_device_runs(tiny_model_dir, tmp_path_factory):
 def one_device_run(tiny_model_dir):
     """``one_device_run(method, overrides)``: the same clients on one device, all at once
     (cached: two cases share their one-device run)."""
-    runs = {}
-
-    def run(method, overrides):
-        key = (method, tuple(overrides))
-        if key not in runs:
-            runs[key] = engine.run(apply_overrides(tiny_config(tiny_model_dir, method, num_devices=1), overrides))
-        return runs[key]
+    @functools.cache
+    def run(method, overrides: tuple):
+        return engine.run(apply_overrides(tiny_config(tiny_model_dir, method, num_devices=1), list(overrides)))
 
     return run
 
@@ -137,7 +131,7 @@ def test_one_device_and_eight_devices_give_the_same_run(eight_device_runs, one_d
     """Clients padded to a multiple of 8 on an 8-device mesh equal the same clients on one
     device, all trained at once."""
     method, overrides = EIGHT_DEVICE_CASES[case]
-    single = [o for o in overrides if not o.startswith(("federation.client_block", "federation.data_parallel"))]
+    single = tuple(o for o in overrides if not o.startswith(("federation.client_block", "federation.data_parallel")))
     one = one_device_run(method, single)
     eight, eight_history = eight_device_runs[case]
     leaves = jax.tree.leaves(one.client_params)
