@@ -4,10 +4,13 @@ by the ClientApp), checked against the native simulator. Flower's own simulation
 (Ray, 4 nodes, MiniLM) is tested through ``benchmarks/flower_vs_engine.py --smoke`` in
 test_experiments.py; the Deployment Engine in test_flower_deployment.py."""
 
+import uuid
+
 import numpy as np
 import pytest
 
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from celora_jax.federated import loop  # noqa: E402
@@ -18,7 +21,9 @@ from toy import toy_config, toy_setup, with_federation  # noqa: E402
 
 class FakeGrid:
     """Flower's Grid for one process: each message goes to the ClientApp with its node's
-    own persistent Context, as a SuperNode would run it."""
+    own persistent Context, as a SuperNode would run it. Pushing stamps message ids, as
+    Flower's grids do; the replies wait until pulled. Messages to ``unreachable`` nodes get
+    what the SuperLink sends for a node whose heartbeat expired."""
 
     def __init__(self, client_app, num_nodes: int, first_id: int = 100):
         self.app = client_app
@@ -27,21 +32,37 @@ class FakeGrid:
                                                state=RecordDict(), run_config={})
                          for i in range(num_nodes)}
         self.sent: list[Message] = []
+        self.unreachable: set[int] = set()
+        self._replies: dict[str, Message] = {}
 
     def get_node_ids(self):
         return list(self.contexts)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # how Flower's grids stamp them
             self.sent.append(message)
-            TaskIdentity.node_id = message.metadata.dst_node_id
-            try:
-                replies.append(self.app(message, self.contexts[message.metadata.dst_node_id]))
-            except Exception as err:  # what a SuperNode sends back when its ClientApp raised
-                replies.append(Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=message))
-        TaskIdentity.node_id = 0
-        return replies
+            ids.append(message.metadata.message_id)
+            self._replies[message.metadata.message_id] = self._answer(message)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def _answer(self, message):
+        node = message.metadata.dst_node_id
+        if node in self.unreachable:
+            reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"), reply_to=message)
+            reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # the SuperLink answers, not the node
+            return reply
+        TaskIdentity.node_id = node
+        try:
+            return self.app(message, self.contexts[node])
+        except Exception as err:  # what a SuperNode sends back when its ClientApp raised
+            return Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+        finally:
+            TaskIdentity.node_id = 0
 
 
 @pytest.fixture()
@@ -93,6 +114,35 @@ def test_each_node_gets_its_own_core_mixture_and_only_cores_travel(task_identity
     assert strategy.history[0]["bytes_up"] == 4 * (2 * 2 * 4)
     # Each round's record of a node is a fresh one: no two messages share content.
     assert len({id(m.content) for m in grid.sent}) == len(grid.sent)
+
+
+def test_a_node_the_superlink_answers_for_is_silent_and_keeps_its_download(task_identity, caplog):
+    """Round 2's message to node 103 (client 3) comes back as the SuperLink's "Node
+    Unavailable" error, sent from the SuperLink's own node id: client 3 is silent, not
+    failed, and round 3 sends it the round-1 download it never got."""
+    setup = toy_setup(with_federation(toy_config("celora", num_clients=4), rounds=3))
+    grid = FakeGrid(make_client_app(setup.config, prepare=lambda config: setup), 4)
+
+    def unreachable_in_round_two(strategy):
+        grid.unreachable = {103} if len(strategy.history) == 1 else set()
+
+    strategy = CeloraStrategy(setup.method, setup.config.aggregation, 4, num_rounds=3,
+                              on_round=unreachable_in_round_two)
+    strategy.setup(grid, timeout=10)
+    from flwr.app import ArrayRecord
+
+    with caplog.at_level("ERROR"):
+        strategy.start(grid, ArrayRecord(), num_rounds=3, timeout=10)
+    second, third = strategy.history[1:]
+    assert second["reporting"] == [0, 1, 2] and second["silent"] == [3] and second["excluded"] == []
+    assert "client 3 (node 103) was not reached" in caplog.text
+    core = 2 * 2 * 4  # one rank-2 float32 core
+    assert second["bytes_down"] == third["bytes_down"] == 4 * core  # round 3 resends client 3's
+    assert third["reporting"] == [0, 1, 2, 3] and third["silent"] == []
+    sent_to_3 = [m for m in grid.sent if m.metadata.dst_node_id == 103 and m.metadata.message_type == "train"]
+    assert [m.content.array_records["download"]["lora/dense/C"].numpy().tobytes() for m in sent_to_3[1:]] == [
+        sent_to_3[1].content.array_records["download"]["lora/dense/C"].numpy().tobytes()] * 2
+    assert len(strategy.accuracies) == 4
 
 
 def test_a_bad_upload_is_excluded_and_the_round_goes_on(task_identity, caplog):

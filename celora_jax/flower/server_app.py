@@ -19,6 +19,14 @@ that round (``silent`` in the history) and keeps its download pending; at the st
 round a node the SuperLink lists for the first time (a restarted SuperNode) is asked which
 client it is and takes that client's place (``restored``/``fresh`` in the history say
 whether it came back with its state). Each history record also has the round's ``seconds``.
+Replies are matched to clients by the message they answer (``reply_to_message_id``), not by
+their sender: the SuperLink itself answers for a node whose heartbeat expired ("Node
+Unavailable", sent from the SuperLink's own node id), and such a node counts as silent,
+its download still pending.
+
+The strategy waits for replies with its own pull loop (``PromptGrid``): Flower's
+``Grid.send_and_receive`` checks for replies every 3 s, which adds 1.5 s on average to every
+exchange; this one checks after 0.1 s and backs off to once a second.
 
 Bytes are counted from the records that cross the wire: the array payload of every
 download and upload (``bytes_down``/``bytes_up`` per round), equal to the simulator's
@@ -34,6 +42,7 @@ from typing import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -45,6 +54,38 @@ from celora_jax.flower import records
 from celora_jax.gmm import ClassMixtures
 
 logger = logging.getLogger(__name__)
+
+
+# Errors the SuperLink sends in a node's place: the node never took the message (or its
+# reply was lost), so it did not apply its download.
+UNDELIVERED = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
+                         ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
+
+
+class PromptGrid:
+    """A Flower ``Grid`` whose ``send_and_receive`` checks for replies after ``first_poll``
+    seconds, then ever less often up to ``max_poll`` (Flower's own waits 3 s between checks);
+    everything else is the wrapped grid's."""
+
+    def __init__(self, grid: Grid, first_poll: float = 0.1, max_poll: float = 1.0):
+        self.grid, self.first_poll, self.max_poll = grid, float(first_poll), float(max_poll)
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        waiting = {i for i in self.grid.push_messages(list(messages)) if i}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies, poll = [], self.first_poll
+        while waiting:
+            pulled = list(self.grid.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+            poll = min(poll * 1.5, self.max_poll)
+        return replies
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -74,6 +115,7 @@ class CeloraStrategy(Strategy):
         self.node_of: dict[int, int] = {}  # client (partition id) -> Flower node id
         self.pending: dict[int, dict] = {}  # client -> download its node has not answered yet
         self._awaiting: dict[int, int] = {}  # node id -> client, of the messages in flight
+        self._sent: list[Message] = []  # those messages (the grid stamps their ids when it pushes them)
         self._ignored: set[int] = set()  # nodes that are no client of this run
         self.timeout: float | None = None
         self._round_started = time.perf_counter()
@@ -85,15 +127,17 @@ class CeloraStrategy(Strategy):
     def setup(self, grid: Grid, timeout: float | None = None) -> None:
         """Asks every node who it is, its size and (if needed) its data statistic."""
         self.timeout = timeout
+        grid = _prompt(grid)
         node_ids = _wait_for_nodes(grid, self.num_clients, timeout)
-        replies = grid.send_and_receive(_queries(node_ids, 0), timeout=timeout)
+        queries = _queries(node_ids, 0)
+        replies = list(grid.send_and_receive(queries, timeout=timeout))
         sizes, statistics, initial = {}, {}, None
-        for reply in replies:
+        for reply, node in zip(replies, _senders(replies, queries)):
             if reply.has_error():
-                raise RuntimeError(f"node {reply.metadata.src_node_id} failed the set-up: {reply.error.reason}")
+                raise RuntimeError(f"node {node} failed the set-up: {reply.error.reason}")
             metrics = reply.content["metrics"]
             client = int(metrics["client"])
-            self.node_of[client] = reply.metadata.src_node_id
+            self.node_of[client] = node
             sizes[client] = float(metrics["num-examples"])
             if records.has_tree(reply.content, "statistic"):
                 statistics[client] = ClassMixtures(**records.read_tree(reply.content, "statistic",
@@ -124,8 +168,9 @@ class CeloraStrategy(Strategy):
         new = sorted(live - set(self.node_of.values()) - self._ignored)
         if not new:
             return
-        for reply in grid.send_and_receive(_queries(new, server_round), timeout=self.timeout):
-            node = reply.metadata.src_node_id
+        queries = _queries(new, server_round)
+        replies = list(grid.send_and_receive(queries, timeout=self.timeout))
+        for reply, node in zip(replies, _senders(replies, queries)):
             if reply.has_error():
                 logger.error("round %d: node %s cannot join: %s", server_round, node, reply.error.reason)
                 self._ignored.add(node)
@@ -146,12 +191,16 @@ class CeloraStrategy(Strategy):
             self.node_of[client] = node
 
     # ------------------------------------------------------------------ rounds
+    def start(self, grid: Grid, *args, **kwargs):
+        """Flower's ``Strategy.start``, waiting for replies through ``PromptGrid``."""
+        return super().start(_prompt(grid), *args, **kwargs)
+
     def _messages(self, server_round: int, message_type: str) -> tuple[list[Message], int]:
         """One message per node, each a fresh record holding that node's pending download
         (its own mixture, if it has one): ``(messages, download payload bytes)``. A download
         stays pending until its node answers, so a node that missed a round gets it again."""
         messages, down = [], 0
-        self._awaiting = {}
+        self._awaiting, self._sent = {}, messages
         for client, node in sorted(self.node_of.items()):
             content = RecordDict({"config": ConfigRecord({"server-round": server_round})})
             if client in self.pending:
@@ -162,12 +211,25 @@ class CeloraStrategy(Strategy):
             self._awaiting[node] = client
         return messages, down
 
-    def _answered(self, replies: list[Message]) -> None:
-        """The nodes that answered (even with an error) have applied their download."""
-        for reply in replies:
-            client = self._awaiting.pop(reply.metadata.src_node_id, None)
-            if client is not None:
-                self.pending.pop(client, None)
+    def _answered(self, replies: list[Message], server_round: int) -> list[tuple[int, Message]]:
+        """``(client, reply)`` for every reply its node sent (even an error): those nodes have
+        applied their download. A reply is matched by the message it answers; those the
+        SuperLink sent in a node's place (it never took the message) leave the client
+        awaited, i.e. silent, with its download pending."""
+        answered = []
+        for reply, node in zip(replies, _senders(replies, self._sent)):
+            if node not in self._awaiting:
+                logger.warning("round %d: a reply from node %s that answers no message of this round; ignored",
+                               server_round, node)
+                continue
+            if reply.has_error() and reply.error.code in UNDELIVERED:
+                logger.error("round %d: client %d (node %s) was not reached: %s", server_round,
+                             self._awaiting[node], node, reply.error.reason)
+                continue
+            client = self._awaiting.pop(node)
+            self.pending.pop(client, None)
+            answered.append((client, reply))
+        return answered
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -179,23 +241,23 @@ class CeloraStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
-        client_of = dict(self._awaiting)
-        self._answered(replies)
+        answered = self._answered(list(replies), server_round)
         silent = sorted(self._awaiting.values())
         if silent:
-            logger.error("round %d: clients %s did not answer within %s s; the round goes on without them",
+            logger.error("round %d: clients %s did not answer (round timeout %s s); the round goes on without them",
                          server_round, silent, self.timeout)
         uploads, losses, up, message_up, excluded, restored, fresh = {}, [], 0, 0, [], [], []
-        for reply in replies:
+        for client, reply in sorted(answered, key=lambda pair: pair[0]):  # client order, whatever the replies'
             if reply.has_error():
-                node = reply.metadata.src_node_id
-                logger.error("round %d: client %s (node %s) failed: %s", server_round, client_of.get(node, "?"),
-                             node, reply.error.reason)
-                excluded.append(client_of.get(node, node))
+                logger.error("round %d: client %d failed: %s", server_round, client, reply.error.reason)
+                excluded.append(client)
                 continue
             metrics = reply.content["metrics"]
-            client = int(metrics["client"])
+            if int(metrics["client"]) != client:
+                logger.error("round %d: the node of client %d answered as client %s; left out of this round",
+                             server_round, client, metrics["client"])
+                excluded.append(client)
+                continue
             try:
                 upload = records.take_tree(reply.content, "upload", self._like, what=f"the upload of client {client}",
                                            require_finite=True)
@@ -237,14 +299,12 @@ class CeloraStrategy(Strategy):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
-        self._answered(replies)
-        for reply in replies:
+        for client, reply in self._answered(list(replies), server_round):
             if reply.has_error():
-                logger.error("evaluation: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                logger.error("evaluation: client %d failed: %s", client, reply.error.reason)
                 continue
             metrics = reply.content["metrics"]
-            self.accuracies[int(metrics["client"])] = float(metrics["correct"]) / max(float(metrics["count"]), 1.0)
+            self.accuracies[client] = float(metrics["correct"]) / max(float(metrics["count"]), 1.0)
         if self.on_round is not None:
             self.on_round(self)
         if not self.accuracies:
@@ -253,6 +313,17 @@ class CeloraStrategy(Strategy):
 
     def summary(self) -> None:
         logger.info("celora-jax %s over %d clients", self.method.name, self.num_clients)
+
+
+def _prompt(grid: Grid) -> Grid:
+    return grid if isinstance(grid, PromptGrid) else PromptGrid(grid)
+
+
+def _senders(replies: list[Message], sent: list[Message]) -> list[int]:
+    """The node each reply speaks for: the destination of the message it answers (an error
+    the SuperLink sends in a node's place comes from the SuperLink's own node id)."""
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    return [destination.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
 
 
 def _queries(node_ids, server_round: int) -> list[Message]:
