@@ -9,7 +9,7 @@ import pytest
 
 from celora_jax import wire
 from celora_jax.federated import loop
-from celora_jax.federated.nodes import ClientNode
+from celora_jax.federated.nodes import ClientNode, node_programs
 from celora_jax.federated.server_node import ServerNode, stack_statistics
 from celora_jax.privacy.dp import DPConfig
 from toy import toy_config, toy_setup, with_federation
@@ -21,7 +21,8 @@ NODE_METHODS = ["celora", "celora_avg", "fedavg_lora", "ffa_lora", "fedsa_lora",
 def run_nodes(setup, rounds: int):
     """The run as separate nodes exchanging flat records: (records, final accuracies)."""
     config, fed, n = setup.config, setup.config.federation, setup.num_clients
-    nodes = [ClientNode(setup, i) for i in range(n)]
+    programs = node_programs(setup)  # shared, as a simulation's process shares them
+    nodes = [ClientNode(setup, i, programs) for i in range(n)]
     states = [node.initial_state() for node in nodes]
     statistics = (stack_statistics({i: node.statistic() for i, node in enumerate(nodes)}, n)
                   if setup.method.needs_data_statistics else None)

@@ -26,7 +26,7 @@ knows the round's answer; ``evaluate`` then uses the fine-tuned copy (``state["t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,33 @@ def folds_base(method) -> bool:
     return method.fold_into_base is not methods_base.keep_base
 
 
+class NodePrograms(NamedTuple):
+    """The jitted functions a node runs. They depend on the run, not on the client: nodes
+    of one process that share them (a simulation serves many clients from one process)
+    compile each program once instead of once per client."""
+
+    update: Callable
+    evaluate: Callable
+    privatize: Callable
+    folded: Callable | None  # methods that fold the server state into the base
+    finetune: Callable | None  # methods that fine-tune after the download
+
+
+def node_programs(setup: Setup) -> NodePrograms:
+    """``NodePrograms`` of a prepared run, for any of its clients."""
+    config, fed, task, method = setup.config, setup.config.federation, setup.task, setup.method
+    total_steps = fed.rounds * setup.local_steps
+    scale = task.adapter_config.scale
+    return NodePrograms(
+        update=jax.jit(client_lib.make_client_update(task.logits_fn, setup.roles, config.optimizer, total_steps,
+                                                     objective=method.client_objective)),
+        evaluate=jax.jit(client_lib.make_evaluate(task.logits_fn, fed.eval_batch_size)),
+        privatize=jax.jit(dp_lib.privatize_update, static_argnums=(1, 2)),  # float options
+        folded=(jax.jit(lambda base, fold: method.fold_into_base(base, fold, scale)) if folds_base(method)
+                else None),
+        finetune=jax.jit(round_lib.finetune_update(setup, total_steps)) if method.finetune_steps else None)
+
+
 def _row(tree: PyTree, client: int) -> PyTree:
     return jax.tree.map(lambda x: np.asarray(x[client:client + 1]), tree)
 
@@ -66,10 +93,12 @@ class ClientNode:
     """Client ``client`` of a prepared run (see the module docstring).
 
     ``setup`` is the run's ``Setup``; a node only reads its own client's rows of the task's
-    arrays (a deployment prepares just those: the other rows may be zeros).
+    arrays (a deployment prepares just those: the other rows may be zeros). ``programs``:
+    ``node_programs(setup)`` shared with the process's other nodes of this run (built here
+    if None).
     """
 
-    def __init__(self, setup: Setup, client: int):
+    def __init__(self, setup: Setup, client: int, programs: NodePrograms | None = None):
         reason = unsupported_reason(setup.method)
         if reason:
             raise ValueError(f"method {setup.method.name!r} cannot run on separate nodes: it {reason}")
@@ -80,23 +109,16 @@ class ClientNode:
         self.train_examples = _row(task.train, client)
         self.test_examples = jax.tree.map(lambda x: x[0], _row(task.test, client))
         self.size = float(task.sizes[client])
-        total_steps = fed.rounds * setup.local_steps
-        self._update = jax.jit(client_lib.make_client_update(task.logits_fn, setup.roles, config.optimizer,
-                                                             total_steps, objective=setup.method.client_objective))
-        self._evaluate = jax.jit(client_lib.make_evaluate(task.logits_fn, fed.eval_batch_size))
-        self._privatize = jax.jit(dp_lib.privatize_update, static_argnums=(1, 2))  # float options
+        programs = node_programs(setup) if programs is None else programs
+        self._update, self._evaluate, self._privatize = programs.update, programs.evaluate, programs.privatize
+        self._folded, self._finetune = programs.folded, programs.finetune
         self._noise_multiplier = dp_lib.resolve_noise_multiplier(config.dp, fed.rounds)
         # The simulator splits each round's key over its padded client slots: so does the node.
         mesh = sharding.client_mesh(fed.num_devices, fed.data_parallel)
         self._slots = sharding.padded_client_count(setup.num_clients, mesh, fed.client_block)
         self._root_key = jax.random.fold_in(jax.random.key(config.seed), 1)
         self._base = jax.tree.map(jnp.asarray, task.base_params)
-        self._scale = task.adapter_config.scale
         self.fold_like = self._fold_like() if folds_base(setup.method) else None
-        self._folded = (jax.jit(lambda base, fold: setup.method.fold_into_base(base, fold, self._scale))
-                        if folds_base(setup.method) else None)
-        self._finetune = (jax.jit(round_lib.finetune_update(setup, total_steps))
-                          if setup.method.finetune_steps else None)
 
     def _fold_like(self):
         """Shapes and dtypes of the server state the method folds into the base (what the

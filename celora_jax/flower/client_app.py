@@ -40,7 +40,7 @@ from flwr.clientapp import ClientApp
 from celora_jax import wire
 from celora_jax.config import RunConfig
 from celora_jax.federated import setup as setup_lib
-from celora_jax.federated.nodes import ClientNode
+from celora_jax.federated.nodes import ClientNode, node_programs
 from celora_jax.flower import records
 
 logger = logging.getLogger(__name__)
@@ -172,17 +172,20 @@ def client_app_for(build_setup: Callable[[Context], "setup_lib.Setup"]) -> Clien
     """A ClientApp whose ``Setup`` is built by ``build_setup(context)`` on the first message
     a process handles (``celora_jax.flower.app`` reads it from Flower's run config)."""
     app = ClientApp()
-    # Built once per process (a simulation serves several clients from one process; a
-    # SuperNode starts a process per message, where the compilation cache saves the rest).
-    prepared: dict = {"setup": None, "nodes": {}}
+    # Built once per process, with one set of jitted programs for all its nodes (a
+    # simulation serves several clients from one process, which then compiles once, not
+    # once per client; a SuperNode starts a process per message, where the compilation
+    # cache saves the rest).
+    prepared: dict = {"setup": None, "programs": None, "nodes": {}}
 
     def node_for(context: Context) -> ClientNode:
         if prepared["setup"] is None:
             prepared["setup"] = build_setup(context)
+            prepared["programs"] = node_programs(prepared["setup"])
         setup, nodes = prepared["setup"], prepared["nodes"]
         client = partition_id(context, setup.num_clients)
         if client not in nodes:
-            nodes[client] = ClientNode(setup, client)
+            nodes[client] = ClientNode(setup, client, prepared["programs"])
         return nodes[client]
 
     def arrive(msg: Message, context: Context) -> tuple[ClientNode, int, dict, dict]:
