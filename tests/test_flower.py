@@ -33,6 +33,8 @@ class FakeGrid:
                          for i in range(num_nodes)}
         self.sent: list[Message] = []
         self.unreachable: set[int] = set()
+        self.silent: set[int] = set()  # their messages are never answered
+        self.restart_when_sent: dict[int, tuple[int, int]] = {}  # node -> (new node, partition)
         self._replies: dict[str, Message] = {}
 
     def get_node_ids(self):
@@ -44,11 +46,21 @@ class FakeGrid:
             message.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # how Flower's grids stamp them
             self.sent.append(message)
             ids.append(message.metadata.message_id)
-            self._replies[message.metadata.message_id] = self._answer(message)
+            if message.metadata.dst_node_id in self.restart_when_sent:  # it dies with the message unanswered
+                self.silent.add(message.metadata.dst_node_id)
+                self.add_node(*self.restart_when_sent.pop(message.metadata.dst_node_id))
+            if message.metadata.dst_node_id not in self.silent:
+                self._replies[message.metadata.message_id] = self._answer(message)
         return ids
 
     def pull_messages(self, message_ids):
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def add_node(self, node: int, partition: int):
+        """A SuperNode (re)started with ``partition``: a new node id and an empty state."""
+        num_nodes = self.contexts[min(self.contexts)].node_config["num-partitions"]
+        self.contexts[node] = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                                      node_config={"partition-id": partition, "num-partitions": num_nodes})
 
     def _answer(self, message):
         node = message.metadata.dst_node_id
@@ -142,6 +154,33 @@ def test_a_node_the_superlink_answers_for_is_silent_and_keeps_its_download(task_
     sent_to_3 = [m for m in grid.sent if m.metadata.dst_node_id == 103 and m.metadata.message_type == "train"]
     assert [m.content.array_records["download"]["lora/dense/C"].numpy().tobytes() for m in sent_to_3[1:]] == [
         sent_to_3[1].content.array_records["download"]["lora/dense/C"].numpy().tobytes()] * 2
+    assert len(strategy.accuracies) == 4
+
+
+def test_a_round_does_not_wait_for_a_node_whose_client_came_back_on_a_new_node(task_identity, caplog):
+    """Round 2's message to node 103 (client 3) is never answered: the node died, and client
+    3 came back as node 203 with an empty state (a restarted SuperNode). Round 2 stops
+    waiting for node 103 as soon as node 203 says it is client 3, long before the 30 s
+    timeout; in round 3 node 203 is client 3, flagged fresh."""
+    setup = toy_setup(with_federation(toy_config("celora", num_clients=4), rounds=3))
+    grid = FakeGrid(make_client_app(setup.config, prepare=lambda config: setup), 4)
+
+    def restart_after_round_one(strategy):
+        if len(strategy.history) == 1:
+            grid.restart_when_sent = {103: (203, 3)}
+
+    strategy = CeloraStrategy(setup.method, setup.config.aggregation, 4, num_rounds=3,
+                              on_round=restart_after_round_one)
+    strategy.setup(grid, timeout=30)
+    from flwr.app import ArrayRecord
+
+    with caplog.at_level("WARNING"):
+        strategy.start(grid, ArrayRecord(), num_rounds=3, timeout=30)
+    second, third = strategy.history[1:]
+    assert second["reporting"] == [0, 1, 2] and second["silent"] == [3] and second["seconds"] < 10
+    assert "client 3 came back on a new node; not waiting for its old node 103" in caplog.text
+    assert third["reporting"] == [0, 1, 2, 3] and third["fresh"] == [3] and strategy.node_of[3] == 203
+    assert "client 3 rejoined as node 203 (replacing node 103)" in caplog.text
     assert len(strategy.accuracies) == 4
 
 

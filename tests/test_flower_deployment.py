@@ -153,8 +153,10 @@ def wait_for(condition, deployment: Deployment, run: subprocess.Popen, timeout: 
 @pytest.mark.usefixtures("two_node_run")  # started first: it waits alongside this one
 def test_killed_supernodes_rejoin_with_or_without_their_state(deployment, tmp_path):
     """Three SuperNodes; after round 1 nodes 1 and 2 are killed and started again (node 1
-    with a state-dir, node 2 without). Round 2 completes with node 0 after the timeout, and
-    in round 3 node 1 continues from its saved state while node 2 starts fresh, both flagged."""
+    with a state-dir, node 2 without). Round 2 completes with node 0 as soon as the
+    restarted nodes say who they are (the server then stops waiting for the dead ones,
+    well before the timeout), and in round 3 node 1 continues from its saved state while
+    node 2 starts fresh, both flagged."""
     app, summary_path = toy_app(tmp_path, "celora", num_clients=3, rounds=3, timeout=60.0)
     state_dir = tmp_path / "node-state"
     deployment.start_superlink()
@@ -192,8 +194,8 @@ class TwoNodeRun(NamedTuple):
 @pytest.fixture(scope="module")
 def two_node_run(tmp_path_factory):
     """SuperLink + 2 SuperNodes on loopback running CE-LoRA for 2 rounds, started when first
-    asked for and left running. A deployment spends most of its time in Flower's 3 s polls
-    (SuperNodes and the ServerApp's grid), not on the CPU: the killed-supernodes test asks
+    asked for and left running. A deployment spends much of its time waiting, not on the CPU
+    (SuperNodes poll every 3 s and start a ClientApp process per message): the killed-supernodes test asks
     for this run first, so that the two deployments wait side by side (about a minute less
     of the suite's wall time)."""
     _require_flower_binaries()

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -65,27 +65,39 @@ UNDELIVERED = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILAB
 class PromptGrid:
     """A Flower ``Grid`` whose ``send_and_receive`` checks for replies after ``first_poll``
     seconds, then ever less often up to ``max_poll`` (Flower's own waits 3 s between checks);
-    everything else is the wrapped grid's."""
+    everything else is the wrapped grid's.
+
+    ``give_up``, if set, is called between checks with the ids of the messages still
+    unanswered and returns those not to wait for any longer (it is not called by the
+    exchanges it starts itself).
+    """
 
     def __init__(self, grid: Grid, first_poll: float = 0.1, max_poll: float = 1.0):
         self.grid, self.first_poll, self.max_poll = grid, float(first_poll), float(max_poll)
+        self.give_up: Callable[[set[str]], set[str]] | None = None
 
     def __getattr__(self, name):
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        waiting = {i for i in self.grid.push_messages(list(messages)) if i}
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies, poll = [], self.first_poll
-        while waiting:
-            pulled = list(self.grid.pull_messages(waiting))
-            replies.extend(pulled)
-            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
-            if not waiting or (deadline is not None and time.monotonic() >= deadline):
-                break
-            time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
-            poll = min(poll * 1.5, self.max_poll)
-        return replies
+        give_up, self.give_up = self.give_up, None
+        try:
+            waiting = {i for i in self.grid.push_messages(list(messages)) if i}
+            deadline = None if timeout is None else time.monotonic() + timeout
+            replies, poll = [], self.first_poll
+            while waiting:
+                pulled = list(self.grid.pull_messages(waiting))
+                replies.extend(pulled)
+                waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+                if waiting and give_up is not None:
+                    waiting -= give_up(set(waiting))
+                if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                    break
+                time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
+                poll = min(poll * 1.5, self.max_poll)
+            return replies
+        finally:
+            self.give_up = give_up
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -117,6 +129,9 @@ class CeloraStrategy(Strategy):
         self._awaiting: dict[int, int] = {}  # node id -> client, of the messages in flight
         self._sent: list[Message] = []  # those messages (the grid stamps their ids when it pushes them)
         self._ignored: set[int] = set()  # nodes that are no client of this run
+        self._rejoined: dict[int, int] = {}  # client -> node that took its place during a round
+        self._asked: set[int] = set()  # nodes asked who they are during this exchange
+        self._round = 0
         self.timeout: float | None = None
         self._round_started = time.perf_counter()
         self.history: list[dict] = []
@@ -160,16 +175,32 @@ class CeloraStrategy(Strategy):
         seen before (a SuperNode that restarted) is asked who it is and takes its client's
         place, with that client's undelivered download still pending. (Two live nodes with
         one partition id: the later one is the client, with a warning.)"""
+        joined, self._rejoined = self._rejoined, {}
         live = set(grid.get_node_ids())
         for client, node in sorted(self.node_of.items()):
-            if node not in live:
+            if node not in live and client not in joined:
                 logger.warning("round %d: client %d (node %s) has left the run", server_round, client, node)
                 del self.node_of[client]
-        new = sorted(live - set(self.node_of.values()) - self._ignored)
-        if not new:
-            return
-        queries = _queries(new, server_round)
+        new = sorted(live - set(self.node_of.values()) - set(joined.values()) - self._ignored)
+        joined.update(self._who_are(grid, new, server_round))
+        for client, node in sorted(joined.items()):
+            # The newest node of a client takes its place: a restarted SuperNode registers
+            # anew while the SuperLink may still list the dead one for a while.
+            previous = self.node_of.get(client)
+            if previous is not None:
+                self._ignored.add(previous)
+            logger.warning("round %d: client %d rejoined as node %s%s", server_round, client, node,
+                           "" if previous is None else f" (replacing node {previous})")
+            self.node_of[client] = node
+
+    def _who_are(self, grid: Grid, nodes: list[int], server_round: int) -> dict[int, int]:
+        """``{client: node}`` of the ``nodes`` that answer a query as a client of this run
+        (the later of two with one client); the others are ignored from now on."""
+        if not nodes:
+            return {}
+        queries = _queries(nodes, server_round)
         replies = list(grid.send_and_receive(queries, timeout=self.timeout))
+        clients = {}
         for reply, node in zip(replies, _senders(replies, queries)):
             if reply.has_error():
                 logger.error("round %d: node %s cannot join: %s", server_round, node, reply.error.reason)
@@ -181,26 +212,48 @@ class CeloraStrategy(Strategy):
                              node, client, self.num_clients)
                 self._ignored.add(node)
                 continue
-            # The newest node of a client takes its place: a restarted SuperNode registers
-            # anew while the SuperLink may still list the dead one for a while.
-            previous = self.node_of.get(client)
-            if previous is not None:
-                self._ignored.add(previous)
-            logger.warning("round %d: client %d rejoined as node %s%s", server_round, client, node,
-                           "" if previous is None else f" (replacing node {previous})")
-            self.node_of[client] = node
+            if client in clients:
+                self._ignored.add(min(node, clients[client]))
+            clients[client] = max(node, clients.get(client, node))
+        return clients
+
+    def _replaced(self, grid: Grid, waiting: set[str]) -> set[str]:
+        """The messages in ``waiting`` not to wait for: those to a node whose client has
+        meanwhile joined from a new node (a SuperNode restarted mid-round; its old node
+        would only be declared dead when its heartbeat expires, about a minute later). The
+        client is silent this round; the new node takes its place from the next."""
+        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        awaited = {destination[i] for i in waiting if i in destination} & set(self._awaiting)
+        if not awaited:
+            return set()
+        known = set(self.node_of.values()) | set(self._rejoined.values()) | self._ignored | self._asked
+        new = sorted(set(grid.get_node_ids()) - known)
+        self._asked.update(new)  # once per exchange: a node that does not answer is asked next round
+        joined = self._who_are(grid, new, self._round)
+        self._rejoined.update(joined)
+        gone = {self.node_of.get(client) for client in joined} & awaited
+        for node in sorted(gone):
+            logger.warning("round %d: client %d came back on a new node; not waiting for its old node %s",
+                           self._round, self._awaiting[node], node)
+        return {i for i in waiting if destination.get(i) in gone}
 
     # ------------------------------------------------------------------ rounds
     def start(self, grid: Grid, *args, **kwargs):
-        """Flower's ``Strategy.start``, waiting for replies through ``PromptGrid``."""
-        return super().start(_prompt(grid), *args, **kwargs)
+        """Flower's ``Strategy.start``, waiting for replies through ``PromptGrid`` (which
+        stops waiting for a node whose client came back on a new node, ``_replaced``)."""
+        grid = _prompt(grid)
+        grid.give_up = lambda waiting: self._replaced(grid, waiting)
+        try:
+            return super().start(grid, *args, **kwargs)
+        finally:
+            grid.give_up = None
 
     def _messages(self, server_round: int, message_type: str) -> tuple[list[Message], int]:
         """One message per node, each a fresh record holding that node's pending download
         (its own mixture, if it has one): ``(messages, download payload bytes)``. A download
         stays pending until its node answers, so a node that missed a round gets it again."""
         messages, down = [], 0
-        self._awaiting, self._sent = {}, messages
+        self._awaiting, self._sent, self._asked = {}, messages, set()
         for client, node in sorted(self.node_of.items()):
             content = RecordDict({"config": ConfigRecord({"server-round": server_round})})
             if client in self.pending:
@@ -233,7 +286,7 @@ class CeloraStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._round_started = time.perf_counter()
+        self._round_started, self._round = time.perf_counter(), server_round
         self._refresh_nodes(grid, server_round)
         messages, down = self._messages(server_round, MessageType.TRAIN)
         self.history.append({"round": server_round, "bytes_down": down,
