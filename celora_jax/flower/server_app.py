@@ -18,7 +18,9 @@ Nodes come and go: a node that does not answer within the round's timeout is lef
 that round (``silent`` in the history) and keeps its download pending; at the start of every
 round a node the SuperLink lists for the first time (a restarted SuperNode) is asked which
 client it is and takes that client's place (``restored``/``fresh`` in the history say
-whether it came back with its state). Each history record also has the round's ``seconds``.
+whether it came back with its state); one that comes back during a round is asked then, and
+the round stops waiting for its client's old node. Each history record also has the round's
+``seconds``.
 Replies are matched to clients by the message they answer (``reply_to_message_id``), not by
 their sender: the SuperLink itself answers for a node whose heartbeat expired ("Node
 Unavailable", sent from the SuperLink's own node id), and such a node counts as silent,
@@ -194,8 +196,8 @@ class CeloraStrategy(Strategy):
             self.node_of[client] = node
 
     def _who_are(self, grid: Grid, nodes: list[int], server_round: int) -> dict[int, int]:
-        """``{client: node}`` of the ``nodes`` that answer a query as a client of this run
-        (the later of two with one client); the others are ignored from now on."""
+        """``{client: node}`` of the ``nodes`` that answer a query as a client of this run;
+        the others are ignored from now on."""
         if not nodes:
             return {}
         queries = _queries(nodes, server_round)
@@ -212,9 +214,9 @@ class CeloraStrategy(Strategy):
                              node, client, self.num_clients)
                 self._ignored.add(node)
                 continue
-            if client in clients:
-                self._ignored.add(min(node, clients[client]))
-            clients[client] = max(node, clients.get(client, node))
+            if client in clients:  # two new nodes with one client: the one that answered last
+                self._ignored.add(clients[client])
+            clients[client] = node
         return clients
 
     def _replaced(self, grid: Grid, waiting: set[str]) -> set[str]:
