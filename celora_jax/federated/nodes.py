@@ -59,15 +59,17 @@ def folds_base(method) -> bool:
 
 
 class NodePrograms(NamedTuple):
-    """The jitted functions a node runs. They depend on the run, not on the client: nodes
-    of one process that share them (a simulation serves many clients from one process)
-    compile each program once instead of once per client."""
+    """The jitted functions a node runs, and the frozen base weights on the device. They
+    depend on the run, not on the client: nodes of one process that share them (a
+    simulation serves many clients from one process) compile each program once and hold
+    one copy of the base, instead of one per client."""
 
     update: Callable
     evaluate: Callable
     privatize: Callable
     folded: Callable | None  # methods that fold the server state into the base
     finetune: Callable | None  # methods that fine-tune after the download
+    base: PyTree  # the task's frozen weights as device arrays
 
 
 def node_programs(setup: Setup) -> NodePrograms:
@@ -82,7 +84,8 @@ def node_programs(setup: Setup) -> NodePrograms:
         privatize=jax.jit(dp_lib.privatize_update, static_argnums=(1, 2)),  # float options
         folded=(jax.jit(lambda base, fold: method.fold_into_base(base, fold, scale)) if folds_base(method)
                 else None),
-        finetune=jax.jit(round_lib.finetune_update(setup, total_steps)) if method.finetune_steps else None)
+        finetune=jax.jit(round_lib.finetune_update(setup, total_steps)) if method.finetune_steps else None,
+        base=jax.tree.map(jnp.asarray, task.base_params))
 
 
 def _row(tree: PyTree, client: int) -> PyTree:
@@ -117,7 +120,7 @@ class ClientNode:
         mesh = sharding.client_mesh(fed.num_devices, fed.data_parallel)
         self._slots = sharding.padded_client_count(setup.num_clients, mesh, fed.client_block)
         self._root_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-        self._base = jax.tree.map(jnp.asarray, task.base_params)
+        self._base = programs.base
         self.fold_like = self._fold_like() if folds_base(setup.method) else None
 
     def _fold_like(self):
