@@ -84,16 +84,18 @@ def task_identity(monkeypatch):
         monkeypatch.setattr(TaskIdentity, name, value)
 
 
-def run_flower(setup, grid_nodes=None):
+def run_flower(setup, grid_nodes=None, after_round=None, timeout=10.0):
+    """``(strategy, grid)`` after the run; ``after_round(strategy, grid)`` is called after
+    every round's aggregation (to change the grid between rounds)."""
     fed = setup.config.federation
     app = make_client_app(setup.config, prepare=lambda config: setup)
     grid = FakeGrid(app, grid_nodes or setup.num_clients)
     strategy = CeloraStrategy(setup.method, setup.config.aggregation, setup.num_clients, fed.outlier_factor,
-                              fed.rounds)
-    strategy.setup(grid, timeout=10)
+                              fed.rounds, on_round=None if after_round is None else lambda s: after_round(s, grid))
+    strategy.setup(grid, timeout=timeout)
     from flwr.app import ArrayRecord
 
-    strategy.start(grid, ArrayRecord(), num_rounds=fed.rounds, timeout=10)
+    strategy.start(grid, ArrayRecord(), num_rounds=fed.rounds, timeout=timeout)
     return strategy, grid
 
 
@@ -132,19 +134,12 @@ def test_a_node_the_superlink_answers_for_is_silent_and_keeps_its_download(task_
     """Round 2's message to node 103 (client 3) comes back as the SuperLink's "Node
     Unavailable" error, sent from the SuperLink's own node id: client 3 is silent, not
     failed, and round 3 sends it the round-1 download it never got."""
-    setup = toy_setup(with_federation(toy_config("celora", num_clients=4), rounds=3))
-    grid = FakeGrid(make_client_app(setup.config, prepare=lambda config: setup), 4)
-
-    def unreachable_in_round_two(strategy):
+    def unreachable_in_round_two(strategy, grid):
         grid.unreachable = {103} if len(strategy.history) == 1 else set()
 
-    strategy = CeloraStrategy(setup.method, setup.config.aggregation, 4, num_rounds=3,
-                              on_round=unreachable_in_round_two)
-    strategy.setup(grid, timeout=10)
-    from flwr.app import ArrayRecord
-
     with caplog.at_level("ERROR"):
-        strategy.start(grid, ArrayRecord(), num_rounds=3, timeout=10)
+        strategy, grid = run_flower(toy_setup(with_federation(toy_config("celora", num_clients=4), rounds=3)),
+                                    after_round=unreachable_in_round_two)
     second, third = strategy.history[1:]
     assert second["reporting"] == [0, 1, 2] and second["silent"] == [3] and second["excluded"] == []
     assert "client 3 (node 103) was not reached" in caplog.text
@@ -162,20 +157,13 @@ def test_a_round_does_not_wait_for_a_node_whose_client_came_back_on_a_new_node(t
     3 came back as node 203 with an empty state (a restarted SuperNode). Round 2 stops
     waiting for node 103 as soon as node 203 says it is client 3, long before the 30 s
     timeout; in round 3 node 203 is client 3, flagged fresh."""
-    setup = toy_setup(with_federation(toy_config("celora", num_clients=4), rounds=3))
-    grid = FakeGrid(make_client_app(setup.config, prepare=lambda config: setup), 4)
-
-    def restart_after_round_one(strategy):
+    def restart_after_round_one(strategy, grid):
         if len(strategy.history) == 1:
             grid.restart_when_sent = {103: (203, 3)}
 
-    strategy = CeloraStrategy(setup.method, setup.config.aggregation, 4, num_rounds=3,
-                              on_round=restart_after_round_one)
-    strategy.setup(grid, timeout=30)
-    from flwr.app import ArrayRecord
-
     with caplog.at_level("WARNING"):
-        strategy.start(grid, ArrayRecord(), num_rounds=3, timeout=30)
+        strategy, grid = run_flower(toy_setup(with_federation(toy_config("celora", num_clients=4), rounds=3)),
+                                    after_round=restart_after_round_one, timeout=30)
     second, third = strategy.history[1:]
     assert second["reporting"] == [0, 1, 2] and second["silent"] == [3] and second["seconds"] < 10
     assert "client 3 came back on a new node; not waiting for its old node 103" in caplog.text

@@ -224,7 +224,7 @@ class CeloraStrategy(Strategy):
         meanwhile joined from a new node (a SuperNode restarted mid-round; its old node
         would only be declared dead when its heartbeat expires, about a minute later). The
         client is silent this round; the new node takes its place from the next."""
-        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        destination = _destinations(self._sent)
         awaited = {destination[i] for i in waiting if i in destination} & set(self._awaiting)
         if not awaited:
             return set()
@@ -374,10 +374,15 @@ def _prompt(grid: Grid) -> Grid:
     return grid if isinstance(grid, PromptGrid) else PromptGrid(grid)
 
 
+def _destinations(sent: Iterable[Message]) -> dict[str, int]:
+    """Message id -> destination node of the pushed messages (the grid stamps the ids)."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+
+
 def _senders(replies: list[Message], sent: list[Message]) -> list[int]:
     """The node each reply speaks for: the destination of the message it answers (an error
     the SuperLink sends in a node's place comes from the SuperLink's own node id)."""
-    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    destination = _destinations(sent)
     return [destination.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies]
 
 
