@@ -19,6 +19,9 @@ from celora_jax.privacy.dp import DPConfig
 # The compute dtypes a model can run in (parameters stay float32).
 DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURES = ("encoder", "decoder", "vlm", "vit")
+# How blocks compute attention; the models' own list is celora_jax.models.layers.ATTENTION
+# (the config does not import a model; tests/test_attention_remat.py checks they agree).
+ATTENTION = ("einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,16 @@ class ModelConfig:
         block, so compile time no longer grows with depth. Same model and adapter init, same
         results up to float rounding, except that dropout draws other masks; PEFT export
         still writes one adapter per layer.
+      attention: how the blocks compute attention (for "vlm" the decoder's; its frozen ViT
+        encodes each image once with the einsums). "einsum": our reference einsums, with
+        the encoder's dropout on attention probabilities. "xla": ``jax.nn.dot_product_attention``
+        with XLA's implementation. "cudnn": the same call with cuDNN's fused flash attention,
+        on a CUDA GPU in bfloat16 or float16 only. Both fused paths give the einsum path's
+        outputs up to float rounding but apply no dropout to the attention probabilities
+        (MiniLM's config has 0.1 there; hidden-state dropout is unchanged).
+      remat: recompute each block's activations in the backward pass instead of keeping them
+        (``nn.remat`` per block): activation memory of one block instead of all, for about
+        one more forward pass per step. Same results up to float rounding.
     """
 
     path: str | None = None
@@ -85,9 +98,13 @@ class ModelConfig:
     align_batch_size: int = 16
     align_learning_rate: float = 1e-3
     scan_layers: bool = False
+    attention: str = "einsum"
+    remat: bool = False
 
     def __post_init__(self):
         check_fields(self, "model")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"model.attention must be one of {list(ATTENTION)}, got {self.attention!r}")
         if self.pooling not in ("mean", "first", "pooler"):
             raise ConfigError(f"model.pooling must be 'mean', 'first' or 'pooler', got {self.pooling!r}")
         if self.max_length < 2:
@@ -103,6 +120,9 @@ class ModelConfig:
         if self.architecture == "vit" and self.dtype != "float32":
             raise ConfigError(f"model.dtype={self.dtype!r}: the ViT image classifier (model.architecture='vit') "
                               "computes in float32 only")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise ConfigError("model.attention='cudnn': cuDNN's fused attention runs in half precision; "
+                              "set model.dtype to 'bfloat16' or 'float16', or use model.attention='xla'")
         if self.objective not in ("labels", "next_token"):
             raise ConfigError(f"model.objective must be 'labels' or 'next_token', got {self.objective!r}")
         if self.objective == "next_token" and self.architecture != "decoder":

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from celora_jax.adapters import STACKED
-from celora_jax.models.layers import Dense, scan_blocks
+from celora_jax.models.layers import ATTENTION, Dense, fused_attention, rematerialized, scan_blocks
 
 Array = jax.Array
 
@@ -53,6 +53,10 @@ class EncoderConfig:
       attention_dropout: dropout on attention probabilities.
       pad_token_id: padding token id.
       model_type: HF model type; RoBERTa-like types number positions from pad_token_id + 1.
+      attention: how blocks compute attention (not an HF field; like HF's
+        ``attn_implementation``): "einsum" (ours, with attention dropout), "xla" or "cudnn"
+        (``jax.nn.dot_product_attention``; no dropout on the attention probabilities).
+      remat: recompute each block's activations in the backward pass instead of keeping them.
     """
 
     vocab_size: int = 30522
@@ -68,8 +72,12 @@ class EncoderConfig:
     attention_dropout: float = 0.1
     pad_token_id: int = 0
     model_type: str = "bert"
+    attention: str = "einsum"
+    remat: bool = False
 
     def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {list(ATTENTION)}, got {self.attention!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_heads {self.num_heads}")
@@ -146,6 +154,9 @@ class SelfAttention(nn.Module):
         dense = lambda name: Dense(cfg.hidden_size, self.lora_scale, self.dtype, name=name)
         heads = lambda t: t.reshape(*t.shape[:-1], cfg.num_heads, cfg.head_dim)
         query, key, value = (heads(dense(n)(x)) for n in ("query", "key", "value"))
+        if cfg.attention != "einsum":
+            context = fused_attention(query, key, value, attention_mask[:, None, None, :] > 0, cfg.attention)
+            return context.reshape(*context.shape[:-2], cfg.hidden_size)
         scores = jnp.einsum("...qhd,...khd->...hqk", query, key) / jnp.sqrt(cfg.head_dim).astype(self.dtype)
         # Mask in float32 so that the large negative value cannot overflow in half precision.
         scores = scores.astype(jnp.float32)
@@ -226,12 +237,15 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x, attention_mask, deterministic):
         if self.scan_layers:
-            blocks = scan_blocks(Layer, self.config.num_layers, (nn.broadcast, nn.broadcast))
+            # static_argnums: deterministic (self is 0) is a Python bool, not an array.
+            layer = rematerialized(Layer, self.config.remat, static_argnums=(3,), scanned=True)
+            blocks = scan_blocks(layer, self.config.num_layers, (nn.broadcast, nn.broadcast))
             x, _ = blocks(self.config, self.lora_scale, self.dtype, scanned=True, name=STACKED)(
                 x, attention_mask, deterministic)
             return x
+        layer = rematerialized(Layer, self.config.remat, static_argnums=(3,))
         for index in range(self.config.num_layers):
-            x = Layer(self.config, self.lora_scale, self.dtype, name=f"layer_{index}")(
+            x = layer(self.config, self.lora_scale, self.dtype, name=f"layer_{index}")(
                 x, attention_mask, deterministic)
         return x
 

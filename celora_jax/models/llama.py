@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from celora_jax.adapters import STACKED
-from celora_jax.models.layers import Dense, scan_blocks
+from celora_jax.models.layers import ATTENTION, Dense, fused_attention, rematerialized, scan_blocks
 
 Array = jax.Array
 
@@ -50,6 +50,9 @@ class DecoderConfig:
       bos_token_id: beginning-of-sequence id.
       eos_token_id: end-of-sequence id (generation stops there).
       pad_token_id: id used for padding.
+      attention: how blocks compute attention (not an HF field; like HF's
+        ``attn_implementation``): "einsum" (ours), "xla" or "cudnn" (``jax.nn.dot_product_attention``).
+      remat: recompute each block's activations in the backward pass instead of keeping them.
     """
 
     vocab_size: int = 49152
@@ -66,8 +69,12 @@ class DecoderConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 2
+    attention: str = "einsum"
+    remat: bool = False
 
     def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {list(ATTENTION)}, got {self.attention!r}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -170,6 +177,9 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, write_index, 0, 0))
             cache = {"k": k, "v": v}
             k, v = k.astype(self.dtype), v.astype(self.dtype)
+        if cfg.attention != "einsum":
+            context = fused_attention(q, k, v, key_mask[:, None], cfg.attention)
+            return dense(cfg.hidden_size, "o_proj")(context.reshape(batch, length, -1)), cache
         groups = cfg.num_heads // cfg.num_kv_heads
         q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k) / jnp.sqrt(cfg.head_dim).astype(self.dtype)
@@ -222,14 +232,16 @@ class DecoderStack(nn.Module):
     @nn.compact
     def __call__(self, x, positions, key_mask, caches, write_index):
         if self.scan_layers:
-            blocks = scan_blocks(DecoderLayer, self.config.num_layers,
+            layer = rematerialized(DecoderLayer, self.config.remat, scanned=True)
+            blocks = scan_blocks(layer, self.config.num_layers,
                                  (nn.broadcast, nn.broadcast, 0, nn.broadcast))
             return blocks(self.config, self.lora_scale, self.dtype, name=STACKED)(
                 x, positions, key_mask, caches, write_index)
         new_caches = []
+        layer = rematerialized(DecoderLayer, self.config.remat)
         for index in range(self.config.num_layers):
             layer_cache = None if caches is None else caches[index]
-            x, layer_cache = DecoderLayer(self.config, self.lora_scale, self.dtype, name=f"layer_{index}")(
+            x, layer_cache = layer(self.config, self.lora_scale, self.dtype, name=f"layer_{index}")(
                 x, positions, key_mask, layer_cache, write_index)
             new_caches.append(layer_cache)
         return x, new_caches

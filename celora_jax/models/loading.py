@@ -7,6 +7,7 @@ Works with any local directory holding ``config.json`` and ``*.safetensors`` in 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import json
 import logging
@@ -178,11 +179,13 @@ def build_classifier_params(key: jax.Array, model: SequenceClassifier,
 
 def load_classifier(model_dir: str | pathlib.Path, key: jax.Array, *, num_labels: int = 2,
                     pooling: str = "mean", lora_scale: float = 1.0,
-                    dtype: Any = jnp.float32, scan_layers: bool = False) -> tuple[SequenceClassifier, dict]:
+                    dtype: Any = jnp.float32, scan_layers: bool = False,
+                    attention: str = "einsum", remat: bool = False) -> tuple[SequenceClassifier, dict]:
     """Model and parameters of a sequence classifier on a local HF encoder checkpoint;
     with ``scan_layers`` the blocks run under ``nn.scan`` and their weights load stacked
-    (``backbone/encoder/stacked/...`` ``[L, ...]``)."""
-    config = read_encoder_config(model_dir)
+    (``backbone/encoder/stacked/...`` ``[L, ...]``); ``attention`` and ``remat`` as in
+    :class:`celora_jax.models.bert.EncoderConfig`."""
+    config = dataclasses.replace(read_encoder_config(model_dir), attention=attention, remat=remat)
     model = SequenceClassifier(config, num_labels=num_labels, pooling=pooling,
                                lora_scale=lora_scale, dtype=dtype, scan_layers=scan_layers)
     checkpoint = read_checkpoint(model_dir)

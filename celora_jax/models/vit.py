@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from celora_jax.adapters import STACKED
-from celora_jax.models.layers import Dense, scan_blocks
+from celora_jax.models.layers import ATTENTION, Dense, fused_attention, rematerialized, scan_blocks
 
 Array = jax.Array
 
@@ -70,6 +70,9 @@ class VisionConfig:
       pre_norm: a LayerNorm on the embeddings before the first block (CLIP's ``pre_layrnorm``).
       final_norm: a LayerNorm on the last block's tokens (DINOv2, ViT); CLIP's
         ``last_hidden_state`` has none (its ``post_layernorm`` only normalizes the pooled CLS).
+      attention: how blocks compute attention (not an HF field; like HF's
+        ``attn_implementation``): "einsum" (ours), "xla" or "cudnn" (``jax.nn.dot_product_attention``).
+      remat: recompute each block's activations in the backward pass instead of keeping them.
     """
 
     hidden_size: int = 384
@@ -87,8 +90,12 @@ class VisionConfig:
     patch_bias: bool = True
     pre_norm: bool = False
     final_norm: bool = True
+    attention: str = "einsum"
+    remat: bool = False
 
     def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {list(ATTENTION)}, got {self.attention!r}")
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; one of {sorted(_ACTIVATIONS)}")
         if self.hidden_size % self.num_heads:
@@ -229,6 +236,8 @@ class SelfAttention(nn.Module):
         split = lambda name: Dense(cfg.hidden_size, self.lora_scale, name=name)(x).reshape(
             batch, length, heads, head_dim)
         q, k, v = split("query"), split("key"), split("value")
+        if cfg.attention != "einsum":
+            return fused_attention(q, k, v, None, cfg.attention).reshape(batch, length, cfg.hidden_size)
         scores = jnp.einsum("bthd,bshd->bhts", q, k) / np.float32(np.sqrt(head_dim))
         context = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), v)
         return context.reshape(batch, length, cfg.hidden_size)
@@ -297,10 +306,11 @@ class Encoder(nn.Module):
     @nn.compact
     def __call__(self, x):
         if self.scan_layers:
-            blocks = scan_blocks(Layer, self.config.num_layers)
+            blocks = scan_blocks(rematerialized(Layer, self.config.remat, scanned=True), self.config.num_layers)
             return blocks(self.config, self.lora_scale, scanned=True, name=STACKED)(x)[0]
+        layer = rematerialized(Layer, self.config.remat)
         for index in range(self.config.num_layers):
-            x = Layer(self.config, self.lora_scale, name=f"layer_{index}")(x)
+            x = layer(self.config, self.lora_scale, name=f"layer_{index}")(x)
         return x
 
 

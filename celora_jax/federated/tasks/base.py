@@ -14,6 +14,7 @@ from flax import traverse_util
 
 from celora_jax import adapters as adapters_lib
 from celora_jax import sharding
+from celora_jax._checks import ConfigError
 from celora_jax.config import RunConfig
 from celora_jax.data import packing
 from celora_jax.data.partition import GROUP_SCHEMES, partition
@@ -174,6 +175,15 @@ def rotate_clients(images: np.ndarray, quarter_turns: np.ndarray) -> np.ndarray:
     """Client i's images ``[N, n, H, W(, C)]`` turned counter-clockwise by ``quarter_turns[i]``
     x 90 degrees (square images: the shape stays)."""
     return np.stack([np.rot90(client, int(turns), axes=(1, 2)) for client, turns in zip(images, quarter_turns)])
+
+
+def block_options(config: RunConfig) -> dict:
+    """``attention`` and ``remat`` for the model's architecture config (``model.attention``,
+    ``model.remat``), checked against this process's backend before anything compiles."""
+    if config.model.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"model.attention='cudnn' needs a CUDA GPU; this process's JAX backend is "
+                          f"{jax.default_backend()!r} (model.attention='xla' runs everywhere)")
+    return {"attention": config.model.attention, "remat": config.model.remat}
 
 
 def compute_dtype(config: RunConfig):

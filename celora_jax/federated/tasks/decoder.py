@@ -24,6 +24,7 @@ def load_decoder(config: RunConfig, adapter_config: adapters_lib.AdapterConfig):
     if adapter_config.target == adapters_lib.DEFAULT_TARGET:
         adapter_config = dataclasses.replace(adapter_config, target=llama.DECODER_TARGET)
     model_config, params, tokenizer = decoder_loading.load_decoder(config.model.path)
+    model_config = dataclasses.replace(model_config, **base.block_options(config))
     if config.model.max_length > model_config.max_position_embeddings:
         raise loading.ModelLoadError(f"model.max_length={config.model.max_length} exceeds the decoder's context of "
                                      f"{model_config.max_position_embeddings} tokens")

@@ -49,7 +49,8 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     key_model, key_adapter = jax.random.split(jax.random.key(config.seed))
     model, params = loading.load_classifier(
         model_dir, key_model, num_labels=dataset.num_classes, pooling=config.model.pooling,
-        lora_scale=adapter_config.scale, dtype=base.compute_dtype(config), scan_layers=config.model.scan_layers)
+        lora_scale=adapter_config.scale, dtype=base.compute_dtype(config), scan_layers=config.model.scan_layers,
+        **base.block_options(config))
     base_params, client_params = base.client_parameters(params, config, adapter_config, key_adapter)
 
     def logits_fn(full_params, lora_params, batch, dropout_key):

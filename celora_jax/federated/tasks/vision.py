@@ -8,6 +8,8 @@ turned by its cluster's quarter turns once, here, so the cluster is a domain of 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -41,6 +43,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
                         f"square images; {config.data.path or 'the data'} holds {height}x{width} images")
     split = base.split_clients(dataset, config)
     vision_config, vision_params = vision_loading.load_vision(config.model.vision_path)
+    vision_config = dataclasses.replace(vision_config, **base.block_options(config))
     size = config.model.image_size
     if size % vision_config.patch_size:
         raise vit.ImageInputError(f"model.image_size={size} is not a multiple of the ViT's patch size "
