@@ -19,22 +19,30 @@ with dropout, gradient clipping and a fresh AdamW each round. Reported: seconds 
 (the median over ``--rounds`` rounds after one warm-up/compile round), training examples/s
 and the ratios.
 
-FLOP/s: XLA's cost analysis of one jitted training step of one client (batch 16 x 64)
-divided by the measured time of that step (from the engine's round time), as a fraction of
-this machine's peak matmul FLOP/s, measured in the same run as the best of several large
-float32 matmuls.
+FLOP/s, two ways, each divided by the measured time of one client step (from the engine's
+round time) and by this machine's peak matmul FLOP/s, measured in the same run as the best
+of several large matmuls:
+
+* ``mfu``: the analytic count of the matrix products one training step must do
+  (``benchmarks/flops.py``: frozen linears forward and input gradient, attention, adapters
+  and head forward and backward; checked against the products JAX traces). This is model
+  FLOPs utilization, the figure to compare across machines and implementations.
+* ``fraction_of_peak``: XLA's cost analysis of the compiled step instead. It adds
+  elementwise work and, on GPUs, undercounts fused and custom-call kernels (cuDNN
+  attention), so it only compares runs on one backend.
 
 On a GPU the PyTorch reference runs on the GPU too (under bf16 autocast when
 ``model.dtype=bfloat16``), and the peak is the best large matmul in the compute dtype
-(XLA runs float32 matmuls on TF32 tensor cores there), so ``fraction_of_peak`` is MFU.
-``--set key=value`` changes the preset like ``celora-jax run --set``, e.g. to size the round
-for an accelerator.
+(XLA runs float32 matmuls on TF32 tensor cores there). ``--preset`` picks the run (the
+``gpu`` preset: 64 clients, batch 32 x 256 tokens, bfloat16, cuDNN attention) and
+``--set key=value`` changes it like ``celora-jax run --set``.
 
     python benchmarks/round_speed.py                         # writes benchmarks/results/round_speed.json
     python benchmarks/round_speed.py --smoke --out /tmp/round_speed.json
     python benchmarks/round_speed.py --skip-profile --set model.dtype=bfloat16 \
         --set partition.num_clients=32 --set model.max_length=128 \
         --out benchmarks/results/round_speed_h200_bf16.json   # as run on an H200
+    python benchmarks/round_speed.py --preset gpu --skip-profile --out benchmarks/results/round_speed_gpu.json
 """
 
 from __future__ import annotations
@@ -57,13 +65,27 @@ SMOKE = ["partition.num_clients=2", "partition.train_examples=8", "partition.tes
          "model.max_length=16"]
 
 
-def _config(overrides: list[str], rounds: int):
+def _config(overrides: list[str], rounds: int, preset: str = "default"):
     from celora_jax.config import apply_overrides
     from celora_jax.presets import get_preset
 
+    config = get_preset(preset)
+    if config.model.architecture != "encoder":
+        raise ValueError(f"preset {preset!r} runs model.architecture={config.model.architecture!r}; this benchmark "
+                         "and its PyTorch peers train the encoder classifier")
     # Evaluate only after the last round, so the timed rounds are training + aggregation.
-    return apply_overrides(get_preset("default"), [f"federation.rounds={rounds}",
-                                                   f"federation.eval_every={rounds}"] + overrides)
+    return apply_overrides(config, [f"federation.rounds={rounds}", f"federation.eval_every={rounds}"] + overrides)
+
+
+def analytic_step_flops(setup):
+    """``benchmarks/flops.py``'s count for one client step of this setup's encoder."""
+    from benchmarks.flops import encoder_step_flops
+    from celora_jax.models import loading
+
+    config = setup.config
+    encoder = loading.read_encoder_config(config.model.path or loading.default_model_dir())
+    return encoder_step_flops(encoder, config.federation.batch_size, config.model.max_length,
+                              setup.task.client_params["lora"], setup.task.num_classes, config.model.pooling)
 
 
 def time_engine(setup) -> list[float]:
@@ -306,6 +328,7 @@ def _timed(fn) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant (after a warm-up)")
+    parser.add_argument("--preset", default="default", help="an encoder preset: default (CPU-sized) or gpu")
     parser.add_argument("--smoke", action="store_true", help="2 clients, 1 step of 4 x 16 tokens")
     parser.add_argument("--skip-pytorch", action="store_true", help="no PyTorch peers (eager or compiled)")
     parser.add_argument("--skip-torch-compile", action="store_true", help="no torch.compile peer")
@@ -322,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rounds = 1 if args.smoke else args.rounds
     try:
-        config = _config((SMOKE if args.smoke else []) + args.overrides, rounds + 2)
+        config = _config((SMOKE if args.smoke else []) + args.overrides, rounds + 2, args.preset)
     except ValueError as error:  # an unknown key or a bad value: say so before loading anything
         parser.error(str(error))
     setup = engine.prepare(config)
@@ -350,15 +373,18 @@ def main(argv: list[str] | None = None) -> int:
     peak_dtype = setup.config.model.dtype if on_accelerator else "float32"
     peak = peak_matmul_flops(512 if args.smoke else (8192 if on_accelerator else 2048), dtype=peak_dtype)
     achieved = flops / step_seconds
+    analytic = analytic_step_flops(setup)
+    model_flops_per_s = analytic.train / step_seconds
     profile = None if args.skip_profile else profile_step(setup)
     report = {
         "machine": describe_machine(pytorch_device=_torch_device_name() if "pytorch" in results else None,
                                     torch=_torch_version() if "pytorch" in results else None),
-        "settings": {"preset": "default" + (" (smoke)" if args.smoke else ""), "overrides": args.overrides,
+        "settings": {"preset": args.preset + (" (smoke)" if args.smoke else ""), "overrides": args.overrides,
                      "clients": setup.num_clients,
                      "local_steps": setup.local_steps, "batch_size": fed.batch_size,
                      "max_length": setup.config.model.max_length, "rank": setup.task.adapter_config.rank,
-                     "dtype": setup.config.model.dtype, "timed_rounds": rounds},
+                     "dtype": setup.config.model.dtype, "attention": setup.config.model.attention,
+                     "remat": setup.config.model.remat, "timed_rounds": rounds},
         "variants": results,
         "ratios": ratios,
         "flops_per_client_step": flops,
@@ -367,13 +393,19 @@ def main(argv: list[str] | None = None) -> int:
         "peak_matmul_flops_per_s": peak,
         "peak_matmul_dtype": peak_dtype,
         "fraction_of_peak": achieved / peak,
+        "analytic_flops_per_client_step": {"train": analytic.train, "forward": analytic.forward,
+                                           "frozen_linears_forward": analytic.frozen_linears,
+                                           "attention_forward": analytic.attention,
+                                           "adapters_forward": analytic.adapters, "head_forward": analytic.head},
+        "model_flops_per_s": model_flops_per_s,
+        "mfu": model_flops_per_s / peak,
         "profile_one_client_step": profile,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps({"ratios": ratios, "achieved_gflops": achieved / 1e9, "peak_gflops": peak / 1e9,
-                      "fraction_of_peak": achieved / peak}, indent=2))
+                      "fraction_of_peak": achieved / peak, "mfu": model_flops_per_s / peak}, indent=2))
     return 0
 
 

@@ -48,6 +48,20 @@ SMOKE = dataclasses.replace(
     federation=FederationConfig(method="celora", rounds=2, batch_size=8, client_block=None),
 )
 
+# The default task sized for one GPU (issue 23, item 5): 64 clients, a local epoch of 8 steps
+# of 32 x 256 tokens, bfloat16 compute, attention through cuDNN's fused flash attention
+# (model.attention="cudnn": a CUDA GPU only; --set model.attention=xla elsewhere).
+# 4.2M training tokens a round; `python benchmarks/round_speed.py --preset gpu` measures its
+# MFU against the compiled PyTorch peer on the same card.
+GPU = dataclasses.replace(
+    DEFAULT,
+    name="gpu",
+    model=ModelConfig(max_length=256, dtype="bfloat16", attention="cudnn"),
+    partition=PartitionConfig(scheme="dirichlet", num_clients=64, alpha=0.5,
+                              train_examples=256, test_examples=64, global_test_examples=256),
+    federation=FederationConfig(method="celora", rounds=8, batch_size=32),
+)
+
 # Federated instruction tuning of SmolLM2-135M-Instruct (the shipped GGUF): each client's
 # reviews (non-IID by label and by source, IMDB vs Rotten Tomatoes: Dirichlet(0.5) over the
 # four (source, label) cells) become ChatML chats asking for the sentiment and a short verdict; loss on the
@@ -205,7 +219,7 @@ def smoke_variant(config: RunConfig) -> RunConfig:
                                        client_block=None))  # compile-bound, as SMOKE
 
 
-PRESETS: dict[str, RunConfig] = {"default": DEFAULT, "smoke": SMOKE, "instruct": INSTRUCT,
+PRESETS: dict[str, RunConfig] = {"default": DEFAULT, "smoke": SMOKE, "gpu": GPU, "instruct": INSTRUCT,
                                  "instruct_smoke": INSTRUCT_SMOKE, "vlm": VLM, "vlm_smoke": VLM_SMOKE, "pod": POD,
                                  **BENCHMARKS,
                                  **{f"{name}_smoke": smoke_variant(config) for name, config in BENCHMARKS.items()}}

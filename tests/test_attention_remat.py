@@ -184,3 +184,13 @@ def test_the_decoder_loader_carries_the_run_s_attention_and_remat(tmp_path, mini
     config = RunConfig(model=model)
     _, model_config, _, _ = decoder.load_decoder(config, config.adapter)
     assert (model_config.attention, model_config.remat) == ("xla", True)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the error off a GPU; on one the preset runs")
+def test_the_gpu_preset_off_a_gpu_stops_with_one_line_before_loading_anything(capsys):
+    from celora_jax import cli
+
+    assert cli.main(["run", "--preset", "gpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("celora-jax: error: model.attention='cudnn' needs a CUDA GPU; this process's JAX backend is "
+                   "'cpu' (model.attention='xla' runs everywhere)")

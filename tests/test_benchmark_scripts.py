@@ -73,12 +73,14 @@ def test_round_speed_benchmark_smoke_with_overrides_writes_json(tmp_path, tiny_m
 
     bench = load_benchmark_module("round_speed")
     out = tmp_path / "speed.json"
-    overrides = ["model.dtype=bfloat16", f"model.path={tiny_model_dir}"]
-    assert bench.main(["--smoke", "--skip-profile", *[a for o in overrides for a in ("--set", o)],
+    # The GPU preset (bfloat16) shrunk by --smoke, with XLA's fused attention: cuDNN needs a GPU.
+    overrides = ["model.attention=xla", f"model.path={tiny_model_dir}"]
+    assert bench.main(["--preset", "gpu", "--smoke", "--skip-profile", *[a for o in overrides for a in ("--set", o)],
                        "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     settings = report["settings"]
-    assert settings["dtype"] == "bfloat16" and settings["overrides"] == overrides
+    assert settings["preset"] == "gpu (smoke)" and settings["overrides"] == overrides
+    assert (settings["dtype"], settings["attention"], settings["remat"]) == ("bfloat16", "xla", False)
     assert set(report["variants"]) == {"engine", "jax_loop", "pytorch", "torch_compile"}
     for name, variant in report["variants"].items():
         assert variant["median_round_s"] > 0
@@ -90,9 +92,16 @@ def test_round_speed_benchmark_smoke_with_overrides_writes_json(tmp_path, tiny_m
     assert report["peak_matmul_dtype"] == "float32" and report["machine"]["pytorch_device"] == "cpu"
     assert 0 < report["fraction_of_peak"] == pytest.approx(report["achieved_flops_per_s"]
                                                           / report["peak_matmul_flops_per_s"])
+    # MFU: the analytic count (tests/test_flops.py checks it) over the same step time and peak.
+    analytic = report["analytic_flops_per_client_step"]
+    assert analytic["train"] > analytic["forward"] > analytic["frozen_linears_forward"] > 0
+    assert report["model_flops_per_s"] == pytest.approx(analytic["train"] / report["engine_seconds_per_client_step"])
+    assert 0 < report["mfu"] == pytest.approx(report["model_flops_per_s"] / report["peak_matmul_flops_per_s"])
     assert report["profile_one_client_step"] is None
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--set", "model.no_such_field=1", "--out", str(out)])
+    with pytest.raises(SystemExit):  # the PyTorch peers train the encoder classifier only
+        bench.main(["--preset", "instruct_smoke", "--smoke", "--out", str(out)])
 
 
 @pytest.mark.assets

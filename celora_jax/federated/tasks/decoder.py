@@ -21,10 +21,11 @@ from celora_jax.models import decoder_loading, llama, loading
 def load_decoder(config: RunConfig, adapter_config: adapters_lib.AdapterConfig):
     """(adapter config with the decoder's default targets, decoder config, params (stacked
     with ``model.scan_layers``), tokenizer)."""
+    options = base.block_options(config)  # before anything loads: a cuDNN run off a GPU stops here
     if adapter_config.target == adapters_lib.DEFAULT_TARGET:
         adapter_config = dataclasses.replace(adapter_config, target=llama.DECODER_TARGET)
     model_config, params, tokenizer = decoder_loading.load_decoder(config.model.path)
-    model_config = dataclasses.replace(model_config, **base.block_options(config))
+    model_config = dataclasses.replace(model_config, **options)
     if config.model.max_length > model_config.max_position_embeddings:
         raise loading.ModelLoadError(f"model.max_length={config.model.max_length} exceeds the decoder's context of "
                                      f"{model_config.max_position_embeddings} tokens")

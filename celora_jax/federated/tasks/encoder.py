@@ -27,6 +27,7 @@ def check_max_length(max_length: int, model_config, model_dir) -> None:
 
 def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, progress: bool = False) -> base.Task:
     """Loads the encoder and the texts, partitions and tokenizes this process's clients."""
+    options = base.block_options(config)  # before anything loads: a cuDNN run off a GPU stops here
     model_dir = loading.default_model_dir() if config.model.path is None else pathlib.Path(config.model.path)
     model_config = loading.read_encoder_config(model_dir)  # fails early on a bad directory
     check_max_length(config.model.max_length, model_config, model_dir)
@@ -50,7 +51,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     model, params = loading.load_classifier(
         model_dir, key_model, num_labels=dataset.num_classes, pooling=config.model.pooling,
         lora_scale=adapter_config.scale, dtype=base.compute_dtype(config), scan_layers=config.model.scan_layers,
-        **base.block_options(config))
+        **options)
     base_params, client_params = base.client_parameters(params, config, adapter_config, key_adapter)
 
     def logits_fn(full_params, lora_params, batch, dropout_key):

@@ -36,6 +36,7 @@ def init_classifier_params(key: jax.Array, vision_config: vit.VisionConfig, back
 
 def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, progress: bool = False) -> base.Task:
     """Loads the ViT and the images, partitions clients and builds the classifier."""
+    options = base.block_options(config)
     dataset = images_lib.load_fashion_mnist(config.data.path)
     height, width = dataset.images.shape[1:3]
     if config.partition.scheme == "clustered_rotations" and height != width:
@@ -43,7 +44,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
                         f"square images; {config.data.path or 'the data'} holds {height}x{width} images")
     split = base.split_clients(dataset, config)
     vision_config, vision_params = vision_loading.load_vision(config.model.vision_path)
-    vision_config = dataclasses.replace(vision_config, **base.block_options(config))
+    vision_config = dataclasses.replace(vision_config, **options)
     size = config.model.image_size
     if size % vision_config.patch_size:
         raise vit.ImageInputError(f"model.image_size={size} is not a multiple of the ViT's patch size "
