@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The accelerator checks in one go: the main job (default preset, CE-LoRA and FedAvg-LoRA),
 # the round benchmark at the CPU's size in float32 and at a larger size in bf16, and,
-# with `many`, the many-clients benchmark. Each step has its own time limit, so one failure
+# with `many`, the many-clients benchmark; with `gpu`, the GPU-sized preset (issue 23, item 5:
+# 64 clients, 32 x 256 tokens, bf16) with cuDNN attention against the compiled PyTorch peer,
+# then with XLA's attention and with remat (MFU in each JSON's "mfu"). Each step has its own time limit, so one failure
 # does not cost the others; every log goes to OUT/suite.log, JSON results to OUT/.
 #
-#   bash benchmarks/device_suite.sh OUT [main|speed|many ...]    # default: main speed
+#   bash benchmarks/device_suite.sh OUT [main|speed|many|gpu ...]    # default: main speed
 #
 # PYTHON picks the interpreter (default python3); LIMIT caps each step in seconds (default
 # 300). Seen on one H200 (2026-11-26, jax 0.11.2): main 113 s, speed_f32 131 s, speed_bf16
@@ -43,7 +45,13 @@ for name in $steps; do
     many)
       step many "$py" benchmarks/many_clients.py --clients 1,8,32,128,1000 --unblocked-up-to 1000 --block 125 \
         --out "$out/many_clients.json" ;;
+    gpu)
+      step gpu_cudnn "$py" benchmarks/round_speed.py --preset gpu --skip-profile --out "$out/round_speed_gpu.json"
+      step gpu_xla "$py" benchmarks/round_speed.py --preset gpu --skip-profile --skip-pytorch \
+        --set model.attention=xla --out "$out/round_speed_gpu_xla.json"
+      step gpu_remat "$py" benchmarks/round_speed.py --preset gpu --skip-profile --skip-pytorch \
+        --set model.remat=true --out "$out/round_speed_gpu_remat.json" ;;
     *) echo "unknown step $name" | tee -a "$log"; exit 2 ;;
   esac
 done
-grep -E "^== .*rc=|s per round|fraction_of_peak|Error|error" "$log" | tail -40
+grep -E "^== .*rc=|s per round|fraction_of_peak|\"mfu\"|Error|error" "$log" | tail -40
