@@ -104,7 +104,8 @@ def test_encoder_remat_draws_the_same_dropout_masks():
     adapters = _moved(init_adapters(jax.random.key(2), params, AdapterConfig(rank=2, target=DEFAULT_TARGET)))
     train = dict(deterministic=False, rngs={"dropout": jax.random.key(3)})
     expected = _logits_and_grads(reference.apply, params, adapters, ids, mask, **train)
-    assert not np.allclose(expected[0], _logits_and_grads(reference.apply, params, adapters, ids, mask)[0])
+    # Dropout is on: the training logits differ from the deterministic ones.
+    assert not np.allclose(expected[0], reference.apply({"params": params, "lora": adapters}, ids, mask))
     remat = bert.SequenceClassifier(_variant(TINY_ENCODER, remat=True), num_labels=2)
     _assert_same(_logits_and_grads(remat.apply, params, adapters, ids, mask, **train), expected, atol=2e-5)
 
@@ -125,7 +126,7 @@ def test_decoder_fused_attention_and_remat_match_the_reference_and_generate_the_
     assert _blocks_checkpointed(remat.apply, {"params": params, "lora": adapters}, prompts, mask) == 2
     scanned = llama.LlamaForCausalLM(_variant(TINY_DECODER, "xla", remat=True), scan_layers=True)
     _assert_same(_logits_and_grads(scanned.apply, stack_layers(params), stack_layers(adapters), prompts, mask),
-                 jax.tree.map(lambda x: x, (expected[0], stack_layers(expected[1]))), atol=5e-5)
+                 (expected[0], stack_layers(expected[1])), atol=5e-5)
     # Generation: the key/value cache path, where queries attend to earlier cache slots.
     variables = {"params": params, "lora": adapters}
     np.testing.assert_array_equal(llama.greedy_generate(fused, variables, prompts, mask, 5),
@@ -157,7 +158,7 @@ def _checkpoints_in_task(task) -> int:
     return len(_REMAT.findall(str(jaxpr)))
 
 
-def test_the_encoder_task_builds_its_model_with_the_run_s_attention_and_remat(tiny_model_dir):
+def test_the_encoder_task_builds_its_model_with_the_run_s_attention_and_remat(tiny_model_dir, caplog):
     from celora_jax.config import apply_overrides
     from celora_jax.federated.tasks import encoder
 
@@ -165,7 +166,9 @@ def test_the_encoder_task_builds_its_model_with_the_run_s_attention_and_remat(ti
 
     config = apply_overrides(tiny_config(tiny_model_dir), ["model.attention=xla", "model.remat=true"])
     adapter = dataclasses.replace(config.adapter, kind="tri")
-    assert _checkpoints_in_task(encoder.prepare(config, adapter)) == 2  # the tiny BERT's 2 blocks
+    with caplog.at_level("INFO", logger="celora_jax.federated.tasks.encoder"):
+        assert _checkpoints_in_task(encoder.prepare(config, adapter)) == 2  # the tiny BERT's 2 blocks
+    assert "applies no dropout to attention probabilities (the encoder's config asks for 0.1)" in caplog.text
     cudnn = apply_overrides(tiny_config(tiny_model_dir), ["model.attention=cudnn", "model.dtype=bfloat16"])
     with pytest.raises(ConfigError, match="model.attention='cudnn' needs a CUDA GPU.*'cpu'"):
         encoder.prepare(cudnn, adapter)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pathlib
 
 import jax
@@ -13,6 +14,8 @@ from celora_jax.data.text import load_text_dataset
 from celora_jax.federated.tasks import base
 from celora_jax.models import loading
 from celora_jax.models.bert import BertModel, pool
+
+logger = logging.getLogger(__name__)
 
 
 def check_max_length(max_length: int, model_config, model_dir) -> None:
@@ -31,6 +34,10 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     model_dir = loading.default_model_dir() if config.model.path is None else pathlib.Path(config.model.path)
     model_config = loading.read_encoder_config(model_dir)  # fails early on a bad directory
     check_max_length(config.model.max_length, model_config, model_dir)
+    if options["attention"] != "einsum" and model_config.attention_dropout and config.optimizer.dropout:
+        logger.info("model.attention=%r: the fused attention applies no dropout to attention probabilities "
+                    "(the encoder's config asks for %g); hidden-state dropout is unchanged",
+                    options["attention"], model_config.attention_dropout)
 
     dataset = load_text_dataset(config.data)
     split = base.split_clients(dataset, config)
