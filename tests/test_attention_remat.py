@@ -55,8 +55,12 @@ def _assert_same(ours, reference, atol):
 _REMAT = re.compile(r"\b(remat2?|checkpoint)\[")
 
 
+def _remat_calls(fn, *args) -> int:
+    return len(_REMAT.findall(str(jax.make_jaxpr(fn)(*args))))
+
+
 def _blocks_checkpointed(apply, variables, *inputs) -> int:
-    return len(_REMAT.findall(str(jax.make_jaxpr(lambda v: apply(v, *inputs))(variables))))
+    return _remat_calls(lambda v: apply(v, *inputs), variables)
 
 
 def test_the_config_and_the_models_list_the_same_attention_paths():
@@ -154,8 +158,7 @@ def _checkpoints_in_task(task) -> int:
 
     params = full_params(task.base_params, task.client_params)
     batch = {name: jnp.asarray(values[0, :2]) for name, values in task.train.items() if name != "labels"}
-    jaxpr = jax.make_jaxpr(lambda p: task.logits_fn(p, task.client_params["lora"], batch, None))(params)
-    return len(_REMAT.findall(str(jaxpr)))
+    return _remat_calls(lambda p: task.logits_fn(p, task.client_params["lora"], batch, None), params)
 
 
 def test_the_encoder_task_builds_its_model_with_the_run_s_attention_and_remat(tiny_model_dir, caplog):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from celora_jax.adapters import STACKED
-from celora_jax.models.layers import ATTENTION, Dense, fused_attention, rematerialized, scan_blocks
+from celora_jax.models.layers import Dense, check_attention, fused_attention, rematerialized, scan_blocks
 
 Array = jax.Array
 
@@ -76,8 +76,7 @@ class EncoderConfig:
     remat: bool = False
 
     def __post_init__(self):
-        if self.attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {list(ATTENTION)}, got {self.attention!r}")
+        check_attention(self.attention)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_heads {self.num_heads}")

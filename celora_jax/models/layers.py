@@ -49,6 +49,13 @@ def scan_blocks(block: type[nn.Module], num_layers: int, in_axes: tuple = ()) ->
 ATTENTION = ("einsum", "xla", "cudnn")
 
 
+def check_attention(implementation: str) -> None:
+    """Raises ``ValueError`` unless ``implementation`` is one of :data:`ATTENTION` (the model
+    configs' ``attention`` field)."""
+    if implementation not in ATTENTION:
+        raise ValueError(f"attention must be one of {list(ATTENTION)}, got {implementation!r}")
+
+
 def fused_attention(query: Array, key: Array, value: Array, mask: Array | None, implementation: str) -> Array:
     """``softmax(q kᵀ / √H) v`` through ``jax.nn.dot_product_attention``.
 

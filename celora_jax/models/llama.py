@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from celora_jax.adapters import STACKED
-from celora_jax.models.layers import ATTENTION, Dense, fused_attention, rematerialized, scan_blocks
+from celora_jax.models.layers import Dense, check_attention, fused_attention, rematerialized, scan_blocks
 
 Array = jax.Array
 
@@ -73,8 +73,7 @@ class DecoderConfig:
     remat: bool = False
 
     def __post_init__(self):
-        if self.attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {list(ATTENTION)}, got {self.attention!r}")
+        check_attention(self.attention)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from celora_jax.adapters import STACKED
-from celora_jax.models.layers import ATTENTION, Dense, fused_attention, rematerialized, scan_blocks
+from celora_jax.models.layers import Dense, check_attention, fused_attention, rematerialized, scan_blocks
 
 Array = jax.Array
 
@@ -94,8 +94,7 @@ class VisionConfig:
     remat: bool = False
 
     def __post_init__(self):
-        if self.attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {list(ATTENTION)}, got {self.attention!r}")
+        check_attention(self.attention)
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; one of {sorted(_ACTIVATIONS)}")
         if self.hidden_size % self.num_heads:
