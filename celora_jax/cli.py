@@ -10,11 +10,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import logging
+import os
 import pathlib
+import signal
 import sys
+import threading
 import traceback
 
 from celora_jax.federated.methods import get_method, method_names
@@ -171,10 +174,15 @@ def _run(args) -> int:
     if writer:
         create_output_directory(root)
     summaries, histories = [], {}
-    for method_config, method_dir in plan:
+    for position, (method_config, method_dir) in enumerate(plan):
         name = method_config.federation.method
-        result = engine.run(method_config, progress=not args.no_progress, output_dir=method_dir,
-                            resume=bool(args.resume))
+        try:
+            result = engine.run(method_config, progress=not args.no_progress, output_dir=method_dir,
+                                resume=bool(args.resume))
+        except KeyboardInterrupt as interrupt:
+            interrupt.resume_hint = _resume_hint(method_config, method_dir,
+                                                 [config.federation.method for config, _ in plan[position + 1:]])
+            raise
         summaries.append(result.summary)
         histories[name] = result.history
         final = result.history[-1]
@@ -191,6 +199,48 @@ def _run(args) -> int:
     print(table)
     print(f"\nresults: {root}/ (metrics.jsonl per method, summary.md, curves.png)")
     return 0
+
+
+def _resume_hint(config, method_dir: pathlib.Path, not_started: list[str]) -> str:
+    """What an interrupted run left to resume from, for the one line the CLI prints."""
+    from celora_jax import checkpoint
+    from celora_jax.federated import engine
+
+    directory = engine.checkpoint_directory(config, method_dir)
+    step = checkpoint.latest_step(directory) if directory is not None else None
+    if step is not None:
+        hint = (f"resume with: celora-jax run --resume {method_dir} (its checkpoint after round {step} "
+                f"of {config.federation.rounds})")
+    elif config.checkpoint.every > 0:
+        hint = (f"{config.federation.method} wrote no checkpoint yet (the first comes after round "
+                f"{min(config.checkpoint.every, config.federation.rounds)}), so nothing to resume")
+    else:
+        hint = (f"{config.federation.method} saves no checkpoints, so nothing to resume "
+                "(--set checkpoint.every=N saves one every N rounds)")
+    if not_started:
+        hint += f"; not started: {', '.join(not_started)}"
+    return hint
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or ``kill``), handled as Ctrl-C is: the run stops at the next
+    Python instruction, a checkpoint being written is finished first."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def describe_preset(name: str, preset) -> str:
@@ -220,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_preset(name, preset))
         return 0
     try:
-        return _flower_app(args) if args.command == "flower-app" else _run(args)
+        with _sigterm_as_interrupt():
+            return _flower_app(args) if args.command == "flower-app" else _run(args)
     except ValueError as err:  # config, data, model and checkpoint errors carry clear messages
         print(f"celora-jax: error: {_one_line(err)}", file=sys.stderr)
         return 2
@@ -228,9 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f" {err.filename}" if err.filename else ""
         print(f"celora-jax: error: cannot use{where}: {err.strerror or _one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("celora-jax: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated): 128 + the signal's number
+        signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+        hint = getattr(interrupt, "resume_hint", None)
+        print(f"celora-jax: interrupted ({signum.name})" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 128 + signum
     except Exception as err:  # a bug: the traceback is for us, the last line for the user
         traceback.print_exc()
         print(f"celora-jax: internal error: {type(err).__name__}: {_one_line(err)[:300]} (a bug in celora-jax, "

@@ -29,8 +29,9 @@ def summary_table(summaries: Sequence[Mapping]) -> str:
     lines = ["| method | own-test acc. (%) | global-test acc. (%) | MB up per client per round | MB per round (all, up+down) |",
              "|---|---|---|---|---|"]
     for s in summaries:
+        method = f"{s['method']} ({s['note']})" if s.get("note") else s["method"]
         lines.append(
-            f"| {s['method']} | {_fmt(s.get('test_accuracy_mean'), s.get('test_accuracy_std'))} "
+            f"| {method} | {_fmt(s.get('test_accuracy_mean'), s.get('test_accuracy_std'))} "
             f"| {_fmt(s.get('global_test_accuracy_mean'), s.get('global_test_accuracy_std'))} "
             f"| {s['mb_up_per_client_round']:.4f} | {s['mb_per_round']:.3f} |")
     return "\n".join(lines)

@@ -188,6 +188,34 @@ def test_cluster_oracle_on_the_toy_task_mixes_inside_the_true_clusters():
     assert 0 < celora["weight_in_true_cluster_mean"] < 1
 
 
+def test_cluster_oracle_on_a_single_cluster_says_it_is_fedavg_lora(caplog):
+    """A Dirichlet partition has one cluster: the oracle is FedAvg-LoRA, and the log line,
+    the summary and the result table say so."""
+    import dataclasses
+
+    from celora_jax.federated import engine
+    from celora_jax.federated.methods.base import ServerInputs
+    from celora_jax.reporting import summary_table
+
+    with caplog.at_level("WARNING"):
+        cluster_oracle.server(ServerInputs(clusters=np.zeros(4, np.int64)))
+    assert "cluster_oracle: the partition has a single cluster, so the oracle is FedAvg-LoRA" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        cluster_oracle.server(ServerInputs(clusters=np.array([0, 0, 1, 1])))
+    assert "single cluster" not in caplog.text
+
+    setup = toy_setup(toy_config("cluster_oracle", rounds=1))
+    record = {"test_accuracy_mean": 0.5, "test_accuracy_std": 0.1, "bytes_round": 1e6, "bytes_up_per_client": 1e5,
+              "bytes_down_per_client": 1e5, "bytes_cumulative": 1e6, "seconds": 1.0}
+    assert "note" not in engine.summarize([record], setup)  # the toy task's two true clusters
+    one_cluster = dataclasses.replace(setup, task=dataclasses.replace(setup.task, clusters=np.zeros(6, np.int64)))
+    summary = engine.summarize([record], one_cluster)
+    assert summary["note"] == cluster_oracle.SINGLE_CLUSTER_NOTE
+    assert "| cluster_oracle (the partition has a single cluster, so the oracle is FedAvg-LoRA) | 50.0" in (
+        summary_table([summary]))
+
+
 def test_weight_in_true_cluster():
     weights = np.array([[0.5, 0.5, 0.0], [0.2, 0.2, 0.6], [0.0, 0.0, 1.0]])
     got = loop.weight_in_true_cluster(weights, np.array([0, 0, 1]))

@@ -114,3 +114,101 @@ def test_config_round_trips_through_json(tiny_model_dir):
     assert from_dict(json.loads(json.dumps(to_dict(config)))) == config
     with pytest.raises(ValueError, match="unknown RunConfig keys"):
         from_dict({"rounds": 3})
+
+
+# The CLI on the tiny model: 4 rounds, a checkpoint after each.
+_TINY_CLI = ["--set", "model.max_length=16", "--set", "partition.num_clients=5", "--set", "partition.alpha=0.5",
+             "--set", "partition.train_examples=16", "--set", "partition.test_examples=8",
+             "--set", "partition.global_test_examples=16", "--set", "federation.rounds=4",
+             "--set", "federation.batch_size=8", "--set", "checkpoint.every=1", "--no-progress"]
+
+# The CLI in a child process that says (a flag file) when it is where the parent should
+# signal it: inside the save of round 2's checkpoint (held for 3 s before orbax writes), or at the start of
+# round 3. A child of a non-interactive shell inherits SIGINT ignored: default it first.
+_SIGNALLED_CLI = textwrap.dedent("""
+    import pathlib, signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.path[:0] = [{root!r}]
+    from celora_jax import checkpoint, cli
+    from celora_jax.data import packing
+    flag, where = pathlib.Path({flag!r}), {where!r}
+    if where == "save":
+        original_save = checkpoint.ocp.CheckpointManager.save
+        def slow_save(self, step, *args, **kwargs):
+            if step == 2:  # the signal comes before orbax has written anything of round 2
+                flag.write_text("saving round 2")
+                time.sleep(3)
+            return original_save(self, step, *args, **kwargs)
+        checkpoint.ocp.CheckpointManager.save = slow_save
+    else:
+        original_batches = packing.round_batches
+        def stalling(examples, steps, batch_size, seed, round_index):
+            if round_index == 2:
+                flag.write_text("in round 3")
+                time.sleep(600)
+            return original_batches(examples, steps, batch_size, seed, round_index)
+        packing.round_batches = stalling
+    sys.exit(cli.main({argv!r}))
+""")
+
+
+def _records(root):
+    return [json.loads(line) for line in (root / "default" / "celora" / "metrics.jsonl").open()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_cli_records(tiny_model_dir, tmp_path_factory):
+    from celora_jax import cli
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert cli.main(["run", "--set", f"model.path={tiny_model_dir}", *_TINY_CLI, "--output-dir", str(out)]) == 0
+    return _records(out)
+
+
+@pytest.mark.parametrize("signum, where", [(signal.SIGINT, "save"), (signal.SIGTERM, "round")])
+def test_an_interrupted_cli_run_says_where_to_resume_and_resumes_bit_identical(tiny_model_dir, tmp_path, signum,
+                                                                                where, uninterrupted_cli_records):
+    """Ctrl-C during a checkpoint's save waits for it; SIGTERM mid-round stops at once. Either
+    way: one line naming the --resume directory, no traceback, exit 128 + signal number, and
+    the resumed run's records equal an uninterrupted run's."""
+    from celora_jax import cli
+
+    argv = ["run", "--set", f"model.path={tiny_model_dir}", *_TINY_CLI]
+    flag, out = tmp_path / "flag", tmp_path / "interrupted"
+    script = _SIGNALLED_CLI.format(root=str(ROOT), flag=str(flag), where=where,
+                                   argv=[*argv, "--output-dir", str(out)])
+    process = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not flag.exists():
+        assert process.poll() is None, f"the run ended before the signal: {process.communicate()[1][-2000:]}"
+        assert time.time() < deadline, "the run did not get there in time"
+        time.sleep(0.1)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    method_dir = out / "default" / "celora"
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err and "Error" not in err, err
+    assert err.strip().splitlines()[-1] == (f"celora-jax: interrupted ({signum.name}); resume with: celora-jax run "
+                                            f"--resume {method_dir} (its checkpoint after round 2 of 4)"), err
+    checkpoints = sorted(p.name for p in (method_dir / "checkpoints").iterdir())
+    assert checkpoints == ["1", "2"]  # round 2's complete, no temporary directory left behind
+
+    assert cli.main(["run", "--resume", str(method_dir), "--no-progress"]) == 0
+    resumed = _records(out)
+    assert [r["round"] for r in resumed] == [1, 2, 3, 4]
+    for got, want in zip(resumed, uninterrupted_cli_records):
+        for key in ("train_loss", "test_accuracy_mean", "bytes_cumulative", "weights"):
+            assert got.get(key) == want.get(key), (got["round"], key)
+
+
+def test_an_interrupt_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path):
+    from celora_jax import cli
+    from celora_jax.config import RunConfig
+
+    hint = cli._resume_hint(RunConfig(), tmp_path / "celora", ["fedavg_lora", "local"])
+    assert hint == ("celora saves no checkpoints, so nothing to resume (--set checkpoint.every=N saves one every "
+                    "N rounds); not started: fedavg_lora, local")
+    config = dataclasses.replace(RunConfig(), checkpoint=CheckpointConfig(every=3))
+    assert cli._resume_hint(config, tmp_path / "celora", []) == (
+        "celora wrote no checkpoint yet (the first comes after round 3), so nothing to resume")

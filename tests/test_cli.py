@@ -57,3 +57,7 @@ def test_readme_commands_and_ci_agree():
     assert commands[0].endswith("celora-jax run")
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[1] in ci
+    # Command 1's install path too: setup.sh without --test in its own clone, then the CLI there.
+    ci_lines = [line.strip() for line in ci.splitlines()]
+    assert "git clone --quiet . \"$fresh/celora-jax\"" in ci_lines and "bash setup.sh" in ci_lines
+    assert any(line.startswith(".venv/bin/celora-jax run ") for line in ci_lines)

@@ -44,13 +44,40 @@ def test_jsonl_rows_of_mixed_types(tmp_path, rows, extra):
     _load(path)
 
 
+CONTAINER = st.one_of(st.dictionaries(st.sampled_from(["body", "title"]), st.text(max_size=6), min_size=1, max_size=2),
+                     st.lists(st.text(max_size=6), min_size=1, max_size=3))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.one_of(CELL, CONTAINER), min_size=1, max_size=10), container=CONTAINER,
+       where=st.integers(0, 10))
+def test_texts_that_are_objects_or_lists_are_refused(tmp_path, texts, container, where):
+    """A JSON object or list where the text should be never reaches training as its repr:
+    the file is refused (unreadable, or one line naming the column and a row)."""
+    texts.insert(min(where, len(texts)), container)
+    path = tmp_path / "nested_texts.jsonl"
+    path.write_text("".join(json.dumps({"text": text, "label": i % 2}) + "\n" for i, text in enumerate(texts)))
+    with pytest.raises(DataError) as info:
+        load_text_dataset(TextDataConfig(path=str(path), group_column=None))
+    message = str(info.value)
+    assert "\n" not in message.strip()
+    assert "column 'text'" in message and "must hold text, but row" in message, message
+
+
 @pytest.mark.parametrize("name, content, message", [
+    ("object_texts.jsonl", b'{"text": {"body": "fine"}, "label": 1}\n{"text": {"body": "bad"}, "label": 0}\n',
+     "column 'text' of {path} must hold text, but row 1 holds a dict ({{'body': 'fine'}})"),
+    ("list_texts.jsonl", b'{"text": "fine", "label": 1}\n{"text": ["bad", "worse"], "label": 0}\n',
+     "must hold text, but row 2 holds a list (['bad', 'worse'])"),
+    ("mixed_labels.jsonl", b'{"text": "a", "label": 1}\n{"text": "b", "label": "x"}\n', "integers or strings, got int, str"),
     ("empty.csv", b"", "is empty"),
     ("header.csv", b"text,label\n", "has no rows"),
     ("one_class.csv", b"text,label\ngood,1\nfine,1\ngreat,1\n", "holds a single class ('1')"),
     ("columns.csv", b"review,stars\ngood,1\nbad,0\n", "has no column(s) ['text', 'label']"),
     ("floats.csv", b"text,label\ngood,0.5\nbad,1.5\n", "must hold integers or strings, got float"),
     ("huge_ids.csv", b"text,label\ngood,0\nbad,100000\n", "the head would need 100001 outputs"),
+    ("beyond_int64.jsonl", b'{"text": "a", "label": 0}\n{"text": "b", "label": 9.3e18}\n',
+     "class id 9300000000000000000: integer labels are class ids"),
     ("negative.csv", b"text,label\ngood,-1\nbad,1\n", "negative class ids"),
     ("missing.csv", b"text,label\ngood,\nbad,1\n", "missing values"),
     ("nested.jsonl", b'{"text": "a", "label": [1]}\n{"text": "b", "label": [2]}\n', "integers or strings"),
@@ -61,7 +88,7 @@ def test_malformed_files_give_one_clear_data_error(tmp_path, name, content, mess
     path.write_bytes(content)
     with pytest.raises(DataError, match=None) as info:
         load_text_dataset(TextDataConfig(path=str(path), group_column=None))
-    assert message in str(info.value), str(info.value)
+    assert message.format(path=path) in str(info.value), str(info.value)
 
 
 def test_files_that_load_fine(tmp_path, caplog):

@@ -164,9 +164,10 @@ def test_contract_resume_is_exact_for_methods_with_extra_state(method, tmp_path)
     config = dataclasses.replace(toy_config(method, rounds=3), checkpoint=CheckpointConfig(every=1, keep=3))
     whole = [jax.tree.map(np.asarray, o.client_params) for o in loop.iterate_rounds(toy_setup(config))]
     rounds = loop.iterate_rounds(toy_setup(config), tmp_path / "ckpt")
-    first = next(rounds)
-    assert first.record["round"] == 1
-    rounds.close()  # stopped after round 1's checkpoint
+    # A round's checkpoint is written once its record has been taken, when the next is asked
+    # for: stopped after round 2's record, the run has round 1's checkpoint.
+    assert [next(rounds).record["round"] for _ in range(2)] == [1, 2]
+    rounds.close()
     resumed = [(o.record["round"], jax.tree.map(np.asarray, o.client_params))
                for o in loop.iterate_rounds(toy_setup(config), tmp_path / "ckpt", resume=True)]
     assert [r for r, _ in resumed] == [2, 3]

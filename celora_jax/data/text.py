@@ -4,6 +4,7 @@ questions; ``celora_jax.data.corpora``) or any CSV/JSON/parquet file."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
 import re
@@ -136,7 +137,7 @@ def dataset_from_table(table, config: TextDataConfig, where: str) -> TextDataset
         raise DataError(f"{where} has no column(s) {missing}; its columns are {table.column_names}")
     if len(table) == 0:
         raise DataError(f"{where} has no rows")
-    texts = ["" if t is None else str(t) for t in _column(table, config.text_column)]
+    texts = _as_texts(_column(table, config.text_column), config.text_column, where)
     empty = sum(not t.strip() for t in texts)
     if empty:
         logger.warning("%s: %d of %d rows have an empty %r; they are kept (as empty texts)", where, empty,
@@ -153,12 +154,44 @@ def dataset_from_table(table, config: TextDataConfig, where: str) -> TextDataset
     return TextDataset(texts, labels, label_names, groups, group_names)
 
 
+# Scalars a reader may have typed (a CSV column of numbers reads as integers) are text as they
+# print; containers (a JSON object or list) and bytes are not text, and their repr must not be
+# trained on.
+_TEXT_SCALARS = (str, int, float, np.integer, np.floating)
+
+
+def _as_texts(values: list, column: str, where: str) -> list[str]:
+    """The text column as strings (missing values as empty texts), or a DataError naming the
+    first row whose value is not text."""
+    for row, value in enumerate(values):
+        if value is not None and not isinstance(value, _TEXT_SCALARS):
+            shown = " ".join(repr(value).split())
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise DataError(f"column {column!r} of {where} must hold text, but row {row + 1} holds a "
+                            f"{type(value).__name__} ({shown}); flatten it to a string first")
+    return ["" if value is None else str(value) for value in values]
+
+
 def _column(table, name: str) -> list:
     """One column as a Python list, read from the Arrow table in one call: iterating a
     ``datasets`` column formats row by row (seconds for the 33,530 reviews, per pass)."""
     # The Arrow format honours a selection (``select``, ``filter``); the raw ``table.data`` would not.
     as_arrow = getattr(table, "with_format", None)
-    return as_arrow("arrow")[name].to_pylist() if as_arrow else list(table[name])
+    if not as_arrow:
+        return list(table[name])
+    values = as_arrow("arrow")[name].to_pylist()
+    if _is_json_feature(table.features.get(name)):
+        # datasets >= 4 reads a JSON column of mixed types (strings and objects, integers and
+        # strings) as JSON-encoded strings: decode them, so that the checks see what the file holds.
+        values = [None if value is None else json.loads(value) for value in values]
+    return values
+
+
+def _is_json_feature(feature) -> bool:
+    import datasets
+
+    json_type = getattr(datasets, "Json", None)  # new in datasets 4
+    return json_type is not None and isinstance(feature, json_type)
 
 
 def _first_line(err: BaseException) -> str:
@@ -177,13 +210,15 @@ def _as_ids(values: list, column: str) -> tuple[np.ndarray, tuple[str, ...]]:
     if all(isinstance(v, (float, np.floating)) and float(v).is_integer() for v in values):
         values = [int(v) for v in values]  # e.g. 0.0 / 1.0 read from a CSV written by pandas
     if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in values):
-        ids = np.asarray(values, np.int64)
-        if ids.min() < 0:
+        # Checked as Python integers: a huge id (a float like 9.2e18 read from JSON) would
+        # overflow int64 before a check on the array could see it.
+        low, high = int(min(values)), int(max(values))
+        if low < 0:
             raise DataError(f"column {column!r} has negative class ids")
-        if ids.max() > MAX_CLASS_ID:
-            raise DataError(f"column {column!r} has class id {int(ids.max())}: integer labels are class ids and "
-                            f"the head would need {int(ids.max()) + 1} outputs; renumber them or use strings")
-        return ids.astype(np.int32), tuple(str(i) for i in range(int(ids.max()) + 1))
+        if high > MAX_CLASS_ID:
+            raise DataError(f"column {column!r} has class id {high}: integer labels are class ids and "
+                            f"the head would need {high + 1} outputs; renumber them or use strings")
+        return np.asarray(values, np.int32), tuple(str(i) for i in range(high + 1))
     if not all(isinstance(v, str) for v in values):
         kinds = sorted({type(v).__name__ for v in values})
         raise DataError(f"column {column!r} must hold integers or strings, got {', '.join(kinds)}")

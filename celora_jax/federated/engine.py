@@ -11,6 +11,7 @@ run's files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pathlib
@@ -21,6 +22,7 @@ import jax
 from celora_jax import checkpoint, compile_cache, sharding
 from celora_jax.config import RunConfig, to_dict
 from celora_jax.federated.loop import iterate_rounds
+from celora_jax.federated.methods import cluster_oracle
 from celora_jax.federated.setup import Setup, prepare
 from celora_jax.runfiles import RunFiles, export_clients
 
@@ -61,6 +63,8 @@ def summarize(history: list[dict], setup: Setup) -> dict:
             summary[name] = final[name]
     if setup.task.clusters is not None and len(set(setup.task.clusters.tolist())) > 1:
         summary["true_clusters"] = [int(c) for c in setup.task.clusters]
+    elif setup.method.name == cluster_oracle.NAME and cluster_oracle.single_cluster(setup.task.clusters):  # no table may call it an oracle without saying so
+        summary["note"] = cluster_oracle.SINGLE_CLUSTER_NOTE
     summary.update(setup.task.preparation)
     if "dp_epsilon" in final:
         summary.update({k: final[k] for k in ("dp_epsilon", "dp_delta", "dp_noise_multiplier")},
@@ -101,19 +105,24 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
     compile_cache.enable(config.compilation_cache)
     setup = prepare(config, progress=progress)
     files = RunFiles(output_dir, json.dumps(to_dict(config), indent=2, sort_keys=True), resume)
-    rounds = iterate_rounds(setup, checkpoint_dir, resume)
-    if progress:
-        from tqdm.auto import tqdm
-
-        rounds = tqdm(rounds, total=config.federation.rounds, desc=setup.method.name, unit="round")
     # A resumed run that had already finished yields no rounds: its records are the file's.
     client_params, history = None, files.history
-    for record, client_params in rounds:
-        history = files.add(record)
+    # Closed on the way out, interrupted or not: the checkpoint manager's threads stop before
+    # the interpreter shuts down, and the progress bar ends its line.
+    with contextlib.closing(iterate_rounds(setup, checkpoint_dir, resume)) as rounds:
+        bar = None
         if progress:
-            rounds.set_postfix(loss=f"{record['train_loss']:.3f}",
-                               acc=f"{record.get('test_accuracy_mean', float('nan')):.3f}",
-                               MB=f"{record['bytes_cumulative'] / 1e6:.2f}")
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.federation.rounds, desc=setup.method.name, unit="round")
+        with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
+            for record, client_params in rounds:
+                history = files.add(record)
+                if bar is not None:
+                    bar.update(record["round"] - bar.n)
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                                    acc=f"{record.get('test_accuracy_mean', float('nan')):.3f}",
+                                    MB=f"{record['bytes_cumulative'] / 1e6:.2f}")
     if not history:
         raise ValueError("the run produced no rounds")
     summary = summarize(history, setup)

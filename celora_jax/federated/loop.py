@@ -214,6 +214,11 @@ class _Checkpoints:
             checkpoint.save(self.manager, rounds_done, *self._saved(client_state, server_state), meta,
                             num_clients=self.n)
 
+    def close(self) -> None:
+        if self.manager is not None:
+            checkpoint.close(self.manager)
+            self.manager = None
+
     def restore(self, client_state, server_state):
         """(start round, client state, server state, bytes so far, records so far)."""
         def like(x, rows=None):
@@ -243,7 +248,10 @@ def iterate_rounds(setup: Setup, checkpoint_dir: str | pathlib.Path | None = Non
 
     With ``checkpoint_dir`` the state is saved every ``config.checkpoint.every`` rounds (and
     after the last); with ``resume`` the latest checkpoint there is restored first and only
-    the remaining rounds run (the first yielded record tells which round that is).
+    the remaining rounds run (the first yielded record tells which round that is). A round's
+    checkpoint is written after its record has been yielded, when the caller asks for the
+    next one (or the end), so that a record is always written before its checkpoint; closing
+    the iterator waits for a save in flight and stops the checkpoint manager.
     """
     config, fed, task = setup.config, setup.config.federation, setup.task
     mesh = sharding.client_mesh(fed.num_devices, fed.data_parallel)
@@ -271,40 +279,44 @@ def iterate_rounds(setup: Setup, checkpoint_dir: str | pathlib.Path | None = Non
     cumulative_bytes, start, saved_history = 0, 0, []
 
     checkpoints = _Checkpoints(checkpoint_dir, config, resume, n, n_pad, mesh)
-    if resume:
-        start, client_state, server_state, cumulative_bytes, saved_history = checkpoints.restore(
-            client_state, server_state)
-
-    for round_index in range(start, fed.rounds):
-        started = time.perf_counter()
-        batches = packing.round_batches(padded_train, setup.local_steps, fed.batch_size, config.seed, round_index)
-        batches = sharding.put_clients(batches, mesh, sharding.batch_sharding(mesh))
-        mask_np = np.zeros(n_pad, bool)
-        mask_np[:n] = reporting_clients(n, fed.participation, fed.client_dropout, config.seed, round_index)
-        mask = sharding.put_clients(mask_np, mesh)
-        client_state, server_state, metrics, logs = round_step(
-            base, client_state, server_state, batches, mask, sizes,
-            jax.random.fold_in(root_key, round_index), jnp.int32(round_index))
-        if round_index == 0:
-            logs = {**initial_logs, **logs}
-        metrics, logs = sharding.to_host((metrics, logs))
-        record = _round_record(setup, round_index, metrics, mask_np, (bytes_up, bytes_down), cumulative_bytes)
-        cumulative_bytes = record["bytes_cumulative"]
-        last = round_index + 1 == fed.rounds
-        evaluated = round_lib.evaluated_params(client_state)
-        if last or (round_index + 1) % fed.eval_every == 0:
-            eval_base = base if fold is None else fold(base, server_state)
-            record.update(_evaluation(evaluate_own, eval_base, evaluated, test, n, "test"))
-            if last and len(task.global_test["labels"]):
-                record.update(_evaluation(evaluate_common, eval_base, evaluated, global_test, n, "global_test"))
-        _add_logs(record, logs, n, mask_np[:n], fed.outlier_factor)
-        record.update(weight_in_true_cluster(record.get("weights"), task.clusters))
-        if config.dp.enabled:
-            record.update(dp_record(config, noise_multiplier, round_index + 1, record.get("update_norm"),
-                                    mask_np[:n]))
-        record["seconds"] = time.perf_counter() - started
-        saved_history.append(_scalars(record))
-        checkpoints.maybe_save(round_index + 1, last, client_state, server_state,
-                               {"round": round_index + 1, "bytes_cumulative": cumulative_bytes,
-                                "history": saved_history})
-        yield RoundOutput(record, evaluated)
+    try:
+        if resume:
+            start, client_state, server_state, cumulative_bytes, saved_history = checkpoints.restore(
+                client_state, server_state)
+        for round_index in range(start, fed.rounds):
+            started = time.perf_counter()
+            batches = packing.round_batches(padded_train, setup.local_steps, fed.batch_size, config.seed, round_index)
+            batches = sharding.put_clients(batches, mesh, sharding.batch_sharding(mesh))
+            mask_np = np.zeros(n_pad, bool)
+            mask_np[:n] = reporting_clients(n, fed.participation, fed.client_dropout, config.seed, round_index)
+            mask = sharding.put_clients(mask_np, mesh)
+            client_state, server_state, metrics, logs = round_step(
+                base, client_state, server_state, batches, mask, sizes,
+                jax.random.fold_in(root_key, round_index), jnp.int32(round_index))
+            if round_index == 0:
+                logs = {**initial_logs, **logs}
+            metrics, logs = sharding.to_host((metrics, logs))
+            record = _round_record(setup, round_index, metrics, mask_np, (bytes_up, bytes_down), cumulative_bytes)
+            cumulative_bytes = record["bytes_cumulative"]
+            last = round_index + 1 == fed.rounds
+            evaluated = round_lib.evaluated_params(client_state)
+            if last or (round_index + 1) % fed.eval_every == 0:
+                eval_base = base if fold is None else fold(base, server_state)
+                record.update(_evaluation(evaluate_own, eval_base, evaluated, test, n, "test"))
+                if last and len(task.global_test["labels"]):
+                    record.update(_evaluation(evaluate_common, eval_base, evaluated, global_test, n, "global_test"))
+            _add_logs(record, logs, n, mask_np[:n], fed.outlier_factor)
+            record.update(weight_in_true_cluster(record.get("weights"), task.clusters))
+            if config.dp.enabled:
+                record.update(dp_record(config, noise_multiplier, round_index + 1, record.get("update_norm"),
+                                        mask_np[:n]))
+            record["seconds"] = time.perf_counter() - started
+            saved_history.append(_scalars(record))
+            yield RoundOutput(record, evaluated)
+            # After the caller has written the round's record: a run stopped in between has the
+            # record without the checkpoint (its line is dropped on resume), never the reverse.
+            checkpoints.maybe_save(round_index + 1, last, client_state, server_state,
+                                   {"round": round_index + 1, "bytes_cumulative": cumulative_bytes,
+                                    "history": saved_history})
+    finally:  # also when interrupted, or when the caller stops iterating early
+        checkpoints.close()

@@ -8,6 +8,8 @@ FedAvg-LoRA and local training cannot show what personalized aggregation is wort
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,16 @@ import numpy as np
 from celora_jax import adapters
 from celora_jax.federated import strategies
 from celora_jax.federated.methods.base import FederatedMethod, ServerInputs
+
+logger = logging.getLogger(__name__)
+
+NAME = "cluster_oracle"
+SINGLE_CLUSTER_NOTE = "the partition has a single cluster, so the oracle is FedAvg-LoRA"
+
+
+def single_cluster(clusters) -> bool:
+    """Whether every client is in one cluster (the Dirichlet and pathological schemes)."""
+    return clusters is not None and len(np.unique(np.asarray(clusters))) <= 1
 
 
 def cluster_weights(clusters: jax.Array, sizes: jax.Array, mask: jax.Array) -> jax.Array:
@@ -49,10 +61,12 @@ def server(inputs: ServerInputs) -> strategies.Strategy:
     if inputs.clusters is None:
         raise ValueError("cluster_oracle needs the clients' true clusters (ServerInputs.clusters), which only "
                          "a simulation knows")
+    if single_cluster(inputs.clusters):
+        logger.warning("cluster_oracle: %s (a clustered_* partition scheme gives it clusters)", SINGLE_CLUSTER_NOTE)
     return clustered_average(np.asarray(inputs.clusters, np.int64))
 
 
 def make() -> FederatedMethod:
     return FederatedMethod(
-        name="cluster_oracle", description="reference: FedAvg-LoRA inside each true cluster (reads the partition)",
+        name=NAME, description="reference: FedAvg-LoRA inside each true cluster (reads the partition)",
         adapter_kind=adapters.LORA, trained=frozenset("AB"), shared=frozenset("AB"), server=server)
