@@ -32,7 +32,7 @@ from celora_jax.layer_layout import STACKED, layer_axes, stack_layers, unrolled_
 __all__ = [  # what `from celora_jax.adapters import *` and the API docs show
     "TRI", "LORA", "STACKED", "DEFAULT_TARGET", "AdapterConfig", "AdapterConfigError", "path_string",
     "layer_axes", "is_kernel", "target_kernel_paths", "stack_layers", "unstack_layers", "init_adapters",
-    "init_factors", "adapter_delta", "adapter_output", "adapted_linear", "merge_kernel", "merge_adapters",
+    "init_factors", "weight_svd_factors", "INITS", "adapter_delta", "adapter_output", "adapted_linear", "merge_kernel", "merge_adapters",
     "adapter_modules", "to_two_factor"]
 
 Array = jax.Array
@@ -42,6 +42,15 @@ Params = Mapping[str, Any]
 
 TRI = "tri"
 LORA = "lora"
+
+# How a tri-matrix adapter's factors start (``AdapterConfig.init``). "random": A drawn, B = 0,
+# C = I, and the method decides what trains. "weight_svd" (LoRA-XS): A = U_r S_r and B = V_rᵀ
+# from the truncated SVD of the pretrained kernel, C = 0; A and B are then frozen and equal on
+# every client (a shared basis), and only C trains and travels.
+RANDOM_INIT = "random"
+WEIGHT_SVD = "weight_svd"
+INITS = (RANDOM_INIT, WEIGHT_SVD)
+SHARED_BASIS_INITS = (WEIGHT_SVD,)
 
 # Every linear layer of a BERT-family encoder block (query, key, value, attention output,
 # both MLP layers), as in the authors' code; ``stacked`` is the same blocks under nn.scan.
@@ -67,6 +76,11 @@ class AdapterConfig:
       a_init_std: standard deviation of A's normal init (1e-3 in the authors' code).
       core_only: ablation of METHOD.md §1: A and B frozen, B drawn random instead of zero,
         C = 0, so that only the core is trained (only meaningful for kind="tri").
+      init: how the factors start: "random" (A ~ N(0, a_init_std²), B = 0, C = I), or
+        "weight_svd" (LoRA-XS: A = U_r·S_r, B = V_rᵀ from the truncated SVD of the
+        pretrained kernel, C = 0; tri-matrix only), which freezes A and B: every client
+        computes the same basis from the same weights and only the cores train. None lets
+        the federated method decide (a run's default; "random" outside a run).
 
     Examples:
       >>> from celora_jax import AdapterConfig
@@ -85,9 +99,19 @@ class AdapterConfig:
     target: str = DEFAULT_TARGET
     a_init_std: float = 1e-3
     core_only: bool = False
+    init: str | None = None
 
     def __post_init__(self):
         _checks.check_fields(self, "adapter")
+        if self.init not in (None, *INITS):
+            raise AdapterConfigError(f"adapter init must be one of {', '.join(INITS)} (or None: the federated "
+                                     f"method decides), got {self.init!r}")
+        if self.init in SHARED_BASIS_INITS and self.kind == LORA:
+            raise AdapterConfigError(f"adapter init {self.init!r} builds a frozen basis A, B around a trained "
+                                     "core C: it needs tri-matrix adapters (kind 'tri'), not two-factor LoRA")
+        if self.init in SHARED_BASIS_INITS and self.core_only:
+            raise AdapterConfigError(f"adapter core_only is the random-basis ablation; init {self.init!r} "
+                                     "already trains only the cores, in its own basis: choose one")
         if self.alpha is not None and not self.alpha > 0:
             raise AdapterConfigError(f"adapter alpha must be > 0 or None (alpha = rank), got {self.alpha!r}")
         if not self.a_init_std > 0:
@@ -104,6 +128,11 @@ class AdapterConfig:
             re.compile(self.target)
         except re.error as err:
             raise AdapterConfigError(f"adapter target {self.target!r} is not a valid regex: {err}") from err
+
+    @property
+    def frozen_basis(self) -> bool:
+        """Whether A and B are frozen and only the cores C train (core_only, or a shared-basis init)."""
+        return self.core_only or self.init in SHARED_BASIS_INITS
 
     @property
     def scale(self) -> float:
@@ -190,18 +219,25 @@ def init_adapters(key: Array, params: Params, config: AdapterConfig) -> dict:
     flat_adapters = {}
     for path in paths:
         d_in, d_out = flat_params[path].shape[-2:]
+        kernel = flat_params[path]
         if layer_axes(path):
-            layer_keys = keys[jnp.asarray([order[per_layer[path, i]] for i in range(flat_params[path].shape[0])])]
-            factors = jax.vmap(lambda k: init_factors(k, d_in, d_out, config))(layer_keys)
+            layer_keys = keys[jnp.asarray([order[per_layer[path, i]] for i in range(kernel.shape[0])])]
+            factors = jax.vmap(lambda k, w: init_factors(k, d_in, d_out, config, w))(layer_keys, kernel)
         else:
-            factors = init_factors(keys[order[per_layer[path, 0]]], d_in, d_out, config)
+            factors = init_factors(keys[order[per_layer[path, 0]]], d_in, d_out, config, kernel)
         for name, value in factors.items():
             flat_adapters[path[:-1] + (name,)] = value
     return traverse_util.unflatten_dict(flat_adapters)
 
 
-def init_factors(key: Array, d_in: int, d_out: int, config: AdapterConfig) -> dict:
-    """The initial factors of one adapted ``[d_in, d_out]`` kernel (see ``init_adapters``)."""
+def init_factors(key: Array, d_in: int, d_out: int, config: AdapterConfig, kernel: Array | None = None) -> dict:
+    """The initial factors of one adapted ``[d_in, d_out]`` kernel (see ``init_adapters``);
+    ``kernel``, the pretrained weight, is needed by ``init="weight_svd"`` only."""
+    if config.init == WEIGHT_SVD:
+        if kernel is None:
+            raise AdapterConfigError("adapter init 'weight_svd' builds A and B from the pretrained kernel: "
+                                     "pass the kernel to init_factors")
+        return weight_svd_factors(kernel, config.rank)
     key_a, key_b = jax.random.split(key)
     r = config.rank
     factors = {"A": config.a_init_std * jax.random.normal(key_a, (d_in, r), jnp.float32)}
@@ -213,6 +249,33 @@ def init_factors(key: Array, d_in: int, d_out: int, config: AdapterConfig) -> di
     if config.kind == TRI:
         factors["C"] = jnp.eye(r, dtype=jnp.float32)
     return factors
+
+
+def weight_svd_factors(kernel: Array, rank: int) -> dict:
+    """LoRA-XS's frozen basis of one ``[d_in, d_out]`` kernel W = U S Vᵀ: ``A = U_r S_r``,
+    ``B = V_rᵀ`` and ``C = 0``, so that ``A · C · B`` spans W's top-r singular directions.
+
+    As in the authors' code (MohammadrezaBanaei/LoRA-XS, ``svd_utils``) the singular values
+    go to the input side. We start C at 0 where they draw it from N(0, 1e-5²): the update
+    starts at exactly zero, and C's gradient ``Aᵀ Xᵀ G Bᵀ`` is not zero. Each singular pair's
+    sign is fixed (the largest entry of each column of U positive, as scikit-learn's
+    ``svd_flip``), so that machines whose SVD routines pick other signs build the same basis.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from celora_jax.adapters import weight_svd_factors
+      >>> kernel = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
+      >>> factors = weight_svd_factors(kernel, rank=2)
+      >>> factors["A"] @ factors["B"]  # the best rank-2 approximation of the kernel
+      Array([[3., 0., 0.],
+             [0., 2., 0.],
+             [0., 0., 0.]], dtype=float32)
+    """
+    u, s, vt = jnp.linalg.svd(jnp.asarray(kernel, jnp.float32), full_matrices=False)
+    u, s, vt = u[:, :rank], s[:rank], vt[:rank]
+    largest = jnp.take_along_axis(u, jnp.argmax(jnp.abs(u), axis=0)[None, :], axis=0)[0]
+    signs = jnp.where(largest < 0, -1.0, 1.0).astype(u.dtype)
+    return {"A": u * (signs * s)[None, :], "C": jnp.zeros((rank, rank), jnp.float32), "B": vt * signs[:, None]}
 
 
 def adapter_delta(adapter: Mapping[str, Array]) -> Array:

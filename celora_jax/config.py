@@ -8,7 +8,7 @@ import re
 import typing
 
 from celora_jax._checks import ConfigError, check_fields
-from celora_jax.adapters import AdapterConfig
+from celora_jax.adapters import SHARED_BASIS_INITS, AdapterConfig
 from celora_jax.aggregation import AggregationConfig
 from celora_jax.data.partition import PartitionConfig
 from celora_jax.data.text import TextDataConfig
@@ -375,6 +375,15 @@ class RunConfig:
         if self.adapter.core_only and method.adapter_kind != "tri":
             raise ConfigError(f"adapter.core_only trains only the cores of tri-matrix adapters; "
                              f"federation.method={method.name!r} uses {method.adapter_kind!r} adapters")
+        init = self.adapter.init or method.default_init
+        if init in SHARED_BASIS_INITS and method.adapter_kind != "tri":
+            raise ConfigError(f"adapter.init={init!r} freezes a shared basis A, B around trained cores C, which "
+                             f"needs tri-matrix adapters; federation.method={method.name!r} uses "
+                             f"{method.adapter_kind!r} adapters (two-factor LoRA)")
+        if method.needs_frozen_basis and not (init in SHARED_BASIS_INITS or self.adapter.core_only):
+            raise ConfigError(f"federation.method={method.name!r} trains only the cores in a frozen shared basis: "
+                             f"adapter.init must be one of {', '.join(SHARED_BASIS_INITS)} (or leave it unset), "
+                             f"got {init!r}")
 
 
 def to_dict(config) -> dict:

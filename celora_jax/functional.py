@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from celora_jax.adapters import (TRI, AdapterConfig, AdapterConfigError, init_factors,
+from celora_jax.adapters import (SHARED_BASIS_INITS, TRI, AdapterConfig, AdapterConfigError, init_factors,
                                  adapter_output, merge_kernel, path_string)
 
 Array = jax.Array
@@ -182,12 +182,13 @@ def _collision(first: KernelTarget, second: KernelTarget,
 
 
 def init_target_adapters(key: Array, targets: Sequence[KernelTarget],
-                         config: AdapterConfig) -> Adapters:
+                         config: AdapterConfig, kernels: Mapping[tuple[str, ...], Array] | None = None) -> Adapters:
     """Adapters for ``targets``; same init as ``init_adapters``, per layer for stacked kernels.
 
     The key is split over kernels in sorted path order exactly as ``init_adapters`` does, so
     for 2-D ``kernel`` leaves both functions return identical adapters; a stacked kernel's
-    key is split again over its L layers.
+    key is split again over its L layers. ``kernels`` (kernel path -> pretrained weight) is
+    read by ``config.init="weight_svd"`` only.
 
     Raises:
       AdapterConfigError: the rank exceeds min(d_in, d_out) of a kernel.
@@ -199,12 +200,14 @@ def init_target_adapters(key: Array, targets: Sequence[KernelTarget],
             raise AdapterConfigError(
                 f"adapter rank {config.rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
                 f"of kernel {path_string(t.kernel_path)} with shape {t.shape}")
-        init = lambda k: init_factors(k, d_in, d_out, config)
+        kernel = None if kernels is None else kernels[t.kernel_path]
+        init = lambda k, w: init_factors(k, d_in, d_out, config, w)
         if t.layers:
             # One independent init per layer slice: C = I in every layer, A drawn per layer.
-            factors = jax.vmap(init)(jax.random.split(kernel_key, t.layers[0]))
+            factors = jax.vmap(init, in_axes=(0, None if kernel is None else 0))(
+                jax.random.split(kernel_key, t.layers[0]), kernel)
         else:
-            factors = init(kernel_key)
+            factors = init(kernel_key, kernel)
         for name, value in factors.items():
             flat[t.adapter_path + (name,)] = value
     return traverse_util.unflatten_dict(flat)
@@ -332,7 +335,8 @@ def adapt(apply_fn: ApplyFn, params: PyTree, config: AdapterConfig, key: Array,
     Args:
       apply_fn: ``apply_fn(params, *inputs, **kwargs)``, left untouched.
       params: the base parameters (any pytree: linen variables, NNX state, nested dicts).
-        Only their structure and kernel shapes are used here.
+        Only their structure and kernel shapes are used here (and the kernels' values under
+        ``config.init="weight_svd"``).
       config: adapter kind, rank, alpha and the target regex over parameter paths.
       key: PRNG key for the adapters' init (the same key on every client gives a common A).
       method: "substitute" (any function) or "intercept" (linen modules, no dense update);
@@ -376,7 +380,11 @@ def adapt(apply_fn: ApplyFn, params: PyTree, config: AdapterConfig, key: Array,
             raise AdapterConfigError(
                 f"method='intercept' supports 2-D kernels only; stacked kernels {stacked} "
                 f"need method='substitute'")
-    adapters = init_target_adapters(key, targets, config)
+    kernels = None
+    if config.init in SHARED_BASIS_INITS:  # the basis is built from the pretrained kernels' values
+        by_path = {leaf_names(key_path): leaf for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+        kernels = {t.kernel_path: by_path[t.kernel_path] for t in targets}
+    adapters = init_target_adapters(key, targets, config, kernels)
     scale = config.scale
 
     def adapted_apply(base_params: PyTree, adapters: PyTree, *inputs, **kwargs):

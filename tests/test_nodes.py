@@ -15,7 +15,7 @@ from celora_jax.privacy.dp import DPConfig
 from toy import toy_config, toy_setup, with_federation
 
 NODE_METHODS = ["celora", "celora_avg", "fedavg_lora", "ffa_lora", "fedsa_lora", "fedprox", "local", "fedex_lora",
-                "fedavg_lora_ft"]
+                "fedavg_lora_ft", "fed_sb"]
 
 
 def run_nodes(setup, rounds: int):

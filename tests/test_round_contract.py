@@ -62,7 +62,7 @@ def _leaf_bytes(tree) -> int:
 
 
 def test_every_method_is_registered_once_under_its_own_name():
-    assert len(ALL) == 10 and set(ALL) >= {"fedprox", "fedex_lora", "fedavg_lora_ft", "cluster_oracle"}
+    assert len(ALL) == 11 and set(ALL) >= {"fedprox", "fedex_lora", "fedavg_lora_ft", "cluster_oracle", "fed_sb"}
     for name, method in METHODS.items():
         assert method.name == name and method.description
 

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import adapters, roles
+from celora_jax import adapters
 from celora_jax.config import FederationConfig, RunConfig
 from celora_jax.data.partition import PartitionConfig
-from celora_jax.federated.setup import Setup, adapter_config_for, resolve_method
+from celora_jax.federated.setup import Setup, adapter_config_for, client_roles, resolve_method
 from celora_jax.federated.tasks import Task
 
 DIM, CLASSES = 8, 3
@@ -72,11 +72,9 @@ def toy_task(config: RunConfig, adapter_config: adapters.AdapterConfig, seed: in
 
 
 def toy_setup(config: RunConfig) -> Setup:
-    fed = config.federation
     method = resolve_method(config)
     task = toy_task(config, adapter_config_for(config, method))
-    role_tree = roles.parameter_roles(task.client_params, method, share_base=fed.share_base)
-    return Setup(config, method, task, role_tree, config.local_steps)
+    return Setup(config, method, task, client_roles(task, method, config), config.local_steps)
 
 
 def with_federation(config: RunConfig, **changes) -> RunConfig:

@@ -14,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 
 from celora_jax import checkpoint, compile_cache, sharding
+from celora_jax import roles as roles_lib
 from celora_jax.config import RunConfig, to_dict
 from celora_jax.federated.loop import iterate_rounds
 from celora_jax.federated.methods import cluster_oracle
@@ -32,6 +35,18 @@ class RunResult:
     history: list[dict]
     summary: dict
     client_params: Any = None
+
+
+def parameter_counts(setup: Setup) -> dict:
+    """Numbers of one client's parameters that train (shared and personal) and that travel
+    (shared), and the adapter init the run used."""
+    def count(*roles):
+        selected = roles_lib.select(setup.task.client_params, setup.roles, *roles)
+        return int(sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(selected)))
+
+    return {"trainable_params_per_client": count(roles_lib.SHARED, roles_lib.PERSONAL),
+            "sent_params_per_client": count(roles_lib.SHARED),
+            "adapter_init": setup.task.adapter_config.init}
 
 
 def summarize(history: list[dict], setup: Setup) -> dict:
@@ -56,6 +71,7 @@ def summarize(history: list[dict], setup: Setup) -> dict:
         # The clients whose data this process loaded (process 0's share with several).
         "local_clients": list(setup.task.local_clients),
     }
+    summary.update(parameter_counts(setup))
     if setup.method.options:
         summary["method_options"] = dict(setup.method.options)
     for name in ("core_share_mean", "weight_in_true_cluster_mean"):

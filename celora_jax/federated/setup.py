@@ -45,8 +45,8 @@ def resolve_method(config: RunConfig) -> FederatedMethod:
 
 
 def adapter_config_for(config: RunConfig, method: FederatedMethod) -> adapters_lib.AdapterConfig:
-    """``config.adapter`` with the method's adapter kind."""
-    return dataclasses.replace(config.adapter, kind=method.adapter_kind)
+    """``config.adapter`` with the method's adapter kind, and its init unless the config sets one."""
+    return dataclasses.replace(config.adapter, kind=method.adapter_kind, init=config.adapter.init or method.default_init)
 
 
 def prepare(config: RunConfig, *, progress: bool = False) -> Setup:
@@ -54,6 +54,11 @@ def prepare(config: RunConfig, *, progress: bool = False) -> Setup:
     roles (``progress``: bars for long preparation, the VLM's projector alignment)."""
     method = resolve_method(config)
     task = prepare_task(config, adapter_config_for(config, method), progress=progress)
-    roles = roles_lib.parameter_roles(task.client_params, method, core_only=task.adapter_config.core_only,
-                                      share_base=config.federation.share_base)
-    return Setup(config, method, task, roles, config.local_steps)
+    return Setup(config, method, task, client_roles(task, method, config), config.local_steps)
+
+
+def client_roles(task, method: FederatedMethod, config: RunConfig) -> dict:
+    """The role of every client leaf; in a frozen basis (``adapter_config.frozen_basis``) only
+    the cores of the adapters train."""
+    return roles_lib.parameter_roles(task.client_params, method, core_only=task.adapter_config.frozen_basis,
+                                     share_base=config.federation.share_base)

@@ -7,7 +7,7 @@ docs/adding_a_method.md for a walk through ``fedprox.py``.
 Examples:
   >>> from celora_jax.federated.methods import get_method, method_names
   >>> method_names()
-  ['celora', 'celora_avg', 'cluster_oracle', 'fedavg_lora', 'fedavg_lora_ft', 'fedex_lora', 'fedprox', 'fedsa_lora', 'ffa_lora', 'local']
+  ['celora', 'celora_avg', 'cluster_oracle', 'fed_sb', 'fedavg_lora', 'fedavg_lora_ft', 'fedex_lora', 'fedprox', 'fedsa_lora', 'ffa_lora', 'local']
   >>> get_method("fedprox", mu=0.1).options
   {'mu': 0.1}
   >>> get_method("fedprox", nu=0.1)
@@ -22,11 +22,12 @@ import inspect
 import types
 from typing import Any
 
-from celora_jax.federated.methods import (celora, celora_avg, cluster_oracle, fedavg_lora, fedavg_lora_ft,
+from celora_jax.federated.methods import (celora, celora_avg, cluster_oracle, fed_sb, fedavg_lora, fedavg_lora_ft,
                                           fedex_lora, fedprox, fedsa_lora, ffa_lora, local)
 from celora_jax.federated.methods.base import FederatedMethod, ServerInputs
 
-_MODULES = (celora, celora_avg, cluster_oracle, fedavg_lora, fedavg_lora_ft, fedex_lora, fedprox, fedsa_lora, ffa_lora, local)
+_MODULES = (celora, celora_avg, cluster_oracle, fed_sb, fedavg_lora, fedavg_lora_ft, fedex_lora, fedprox, fedsa_lora,
+            ffa_lora, local)
 
 # name -> factory; the names are the methods' own (make().name).
 FACTORIES = types.MappingProxyType({module.make().name: module.make for module in _MODULES})

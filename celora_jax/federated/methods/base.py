@@ -151,6 +151,8 @@ class FederatedMethod:
     download_bytes: Callable[[Mapping, Mapping], int] = shared_bytes
     client_logs: Callable[[Mapping, adapters_lib.AdapterConfig], dict] = no_client_logs
     options: Mapping = dataclasses.field(default_factory=dict)
+    default_init: str = adapters_lib.RANDOM_INIT
+    needs_frozen_basis: bool = False
 
     def __post_init__(self):
         if self.adapter_kind not in (adapters_lib.TRI, adapters_lib.LORA):
@@ -163,6 +165,9 @@ class FederatedMethod:
                                  f"{self.adapter_kind!r} adapter does not have")
         if not set(self.shared) <= set(self.trained):
             raise ValueError(f"method {self.name!r}: shared factors must be trained")
+        if self.default_init not in adapters_lib.INITS:
+            raise ValueError(f"method {self.name!r}: default_init must be one of {adapters_lib.INITS}, "
+                             f"got {self.default_init!r}")
         if self.finetune_steps < 0:
             raise ValueError(f"method {self.name!r}: finetune_steps must be >= 0, got {self.finetune_steps}")
 
@@ -173,7 +178,8 @@ class FederatedMethod:
 
 def core_share_logs(trained_params: Mapping, adapter_config: adapters_lib.AdapterConfig) -> dict:
     """What each client learned that its core (the only thing tri-LoRA methods share)
-    carries; under core_only (C starts at 0) the core is the whole update by construction."""
-    if "lora" not in trained_params or adapter_config.core_only:
+    carries; in a frozen basis (core_only, a shared-basis init: C starts at 0) the core is
+    the whole update by construction."""
+    if "lora" not in trained_params or adapter_config.frozen_basis:
         return {}
     return {"core_share": jnp.mean(cores.core_share(trained_params["lora"]), axis=-1)}
