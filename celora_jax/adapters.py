@@ -28,6 +28,7 @@ from flax import traverse_util
 from celora_jax import _checks
 # The layer-layout helpers live in their own module; they are part of this one's API too.
 from celora_jax.layer_layout import STACKED, layer_axes, stack_layers, unrolled_path, unstack_layers
+from celora_jax.sketch import fix_svd_signs
 
 __all__ = [  # what `from celora_jax.adapters import *` and the API docs show
     "TRI", "LORA", "STACKED", "DEFAULT_TARGET", "AdapterConfig", "AdapterConfigError", "path_string",
@@ -46,11 +47,15 @@ LORA = "lora"
 # How a tri-matrix adapter's factors start (``AdapterConfig.init``). "random": A drawn, B = 0,
 # C = I, and the method decides what trains. "weight_svd" (LoRA-XS): A = U_r S_r and B = V_rᵀ
 # from the truncated SVD of the pretrained kernel, C = 0; A and B are then frozen and equal on
-# every client (a shared basis), and only C trains and travels.
+# every client (a shared basis), and only C trains and travels. "gradient_svd" (LoRA-SB):
+# A = U_r, B = V_rᵀ from the SVD of the clients' summed task gradient with respect to the
+# kernel, estimated without pooling it by a federated sketch in round 0
+# (``celora_jax.federated.basis``); until then A = B = C = 0.
 RANDOM_INIT = "random"
 WEIGHT_SVD = "weight_svd"
-INITS = (RANDOM_INIT, WEIGHT_SVD)
-SHARED_BASIS_INITS = (WEIGHT_SVD,)
+GRADIENT_SVD = "gradient_svd"
+INITS = (RANDOM_INIT, WEIGHT_SVD, GRADIENT_SVD)
+SHARED_BASIS_INITS = (WEIGHT_SVD, GRADIENT_SVD)
 
 # Every linear layer of a BERT-family encoder block (query, key, value, attention output,
 # both MLP layers), as in the authors' code; ``stacked`` is the same blocks under nn.scan.
@@ -79,8 +84,15 @@ class AdapterConfig:
       init: how the factors start: "random" (A ~ N(0, a_init_std²), B = 0, C = I), or
         "weight_svd" (LoRA-XS: A = U_r·S_r, B = V_rᵀ from the truncated SVD of the
         pretrained kernel, C = 0; tri-matrix only), which freezes A and B: every client
-        computes the same basis from the same weights and only the cores train. None lets
-        the federated method decide (a run's default; "random" outside a run).
+        computes the same basis from the same weights and only the cores train; or
+        "gradient_svd" (LoRA-SB: A = U_r, B = V_rᵀ from the SVD of the clients' summed
+        gradient of the task loss with respect to the kernel, C = 0), built in round 0 of a
+        run from the clients' sketches (``celora_jax.federated.basis``); ``init_adapters``
+        leaves A, B and C at zero for it. None lets the federated method decide (a run's
+        default; "random" outside a run).
+      sketch_batches: batches of each client's training data whose summed gradient
+        "gradient_svd" sketches (LoRA-SB estimates the first update from a few batches).
+      sketch_oversample: extra columns of the sketch beyond the rank (its accuracy).
 
     Examples:
       >>> from celora_jax import AdapterConfig
@@ -100,6 +112,8 @@ class AdapterConfig:
     a_init_std: float = 1e-3
     core_only: bool = False
     init: str | None = None
+    sketch_batches: int = 4
+    sketch_oversample: int = 8
 
     def __post_init__(self):
         _checks.check_fields(self, "adapter")
@@ -109,6 +123,11 @@ class AdapterConfig:
         if self.init in SHARED_BASIS_INITS and self.kind == LORA:
             raise AdapterConfigError(f"adapter init {self.init!r} builds a frozen basis A, B around a trained "
                                      "core C: it needs tri-matrix adapters (kind 'tri'), not two-factor LoRA")
+        if self.sketch_batches < 1:
+            raise AdapterConfigError(f"adapter sketch_batches must be >= 1 (gradient_svd sums each client's "
+                                     f"gradient over that many batches), got {self.sketch_batches}")
+        if self.sketch_oversample < 0:
+            raise AdapterConfigError(f"adapter sketch_oversample must be >= 0, got {self.sketch_oversample}")
         if self.init in SHARED_BASIS_INITS and self.core_only:
             raise AdapterConfigError(f"adapter core_only is the random-basis ablation; init {self.init!r} "
                                      "already trains only the cores, in its own basis: choose one")
@@ -233,6 +252,10 @@ def init_adapters(key: Array, params: Params, config: AdapterConfig) -> dict:
 def init_factors(key: Array, d_in: int, d_out: int, config: AdapterConfig, kernel: Array | None = None) -> dict:
     """The initial factors of one adapted ``[d_in, d_out]`` kernel (see ``init_adapters``);
     ``kernel``, the pretrained weight, is needed by ``init="weight_svd"`` only."""
+    if config.init == GRADIENT_SVD:  # the clients' sketches fill A and B in round 0
+        r = config.rank
+        return {"A": jnp.zeros((d_in, r), jnp.float32), "C": jnp.zeros((r, r), jnp.float32),
+                "B": jnp.zeros((r, d_out), jnp.float32)}
     if config.init == WEIGHT_SVD:
         if kernel is None:
             raise AdapterConfigError("adapter init 'weight_svd' builds A and B from the pretrained kernel: "
@@ -272,10 +295,8 @@ def weight_svd_factors(kernel: Array, rank: int) -> dict:
              [0., 0., 0.]], dtype=float32)
     """
     u, s, vt = jnp.linalg.svd(jnp.asarray(kernel, jnp.float32), full_matrices=False)
-    u, s, vt = u[:, :rank], s[:rank], vt[:rank]
-    largest = jnp.take_along_axis(u, jnp.argmax(jnp.abs(u), axis=0)[None, :], axis=0)[0]
-    signs = jnp.where(largest < 0, -1.0, 1.0).astype(u.dtype)
-    return {"A": u * (signs * s)[None, :], "C": jnp.zeros((rank, rank), jnp.float32), "B": vt * signs[:, None]}
+    u, vt = fix_svd_signs(u[:, :rank], vt[:rank])
+    return {"A": u * s[None, :rank], "C": jnp.zeros((rank, rank), jnp.float32), "B": vt}
 
 
 def adapter_delta(adapter: Mapping[str, Array]) -> Array:

@@ -90,7 +90,8 @@ def _flower_app(args) -> int:
     from celora_jax.federated.setup import resolve_method
 
     config = apply_overrides(get_preset(args.preset), args.overrides)  # refuses a bad preset or override now
-    reason = unsupported_reason(resolve_method(config))
+    method = resolve_method(config)
+    reason = unsupported_reason(method, config.adapter.init or method.default_init)
     if reason:
         raise ValueError(f"method {config.federation.method!r} cannot run on Flower nodes: it {reason}")
     if args.round_timeout <= 0:

@@ -380,6 +380,9 @@ class RunConfig:
             raise ConfigError(f"adapter.init={init!r} freezes a shared basis A, B around trained cores C, which "
                              f"needs tri-matrix adapters; federation.method={method.name!r} uses "
                              f"{method.adapter_kind!r} adapters (two-factor LoRA)")
+        if init == "gradient_svd" and self.dp.enabled:
+            raise ConfigError("adapter.init='gradient_svd' uploads every client's gradient sketch in round 0 without "
+                             "DP noise, which the DP accounting does not cover; use adapter.init='weight_svd' with DP")
         if method.needs_frozen_basis and not (init in SHARED_BASIS_INITS or self.adapter.core_only):
             raise ConfigError(f"federation.method={method.name!r} trains only the cores in a frozen shared basis: "
                              f"adapter.init must be one of {', '.join(SHARED_BASIS_INITS)} (or leave it unset), "

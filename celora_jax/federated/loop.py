@@ -159,6 +159,18 @@ def _round_record(setup: Setup, round_index: int, metrics: dict, mask: np.ndarra
     }
 
 
+def _add_basis_bytes(record: dict, setup: Setup) -> None:
+    """Round 1 also carries the one-time basis exchange of ``gradient_svd`` (every client's
+    sketches up, the bases down), when there was one."""
+    preparation = setup.task.preparation
+    if "basis_bytes_up_per_client" in preparation:
+        exchanged = (preparation["basis_bytes_up_per_client"] + preparation["basis_bytes_down_per_client"]) * \
+            setup.num_clients
+        record["bytes_basis"] = exchanged
+        record["bytes_round"] += exchanged
+        record["bytes_cumulative"] += exchanged
+
+
 def _add_logs(record: dict, logs: dict, n: int, mask: np.ndarray, outlier_factor: float) -> None:
     """Server and client logs of a round into its record, with warnings for rejections."""
     for name, value in logs.items():
@@ -297,6 +309,8 @@ def iterate_rounds(setup: Setup, checkpoint_dir: str | pathlib.Path | None = Non
                 logs = {**initial_logs, **logs}
             metrics, logs = sharding.to_host((metrics, logs))
             record = _round_record(setup, round_index, metrics, mask_np, (bytes_up, bytes_down), cumulative_bytes)
+            if round_index == 0:
+                _add_basis_bytes(record, setup)
             cumulative_bytes = record["bytes_cumulative"]
             last = round_index + 1 == fed.rounds
             evaluated = round_lib.evaluated_params(client_state)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from celora_jax import gmm, sharding
+from celora_jax.adapters import GRADIENT_SVD
 from celora_jax import roles as roles_lib
 from celora_jax.data import packing
 from celora_jax.federated import client as client_lib
@@ -45,11 +46,15 @@ from celora_jax.privacy import dp as dp_lib
 PyTree = Any
 
 
-def unsupported_reason(method) -> str | None:
-    """Why ``method`` cannot run on separate nodes, or None: only a reference that reads
-    what a simulation alone knows (the partition's true clusters) cannot."""
+def unsupported_reason(method, adapter_init: str | None = None) -> str | None:
+    """Why ``method`` (with adapters initialized by ``adapter_init``) cannot run on separate
+    nodes, or None: a reference that reads what a simulation alone knows (the partition's
+    true clusters) cannot, nor can a basis that needs the round-0 gradient sketches."""
     if method.name == "cluster_oracle":
         return "reads the partition's true clusters, which only a simulation knows (a reference, not a method)"
+    if adapter_init == GRADIENT_SVD:
+        return ("builds its basis (adapter.init='gradient_svd') from a round-0 exchange of every client's "
+                "gradient sketch, which the nodes do not run yet; adapter.init='weight_svd' needs no exchange")
     return None
 
 
@@ -102,7 +107,7 @@ class ClientNode:
     """
 
     def __init__(self, setup: Setup, client: int, programs: NodePrograms | None = None):
-        reason = unsupported_reason(setup.method)
+        reason = unsupported_reason(setup.method, setup.task.adapter_config.init)
         if reason:
             raise ValueError(f"method {setup.method.name!r} cannot run on separate nodes: it {reason}")
         if not 0 <= client < setup.num_clients:

@@ -8,6 +8,7 @@ import numpy as np
 from celora_jax import adapters as adapters_lib
 from celora_jax import roles as roles_lib
 from celora_jax.config import RunConfig
+from celora_jax.federated.basis import with_gradient_basis
 from celora_jax.federated.methods import FederatedMethod, get_method
 from celora_jax.federated.tasks import Task, prepare_task
 
@@ -53,7 +54,14 @@ def prepare(config: RunConfig, *, progress: bool = False) -> Setup:
     """Resolves the method, loads the task and labels the client parameters with their
     roles (``progress``: bars for long preparation, the VLM's projector alignment)."""
     method = resolve_method(config)
-    task = prepare_task(config, adapter_config_for(config, method), progress=progress)
+    return setup_for(config, method, prepare_task(config, adapter_config_for(config, method), progress=progress))
+
+
+def setup_for(config: RunConfig, method: FederatedMethod, task) -> Setup:
+    """The run's setup from a loaded task: under ``adapter.init=gradient_svd`` the shared
+    basis is built first (round 0, ``celora_jax.federated.basis``)."""
+    if task.adapter_config.init == adapters_lib.GRADIENT_SVD:
+        task = with_gradient_basis(task, config)
     return Setup(config, method, task, client_roles(task, method, config), config.local_steps)
 
 

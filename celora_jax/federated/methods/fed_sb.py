@@ -10,8 +10,10 @@ numbers per adapted matrix, so the rank can be far higher than LoRA's at the sam
 
 Where we differ from the authors' code (read at their last commit):
 - they initialize with LoRA-SB (A, B from the SVD of one estimated full fine-tuning step,
-  computed once on the pooled training data); ``adapter.init=weight_svd`` (LoRA-XS, data
-  free) is our default until the federated gradient sketch is in (issue 41);
+  computed once on the pooled training data). ``adapter.init=gradient_svd`` is that basis
+  without pooling (a federated sketch in round 0, ``celora_jax.federated.basis``); our
+  default is ``weight_svd`` (LoRA-XS, data free), which needs no exchange and so also runs
+  on Flower nodes and over several processes;
 - they average cores with equal weights over equal shards; we weight by the clients'
   example counts n_i, which is the same on equal shards;
 - they start every round with a fresh optimizer; our clients keep theirs across rounds, as
