@@ -7,6 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python=${PYTHON:-python3}
+# JAX publishes no release after 0.6.2 for Python 3.10 (past its end of life in 2026-10), and
+# the resolver would spend many minutes backtracking through flax and orbax releases first.
+command -v "$python" >/dev/null || { echo "setup.sh: no Python '$python' (set PYTHON=/path/to/python3.11 or newer)" >&2; exit 2; }
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+  echo "setup.sh: celora-jax needs Python 3.11 or newer; $python is $("$python" --version 2>&1)" \
+       "(set PYTHON=/path/to/python3.11 or newer)" >&2
+  exit 2
+}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 # --no-compile: pip byte-compiles the ~22,000 installed files one at a time (torch alone: 27 s of
 # its 35 s); compileall below does it once for everything, on all cores.

@@ -106,3 +106,22 @@ def test_the_pip_download_fallback_for_another_pip(tmp_path, monkeypatch):
     assert got.read_bytes() == content
     with pytest.raises(fetch_archive.FetchError, match="pip download demo-wheel==2.0 failed"):
         fetch_archive.fetch("demo-wheel==2.0", "demo_wheel-2.0-py3-none-any.whl", "0" * 64, tmp_path / "share")
+
+
+def test_setup_refuses_a_python_older_than_3_11_in_one_line(tmp_path):
+    """JAX has no release after 0.6.2 for Python 3.10, where pip's resolver backtracks for
+    many minutes: setup.sh stops at once instead, before creating anything."""
+    import shutil
+
+    shutil.copy(ROOT / "setup.sh", tmp_path / "setup.sh")
+    old = tmp_path / "python3.10"
+    old.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'Python 3.10.13' && exit 0\nexit 1\n")
+    old.chmod(0o755)
+    for python, message in [(old, f"setup.sh: celora-jax needs Python 3.11 or newer; {old} is Python 3.10.13 "
+                                  "(set PYTHON=/path/to/python3.11 or newer)"),
+                            (tmp_path / "absent", f"setup.sh: no Python '{tmp_path / 'absent'}' "
+                                                  "(set PYTHON=/path/to/python3.11 or newer)")]:
+        done = subprocess.run(["bash", str(tmp_path / "setup.sh")], env={**os.environ, "PYTHON": str(python)},
+                              capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.strip() == message, done.stderr
+    assert not (tmp_path / ".venv").exists()
