@@ -229,24 +229,32 @@ def init_adapters(key: Array, params: Params, config: AdapterConfig) -> dict:
             raise AdapterConfigError(
                 f"adapter rank {config.rank} exceeds min(d_in, d_out) = {min(d_in, d_out)} "
                 f"of kernel {path_string(path)} with shape {tuple(flat_params[path].shape)}")
-    # One key per layer's kernel, in the sorted order of the per-layer (unrolled) paths: the
-    # stacked layout then starts from exactly stack_layers of the unrolled layout's factors.
-    per_layer = {(path, index): unrolled_path(path, index)
-                 for path in paths for index in range(flat_params[path].shape[0] if layer_axes(path) else 1)}
-    order = {unrolled: position for position, unrolled in enumerate(sorted(per_layer.values()))}
-    keys = jax.random.split(key, len(order))
+    keys = kernel_keys(key, {path: flat_params[path].shape for path in paths})
     flat_adapters = {}
     for path in paths:
-        d_in, d_out = flat_params[path].shape[-2:]
         kernel = flat_params[path]
+        d_in, d_out = kernel.shape[-2:]
         if layer_axes(path):
-            layer_keys = keys[jnp.asarray([order[per_layer[path, i]] for i in range(kernel.shape[0])])]
-            factors = jax.vmap(lambda k, w: init_factors(k, d_in, d_out, config, w))(layer_keys, kernel)
+            factors = jax.vmap(lambda k, w: init_factors(k, d_in, d_out, config, w))(keys[path], kernel)
         else:
-            factors = init_factors(keys[order[per_layer[path, 0]]], d_in, d_out, config, kernel)
+            factors = init_factors(keys[path], d_in, d_out, config, kernel)
         for name, value in factors.items():
             flat_adapters[path[:-1] + (name,)] = value
     return traverse_util.unflatten_dict(flat_adapters)
+
+
+def kernel_keys(key: Array, shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> dict:
+    """One PRNG key per layer's kernel: ``{path: key}``, or ``{path: [L] keys}`` for a stacked
+    kernel ``[L, d_in, d_out]``. Keys follow the sorted order of the per-layer (unrolled)
+    paths, so a model under ``nn.scan`` draws for each layer exactly what the unrolled model
+    draws (its adapters start as ``stack_layers`` of the unrolled ones)."""
+    per_layer = {(path, index): unrolled_path(path, index)
+                 for path, shape in shapes.items() for index in range(shape[0] if layer_axes(path) else 1)}
+    order = {unrolled: position for position, unrolled in enumerate(sorted(per_layer.values()))}
+    keys = jax.random.split(key, len(order))
+    return {path: (keys[jnp.asarray([order[per_layer[path, i]] for i in range(shape[0])])] if layer_axes(path)
+                   else keys[order[per_layer[path, 0]]])
+            for path, shape in shapes.items()}
 
 
 def init_factors(key: Array, d_in: int, d_out: int, config: AdapterConfig, kernel: Array | None = None) -> dict:

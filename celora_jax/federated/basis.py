@@ -35,7 +35,7 @@ from celora_jax.config import RunConfig
 from celora_jax.data import packing
 from celora_jax.federated import client as client_lib
 from celora_jax.federated.tasks import Task
-from celora_jax.layer_layout import layer_axes, unrolled_path
+from celora_jax.layer_layout import layer_axes
 
 BYTES_PER_NUMBER = 4  # float32 sketches and bases
 
@@ -49,22 +49,15 @@ def target_kernels(task: Task) -> dict:
 
 def draw_matrices(key: jax.Array, kernels: dict, rank: int, oversample: int) -> dict:
     """The shared test matrices of every kernel (per layer slice for stacked kernels), from
-    one key every client knows. As in ``init_adapters``, one key per layer's kernel in the
-    sorted order of the per-layer paths: a model under ``nn.scan`` sketches its layers with
-    exactly the matrices the unrolled model uses, and so gets the same basis."""
-    per_layer = {(path, index): unrolled_path(path, index)
-                 for path in kernels for index in range(kernels[path].shape[0] if layer_axes(path) else 1)}
-    order = {unrolled: position for position, unrolled in enumerate(sorted(per_layer.values()))}
-    keys = jax.random.split(key, len(order))
+    one key every client knows, split as ``adapters.kernel_keys`` splits it: a model under
+    ``nn.scan`` sketches its layers with exactly the matrices the unrolled model uses, and so
+    gets the same basis."""
+    keys = adapters_lib.kernel_keys(key, {path: kernel.shape for path, kernel in kernels.items()})
     matrices = {}
     for path, kernel in kernels.items():
         d_in, d_out = kernel.shape[-2:]
         draw = lambda k: sketch_lib.draw_sketch_matrices(k, d_in, d_out, rank, oversample)
-        if layer_axes(path):
-            layer_keys = keys[jnp.asarray([order[per_layer[path, i]] for i in range(kernel.shape[0])])]
-            matrices[path] = jax.vmap(draw)(layer_keys)
-        else:
-            matrices[path] = draw(keys[order[per_layer[path, 0]]])
+        matrices[path] = jax.vmap(draw)(keys[path]) if layer_axes(path) else draw(keys[path])
     return matrices
 
 

@@ -79,7 +79,8 @@ def summarize(history: list[dict], setup: Setup) -> dict:
             summary[name] = final[name]
     if setup.task.clusters is not None and len(set(setup.task.clusters.tolist())) > 1:
         summary["true_clusters"] = [int(c) for c in setup.task.clusters]
-    elif setup.method.name == cluster_oracle.NAME and cluster_oracle.single_cluster(setup.task.clusters):  # no table may call it an oracle without saying so
+    elif setup.method.name == cluster_oracle.NAME and cluster_oracle.single_cluster(setup.task.clusters):
+        # No result table may call it an oracle without saying so.
         summary["note"] = cluster_oracle.SINGLE_CLUSTER_NOTE
     summary.update(setup.task.preparation)
     if "dp_epsilon" in final:
@@ -134,11 +135,11 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
         with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
             for record, client_params in rounds:
                 history = files.add(record)
-                if bar is not None:
-                    bar.update(record["round"] - bar.n)
+                if bar is not None:  # a resumed run's bar starts at the round it resumes from
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}",
                                     acc=f"{record.get('test_accuracy_mean', float('nan')):.3f}",
-                                    MB=f"{record['bytes_cumulative'] / 1e6:.2f}")
+                                    MB=f"{record['bytes_cumulative'] / 1e6:.2f}", refresh=False)
+                    bar.update(record["round"] - bar.n)
     if not history:
         raise ValueError("the run produced no rounds")
     summary = summarize(history, setup)
