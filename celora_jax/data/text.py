@@ -181,8 +181,9 @@ def _column(table, name: str) -> list:
         return list(table[name])
     values = as_arrow("arrow")[name].to_pylist()
     if _is_json_feature(table.features.get(name)):
-        # datasets >= 4 reads a JSON column of mixed types (strings and objects, integers and
-        # strings) as JSON-encoded strings: decode them, so that the checks see what the file holds.
+        # datasets 5 (seen in 5.2) reads a JSON column of mixed types (strings and objects,
+        # integers and strings) as JSON-encoded strings: decode them, so that the checks see
+        # what the file holds.
         values = [None if value is None else json.loads(value) for value in values]
     return values
 
@@ -190,7 +191,7 @@ def _column(table, name: str) -> list:
 def _is_json_feature(feature) -> bool:
     import datasets
 
-    json_type = getattr(datasets, "Json", None)  # new in datasets 4
+    json_type = getattr(datasets, "Json", None)  # absent from older datasets releases
     return json_type is not None and isinstance(feature, json_type)
 
 
