@@ -286,3 +286,41 @@ def test_gradient_svd_on_a_tiny_bert_unrolled_and_under_scan_builds_one_basis(ti
 
     a = next(v for p, v in traverse_util.flatten_dict(unrolled).items() if p[-1] == "A")
     np.testing.assert_allclose(np.asarray(a.T @ a), np.eye(4), atol=1e-4)  # orthonormal, as LoRA-SB's
+
+
+def test_weight_svd_on_the_decoder_and_the_vit_unrolled_and_under_scan():
+    """The frozen basis on the Llama decoder's and the ViT's kernels: stacked under nn.scan
+    it is the unrolled basis stacked; at C = 0 the adapted model is the pretrained one, and a
+    core moves it identically in both layouts."""
+    from celora_jax.adapters import DEFAULT_TARGET
+    from celora_jax.models import llama, vit
+    from test_llama import TINY, tiny_params
+
+    decoder, flat_params = tiny_params()
+    config = AdapterConfig(rank=2, target=llama.DECODER_TARGET, init="weight_svd")
+    flat = init_adapters(jax.random.key(0), flat_params, config)
+    stacked = init_adapters(jax.random.key(0), stack_layers(flat_params), config)
+    for got, want in zip(jax.tree.leaves(stacked), jax.tree.leaves(stack_layers(flat))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    ids = jnp.asarray([[5, 17, 3, 42, 8, 11]])
+    np.testing.assert_allclose(decoder.apply({"params": flat_params, "lora": flat}, ids)[0],
+                               decoder.apply({"params": flat_params}, ids)[0], atol=1e-5)
+    moved = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.1 if jax.tree_util.keystr(path).endswith("['C']") else x, flat)
+    scanned = llama.LlamaForCausalLM(TINY, scan_layers=True)
+    np.testing.assert_allclose(scanned.apply({"params": stack_layers(flat_params), "lora": stack_layers(moved)}, ids)[0],
+                               decoder.apply({"params": flat_params, "lora": moved}, ids)[0], atol=1e-4)
+
+    vit_config = vit.VisionConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, patch_size=4,
+                                  position_grid=7)
+    pixels = jax.random.normal(jax.random.key(5), (2, 28, 28, 3))
+    model = vit.VisionTransformer(vit_config)
+    params = model.init(jax.random.key(6), pixels)["params"]
+    adapters_vit = init_adapters(jax.random.key(1), params, AdapterConfig(rank=2, target=DEFAULT_TARGET,
+                                                                          init="weight_svd"))
+    np.testing.assert_allclose(model.apply({"params": params, "lora": adapters_vit}, pixels),
+                               model.apply({"params": params}, pixels), atol=1e-5)
+    for got, want in zip(jax.tree.leaves(init_adapters(jax.random.key(1), stack_layers(params),
+                                                       AdapterConfig(rank=2, target=DEFAULT_TARGET, init="weight_svd"))),
+                         jax.tree.leaves(stack_layers(adapters_vit))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
