@@ -27,8 +27,8 @@ from flax import traverse_util
 
 from celora_jax import _checks
 # The layer-layout helpers live in their own module; they are part of this one's API too.
-from celora_jax.layer_layout import STACKED, layer_axes, stack_layers, unrolled_path, unstack_layers
-from celora_jax.sketch import fix_svd_signs
+from celora_jax.layer_layout import STACKED, kernel_keys, layer_axes, stack_layers, unstack_layers
+from celora_jax.svd_basis import weight_svd_factors
 
 __all__ = [  # what `from celora_jax.adapters import *` and the API docs show
     "TRI", "LORA", "STACKED", "DEFAULT_TARGET", "AdapterConfig", "AdapterConfigError", "path_string",
@@ -243,20 +243,6 @@ def init_adapters(key: Array, params: Params, config: AdapterConfig) -> dict:
     return traverse_util.unflatten_dict(flat_adapters)
 
 
-def kernel_keys(key: Array, shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> dict:
-    """One PRNG key per layer's kernel: ``{path: key}``, or ``{path: [L] keys}`` for a stacked
-    kernel ``[L, d_in, d_out]``. Keys follow the sorted order of the per-layer (unrolled)
-    paths, so a model under ``nn.scan`` draws for each layer exactly what the unrolled model
-    draws (its adapters start as ``stack_layers`` of the unrolled ones)."""
-    per_layer = {(path, index): unrolled_path(path, index)
-                 for path, shape in shapes.items() for index in range(shape[0] if layer_axes(path) else 1)}
-    order = {unrolled: position for position, unrolled in enumerate(sorted(per_layer.values()))}
-    keys = jax.random.split(key, len(order))
-    return {path: (keys[jnp.asarray([order[per_layer[path, i]] for i in range(shape[0])])] if layer_axes(path)
-                   else keys[order[per_layer[path, 0]]])
-            for path, shape in shapes.items()}
-
-
 def init_factors(key: Array, d_in: int, d_out: int, config: AdapterConfig, kernel: Array | None = None) -> dict:
     """The initial factors of one adapted ``[d_in, d_out]`` kernel (see ``init_adapters``);
     ``kernel``, the pretrained weight, is needed by ``init="weight_svd"`` only."""
@@ -280,31 +266,6 @@ def init_factors(key: Array, d_in: int, d_out: int, config: AdapterConfig, kerne
     if config.kind == TRI:
         factors["C"] = jnp.eye(r, dtype=jnp.float32)
     return factors
-
-
-def weight_svd_factors(kernel: Array, rank: int) -> dict:
-    """LoRA-XS's frozen basis of one ``[d_in, d_out]`` kernel W = U S Vᵀ: ``A = U_r S_r``,
-    ``B = V_rᵀ`` and ``C = 0``, so that ``A · C · B`` spans W's top-r singular directions.
-
-    As in the authors' code (MohammadrezaBanaei/LoRA-XS, ``svd_utils``) the singular values
-    go to the input side. We start C at 0 where they draw it from N(0, 1e-5²): the update
-    starts at exactly zero, and C's gradient ``Aᵀ Xᵀ G Bᵀ`` is not zero. Each singular pair's
-    sign is fixed (the largest entry of each column of U positive, as scikit-learn's
-    ``svd_flip``), so that machines whose SVD routines pick other signs build the same basis.
-
-    Examples:
-      >>> import jax.numpy as jnp
-      >>> from celora_jax.adapters import weight_svd_factors
-      >>> kernel = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
-      >>> factors = weight_svd_factors(kernel, rank=2)
-      >>> factors["A"] @ factors["B"]  # the best rank-2 approximation of the kernel
-      Array([[3., 0., 0.],
-             [0., 2., 0.],
-             [0., 0., 0.]], dtype=float32)
-    """
-    u, s, vt = jnp.linalg.svd(jnp.asarray(kernel, jnp.float32), full_matrices=False)
-    u, vt = fix_svd_signs(u[:, :rank], vt[:rank])
-    return {"A": u * s[None, :rank], "C": jnp.zeros((rank, rank), jnp.float32), "B": vt}
 
 
 def adapter_delta(adapter: Mapping[str, Array]) -> Array:

@@ -87,11 +87,11 @@ def _flower_app(args) -> int:
     from celora_jax.presets import get_preset
 
     from celora_jax.federated.nodes import unsupported_reason
-    from celora_jax.federated.setup import resolve_method
+    from celora_jax.federated.setup import adapter_config_for, resolve_method
 
     config = apply_overrides(get_preset(args.preset), args.overrides)  # refuses a bad preset or override now
     method = resolve_method(config)
-    reason = unsupported_reason(method, config.adapter.init or method.default_init)
+    reason = unsupported_reason(method, adapter_config_for(config, method).init)
     if reason:
         raise ValueError(f"method {config.federation.method!r} cannot run on Flower nodes: it {reason}")
     if args.round_timeout <= 0:

@@ -8,7 +8,7 @@ import re
 import typing
 
 from celora_jax._checks import ConfigError, check_fields
-from celora_jax.adapters import SHARED_BASIS_INITS, AdapterConfig
+from celora_jax.adapters import GRADIENT_SVD, SHARED_BASIS_INITS, AdapterConfig
 from celora_jax.aggregation import AggregationConfig
 from celora_jax.data.partition import PartitionConfig
 from celora_jax.data.text import TextDataConfig
@@ -380,7 +380,7 @@ class RunConfig:
             raise ConfigError(f"adapter.init={init!r} freezes a shared basis A, B around trained cores C, which "
                              f"needs tri-matrix adapters; federation.method={method.name!r} uses "
                              f"{method.adapter_kind!r} adapters (two-factor LoRA)")
-        if init == "gradient_svd" and self.dp.enabled:
+        if init == GRADIENT_SVD and self.dp.enabled:
             raise ConfigError("adapter.init='gradient_svd' uploads every client's gradient sketch in round 0 without "
                              "DP noise, which the DP accounting does not cover; use adapter.init='weight_svd' with DP")
         if method.needs_frozen_basis and not (init in SHARED_BASIS_INITS or self.adapter.core_only):

@@ -97,3 +97,17 @@ def unstack_layers(tree: Params, axis: int = 0) -> dict:
             out[f"layer_{index}"] = unstack_layers(
                 jax.tree.map(lambda leaf: jnp.take(leaf, index, axis=axis), value), axis)
     return out
+
+
+def kernel_keys(key: jax.Array, shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> dict:
+    """One PRNG key per layer's kernel: ``{path: key}``, or ``{path: [L] keys}`` for a stacked
+    kernel ``[L, d_in, d_out]``. Keys follow the sorted order of the per-layer (unrolled)
+    paths, so a model under ``nn.scan`` draws for each layer exactly what the unrolled model
+    draws (its adapters start as ``stack_layers`` of the unrolled ones)."""
+    per_layer = {(path, index): unrolled_path(path, index)
+                 for path, shape in shapes.items() for index in range(shape[0] if layer_axes(path) else 1)}
+    order = {unrolled: position for position, unrolled in enumerate(sorted(per_layer.values()))}
+    keys = jax.random.split(key, len(order))
+    return {path: (keys[jnp.asarray([order[per_layer[path, i]] for i in range(shape[0])])] if layer_axes(path)
+                   else keys[order[per_layer[path, 0]]])
+            for path, shape in shapes.items()}

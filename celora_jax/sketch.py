@@ -26,6 +26,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from celora_jax.svd_basis import fix_svd_signs
+
 Array = jax.Array
 
 
@@ -46,7 +48,7 @@ def draw_sketch_matrices(key: Array, d_in: int, d_out: int, rank: int, oversampl
     l = min(2 * k + 1, d_in)
     key_omega, key_psi = jax.random.split(key)
     return SketchMatrices(jax.random.normal(key_omega, (d_out, k), jnp.float32),
-                        jax.random.normal(key_psi, (l, d_in), jnp.float32))
+                          jax.random.normal(key_psi, (l, d_in), jnp.float32))
 
 
 def sketch(matrix: Array, tests: SketchMatrices) -> dict:
@@ -63,7 +65,7 @@ def sketch_size(d_in: int, d_out: int, tests: SketchMatrices) -> int:
 def top_singular(summed: dict, tests: SketchMatrices, rank: int) -> tuple[Array, Array, Array]:
     """``(U_r [d_in, r], S_r [r], V_rᵀ [r, d_out])`` of the matrix whose sketches were summed.
 
-    Signs are fixed as in ``adapters.weight_svd_factors`` (the largest entry of each column
+    Signs are fixed as in ``svd_basis.weight_svd_factors`` (the largest entry of each column
     of U positive), so every client that receives the same sums builds the same bases.
     """
     q, _ = jnp.linalg.qr(summed["range"])                                # [d_in, k]
@@ -73,13 +75,4 @@ def top_singular(summed: dict, tests: SketchMatrices, rank: int) -> tuple[Array,
     return u, s[:rank], vt
 
 
-def fix_svd_signs(u: Array, vt: Array) -> tuple[Array, Array]:
-    """``(U, Vᵀ)`` with each singular pair's sign chosen so that the largest entry of each
-    column of U is positive (scikit-learn's ``svd_flip``): SVD routines pick signs freely, and
-    clients on different machines must build the same basis."""
-    largest = jnp.take_along_axis(u, jnp.argmax(jnp.abs(u), axis=0)[None, :], axis=0)[0]
-    signs = jnp.where(largest < 0, -1.0, 1.0).astype(u.dtype)
-    return u * signs[None, :], vt * signs[:, None]
-
-
-__all__ = ["SketchMatrices", "draw_sketch_matrices", "sketch", "sketch_size", "top_singular", "fix_svd_signs"]
+__all__ = ["SketchMatrices", "draw_sketch_matrices", "sketch", "sketch_size", "top_singular"]

@@ -35,24 +35,23 @@ from celora_jax.config import RunConfig
 from celora_jax.data import packing
 from celora_jax.federated import client as client_lib
 from celora_jax.federated.tasks import Task
-from celora_jax.layer_layout import layer_axes
+from celora_jax.layer_layout import kernel_keys, layer_axes
 
 BYTES_PER_NUMBER = 4  # float32 sketches and bases
 
 
-def target_kernels(task: Task) -> dict:
-    """``{kernel path: kernel}`` of the adapted kernels in the full parameters."""
-    full = client_lib.full_params(task.base_params, task.client_params)
-    flat = traverse_util.flatten_dict(full)
-    return {path: flat[path] for path in adapters_lib.target_kernel_paths(full, task.adapter_config.target)}
+def target_kernels(full_params: dict, target: str) -> dict:
+    """``{kernel path: kernel}`` of the adapted kernels (regex ``target``) in the full parameters."""
+    flat = traverse_util.flatten_dict(full_params)
+    return {path: flat[path] for path in adapters_lib.target_kernel_paths(full_params, target)}
 
 
 def draw_matrices(key: jax.Array, kernels: dict, rank: int, oversample: int) -> dict:
     """The shared test matrices of every kernel (per layer slice for stacked kernels), from
-    one key every client knows, split as ``adapters.kernel_keys`` splits it: a model under
+    one key every client knows, split as ``layer_layout.kernel_keys`` splits it: a model under
     ``nn.scan`` sketches its layers with exactly the matrices the unrolled model uses, and so
     gets the same basis."""
-    keys = adapters_lib.kernel_keys(key, {path: kernel.shape for path, kernel in kernels.items()})
+    keys = kernel_keys(key, {path: kernel.shape for path, kernel in kernels.items()})
     matrices = {}
     for path, kernel in kernels.items():
         d_in, d_out = kernel.shape[-2:]
@@ -67,7 +66,7 @@ def _per_layer(function, path):
 
 
 def make_client_sketch(task: Task, paths: list):
-    """``client_sketch(full_params, lora, trained, matrices, batches [S, B, ...])``: one
+    """``client_sketch(full_params, lora, matrices, batches [S, B, ...])``: one
     client's sketches of its task gradient summed over its batches, per kernel (jitted;
     the weights and test matrices are arguments, never constants of the program)."""
 
@@ -124,12 +123,12 @@ def with_gradient_basis(task: Task, config: RunConfig) -> Task:
     if jax.process_count() > 1:
         raise ValueError("adapter.init='gradient_svd' sums the clients' sketches within one process; "
                          "across processes it is not supported yet (use weight_svd)")
-    kernels = target_kernels(task)
+    full = client_lib.full_params(task.base_params, task.client_params)
+    kernels = target_kernels(full, adapter.target)
     paths = sorted(kernels)
     matrices = draw_matrices(jax.random.fold_in(jax.random.key(config.seed), 3), kernels, adapter.rank,
                              adapter.sketch_oversample)
     client_sketch = make_client_sketch(task, paths)
-    full = client_lib.full_params(task.base_params, task.client_params)
     batches = packing.round_batches(task.train, adapter.sketch_batches, config.federation.batch_size,
                                     config.seed, 0)
     summed = None
