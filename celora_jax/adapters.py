@@ -93,6 +93,10 @@ class AdapterConfig:
       sketch_batches: batches of each client's training data whose summed gradient
         "gradient_svd" sketches (LoRA-SB estimates the first update from a few batches).
       sketch_oversample: extra columns of the sketch beyond the rank (its accuracy).
+      client_ranks: heterogeneous ranks in a frozen basis, e.g. "8,16,32": client i uses
+        the i-th rank (cycled over the clients), r_i <= rank, training and sending only the
+        top-left r_i x r_i block of each core (``celora_jax.federated.client_ranks``).
+        None: every client at ``rank``.
 
     Examples:
       >>> from celora_jax import AdapterConfig
@@ -114,6 +118,12 @@ class AdapterConfig:
     init: str | None = None
     sketch_batches: int = 4
     sketch_oversample: int = 8
+    client_ranks: str | None = None
+
+    @property
+    def client_rank_cycle(self) -> tuple[int, ...] | None:
+        """``client_ranks`` as integers (validated), or None."""
+        return None if self.client_ranks is None else tuple(int(r) for r in re.findall(r"\d+", self.client_ranks))
 
     def __post_init__(self):
         _checks.check_fields(self, "adapter")
@@ -131,6 +141,14 @@ class AdapterConfig:
         if self.init in SHARED_BASIS_INITS and self.core_only:
             raise AdapterConfigError(f"adapter core_only is the random-basis ablation; init {self.init!r} "
                                      "already trains only the cores, in its own basis: choose one")
+        if self.client_ranks is not None:
+            # "8,16" (or "(8, 16)": what --set makes of an unquoted 8,16).
+            if not re.fullmatch(r"[(\[]?\s*\d+\s*(,\s*\d+\s*)*,?\s*[)\]]?", self.client_ranks):
+                raise AdapterConfigError(f"adapter client_ranks must be comma-separated ranks such as '8,16,32', "
+                                         f"got {self.client_ranks!r}")
+            if not all(1 <= r <= self.rank for r in self.client_rank_cycle):
+                raise AdapterConfigError(f"adapter client_ranks must lie in 1..rank={self.rank} (a client trains "
+                                         f"the top-left r_i x r_i block of the r x r core), got {self.client_ranks!r}")
         if self.alpha is not None and not self.alpha > 0:
             raise AdapterConfigError(f"adapter alpha must be > 0 or None (alpha = rank), got {self.alpha!r}")
         if not self.a_init_std > 0:

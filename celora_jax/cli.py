@@ -91,7 +91,7 @@ def _flower_app(args) -> int:
 
     config = apply_overrides(get_preset(args.preset), args.overrides)  # refuses a bad preset or override now
     method = resolve_method(config)
-    reason = unsupported_reason(method, adapter_config_for(config, method).init)
+    reason = unsupported_reason(method, adapter_config_for(config, method))
     if reason:
         raise ValueError(f"method {config.federation.method!r} cannot run on Flower nodes: it {reason}")
     if args.round_timeout <= 0:

@@ -383,6 +383,10 @@ class RunConfig:
         if init == GRADIENT_SVD and self.dp.enabled:
             raise ConfigError("adapter.init='gradient_svd' uploads every client's gradient sketch in round 0 without "
                              "DP noise, which the DP accounting does not cover; use adapter.init='weight_svd' with DP")
+        if self.adapter.client_ranks is not None and init not in SHARED_BASIS_INITS:
+            raise ConfigError(f"adapter.client_ranks gives clients the top-left blocks of cores in one frozen shared "
+                             f"basis: adapter.init must be one of {', '.join(SHARED_BASIS_INITS)}, got {init!r} "
+                             f"under federation.method={method.name!r} (where each client's own A and B train)")
         if method.needs_frozen_basis and not (init in SHARED_BASIS_INITS or self.adapter.core_only):
             raise ConfigError(f"federation.method={method.name!r} trains only the cores in a frozen shared basis: "
                              f"adapter.init must be one of {', '.join(SHARED_BASIS_INITS)} (or leave it unset), "

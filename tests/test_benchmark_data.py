@@ -1,6 +1,8 @@
 """The benchmark data: shipped multi-class corpora, clustered and natural partitions, the
 cluster oracle, the core remedies and the compilation cache."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,7 +91,7 @@ def test_client_examples_carry_each_clients_labels():
     split = partition(labels, config)
     needed = base.needed_examples(split, (0, 4))
     encoded = {"input_ids": np.arange(len(needed))[:, None].astype(np.int32)}  # row r holds dataset row needed[r]
-    train, test, global_test = base.client_examples(encoded, labels, needed, split, (0, 4))
+    train, _, test, global_test = base.client_examples(encoded, labels, needed, split, (0, 4))
     for i in range(4):
         rows = needed[train["input_ids"][i, :, 0]]
         np.testing.assert_array_equal(train["labels"][i], split.label_maps[i][labels[rows]])
@@ -107,8 +109,8 @@ def test_pooled_training_gives_every_client_all_examples_as_their_owners_label_t
     split = partition(labels, config)
     needed = base.needed_examples(split, (0, 4))
     encoded = {"input_ids": np.arange(len(needed))[:, None].astype(np.int32)}
-    own_train, own_test, _ = base.client_examples(encoded, labels, needed, split, (0, 4))
-    train, test, _ = base.client_examples(encoded, labels, needed, split, (0, 4), pooled_training=True)
+    own_train, _, own_test, _ = base.client_examples(encoded, labels, needed, split, (0, 4))
+    train, _, test, _ = base.client_examples(encoded, labels, needed, split, (0, 4), pooled_training=True)
     assert train["labels"].shape == (4, 80) and train["example_mask"].shape == (4, 80)
     for name in own_train:
         for i in range(4):  # client i holds client j's rows at [20 j, 20 (j + 1)), as j saw them
@@ -119,6 +121,41 @@ def test_pooled_training_gives_every_client_all_examples_as_their_owners_label_t
         np.testing.assert_array_equal(test[name], own_test[name])
     with pytest.raises(DataError, match="one process must hold every client"):
         base.client_examples(encoded, labels, needed, split, (0, 2), pooled_training=True)
+
+
+def test_validation_split_is_the_tail_of_each_clients_training_examples_as_it_labels_them():
+    """The examples drawn do not depend on the fraction; the held-out tail keeps the
+    client's class names; the pooled (centralized) data pools only what clients train on."""
+    labels = _labels(600)
+    config = PartitionConfig(scheme="clustered_labels", num_clients=4, num_clusters=2, train_examples=20,
+                             test_examples=10, global_test_examples=0, validation_fraction=0.25)
+    assert config.validation_examples == 5
+    split = partition(labels, config)
+    np.testing.assert_array_equal(split.train, partition(labels, dataclasses.replace(
+        config, validation_fraction=0.0)).train)
+    needed = base.needed_examples(split, (0, 4))
+    encoded = {"input_ids": np.arange(len(needed))[:, None].astype(np.int32)}
+    whole, none_held, test, _ = base.client_examples(encoded, labels, needed, split, (0, 4))
+    assert none_held["labels"].shape == (4, 0)
+    train, validation, test_again, _ = base.client_examples(encoded, labels, needed, split, (0, 4),
+                                                            validation_examples=5)
+    for name in whole:
+        np.testing.assert_array_equal(train[name], whole[name][:, :15])
+        np.testing.assert_array_equal(validation[name], whole[name][:, 15:])
+        np.testing.assert_array_equal(test_again[name], test[name])
+    rows = needed[validation["input_ids"][3, :, 0]]
+    np.testing.assert_array_equal(validation["labels"][3], split.label_maps[3][labels[rows]])
+    pooled, pooled_validation, _, _ = base.client_examples(encoded, labels, needed, split, (0, 4),
+                                                           pooled_training=True, validation_examples=5)
+    assert pooled["labels"].shape == (4, 60)
+    np.testing.assert_array_equal(pooled_validation["labels"], validation["labels"])
+
+
+@pytest.mark.parametrize("fraction, train_examples, message", [
+    (-0.1, 20, r"in \[0, 1\)"), (1.0, 20, r"in \[0, 1\)"), (0.9, 4, "leaving none to train on")])
+def test_bad_validation_fractions_are_refused(fraction, train_examples, message):
+    with pytest.raises(DataError, match=message):
+        PartitionConfig(train_examples=train_examples, validation_fraction=fraction)
 
 
 def test_clustered_domains_and_natural_record_their_groups():

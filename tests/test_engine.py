@@ -324,3 +324,39 @@ def test_bfloat16_compute_keeps_float32_adapters_and_tracks_float32(tiny_model_d
     # The adapters moved by the same updates: within bf16 rounding of the float32 run's.
     for a, b in zip(jax.tree.leaves(full.client_params), jax.tree.leaves(mixed.client_params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-2, rtol=2e-2)
+
+
+def test_validation_split_is_scored_like_the_test_split_and_trained_on_by_no_one():
+    """With the test split as validation, the validation record equals the test record
+    exactly (the same clients, parameters and code); the clients train on the rest only."""
+    from toy import toy_config, toy_setup
+
+    config = apply_overrides(toy_config("celora", rounds=2), ["partition.validation_fraction=0.25"])
+    setup = toy_setup(config)
+    assert setup.task.train["labels"].shape[1] == 6 and setup.task.validation["labels"].shape[1] == 2
+    np.testing.assert_array_equal(setup.sizes, 6.0)
+    as_test = dataclasses.replace(setup, task=dataclasses.replace(setup.task, validation=setup.task.test))
+    records = [output.record for output in loop.iterate_rounds(as_test)]
+    for record in records:
+        assert record["validation_accuracy_mean"] == record["test_accuracy_mean"]
+        assert record["validation_accuracy_std"] == record["test_accuracy_std"]
+        assert record["validation_loss"] == record["test_loss"]
+    plain = [output.record for output in loop.iterate_rounds(setup)]
+    assert all("validation_accuracy_mean" in r for r in plain)
+    assert plain[-1]["validation_accuracy_mean"] != records[-1]["validation_accuracy_mean"]
+
+
+def test_runs_without_a_validation_split_record_none(plain_run):
+    result, _ = plain_run("celora")
+    assert not any("validation_accuracy_mean" in r for r in result.history)
+    assert result.summary["validation_accuracy_mean"] is None
+
+
+def test_a_run_with_a_validation_split_records_it_per_evaluated_round(tiny_model_dir, tmp_path):
+    config = apply_overrides(tiny_config(tiny_model_dir, "fedavg_lora"), ["partition.validation_fraction=0.25"])
+    result = engine.run(config, output_dir=tmp_path)
+    for record in result.history:
+        assert 0 <= record["validation_accuracy_mean"] <= 1 and record["validation_loss"] > 0
+    assert result.summary["validation_accuracy_mean"] == result.history[-1]["validation_accuracy_mean"]
+    written = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["validation_accuracy_mean"] for r in written] == [r["validation_accuracy_mean"] for r in result.history]

@@ -64,11 +64,13 @@ def toy_task(config: RunConfig, adapter_config: adapters.AdapterConfig, seed: in
         return features.astype(jnp.float32)
 
     train = _examples(rng, n, part.train_examples, rules)
+    fit = part.train_examples - part.validation_examples  # the held-out tail, as tasks.base does
+    train, validation = {k: v[:, :fit] for k, v in train.items()}, {k: v[:, fit:] for k, v in train.items()}
     test = _examples(rng, n, part.test_examples, rules)
     global_test = {k: v[0] for k, v in _examples(rng, 1, part.global_test_examples, rules[:1]).items()}
     return Task(logits_fn, embed_fn, ("features",), {"dense": params["dense"]},
                 {"lora": lora, "params": {"head": params["head"]}}, adapter_config, train, test, global_test,
-                CLASSES, (0, n), "toy", clusters=np.arange(n) % 2)
+                CLASSES, (0, n), "toy", clusters=np.arange(n) % 2, validation=validation)
 
 
 def toy_setup(config: RunConfig) -> Setup:

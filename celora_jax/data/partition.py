@@ -60,6 +60,11 @@ class PartitionConfig:
         while it is still tested on its own test split: the data of the ``centralized``
         reference (one shared model trained on the pooled data). One process holding
         every client only.
+      validation_fraction: the share of each client's train_examples held out as its
+        validation split (``validation_examples`` of them, at least one when > 0), on which
+        hyperparameters are chosen so that the test split never is; the client trains on
+        the rest. 0 (the default) holds out nothing. The examples drawn do not depend on
+        it: the validation split is the tail of the client's shuffled training examples.
     """
 
     scheme: str = "dirichlet"
@@ -72,6 +77,15 @@ class PartitionConfig:
     global_test_examples: int = 256
     seed: int = 0
     pooled_training: bool = False
+    validation_fraction: float = 0.0
+
+    @property
+    def validation_examples(self) -> int:
+        """Validation examples per client: ``validation_fraction`` of ``train_examples``,
+        rounded, at least one when the fraction is > 0."""
+        if self.validation_fraction == 0:
+            return 0
+        return max(1, int(round(self.validation_fraction * self.train_examples)))
 
     def __post_init__(self):
         check_fields(self, "partition")
@@ -86,6 +100,12 @@ class PartitionConfig:
         if self.train_examples < 1 or self.test_examples < 1:
             raise DataError("every client needs at least one train and one test example "
                             f"(got train_examples={self.train_examples}, test_examples={self.test_examples})")
+        if not 0 <= self.validation_fraction < 1:
+            raise DataError(f"partition.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.validation_examples >= self.train_examples:
+            raise DataError(f"partition.validation_fraction={self.validation_fraction} holds out "
+                            f"{self.validation_examples} of the {self.train_examples} training examples per client, "
+                            "leaving none to train on; lower it or raise partition.train_examples")
         if self.labels_per_client < 1:
             raise DataError(f"labels_per_client must be at least 1, got {self.labels_per_client}")
         if self.global_test_examples < 0:

@@ -24,6 +24,7 @@ import numpy as np
 from celora_jax import checkpoint, compile_cache, sharding
 from celora_jax import roles as roles_lib
 from celora_jax.config import RunConfig, to_dict
+from celora_jax.federated import client_ranks
 from celora_jax.federated.loop import iterate_rounds
 from celora_jax.federated.methods import cluster_oracle
 from celora_jax.federated.setup import Setup, prepare
@@ -44,9 +45,13 @@ def parameter_counts(setup: Setup) -> dict:
         selected = roles_lib.select(setup.task.client_params, setup.roles, *roles)
         return int(sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(selected)))
 
-    return {"trainable_params_per_client": count(roles_lib.SHARED, roles_lib.PERSONAL),
-            "sent_params_per_client": count(roles_lib.SHARED),
-            "adapter_init": setup.task.adapter_config.init}
+    counts = {"trainable_params_per_client": count(roles_lib.SHARED, roles_lib.PERSONAL),
+              "sent_params_per_client": count(roles_lib.SHARED),
+              "adapter_init": setup.task.adapter_config.init}
+    ranks = client_ranks.ranks_by_client(setup.task.adapter_config, setup.num_clients)
+    if ranks is not None:  # the counts above are a full-rank client's
+        counts["client_ranks"] = ranks.tolist()
+    return counts
 
 
 def summarize(history: list[dict], setup: Setup) -> dict:
@@ -60,6 +65,7 @@ def summarize(history: list[dict], setup: Setup) -> dict:
         "test_accuracy_std": final.get("test_accuracy_std"),
         "global_test_accuracy_mean": final.get("global_test_accuracy_mean"),
         "global_test_accuracy_std": final.get("global_test_accuracy_std"),
+        "validation_accuracy_mean": final.get("validation_accuracy_mean"),
         "mb_per_round": final["bytes_round"] / 1e6,
         "mb_up_per_client_round": final["bytes_up_per_client"] / 1e6,
         "mb_down_per_client_round": final["bytes_down_per_client"] / 1e6,

@@ -22,7 +22,7 @@ from celora_jax import roles as roles_lib
 from celora_jax.data import packing
 from celora_jax.federated import client as client_lib
 from celora_jax.federated import round as round_lib
-from celora_jax.federated import statistics, strategies
+from celora_jax.federated import client_ranks, statistics, strategies
 from celora_jax.federated.methods import ServerInputs
 from celora_jax.federated.setup import Setup
 from celora_jax.privacy import dp as dp_lib
@@ -68,9 +68,22 @@ def warn_if_padding_wasteful(num_clients: int, padded_clients: int) -> bool:
 
 
 def bytes_per_client(setup: Setup) -> tuple[int, int]:
-    """(bytes up, bytes down) of one client in one round under the run's method."""
+    """(bytes up, bytes down) of one full-rank client in one round under the run's method."""
     params, roles = setup.task.client_params, setup.roles
     return setup.method.upload_bytes(params, roles), setup.method.download_bytes(params, roles)
+
+
+def bytes_by_client(setup: Setup) -> tuple[np.ndarray, np.ndarray]:
+    """``([N], [N])`` bytes up and down of every client in one round: less than
+    ``bytes_per_client`` for clients of a lower rank (``adapter.client_ranks``)."""
+    up, down = bytes_per_client(setup)
+    n = setup.num_clients
+    up_all, down_all = np.full(n, up, np.int64), np.full(n, down, np.int64)
+    ranks = client_ranks.ranks_by_client(setup.task.adapter_config, n)
+    if ranks is None:
+        return up_all, down_all
+    unsent = client_ranks.unsent_core_bytes(setup.task.client_params, setup.roles, ranks)
+    return up_all - (unsent if up else 0), down_all - (unsent if down else 0)
 
 
 def stack_clients(tree, count: int):
@@ -99,6 +112,12 @@ def initial_client_state(setup: Setup, n_pad: int) -> dict:
                "opt_state": stack_clients(state["opt_state"], n_pad)}
     if setup.method.finetune_steps:  # its own arrays: the state is donated leaf by leaf
         stacked["tuned"] = stack_clients(task.client_params, n_pad)
+    ranks = client_ranks.ranks_by_client(task.adapter_config, setup.num_clients)
+    if ranks is not None:  # padding slots keep the full rank; they never report
+        ranks = np.concatenate([ranks, np.full(n_pad - len(ranks), task.adapter_config.rank, np.int32)])
+        for name in ("params", "tuned"):
+            if name in stacked:
+                stacked[name] = {**stacked[name], "lora": client_ranks.restrict_to_ranks(stacked[name]["lora"], ranks)}
     return stacked
 
 
@@ -112,15 +131,16 @@ def _scalars(record: dict) -> dict:
 
 
 def _evaluation(evaluate, base, client_params, examples, n: int, prefix: str) -> dict:
-    """``{prefix}_accuracy_mean`` and ``_std`` over the real clients (with their per-client
-    accuracies and mean loss on their own test splits)."""
+    """``{prefix}_accuracy_mean`` and ``_std`` over the real clients (on their own test or
+    validation splits also the mean loss, and on the test splits each client's accuracy)."""
     scores = sharding.to_host(evaluate(base, client_params, examples))
     count = np.maximum(scores["count"][:n], 1)
     accuracy = scores["correct"][:n] / count
     record = {f"{prefix}_accuracy_mean": float(accuracy.mean()), f"{prefix}_accuracy_std": float(accuracy.std())}
+    if prefix in ("test", "validation"):
+        record[f"{prefix}_loss"] = float((scores["loss"][:n] / count).mean())
     if prefix == "test":
-        record.update(test_loss=float((scores["loss"][:n] / count).mean()),
-                      client_test_accuracy=[float(a) for a in accuracy])
+        record["client_test_accuracy"] = [float(a) for a in accuracy]
     return record
 
 
@@ -143,7 +163,11 @@ def _round_record(setup: Setup, round_index: int, metrics: dict, mask: np.ndarra
     (``bytes_before``: the cumulative bytes of the rounds before it)."""
     n = setup.num_clients
     participants = int(mask[:n].sum())
-    up, down = bytes_each_way
+    up_by_client, down_by_client = bytes_each_way
+    sent = int((up_by_client + down_by_client)[mask[:n]].sum())
+    # Per reporting client (all clients alike unless their ranks differ).
+    up, down = (round(float(v[mask[:n]].mean())) if participants and v.min() != v.max() else int(v.max())
+                for v in (up_by_client, down_by_client))
     return {
         "round": round_index + 1,
         "method": setup.method.name,
@@ -154,8 +178,8 @@ def _round_record(setup: Setup, round_index: int, metrics: dict, mask: np.ndarra
         "reporting_clients": [int(i) for i in np.flatnonzero(mask[:n])],
         "bytes_up_per_client": up,
         "bytes_down_per_client": down,
-        "bytes_round": (up + down) * participants,
-        "bytes_cumulative": bytes_before + (up + down) * participants,
+        "bytes_round": sent,
+        "bytes_cumulative": bytes_before + sent,
     }
 
 
@@ -283,9 +307,11 @@ def iterate_rounds(setup: Setup, checkpoint_dir: str | pathlib.Path | None = Non
     initial_logs = strategy.initial_logs(server_state)
     test = sharding.put_clients(packing.pad_clients(task.test, n_pad), mesh)
     global_test = sharding.put_replicated(task.global_test, mesh)
+    validation = sharding.put_clients(packing.pad_clients(task.validation, n_pad), mesh) if task.has_validation \
+        else None
     padded_train = packing.pad_clients(task.train, n_pad)
     sizes = sharding.put_clients(sizes_np, mesh)
-    bytes_up, bytes_down = bytes_per_client(setup)
+    bytes_up, bytes_down = bytes_by_client(setup)
     noise_multiplier = dp_lib.resolve_noise_multiplier(config.dp, fed.rounds)
     root_key = jax.random.fold_in(jax.random.key(config.seed), 1)
     cumulative_bytes, start, saved_history = 0, 0, []
@@ -317,6 +343,8 @@ def iterate_rounds(setup: Setup, checkpoint_dir: str | pathlib.Path | None = Non
             if last or (round_index + 1) % fed.eval_every == 0:
                 eval_base = base if fold is None else fold(base, server_state)
                 record.update(_evaluation(evaluate_own, eval_base, evaluated, test, n, "test"))
+                if validation is not None:  # what hyperparameters are chosen on (never the test split)
+                    record.update(_evaluation(evaluate_own, eval_base, evaluated, validation, n, "validation"))
                 if last and len(task.global_test["labels"]):
                     record.update(_evaluation(evaluate_common, eval_base, evaluated, global_test, n, "global_test"))
             _add_logs(record, logs, n, mask_np[:n], fed.outlier_factor)

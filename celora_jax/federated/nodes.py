@@ -46,13 +46,17 @@ from celora_jax.privacy import dp as dp_lib
 PyTree = Any
 
 
-def unsupported_reason(method, adapter_init: str | None = None) -> str | None:
-    """Why ``method`` (with adapters initialized by ``adapter_init``) cannot run on separate
-    nodes, or None: a reference that reads what a simulation alone knows (the partition's
-    true clusters) cannot, nor can a basis that needs the round-0 gradient sketches."""
+def unsupported_reason(method, adapter_config=None) -> str | None:
+    """Why ``method`` (with adapters as ``adapter_config`` attaches them) cannot run on
+    separate nodes, or None: a reference that reads what a simulation alone knows (the
+    partition's true clusters) cannot, nor can a basis that needs the round-0 gradient
+    sketches, nor clients of different ranks (their bytes and blocks are the simulation's)."""
     if method.name == "cluster_oracle":
         return "reads the partition's true clusters, which only a simulation knows (a reference, not a method)"
-    if adapter_init == GRADIENT_SVD:
+    if adapter_config is not None and adapter_config.client_ranks is not None:
+        return ("gives clients cores of different ranks (adapter.client_ranks), which the nodes do not apply yet; "
+                "leave adapter.client_ranks unset")
+    if adapter_config is not None and adapter_config.init == GRADIENT_SVD:
         return ("builds its basis (adapter.init='gradient_svd') from a round-0 exchange of every client's "
                 "gradient sketch, which the nodes do not run yet; adapter.init='weight_svd' needs no exchange")
     return None
@@ -107,7 +111,7 @@ class ClientNode:
     """
 
     def __init__(self, setup: Setup, client: int, programs: NodePrograms | None = None):
-        reason = unsupported_reason(setup.method, setup.task.adapter_config.init)
+        reason = unsupported_reason(setup.method, setup.task.adapter_config)
         if reason:
             raise ValueError(f"method {setup.method.name!r} cannot run on separate nodes: it {reason}")
         if not 0 <= client < setup.num_clients:

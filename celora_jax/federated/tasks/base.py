@@ -35,6 +35,8 @@ class Task:
       client_params: one client's initial ``{"lora": adapters, "params": trained base}``.
       adapter_config: the adapters as attached (the decoder's default targets filled in).
       train, test: ``[N, n, ...]`` per entry; rows of clients other processes hold are zeros.
+      validation: ``[N, n_val, ...]``, each client's held-out training examples
+        (``partition.validation_fraction``; ``n_val`` = 0 when none are held out).
       global_test: ``[n_global, ...]``, a common test set every client is also scored on.
       num_classes: labels of the task.
       local_clients: clients ``[start, stop)`` whose examples this process loaded.
@@ -59,6 +61,11 @@ class Task:
     base_model: str
     clusters: np.ndarray | None = None
     preparation: dict = dataclasses.field(default_factory=dict)
+    validation: dict | None = None
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation is not None and self.validation["example_mask"].shape[1] > 0
 
     @property
     def num_clients(self) -> int:
@@ -123,12 +130,15 @@ def needed_examples(split, clients: tuple[int, int]) -> np.ndarray:
 
 
 def client_examples(encoded: dict, all_labels: np.ndarray, needed: np.ndarray, split,
-                    clients: tuple[int, int], pooled_training: bool = False) -> tuple[dict, dict, dict]:
-    """Client-stacked train ``[N, n_train, ...]``, test ``[N, n_test, ...]`` and global test
-    arrays from the examples ``encoded`` for the dataset rows ``needed``. Rows of clients
-    outside ``clients`` (held by other processes) are zeros, with example_mask kept.
-    ``pooled_training``: every client's train rows are all clients' train rows
-    ``[N, N·n_train, ...]`` (``pool_clients``)."""
+                    clients: tuple[int, int], pooled_training: bool = False,
+                    validation_examples: int = 0) -> tuple[dict, dict, dict, dict]:
+    """Client-stacked train ``[N, n_train - n_val, ...]``, validation ``[N, n_val, ...]``,
+    test ``[N, n_test, ...]`` and global test arrays from the examples ``encoded`` for the
+    dataset rows ``needed``. Rows of clients outside ``clients`` (held by other processes)
+    are zeros, with example_mask kept. The validation split is the last
+    ``validation_examples`` of each client's (shuffled) training examples, as the client
+    labels and sees them. ``pooled_training``: every client's train rows are all clients'
+    train rows ``[N, N·n_train, ...]`` (``pool_clients``), its validation rows its own."""
     position = np.full(len(all_labels), -1, np.int64)
     position[needed] = np.arange(len(needed))
     labels = all_labels[needed]
@@ -150,6 +160,8 @@ def client_examples(encoded: dict, all_labels: np.ndarray, needed: np.ndarray, s
     if split.quarter_turns is not None:  # each client's own view of the images (clustered_rotations)
         for examples in (train, test):
             examples["images"] = rotate_clients(examples["images"], split.quarter_turns)
+    fit = train["example_mask"].shape[1] - validation_examples
+    train, validation = {k: v[:, :fit] for k, v in train.items()}, {k: v[:, fit:] for k, v in train.items()}
     if pooled_training:
         if clients != (0, len(split.train)):
             raise DataError("partition.pooled_training gives every client all clients' training examples, "
@@ -157,7 +169,7 @@ def client_examples(encoded: dict, all_labels: np.ndarray, needed: np.ndarray, s
                             f"of {len(split.train)}")
         train = pool_clients(train)
     global_test = packing.gather_examples(encoded, labels, position[split.global_test][None])
-    return train, test, {k: v[0] for k, v in global_test.items()}
+    return train, validation, test, {k: v[0] for k, v in global_test.items()}
 
 
 def pool_clients(examples: dict) -> dict:

@@ -56,8 +56,9 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
         encoded = instructions.encode_instructions(
             tokenizer, texts, dataset.labels[needed], instructions.answers_for(dataset.label_names),
             config.model.max_length, model_config.pad_token_id)
-    train, test, global_test = base.client_examples(encoded, dataset.labels, needed, split, clients,
-                                                    config.partition.pooled_training)
+    train, validation, test, global_test = base.client_examples(
+        encoded, dataset.labels, needed, split, clients, config.partition.pooled_training,
+        config.partition.validation_examples)
 
     model = llama.LlamaForCausalLM(model_config, lora_scale=adapter_config.scale, dtype=base.compute_dtype(config),
                                    scan_layers=config.model.scan_layers)
@@ -78,4 +79,4 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
 
     return base.Task(logits_fn, embed_fn, ("input_ids", "attention_mask"), base_params, client_params,
                      adapter_config, train, test, global_test, dataset.num_classes, clients,
-                     base_model_path(config), clusters=split.clusters)
+                     base_model_path(config), clusters=split.clusters, validation=validation)

@@ -51,8 +51,9 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
         raise loading.ModelLoadError(
             f"the tokenizer of {model_dir} produced token id {largest_id} but the model's vocabulary "
             f"has {model_config.vocab_size} entries: tokenizer and model do not match")
-    train, test, global_test = base.client_examples(encoded, dataset.labels, needed, split, clients,
-                                                    config.partition.pooled_training)
+    train, validation, test, global_test = base.client_examples(
+        encoded, dataset.labels, needed, split, clients, config.partition.pooled_training,
+        config.partition.validation_examples)
 
     key_model, key_adapter = jax.random.split(jax.random.key(config.seed))
     model, params = loading.load_classifier(
@@ -77,4 +78,4 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
 
     return base.Task(logits_fn, embed_fn, ("input_ids", "attention_mask"), base_params, client_params,
                      adapter_config, train, test, global_test, dataset.num_classes, clients, str(model_dir),
-                     clusters=split.clusters)
+                     clusters=split.clusters, validation=validation)

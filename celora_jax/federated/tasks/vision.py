@@ -51,8 +51,9 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
                                   f"{vision_config.patch_size}")
     clients = base.process_clients(config)
     needed = base.needed_examples(split, clients)
-    train, test, global_test = base.client_examples({"images": dataset.images[needed]}, dataset.labels, needed,
-                                                    split, clients, config.partition.pooled_training)
+    train, validation, test, global_test = base.client_examples(
+        {"images": dataset.images[needed]}, dataset.labels, needed, split, clients,
+        config.partition.pooled_training, config.partition.validation_examples)
 
     scan = config.model.scan_layers
     model = vit.ImageClassifier(vision_config, dataset.num_classes, size, lora_scale=adapter_config.scale,
@@ -74,4 +75,4 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
 
     return base.Task(logits_fn, embed_fn, ("images",), base_params, client_params, adapter_config,
                      train, test, global_test, dataset.num_classes, clients, base_model_path(config),
-                     clusters=split.clusters)
+                     clusters=split.clusters, validation=validation)

@@ -46,8 +46,9 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
     if prefix + config.model.max_length > model_config.max_position_embeddings:
         raise ValueError(f"{prefix} image tokens plus model.max_length={config.model.max_length} exceed the "
                          f"decoder's context of {model_config.max_position_embeddings}")
-    train, test, global_test = base.client_examples(encoded, dataset.labels, needed, split, clients,
-                                                    config.partition.pooled_training)
+    train, validation, test, global_test = base.client_examples(
+        encoded, dataset.labels, needed, split, clients, config.partition.pooled_training,
+        config.partition.validation_examples)
 
     model = vlm.VisionLanguageModel(model_config, lora_scale=adapter_config.scale,
                                     dtype=base.compute_dtype(config), scan_layers=config.model.scan_layers)
@@ -77,7 +78,7 @@ def prepare(config: RunConfig, adapter_config: adapters_lib.AdapterConfig, *, pr
 
     return base.Task(logits_fn, embed_fn, ("image_tokens",), base_params, client_params, adapter_config,
                      train, test, global_test, dataset.num_classes, clients, decoder.base_model_path(config),
-                     clusters=split.clusters, preparation=preparation)
+                     clusters=split.clusters, validation=validation, preparation=preparation)
 
 
 def warn_if_projector_frozen(client_params: dict, trainable_base: str) -> bool:

@@ -1,0 +1,491 @@
+"""The benchmark protocol (issue #42): every method at its own validated learning rate,
+trained to a plateau, then measured on 3 seeds; the accuracy-vs-communication frontier.
+
+    python -m experiments.protocol --dry-run                  # what would run, in order
+    python -m experiments.protocol                            # run (resumes), then report
+    python -m experiments.protocol --arms fed_sb_weight_svd_r32 --settings trec_fewshot_iid
+    python -m experiments.protocol --stage report             # tables, frontier plots, summary.json
+    python -m experiments.protocol --smoke                    # CI-sized: every stage in minutes
+
+The rule, the same for every method (an "arm": a method at one rank and adapter init):
+
+1. Each client's training examples are split into train and validation
+   (``partition.validation_fraction`` = 0.2, with ``partition.train_examples`` raised so
+   that a client still trains on as many examples as the preset gives it). The test split
+   is never used to choose anything.
+2. Seed 0 runs at every rate of ``LEARNING_RATES`` (one rate for every parameter the method
+   trains: the core multiplier stays 1); when the best is at an edge of the grid the grid
+   is extended by one step on that side (``EXTENSION``), once. The rate with the best
+   validation accuracy at the last round wins (ties: the lower validation loss).
+3. Methods with their own server settings (CE-LoRA's λ) then run seed 0 at the chosen rate
+   for each value of a small declared grid (``SERVER_GRIDS``), chosen by the same rule.
+4. The chosen configuration runs seeds 1 and 2 (seed 0's run is the tuning run itself).
+5. Rounds: ``ROUNDS`` for every run; the report gives each arm's validation curve and how
+   much it still rose over the last rounds, so an under-trained arm is stated, not hidden.
+
+Runs are written to ``<out>/<setting>/<arm>/<step>/seed<k>/`` and skipped when their
+summary.json exists, so the protocol resumes run by run across sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import shutil
+import sys
+from typing import Iterator
+
+import numpy as np
+
+from celora_jax.config import RunConfig, apply_overrides, to_dict
+from celora_jax.presets import BENCHMARKS, smoke_variant
+
+logger = logging.getLogger(__name__)
+
+RESULTS = pathlib.Path("experiments/results/protocol")
+LEARNING_RATES = (1e-3, 3e-3, 1e-2)
+EXTENSION = {"low": 3e-4, "high": 3e-2}  # one more step of the half-decade ladder, per edge
+VALIDATION_FRACTION = 0.2
+ROUNDS = 20
+# Evaluating the test and validation splits costs about a third of a round's training on
+# the CPU: every other round gives the curve at half the cost (the last round always).
+EVAL_EVERY = 2
+SEEDS = (0, 1, 2)
+SMOKE_RATES = (1e-3, 1e-2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """A method as one point of the frontier: its overrides (rank, init) and the server grid
+    tuned after the learning rate (name -> overrides; empty: nothing to tune)."""
+
+    name: str
+    method: str
+    overrides: tuple[str, ...] = ()
+    server_grid: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+# CE-LoRA's λ: how far each client's weights are pulled to the size prior (METHOD.md §4);
+# under concept shift it decides how much of W falls outside a client's cluster.
+LAMBDA_GRID = tuple((f"lam{lam}", (f"aggregation.lam={lam}",)) for lam in (0.1, 1.0, 10.0))
+SHARED_BASES = ("weight_svd", "gradient_svd")
+SHARED_BASIS_RANKS = (16, 32, 64)
+
+
+def _arms() -> dict[str, Arm]:
+    arms = [Arm("local", "local"),
+            *[Arm(f"fedavg_lora_r{r}", "fedavg_lora", (f"adapter.rank={r}",)) for r in (4, 8, 16)],
+            Arm("fedavg_lora_ft", "fedavg_lora_ft"), Arm("fedprox", "fedprox"), Arm("fedex_lora", "fedex_lora"),
+            Arm("ffa_lora", "ffa_lora"), Arm("fedsa_lora", "fedsa_lora"),
+            Arm("celora", "celora", server_grid=LAMBDA_GRID),  # as specified: random basis, A and B trained
+            Arm("celora_class_conditional", "celora", ("aggregation.data_distance='class_conditional'",),
+                LAMBDA_GRID)]
+    for init in SHARED_BASES:
+        for rank in SHARED_BASIS_RANKS:
+            basis = (f"adapter.init='{init}'", f"adapter.rank={rank}")
+            arms += [Arm(f"fed_sb_{init}_r{rank}", "fed_sb", basis),
+                     Arm(f"celora_{init}_r{rank}", "celora", basis, LAMBDA_GRID)]
+    arms += [Arm("cluster_oracle", "cluster_oracle"),
+             Arm("centralized", "fedavg_lora", ("partition.pooled_training=True",))]
+    return {arm.name: arm for arm in arms}
+
+
+ARMS = _arms()
+# What the shared-basis issue's table needs first, then everything else.
+FIRST = ("fedavg_lora_r8", "local", "celora",
+         *[f"{m}_{i}_r{r}" for r in SHARED_BASIS_RANKS for i in SHARED_BASES for m in ("fed_sb", "celora")])
+DEFAULT_SETTINGS = ("trec_fewshot_iid", "wordnet_clustered_labels", "movie_reviews_clustered_domains",
+                    "fashion_mnist_clustered_rotations")
+
+
+def ordered_arms(names: list[str] | None) -> list[str]:
+    if names:
+        unknown = sorted(set(names) - set(ARMS))
+        if unknown:
+            raise ValueError(f"unknown arms {unknown}; choose from {sorted(ARMS)}")
+        return list(names)
+    return [*FIRST, *[name for name in ARMS if name not in FIRST]]
+
+
+def setting_base(setting: str, smoke: bool, overrides: tuple[str, ...] = ()) -> RunConfig:
+    """The benchmark preset with the protocol's validation split and rounds (then
+    ``overrides``). Train examples are raised so that each client still trains on the
+    preset's number."""
+    try:
+        config = BENCHMARKS[setting]
+    except KeyError:
+        raise ValueError(f"unknown setting {setting!r}; choose from {sorted(BENCHMARKS)}") from None
+    if smoke:
+        config = smoke_variant(config)
+    fit = config.partition.train_examples
+    total = int(round(fit / (1 - VALIDATION_FRACTION)))
+    rounds = config.federation.rounds if smoke else ROUNDS
+    return apply_overrides(config, [f"partition.train_examples={total}",
+                                    f"partition.validation_fraction={VALIDATION_FRACTION}",
+                                    f"federation.rounds={rounds}", f"federation.eval_every={EVAL_EVERY}",
+                                    *overrides])
+
+
+def run_config(base: RunConfig, arm: Arm, learning_rate: float, seed: int, server: tuple[str, ...] = ()) -> RunConfig:
+    return apply_overrides(base, [f"federation.method='{arm.method}'", *arm.overrides, *server,
+                                  f"optimizer.learning_rate={learning_rate}", f"seed={seed}",
+                                  f"partition.seed={seed}"])
+
+
+def rate_step(rate: float) -> str:
+    return f"lr{rate:g}"
+
+
+# ----------------------------------------------------------------------------- the rule
+
+
+def final_validation(run_dir: pathlib.Path) -> tuple[float, float] | None:
+    """(validation accuracy, validation loss) at the last round of a finished run."""
+    if not (run_dir / "summary.json").exists():
+        return None
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    final = json.loads(lines[-1])
+    return final["validation_accuracy_mean"], final["validation_loss"]
+
+
+def best(scores: dict) -> str:
+    """The key with the highest validation accuracy, ties broken by the lower loss."""
+    return max(scores, key=lambda k: (scores[k][0], -scores[k][1]))
+
+
+def chosen_rate(scores: dict[float, tuple[float, float]], grid: tuple[float, ...]) -> tuple[float | None, float | None]:
+    """(chosen rate or None while runs are missing, the extension rate to run first or None).
+
+    The grid's best at an edge asks for one more rate beyond it; once that has run, the best
+    of all tried rates is chosen (no second extension)."""
+    if any(rate not in scores for rate in grid):
+        return None, None
+    winner = best({rate: scores[rate] for rate in grid})
+    edge = "low" if winner == min(grid) else "high" if winner == max(grid) else None
+    if edge is not None:
+        extra = EXTENSION[edge] if len(grid) > 2 else None  # the smoke grid has no middle
+        if extra is not None and extra not in scores:
+            return None, extra
+        if extra is not None:
+            winner = best({rate: scores[rate] for rate in (*grid, extra)})
+    return winner, None
+
+
+def plan(root: pathlib.Path, setting: str, arm: Arm, smoke: bool,
+         overrides: tuple[str, ...] = ()) -> Iterator[tuple[str, RunConfig]]:
+    """The arm's runs not yet finished, in the order the rule needs them; stops where a
+    choice waits on runs still to do (call again after running them)."""
+    base = setting_base(setting, smoke, overrides)
+    grid = SMOKE_RATES if smoke else LEARNING_RATES
+    where = root / setting / arm.name
+    pending = False
+    for rate in grid:
+        if final_validation(where / rate_step(rate) / "seed0") is None:
+            pending = True
+            yield f"{setting}/{arm.name}/{rate_step(rate)}/seed0", run_config(base, arm, rate, 0)
+    if pending:
+        return
+    scores = _rate_scores(where)
+    rate, extra = chosen_rate(scores, grid)
+    if extra is not None:
+        yield f"{setting}/{arm.name}/{rate_step(extra)}/seed0", run_config(base, arm, extra, 0)
+        return
+    server, server_step = _chosen_server(where, arm, rate)
+    if server is None:
+        for name, overrides in arm.server_grid:
+            if final_validation(where / f"{rate_step(rate)}_{name}" / "seed0") is None:
+                yield f"{setting}/{arm.name}/{rate_step(rate)}_{name}/seed0", run_config(base, arm, rate, 0, overrides)
+        return
+    for seed in SEEDS[1:] if not smoke else SEEDS[1:2]:
+        if not (where / server_step / f"seed{seed}" / "summary.json").exists():
+            yield f"{setting}/{arm.name}/{server_step}/seed{seed}", run_config(base, arm, rate, seed, server)
+
+
+def _rate_scores(where: pathlib.Path) -> dict[float, tuple[float, float]]:
+    scores = {}
+    for run_dir in where.glob("lr*/seed0"):
+        step = run_dir.parent.name
+        if "_" not in step:
+            result = final_validation(run_dir)
+            if result is not None:
+                scores[float(step[2:])] = result
+    return scores
+
+
+def _chosen_server(where: pathlib.Path, arm: Arm, rate: float) -> tuple[tuple[str, ...] | None, str]:
+    """(server overrides, the step directory of the chosen configuration); None while the
+    server grid has runs to do."""
+    if not arm.server_grid:
+        return (), rate_step(rate)
+    scores = {name: final_validation(where / f"{rate_step(rate)}_{name}" / "seed0") for name, _ in arm.server_grid}
+    if any(score is None for score in scores.values()):
+        return None, ""
+    name = best(scores)
+    return dict(arm.server_grid)[name], f"{rate_step(rate)}_{name}"
+
+
+def choice(root: pathlib.Path, setting: str, arm: Arm, smoke: bool) -> dict | None:
+    """What the rule chose for a finished arm, with every tried configuration's score."""
+    where = root / setting / arm.name
+    grid = SMOKE_RATES if smoke else LEARNING_RATES
+    scores = _rate_scores(where)
+    rate, extra = chosen_rate(scores, grid)
+    if rate is None:
+        return None
+    server, step = _chosen_server(where, arm, rate)
+    if server is None:
+        return None
+    tried_server = {name: final_validation(where / f"{rate_step(rate)}_{name}" / "seed0")
+                    for name, _ in arm.server_grid}
+    return {"learning_rate": rate, "server": list(server), "step": step,
+            "validation_by_rate": {f"{r:g}": s[0] for r, s in sorted(scores.items())},
+            "validation_by_server": {name: s[0] for name, s in tried_server.items()}}
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+CHECKPOINT_EVERY = 5  # a run stopped mid-way resumes from its last 5-round checkpoint
+
+
+def execute(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool, limit: int | None = None,
+            overrides: tuple[str, ...] = ()) -> int:
+    """Runs the plan arm by arm until every arm is measured (or ``limit`` runs have run).
+
+    A run whose configuration equals an already finished run of the same arm and seed (the
+    server grid's default λ is the learning-rate run itself) is copied from it. A run stopped
+    mid-way resumes from its checkpoint; checkpoints are deleted once the run has finished.
+    """
+    from celora_jax.federated import engine
+
+    done = 0
+    for name in arms:
+        for setting in settings:
+            while todo := list(plan(root, setting, ARMS[name], smoke, overrides)):
+                for run_id, config in todo:
+                    if limit is not None and done >= limit:
+                        return done
+                    out = root / run_id
+                    twin = _finished_twin(out, config)
+                    if twin is not None:
+                        print(f"protocol: {run_id} (same configuration as {twin.relative_to(root)})", flush=True)
+                        shutil.copytree(twin, out, dirs_exist_ok=True)
+                        continue
+                    print(f"protocol: {run_id}", flush=True)
+                    config = apply_overrides(config, [f"checkpoint.every={CHECKPOINT_EVERY}", "checkpoint.keep=1"])
+                    engine.run(config, output_dir=out, resume=(out / "checkpoints").exists())
+                    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+                    done += 1
+    return done
+
+
+def _finished_twin(out: pathlib.Path, config: RunConfig) -> pathlib.Path | None:
+    """A finished run beside ``out`` (same arm, same seed) with the same configuration."""
+    wanted = _comparable(to_dict(config))
+    for summary in sorted(out.parent.parent.glob(f"*/{out.name}/summary.json")):
+        written = json.loads((summary.parent / "config.json").read_text())
+        if summary.parent != out and _comparable(written) == wanted:
+            return summary.parent
+    return None
+
+
+def _comparable(config: dict) -> dict:
+    config = json.loads(json.dumps(config))  # as engine.run writes it
+    config.pop("checkpoint", None)
+    return config
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def seed_runs(root: pathlib.Path, setting: str, arm: Arm, step: str) -> dict[int, dict]:
+    """Finished runs of the chosen configuration by seed: final per-client test accuracies,
+    the validation curve, bytes."""
+    runs = {}
+    for seed in SEEDS:
+        run_dir = root / setting / arm.name / step / f"seed{seed}"
+        if not (run_dir / "summary.json").exists():
+            continue
+        summary = json.loads((run_dir / "summary.json").read_text())
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        runs[seed] = {"test": float(np.mean(records[-1]["client_test_accuracy"])),
+                      "validation_curve": [r.get("validation_accuracy_mean") for r in records],
+                      "test_curve": [r.get("test_accuracy_mean") for r in records],
+                      "mb_per_round": summary["mb_per_round"],
+                      "mb_basis": (summary.get("basis_bytes_up_per_client", 0)
+                                   + summary.get("basis_bytes_down_per_client", 0)) * summary["num_clients"] / 1e6,
+                      "sent_params_per_client": summary.get("sent_params_per_client")}
+    return runs
+
+
+def still_rising(curve: list, window: int = 5) -> float | None:
+    """Mean validation accuracy over the evaluated rounds among the last ``window`` minus
+    that over the ``window`` rounds before (``curve[k]``: round k + 1, None where not
+    evaluated): > 0 means the curve had not flattened when the run stopped."""
+    last = [v for v in curve[-window:] if v is not None]
+    before = [v for v in curve[-2 * window:-window] if v is not None]
+    if len(curve) < 2 * window or not last or not before:
+        return None
+    return float(np.mean(last) - np.mean(before))
+
+
+def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names of the points no other point beats on both axes (fewer MB per round, higher
+    accuracy), sorted by MB."""
+    front = [name for name, (mb, acc) in points.items()
+             if not any((m <= mb and a >= acc) and (m < mb or a > acc) for other, (m, a) in points.items()
+                        if other != name)]
+    return sorted(front, key=lambda name: points[name][0])
+
+
+REFERENCES = ("cluster_oracle", "centralized")  # other data or other knowledge: not on the frontier
+
+
+def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
+    result = {"rule": {"learning_rates": list(SMOKE_RATES if smoke else LEARNING_RATES), "extension": EXTENSION,
+                       "validation_fraction": VALIDATION_FRACTION,
+                       "rounds": "the smoke preset's" if smoke else ROUNDS,
+                       "server_grids": {name: [n for n, _ in arm.server_grid] for name, arm in ARMS.items()
+                                        if arm.server_grid},
+                       "selection": "best validation accuracy at the last round on seed 0, ties by lower "
+                                    "validation loss; then seeds 1 and 2 at the chosen configuration"},
+              "settings": {}}
+    for setting in settings:
+        rows = {}
+        for name, arm in ARMS.items():
+            chosen = choice(root, setting, arm, smoke)
+            if chosen is None:
+                continue
+            runs = seed_runs(root, setting, arm, chosen["step"])
+            tests = [run["test"] for run in runs.values()]
+            first = runs[min(runs)]
+            # Mean over seeds per round; None where the round was not evaluated.
+            curve = [None if None in values else float(np.mean(values))
+                     for values in zip(*(run["validation_curve"] for run in runs.values()))]
+            rows[name] = {**chosen, "method": arm.method, "overrides": list(arm.overrides), "seeds": sorted(runs),
+                          "test_accuracy": float(np.mean(tests)),
+                          "test_accuracy_se": float(np.std(tests, ddof=1) / math.sqrt(len(tests)))
+                          if len(tests) > 1 else None,
+                          "mb_per_round": first["mb_per_round"], "mb_basis_once": first["mb_basis"],
+                          "sent_params_per_client": first["sent_params_per_client"],
+                          "validation_by_round": curve, "still_rising": still_rising(curve)}
+        points = {name: (row["mb_per_round"], row["test_accuracy"]) for name, row in rows.items()
+                  if name not in REFERENCES and row["mb_per_round"] > 0}
+        result["settings"][setting] = {"arms": rows, "frontier": pareto(points)}
+    return result
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def markdown(summary: dict) -> str:
+    rule = summary["rule"]
+    lines = ["# The benchmark protocol: validated learning rates, a plateau, three seeds", "",
+             f"Rule: {rule['selection']}. Learning rates {rule['learning_rates']} (one more step beyond an edge "
+             f"winner: {rule['extension']}); validation = {rule['validation_fraction']:g} of each client's "
+             f"training examples; {rule['rounds']} rounds. Own-test accuracy (%) at the last round, mean over "
+             "seeds ± SE of the seed means; rising = validation accuracy of the last 5 rounds minus the 5 before "
+             "(points; > 1 means still rising).", ""]
+    for setting, data in summary["settings"].items():
+        lines += [f"## {setting}", "", f"Frontier (accuracy vs MB per round): {', '.join(data['frontier']) or 'n/a'}.",
+                  "", "| arm | seeds | test accuracy | MB/round | basis MB (once) | chosen lr | server | "
+                  "validation by lr | rising |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, row in data["arms"].items():
+            by_rate = ", ".join(f"{r}: {_percent(v)}" for r, v in row["validation_by_rate"].items())
+            server = ", ".join(row["server"]) or "-"
+            rising = "n/a" if row["still_rising"] is None else f"{100 * row['still_rising']:+.1f}"
+            se = "" if row["test_accuracy_se"] is None else f" ± {_percent(row['test_accuracy_se'])}"
+            lines.append(f"| {'**' + name + '**' if name in data['frontier'] else name} | {len(row['seeds'])} | "
+                         f"{_percent(row['test_accuracy'])}{se} | {row['mb_per_round']:.2f} | "
+                         f"{row['mb_basis_once']:.1f} | {row['learning_rate']:g} | {server} | {by_rate} | {rising} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, out: pathlib.Path) -> list[pathlib.Path]:
+    """Per setting: own-test accuracy against MB per round (log axis), the frontier joined,
+    local training and the references as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for setting, data in summary["settings"].items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, row in data["arms"].items():
+            accuracy, se = 100 * row["test_accuracy"], 100 * (row["test_accuracy_se"] or 0.0)
+            if row["mb_per_round"] <= 0 or name in REFERENCES:
+                ax.axhline(accuracy, linestyle=":", color="grey", linewidth=1)
+                ax.annotate(name, (1.0, accuracy), xycoords=("axes fraction", "data"), fontsize=6, ha="right")
+                continue
+            ax.errorbar(row["mb_per_round"], accuracy, yerr=se, fmt="o", markersize=4, capsize=2)
+            ax.annotate(name, (row["mb_per_round"], accuracy), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        front = data["frontier"]
+        if front:
+            ax.plot([data["arms"][n]["mb_per_round"] for n in front],
+                    [100 * data["arms"][n]["test_accuracy"] for n in front], "-", color="black", linewidth=1)
+        ax.set(xscale="log", xlabel="MB per round (all clients, up + down)", ylabel="own-test accuracy (%)",
+               title=f"{setting}: accuracy vs communication")
+        fig.tight_layout()
+        path = out / f"{setting}_frontier.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def report(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
+    summary = summarize(root, settings, smoke)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    (root / "table.md").write_text(markdown(summary))
+    plot(summary, root)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", default="all", choices=("run", "report", "all"))
+    parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
+                        help=f"comma-separated settings of {sorted(BENCHMARKS)}")
+    parser.add_argument("--arms", default=None, help=f"comma-separated arms (default: all, in protocol order)")
+    parser.add_argument("--smoke", action="store_true", help="CI-sized runs (4 clients, 2 rounds, 2 rates, 2 seeds)")
+    parser.add_argument("--limit", type=int, default=None, help="stop after this many runs (the rest resume later)")
+    parser.add_argument("--out", default=None, help=f"results root (default {RESULTS}[_smoke])")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="applied to every run after the protocol's own settings")
+    parser.add_argument("--dry-run", action="store_true", help="list the next runs of every arm and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    root = pathlib.Path(args.out or (f"{RESULTS}_smoke" if args.smoke else RESULTS))
+    try:
+        settings = [s for s in args.settings.split(",") if s]
+        for setting in settings:
+            setting_base(setting, args.smoke, tuple(args.overrides))
+        arms = ordered_arms([a for a in args.arms.split(",") if a] if args.arms else None)
+    except ValueError as err:  # ConfigError and DataError too
+        print(f"protocol: error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for name in arms:
+            for setting in settings:
+                for run_id, _ in plan(root, setting, ARMS[name], args.smoke, tuple(args.overrides)):
+                    print(run_id)
+        return 0
+    if args.stage in ("run", "all"):
+        ran = execute(root, settings, arms, args.smoke, args.limit, tuple(args.overrides))
+        print(f"protocol: ran {ran} runs", flush=True)
+    if args.stage in ("report", "all"):
+        report(root, settings, args.smoke)
+        print(f"results: {root}/ (summary.json, table.md, *_frontier.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The benchmark protocol (experiments/protocol.py): the selection rule on recorded runs,
+the frontier, and one arm end to end on CI-sized runs."""
+
+import json
+
+import pytest
+
+from experiments import protocol
+
+
+def _fake_run(root, run_id, validation, loss=1.0, test=0.5, mb=1.0, curve=None):
+    """A finished run as engine.run writes it, with what the protocol reads."""
+    run_dir = root / run_id
+    run_dir.mkdir(parents=True)
+    curve = curve or [validation]
+    records = [{"round": i + 1, "validation_accuracy_mean": v, "validation_loss": loss,
+                "test_accuracy_mean": test, "client_test_accuracy": [test, test]} for i, v in enumerate(curve)]
+    records[-1]["validation_accuracy_mean"] = validation
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps({"mb_per_round": mb, "num_clients": 2,
+                                                      "sent_params_per_client": 10}))
+    (run_dir / "config.json").write_text("{}")
+
+
+def _next(root, arm, smoke=False):
+    return [run_id for run_id, _ in protocol.plan(root, "trec_fewshot_iid", protocol.ARMS[arm], smoke)]
+
+
+def test_the_rule_tunes_the_rate_then_extends_an_edge_then_the_server_then_seeds(tmp_path):
+    arm = "celora"
+    where = f"trec_fewshot_iid/{arm}"
+    assert _next(tmp_path, arm) == [f"{where}/lr{r:g}/seed0" for r in protocol.LEARNING_RATES]
+    for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.5, 0.6)):
+        _fake_run(tmp_path, f"{where}/lr{rate:g}/seed0", validation)
+    assert _next(tmp_path, arm) == [f"{where}/lr0.03/seed0"]  # the best is the highest rate: one step beyond
+    _fake_run(tmp_path, f"{where}/lr0.03/seed0", 0.55)
+    assert _next(tmp_path, arm) == [f"{where}/lr0.01_{name}/seed0" for name, _ in protocol.LAMBDA_GRID]
+    for (name, _), validation in zip(protocol.LAMBDA_GRID, (0.6, 0.7, 0.7)):
+        # lam1.0 and lam10.0 tie on accuracy; the lower validation loss wins.
+        _fake_run(tmp_path, f"{where}/lr0.01_{name}/seed0", validation, loss=0.5 if name == "lam10.0" else 0.9)
+    assert _next(tmp_path, arm) == [f"{where}/lr0.01_lam10.0/seed1", f"{where}/lr0.01_lam10.0/seed2"]
+    _fake_run(tmp_path, f"{where}/lr0.01_lam10.0/seed1", 0.7, test=0.6)
+    _fake_run(tmp_path, f"{where}/lr0.01_lam10.0/seed2", 0.7, test=0.7)
+    assert _next(tmp_path, arm) == []
+    chosen = protocol.choice(tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], smoke=False)
+    assert chosen["learning_rate"] == 0.01 and chosen["server"] == ["aggregation.lam=10.0"]
+    assert chosen["validation_by_rate"] == {"0.001": 0.4, "0.003": 0.5, "0.01": 0.6, "0.03": 0.55}
+    row = protocol.summarize(tmp_path, ["trec_fewshot_iid"], smoke=False)["settings"]["trec_fewshot_iid"]["arms"][arm]
+    assert row["seeds"] == [0, 1, 2] and row["test_accuracy"] == pytest.approx(0.6)
+    assert row["test_accuracy_se"] == pytest.approx(0.1 / 3 ** 0.5)
+
+
+def test_a_middle_winner_needs_no_extension_and_runs_carry_the_chosen_settings(tmp_path):
+    arm = "fed_sb_weight_svd_r32"
+    where = f"trec_fewshot_iid/{arm}"
+    for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.8, 0.6)):
+        _fake_run(tmp_path, f"{where}/lr{rate:g}/seed0", validation)
+    todo = list(protocol.plan(tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], smoke=False))
+    assert [run_id for run_id, _ in todo] == [f"{where}/lr0.003/seed1", f"{where}/lr0.003/seed2"]
+    config = todo[0][1]
+    assert (config.federation.method, config.adapter.init, config.adapter.rank) == ("fed_sb", "weight_svd", 32)
+    assert (config.optimizer.learning_rate, config.seed, config.partition.seed) == (0.003, 1, 1)
+    assert config.federation.rounds == protocol.ROUNDS and config.partition.validation_fraction == 0.2
+    # The preset's 16 training examples per client stay 16: 4 more are drawn for validation.
+    assert (config.partition.train_examples, config.partition.validation_examples) == (20, 4)
+
+
+def test_frontier_and_plateau():
+    points = {"a": (1.0, 0.5), "b": (2.0, 0.7), "c": (3.0, 0.6), "d": (0.5, 0.4), "e": (2.0, 0.65)}
+    assert protocol.pareto(points) == ["d", "a", "b"]
+    assert protocol.still_rising([0.1] * 5 + [0.3] * 5) == pytest.approx(0.2)
+    assert protocol.still_rising([0.1] * 9) is None
+    assert protocol.still_rising([None, 0.1] * 5) == pytest.approx(0.0)  # evaluated every other round
+
+
+def test_unknown_arms_and_settings_are_refused(capsys):
+    assert protocol.main(["--arms", "fedavg_lora_r3", "--dry-run"]) == 2
+    assert protocol.main(["--settings", "imagenet", "--dry-run"]) == 2
+    assert "unknown" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_one_arm_end_to_end_on_smoke_runs(tmp_path, tiny_model_dir, wordnet_nouns, capsys):
+    """fed_sb in the weight-SVD basis on the WordNet smoke setting (tiny BERT): both rates on
+    seed 0, the chosen rate on seed 1, the report with its frontier plot; a second call
+    reruns nothing."""
+    args = ["--smoke", "--settings", "wordnet_clustered_labels", "--arms", "fed_sb_weight_svd_r16",
+            "--out", str(tmp_path), "--set", f"model.path={tiny_model_dir}"]
+    assert protocol.main(args) == 0
+    assert "ran 3 runs" in capsys.readouterr().out
+    assert protocol.main(args) == 0
+    assert "ran 0 runs" in capsys.readouterr().out
+    runs = sorted(p.parent.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("summary.json")
+                  if p.parent != tmp_path)
+    where = "wordnet_clustered_labels/fed_sb_weight_svd_r16"
+    assert {f"{where}/lr0.001/seed0", f"{where}/lr0.01/seed0"} < set(runs) and len(runs) == 3
+    assert not list(tmp_path.rglob("checkpoints"))
+    records = [json.loads(line) for line in (tmp_path / where / "lr0.01/seed0/metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records if "validation_accuracy_mean" in r] == [2]  # every other round, and the last
+    assert 0 <= records[-1]["validation_accuracy_mean"] <= 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    row = summary["settings"]["wordnet_clustered_labels"]["arms"]["fed_sb_weight_svd_r16"]
+    assert row["seeds"] == [0, 1] and set(row["validation_by_rate"]) == {"0.001", "0.01"}
+    assert summary["settings"]["wordnet_clustered_labels"]["frontier"] == ["fed_sb_weight_svd_r16"]
+    assert (tmp_path / "wordnet_clustered_labels_frontier.png").stat().st_size > 0
+    assert "fed_sb_weight_svd_r16" in (tmp_path / "table.md").read_text()
