@@ -34,21 +34,73 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class Credentials(NamedTuple):
+    """A test CA, the SuperLink's TLS certificate for 127.0.0.1 signed by it, and node key
+    pairs (OpenSSH EC P-384, as ``ssh-keygen -t ecdsa -b 384`` writes them)."""
+
+    ca: pathlib.Path
+    certificate: pathlib.Path
+    key: pathlib.Path
+    nodes: dict  # name -> private key path (the public key beside it, ".pub")
+
+
+def make_credentials(root: pathlib.Path, node_names) -> Credentials:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    root.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    pem, none = serialization.Encoding.PEM, serialization.NoEncryption()
+
+    def certificate(subject, issuer, public_key, signing_key, extension):
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1)).add_extension(*extension)
+                .sign(signing_key, hashes.SHA256()))
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "celora-jax test CA")])
+    ca = certificate(ca_name, ca_name, ca_key.public_key(), ca_key, (x509.BasicConstraints(ca=True, path_length=None),
+                                                                      True))
+    server = certificate(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), ca_name,
+                         server_key.public_key(), ca_key,
+                         (x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False))
+    (root / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (root / "server.pem").write_bytes(server.public_bytes(pem))
+    (root / "server.key").write_bytes(server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, none))
+    nodes = {}
+    for name in node_names:
+        key = ec.generate_private_key(ec.SECP384R1())
+        nodes[name] = root / name
+        nodes[name].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, none))
+        (root / f"{name}.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                       serialization.PublicFormat.OpenSSH))
+    return Credentials(root / "ca.crt", root / "server.pem", root / "server.key", nodes)
+
+
 class Deployment:
     """A SuperLink and SuperNodes on 127.0.0.1, each process in its own session so that
-    stopping it by PID also stops the SuperExec and app processes it started."""
+    stopping it by PID also stops the SuperExec and app processes it started. With
+    ``credentials``: TLS and SuperNode authentication instead of ``--insecure``."""
 
-    def __init__(self, root: pathlib.Path):
+    def __init__(self, root: pathlib.Path, credentials: Credentials | None = None):
         self.root = root
         self.home = root / "flwr-home"
         self.home.mkdir()
         self.port = free_port()
+        self.credentials = credentials
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     "JAX_PLATFORMS": "cpu"}
         self.processes: dict[str, subprocess.Popen] = {}
+        transport = "insecure = true\n" if credentials is None else f'root-certificates = "{credentials.ca}"\n'
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\naddress = "127.0.0.1:{self.port}"\n'
-            "insecure = true\n")
+            + transport)
 
     def _start(self, name: str, argv: list[str]) -> None:
         log = open(self.root / f"{name}.log", "ab")
@@ -56,17 +108,33 @@ class Deployment:
                                                 start_new_session=True)
 
     def start_superlink(self) -> None:
-        self._start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+        security = ["--insecure"] if self.credentials is None else [
+            "--ssl-ca-certfile", str(self.credentials.ca), "--ssl-certfile", str(self.credentials.certificate),
+            "--ssl-keyfile", str(self.credentials.key), "--enable-supernode-auth"]
+        self._start("superlink", [str(BIN / "flower-superlink"), *security, "--disable-runtime-dependency-installation",
                                   "--port", str(self.port)])
         _wait_for_port(self.port, self.processes["superlink"], self.root / "superlink.log")
 
-    def start_node(self, partition: int, num_partitions: int, state_dir: pathlib.Path | None = None) -> None:
+    def start_node(self, partition: int, num_partitions: int, state_dir: pathlib.Path | None = None,
+                   key: str | None = None, trust_ca: bool = True, name: str | None = None) -> None:
+        """A SuperNode; under TLS it authenticates with the private key ``key`` (a name in
+        the credentials) and verifies the SuperLink with the CA unless ``trust_ca`` is off."""
         config = f"partition-id={partition} num-partitions={num_partitions}"
         if state_dir is not None:
             config += f' state-dir="{state_dir}"'
-        self._start(f"node{partition}", [str(BIN / "flower-supernode"), "--insecure", "--superlink",
-                                         f"127.0.0.1:{self.port}", "--node-config", config,
-                                         "--port", str(free_port())])
+        security = ["--insecure"]
+        if self.credentials is not None:
+            security = ["--auth-supernode-private-key", str(self.credentials.nodes[key])]
+            security += ["--root-certificates", str(self.credentials.ca)] if trust_ca else []
+        self._start(name or f"node{partition}", [str(BIN / "flower-supernode"), *security, "--superlink",
+                                                 f"127.0.0.1:{self.port}", "--node-config", config,
+                                                 "--port", str(free_port())])
+
+    def register(self, key: str) -> None:
+        """Adds a node's public key to the SuperLink (``flwr supernode register``)."""
+        done = subprocess.run([str(BIN / "flwr"), "supernode", "register", f"{self.credentials.nodes[key]}.pub",
+                               "loopback"], env=self.env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "registered successfully" in done.stdout, done.stdout + done.stderr
 
     def stop(self, name: str) -> None:
         process = self.processes.pop(name)
@@ -231,3 +299,39 @@ def test_deployment_engine_reproduces_the_simulator(two_node_run):
     np.testing.assert_allclose([h["train_loss"] for h in history], [r["train_loss"] for r in simulated], rtol=1e-5)
 
 
+
+
+@pytest.mark.slow
+def test_tls_and_authenticated_nodes(tmp_path):
+    """A SuperLink with TLS (a test CA's certificate for 127.0.0.1) and SuperNode
+    authentication: the two registered nodes train a 2-round run; a node whose key the
+    SuperLink does not know, and a registered node that does not trust the CA, are refused
+    before any message reaches them."""
+    _require_flower_binaries()
+    credentials = make_credentials(tmp_path / "credentials", ["node0", "node1", "stranger", "uncertified"])
+    deployment = Deployment(tmp_path, credentials)
+    try:
+        app, summary_path = toy_app(tmp_path, "celora", num_clients=2, rounds=2, timeout=240.0)
+        deployment.start_superlink()
+        for key in ("node0", "node1", "uncertified"):
+            deployment.register(key)
+        deployment.start_node(0, 2, key="node0")
+        deployment.start_node(1, 2, key="node1")
+        deployment.start_node(1, 2, key="stranger", name="stranger")
+        deployment.start_node(1, 2, key="uncertified", trust_ca=False, name="uncertified")
+        for name, reason in (("stranger", "Failed to activate SuperNode"),
+                             ("uncertified", "CERTIFICATE_VERIFY_FAILED")):
+            process = deployment.processes[name]
+            assert process.wait(timeout=120) != 0, deployment.logs()
+            assert reason in (tmp_path / f"{name}.log").read_text(errors="replace"), deployment.logs()
+        run = deployment.flwr_run(app)
+        summary = wait_for(lambda: (s := read_summary(summary_path)) and s["finished"] and s, deployment, run, 420,
+                           "finished run")
+        assert run.wait(timeout=60) == 0, deployment.logs()
+        assert [h["reporting"] for h in summary["history"]] == [[0, 1], [0, 1]]
+        assert all(a is not None for a in summary["client_test_accuracy"])
+        assert "Receiving: train message" in (tmp_path / "node0.log").read_text(errors="replace")
+        for name in ("stranger", "uncertified"):  # received nothing
+            assert "Receiving:" not in (tmp_path / f"{name}.log").read_text(errors="replace")
+    finally:
+        deployment.close()
