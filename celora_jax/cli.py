@@ -79,6 +79,9 @@ def _build_parser() -> argparse.ArgumentParser:
     flower.add_argument("--output-dir", default="", help="where the ServerApp writes flower_summary.json")
     flower.add_argument("--round-timeout", type=float, default=600.0,
                         help="seconds to wait for the nodes of a round (default 600)")
+    flower.add_argument("--node-data", action="store_true",
+                        help="every SuperNode reads its own file (data-path=... in its node config); needs "
+                             "--set data.label_names=...")
     return parser
 
 
@@ -96,6 +99,9 @@ def _flower_app(args) -> int:
         raise ValueError(f"method {config.federation.method!r} cannot run on Flower nodes: it {reason}")
     if args.round_timeout <= 0:
         raise ValueError(f"--round-timeout must be positive, got {args.round_timeout}")
+    if args.node_data and config.data.label_names is None:
+        raise ValueError("--node-data needs the classes every node maps its labels to: --set "
+                         "data.label_names=name0,name1,...")
     if any(";" in item for item in args.overrides):
         raise ValueError("an override for a Flower app cannot contain ';' (it separates the overrides)")
     try:
@@ -103,9 +109,11 @@ def _flower_app(args) -> int:
     except ImportError as err:
         raise ValueError(f"the Flower app needs the flower extra: pip install 'celora-jax[flower]' ({err})") from None
     directory = write_app(args.directory, {"preset": args.preset, "set": "; ".join(args.overrides),
-                                           "output-dir": args.output_dir, "round-timeout": args.round_timeout})
+                                           "output-dir": args.output_dir, "round-timeout": args.round_timeout,
+                                           "node-data": args.node_data})
     print(f"wrote {directory / 'pyproject.toml'}: {config.federation.method} on {config.partition.num_clients} "
-          f"SuperNodes (partition-id 0..{config.partition.num_clients - 1}), {config.federation.rounds} rounds\n"
+          f"SuperNodes (partition-id 0..{config.partition.num_clients - 1}"
+          f"{', each with its own data-path' if args.node_data else ''}), {config.federation.rounds} rounds\n"
           f"run it with: flwr run {directory} <superlink connection> --stream")
     return 0
 

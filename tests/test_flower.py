@@ -200,14 +200,49 @@ def test_a_bad_upload_is_excluded_and_the_round_goes_on(task_identity, caplog):
     assert len(strategy.accuracies) == 4  # everyone is still evaluated
 
 
-def test_a_node_without_partition_id_is_a_clear_error(task_identity):
+def test_a_node_without_partition_id_is_a_clear_error(task_identity, caplog):
     setup = toy_setup(toy_config("fedavg_lora", num_clients=2))
     app = make_client_app(setup.config, prepare=lambda config: setup)
     grid = FakeGrid(app, 2)
     grid.contexts[100].node_config.pop("partition-id")
     strategy = CeloraStrategy(setup.method, setup.config.aggregation, 2)
-    with pytest.raises(RuntimeError, match="failed the set-up: .*no partition-id in its node config"):
+    with caplog.at_level("ERROR"):
         strategy.setup(grid, timeout=5)
+    assert "node 100 failed and is excluded from the run: " in caplog.text
+    assert "no partition-id in its node config" in caplog.text
+    assert strategy.excluded_at_setup == [0] and strategy.node_of == {1: 101}
+    grid.contexts[101].node_config.pop("partition-id")
+    with pytest.raises(RuntimeError, match="no node passed the set-up"):
+        CeloraStrategy(setup.method, setup.config.aggregation, 2).setup(grid, timeout=5)
+
+
+@pytest.mark.parametrize("method", ["celora", "fedavg_lora"])
+def test_a_node_whose_set_up_fails_is_left_out_and_the_run_goes_on(method, task_identity, caplog):
+    """Node 0 fails its set-up (as a node whose data file holds an undeclared label does):
+    the server logs it, never messages it again, gives its client size 0 (and CE-LoRA a
+    stand-in statistic it masks out) and runs every round with the other three."""
+    from celora_jax.data.errors import DataError
+
+    setup = toy_setup(with_federation(toy_config(method, num_clients=4), rounds=2))
+    app = make_client_app(setup.config, prepare=lambda config: setup)
+
+    def failing(message, context):
+        if context.node_config["partition-id"] == 0:
+            raise DataError("row 3 of /data/site0.csv has label 'x', which is not one of the declared labels")
+        return app(message, context)
+
+    grid = FakeGrid(failing, 4)
+    strategy = CeloraStrategy(setup.method, setup.config.aggregation, 4, num_rounds=2)
+    with caplog.at_level("ERROR"):
+        strategy.setup(grid, timeout=10)
+        from flwr.app import ArrayRecord
+
+        strategy.start(grid, ArrayRecord(), num_rounds=2, timeout=10)
+    assert "set-up: node 100 failed and is excluded from the run: DataError: row 3 of /data/site0.csv" in caplog.text
+    assert strategy.excluded_at_setup == [0] and strategy.sizes.tolist() == [0.0, 8.0, 8.0, 8.0]
+    assert [h["reporting"] for h in strategy.history] == [[1, 2, 3], [1, 2, 3]]
+    assert sorted(strategy.accuracies) == [1, 2, 3]
+    assert sum(m.metadata.dst_node_id == 100 for m in grid.sent) == 1  # the set-up query only
 
 
 def test_flower_app_command_writes_a_valid_app_and_refuses_bad_input(tmp_path, capsys):
@@ -228,10 +263,14 @@ def test_flower_app_command_writes_a_valid_app_and_refuses_bad_input(tmp_path, c
     assert (config.federation.rounds, config.federation.method, run_config["round-timeout"]) == (3, "fedavg_lora", 90.0)
     for argv, message in ((["--preset", "nope"], "unknown preset"), (["--set", "federation.roundz=1"], "roundz"),
                           (["--set", "federation.method='cluster_oracle'"], "cannot run on Flower nodes: it reads"),
-                          (["--round-timeout", "0"], "must be positive")):
+                          (["--round-timeout", "0"], "must be positive"),
+                          (["--node-data"], "--node-data needs the classes")):
         assert main(["flower-app", str(tmp_path / "bad"), *argv]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+    assert main(["flower-app", str(tmp_path / "local"), "--node-data", "--set", "data.label_names=neg,pos"]) == 0
+    local = get_fused_config_from_dir(tmp_path / "local", {})
+    assert local["node-data"] is True and config_from_run_config(local).data.declared_labels == ("neg", "pos")
     with pytest.raises(ValueError, match="unknown run config keys \\['round-timout'\\]"):
         config_from_run_config({"round-timout": 3})
     with pytest.raises(ValueError, match="config-factory 'nomodule:f': cannot import"):

@@ -116,12 +116,16 @@ class Deployment:
         _wait_for_port(self.port, self.processes["superlink"], self.root / "superlink.log")
 
     def start_node(self, partition: int, num_partitions: int, state_dir: pathlib.Path | None = None,
-                   key: str | None = None, trust_ca: bool = True, name: str | None = None) -> None:
+                   key: str | None = None, trust_ca: bool = True, name: str | None = None,
+                   data_path: pathlib.Path | None = None) -> None:
         """A SuperNode; under TLS it authenticates with the private key ``key`` (a name in
-        the credentials) and verifies the SuperLink with the CA unless ``trust_ca`` is off."""
+        the credentials) and verifies the SuperLink with the CA unless ``trust_ca`` is off.
+        ``data_path``: the node's own data file (node-local data)."""
         config = f"partition-id={partition} num-partitions={num_partitions}"
         if state_dir is not None:
             config += f' state-dir="{state_dir}"'
+        if data_path is not None:
+            config += f' data-path="{data_path}"'
         security = ["--insecure"]
         if self.credentials is not None:
             security = ["--auth-supernode-private-key", str(self.credentials.nodes[key])]
@@ -301,35 +305,56 @@ def test_deployment_engine_reproduces_the_simulator(two_node_run):
 
 
 
+def _reviews_csv(path: pathlib.Path, count: int, labels=("neg", "pos")) -> pathlib.Path:
+    rows = [f"review {i} of {path.stem}: the film was {'great' if i % 2 else 'dull'},{labels[i % len(labels)]}"
+            for i in range(count)]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    return path
+
+
 @pytest.mark.slow
-def test_tls_and_authenticated_nodes(tmp_path):
-    """A SuperLink with TLS (a test CA's certificate for 127.0.0.1) and SuperNode
-    authentication: the two registered nodes train a 2-round run; a node whose key the
-    SuperLink does not know, and a registered node that does not trust the CA, are refused
-    before any message reaches them."""
+def test_tls_authenticated_nodes_train_on_their_own_files(tmp_path, tiny_model_dir):
+    """The deployment a group of organisations runs: a SuperLink with TLS (a test CA's
+    certificate for 127.0.0.1) and SuperNode authentication; each registered node reads
+    only its own CSV (node-data, data-path), of its own size. Node 2's file holds a label
+    outside the declared ones: it logs one line, is left out, and the run goes on. A node
+    whose key the SuperLink does not know, and a registered node that does not trust the CA,
+    are refused before any message reaches them. The run config's own data path does not
+    exist: the ServerApp reads no client data."""
     _require_flower_binaries()
-    credentials = make_credentials(tmp_path / "credentials", ["node0", "node1", "stranger", "uncertified"])
+    credentials = make_credentials(tmp_path / "credentials", ["node0", "node1", "node2", "stranger", "uncertified"])
     deployment = Deployment(tmp_path, credentials)
+    files = [_reviews_csv(tmp_path / "site0.csv", 12), _reviews_csv(tmp_path / "site1.csv", 20),
+             _reviews_csv(tmp_path / "site2.csv", 8, labels=("neg", "pos", "mixed"))]
     try:
-        app, summary_path = toy_app(tmp_path, "celora", num_clients=2, rounds=2, timeout=240.0)
+        app = write_app(tmp_path / "app", {
+            "preset": "smoke", "node-data": True, "output-dir": str(tmp_path / "out"), "round-timeout": 240.0,
+            "set": f"model.path='{tiny_model_dir}'; data.label_names='neg,pos'; partition.num_clients=3; "
+                   "federation.method='celora'; data.path='/nonexistent/the-server-has-no-data.csv'"})
+        summary_path = tmp_path / "out" / "flower_summary.json"
         deployment.start_superlink()
-        for key in ("node0", "node1", "uncertified"):
+        for key in ("node0", "node1", "node2", "uncertified"):
             deployment.register(key)
-        deployment.start_node(0, 2, key="node0")
-        deployment.start_node(1, 2, key="node1")
-        deployment.start_node(1, 2, key="stranger", name="stranger")
-        deployment.start_node(1, 2, key="uncertified", trust_ca=False, name="uncertified")
+        for partition in range(3):
+            deployment.start_node(partition, 3, key=f"node{partition}", data_path=files[partition])
+        deployment.start_node(1, 3, key="stranger", name="stranger")
+        deployment.start_node(1, 3, key="uncertified", trust_ca=False, name="uncertified")
         for name, reason in (("stranger", "Failed to activate SuperNode"),
                              ("uncertified", "CERTIFICATE_VERIFY_FAILED")):
             process = deployment.processes[name]
             assert process.wait(timeout=120) != 0, deployment.logs()
             assert reason in (tmp_path / f"{name}.log").read_text(errors="replace"), deployment.logs()
         run = deployment.flwr_run(app)
-        summary = wait_for(lambda: (s := read_summary(summary_path)) and s["finished"] and s, deployment, run, 420,
+        summary = wait_for(lambda: (s := read_summary(summary_path)) and s["finished"] and s, deployment, run, 600,
                            "finished run")
         assert run.wait(timeout=60) == 0, deployment.logs()
+        assert summary["excluded_at_setup"] == [2]
+        assert summary["client_sizes"] == [9.0, 15.0, 0.0]  # each file less its test quarter
         assert [h["reporting"] for h in summary["history"]] == [[0, 1], [0, 1]]
-        assert all(a is not None for a in summary["client_test_accuracy"])
+        accuracies = summary["client_test_accuracy"]
+        assert all(0 <= a <= 1 for a in accuracies[:2]) and accuracies[2] is None
+        node2 = (tmp_path / "node2.log").read_text(errors="replace")
+        assert "cannot take part in the run: row 3 of " in node2 and "label 'mixed'" in node2, node2[-3000:]
         assert "Receiving: train message" in (tmp_path / "node0.log").read_text(errors="replace")
         for name in ("stranger", "uncertified"):  # received nothing
             assert "Receiving:" not in (tmp_path / f"{name}.log").read_text(errors="replace")

@@ -17,7 +17,7 @@ from celora_jax._checks import check_fields
 from celora_jax.data.errors import DataError
 
 SCHEMES = ("iid", "dirichlet", "pathological", "source", "dirichlet_source", "clustered_labels",
-           "clustered_domains", "clustered_rotations", "natural")
+           "clustered_domains", "clustered_rotations", "natural", "node_local")
 # clustered_rotations turns cluster k's images by k quarter turns: 4 distinct domains at most.
 MAX_ROTATION_CLUSTERS = 4
 # Schemes whose clients are defined by data.group_column.
@@ -45,7 +45,10 @@ class PartitionConfig:
         rotated by k x 90 degrees, so each cluster sees its own domain of the same
         classes); "natural" (one client per group, e.g. a speaking role: the
         num_clients largest groups holding at least train_examples + test_examples
-        examples).
+        examples); "node_local" (the whole data is one client's, ``node_client``, split
+        into train and test by ``test_fraction``: the file a Flower SuperNode holds; the
+        other clients' rows repeat it and are never read, and train_examples/test_examples
+        are not used).
       num_clients: N.
       alpha: Dirichlet concentration (scheme "dirichlet"); smaller is more skewed.
       labels_per_client: classes per client (scheme "pathological").
@@ -65,6 +68,10 @@ class PartitionConfig:
         hyperparameters are chosen so that the test split never is; the client trains on
         the rest. 0 (the default) holds out nothing. The examples drawn do not depend on
         it: the validation split is the tail of the client's shuffled training examples.
+      node_client: the client whose data the whole file is (scheme "node_local": the
+        partition-id of the Flower SuperNode reading it).
+      test_fraction: the share of a node_local client's examples held out as its test
+        split (at least one; at least one left to train).
     """
 
     scheme: str = "dirichlet"
@@ -78,6 +85,8 @@ class PartitionConfig:
     seed: int = 0
     pooled_training: bool = False
     validation_fraction: float = 0.0
+    node_client: int = 0
+    test_fraction: float = 0.25
 
     @property
     def validation_examples(self) -> int:
@@ -100,6 +109,15 @@ class PartitionConfig:
         if self.train_examples < 1 or self.test_examples < 1:
             raise DataError("every client needs at least one train and one test example "
                             f"(got train_examples={self.train_examples}, test_examples={self.test_examples})")
+        if self.scheme == "node_local":
+            if not 0 <= self.node_client < self.num_clients:
+                raise DataError(f"partition.node_client={self.node_client} is not one of the {self.num_clients} "
+                                "clients")
+            if not 0 < self.test_fraction < 1:
+                raise DataError(f"partition.test_fraction must be in (0, 1), got {self.test_fraction}")
+            if self.validation_fraction:  # the simulation's hyperparameter search, not a node's
+                raise DataError("partition.validation_fraction applies to simulated partitions; a node_local "
+                                "client holds out only its test split (partition.test_fraction)")
         if not 0 <= self.validation_fraction < 1:
             raise DataError(f"partition.validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.validation_examples >= self.train_examples:
@@ -163,6 +181,8 @@ def partition(labels: np.ndarray, config: PartitionConfig, groups: np.ndarray | 
     """
     labels = np.asarray(labels)
     rng = np.random.default_rng(config.seed)
+    if config.scheme == "node_local":
+        return _node_local(len(labels), config, rng)
     num_classes = int(labels.max()) + 1
     per_client = config.train_examples + config.test_examples
     needed = config.num_clients * per_client + config.global_test_examples
@@ -238,6 +258,20 @@ def partition(labels: np.ndarray, config: PartitionConfig, groups: np.ndarray | 
     global_test = pools.take_global(config.global_test_examples, num_classes)
     return ClientSplit(np.stack(train), np.stack(test), global_test, np.asarray(clusters, np.int64), label_maps,
                        quarter_turns)
+
+
+def _node_local(count: int, config: PartitionConfig, rng: np.random.Generator) -> ClientSplit:
+    """Every example is client ``node_client``'s, shuffled and split into train and test
+    (at least one of each); every row of the split repeats it (only that client reads it)."""
+    test = max(1, int(round(config.test_fraction * count)))
+    if count - test < 1:
+        raise DataError(f"the node's data has {count} example(s): too few to hold out {test} for testing "
+                        "(partition.test_fraction) and still train")
+    order = rng.permutation(count)
+    train, held = order[test:], order[:test]
+    rows = config.num_clients
+    return ClientSplit(np.tile(train, (rows, 1)), np.tile(held, (rows, 1)), np.zeros((0,), np.int64),
+                       np.zeros(rows, np.int64))
 
 
 def natural_groups(groups: np.ndarray, num_clients: int, per_client: int) -> np.ndarray:

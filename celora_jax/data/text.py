@@ -44,6 +44,10 @@ class TextDataConfig:
       group_column: optional column naming each example's source/domain (used by the
         split-by-source partition); None if the data has none.
       strip_html: replace HTML line breaks (IMDB's ``<br />``) by spaces.
+      label_names: the class names in id order, comma-separated ("negative,positive"); a
+        label outside them is an error. Declared when several files must agree on the ids
+        (each Flower SuperNode reads its own file, which may lack some classes); None: ids
+        from the data (integers as they are, strings in sorted order).
     """
 
     path: str | None = None
@@ -52,9 +56,26 @@ class TextDataConfig:
     label_column: str = "label"
     group_column: str | None = "source"
     strip_html: bool = True
+    label_names: str | None = None
+
+    @property
+    def declared_labels(self) -> tuple[str, ...] | None:
+        """``label_names`` as a tuple of names, or None. ("(0, 1)", what ``--set`` makes of an
+        unquoted 0,1, reads as "0,1".)"""
+        if self.label_names is None:
+            return None
+        text = self.label_names.strip()
+        if text[:1] + text[-1:] in ("()", "[]"):
+            text = text[1:-1]
+        return tuple(name.strip().strip("'\"") for name in text.split(","))
 
     def __post_init__(self):
         check_fields(self, "data")
+        if self.label_names is not None:
+            names = self.declared_labels
+            if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+                raise DataError(f"data.label_names must be two or more distinct comma-separated class names, "
+                                f"got {self.label_names!r}")
         if self.corpus not in corpora.CORPORA:
             raise DataError(f"unknown data.corpus {self.corpus!r}; choose one of {sorted(corpora.CORPORA)}")
         for name in ("text_column", "label_column"):
@@ -144,8 +165,12 @@ def dataset_from_table(table, config: TextDataConfig, where: str) -> TextDataset
                        len(texts), config.text_column)
     if config.strip_html:
         texts = [_HTML_BREAK.sub(" ", t) for t in texts]
-    labels, label_names = _as_ids(_column(table, config.label_column), config.label_column)
-    if len(np.unique(labels)) < 2:
+    if config.declared_labels is not None:
+        labels, label_names = _declared_ids(_column(table, config.label_column), config.label_column,
+                                            config.declared_labels, where)
+    else:
+        labels, label_names = _as_ids(_column(table, config.label_column), config.label_column)
+    if len(np.unique(labels)) < 2 and config.declared_labels is None:
         raise DataError(f"column {config.label_column!r} of {where} holds a single class "
                         f"({label_names[int(labels[0])]!r}); classification needs at least two")
     groups, group_names = (None, ())
@@ -226,3 +251,23 @@ def _as_ids(values: list, column: str) -> tuple[np.ndarray, tuple[str, ...]]:
     names = sorted(set(values))
     lookup = {name: i for i, name in enumerate(names)}
     return np.asarray([lookup[v] for v in values], np.int32), tuple(names)
+
+
+def _declared_ids(values: list, column: str, names: tuple[str, ...], where: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Labels as ids of the declared ``names`` (a label that is not a name but an integer
+    below ``len(names)`` is taken as an id); a label outside them is a DataError naming it
+    and the file."""
+    if any(v is None for v in values):
+        raise DataError(f"column {column!r} of {where} has missing values")
+    lookup = {name: i for i, name in enumerate(names)}
+    ids = []
+    for row, value in enumerate(values):
+        if str(value) in lookup:  # a name first: names may be numerals ("1,2,3")
+            ids.append(lookup[str(value)])
+        elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) \
+                and 0 <= int(value) < len(names):
+            ids.append(int(value))
+        else:
+            raise DataError(f"row {row + 1} of {where} has label {value!r}, which is not one of the declared "
+                            f"data.label_names {list(names)}")
+    return np.asarray(ids, np.int32), names

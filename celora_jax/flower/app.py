@@ -16,6 +16,11 @@ Run config keys (all optional; Flower run configs are flat TOML scalars):
                   losses, learned weights; per-client own-test accuracy); empty: nowhere.
   round-timeout   seconds the server waits for the nodes of one round; a node that does
                   not answer in time is left out of that round (default 600).
+  node-data       true: every SuperNode reads its own data file (``data-path`` in its
+                  node config, ``node_data.node_local_config``) and a node without one
+                  fails its set-up; the run config must declare ``data.label_names``.
+                  false (default): nodes prepare the preset's data, unless a node config
+                  names a ``data-path`` anyway.
 
 Every node and the server must see the same config: the server checks every upload's
 shapes against the initial shared parameters, so a node built from another config is
@@ -40,12 +45,13 @@ from flwr.serverapp import Grid, ServerApp
 from celora_jax.config import RunConfig, apply_overrides
 from celora_jax.federated.methods import get_method
 from celora_jax.flower.client_app import client_app_for
+from celora_jax.flower.node_data import node_local_config
 from celora_jax.flower.server_app import CeloraStrategy
 
 logger = logging.getLogger(__name__)
 
 DEFAULTS = {"preset": "smoke", "set": "", "config-factory": "", "setup-factory": "", "output-dir": "",
-            "round-timeout": 600.0}
+            "round-timeout": 600.0, "node-data": False}
 
 
 def load_callable(spec: str, what: str) -> Callable:
@@ -101,6 +107,7 @@ def _setup_for(context: Context):
     from celora_jax import compile_cache
 
     config = config_from_run_config(context.run_config)
+    config = node_local_config(config, context.node_config, bool(run_settings(context.run_config)["node-data"]))
     # A SuperNode runs each message in a fresh process: the cache spares it recompiling.
     compile_cache.enable(config.compilation_cache)
     return _prepare_from(context.run_config)(config)
@@ -115,6 +122,8 @@ def summary_of(strategy: CeloraStrategy) -> dict:
     return {"method": strategy.method.name, "num_clients": strategy.num_clients, "rounds": strategy.num_rounds,
             "finished": bool(strategy.accuracies),
             "history": strategy.history,
+            "client_sizes": None if strategy.sizes is None else strategy.sizes.tolist(),
+            "excluded_at_setup": strategy.excluded_at_setup,
             "client_test_accuracy": [strategy.accuracies.get(i) for i in range(strategy.num_clients)]}
 
 

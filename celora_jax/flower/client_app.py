@@ -4,8 +4,8 @@ a celora-jax run, training with ``celora_jax.federated.nodes.ClientNode``.
 Messages (all arrays as flat records by path, ``celora_jax.flower.records``):
 
   query     (once, before round 1)  reply: ``statistic`` (methods that need the data
-            statistic), ``initial`` (the shared leaves every client starts from, from
-            partition 0 only) and metrics ``num-examples``.
+            statistic), ``initial`` (the shared leaves every client starts from; the
+            server keeps the first present client's) and metrics ``num-examples``.
   train     round r: ``download`` = the server's answer to round r - 1 for this node (absent
             in round 1 or when its last upload was not accepted); the node applies it,
             trains one round and replies ``upload`` (its shared leaves) with metrics
@@ -180,7 +180,11 @@ def client_app_for(build_setup: Callable[[Context], "setup_lib.Setup"]) -> Clien
 
     def node_for(context: Context) -> ClientNode:
         if prepared["setup"] is None:
-            prepared["setup"] = build_setup(context)
+            try:
+                prepared["setup"] = build_setup(context)
+            except ValueError as err:  # DataError, ConfigError: one line in the node's log
+                logger.error("this SuperNode cannot take part in the run: %s", err)
+                raise
             prepared["programs"] = node_programs(prepared["setup"])
         setup, nodes = prepared["setup"], prepared["nodes"]
         client = partition_id(context, setup.num_clients)
@@ -212,8 +216,9 @@ def client_app_for(build_setup: Callable[[Context], "setup_lib.Setup"]) -> Clien
         answer = reply(msg, node)
         if node.setup.method.needs_data_statistics:
             records.put_tree(answer.content, "statistic", node.statistic()._asdict())
-        if node.client == 0:
-            records.put_tree(answer.content, "initial", node.shared(node.initial_state()))
+        # Every node sends the shared leaves every client starts from: the server takes the
+        # first present client's, whichever nodes fail their set-up.
+        records.put_tree(answer.content, "initial", node.shared(node.initial_state()))
         return answer
 
     @app.train()

@@ -5,8 +5,10 @@ strategy) on what the SuperNodes send, and sends **each node its own** download.
 The round protocol (the ClientApp's side is ``celora_jax.flower.client_app``):
 
 1. ``setup(grid)``: a query to every node; each answers with its number of training
-   examples and, for methods that ask, its data statistic; partition 0 also sends the
-   shared leaves every client starts from. The server is built from these.
+   examples, for methods that ask its data statistic, and the shared leaves every client
+   starts from. The server is built from these. A node whose set-up fails (its data file
+   missing, a label outside the declared ones) is logged and left out of the run: its
+   client has size 0 and never reports.
 2. Round r: ``configure_train`` sends every node its download of round r - 1 (one message
    per node, each with its own record; none in round 1 or for a node whose last upload was
    not accepted); ``aggregate_train`` checks every upload against the expected shapes and
@@ -138,6 +140,8 @@ class CeloraStrategy(Strategy):
         self._round_started = time.perf_counter()
         self.history: list[dict] = []
         self.accuracies: dict[int, float] = {}
+        self.excluded_at_setup: list[int] = []
+        self.sizes: np.ndarray | None = None
         self._like = None
 
     # ------------------------------------------------------------------ set-up (round 0)
@@ -148,10 +152,14 @@ class CeloraStrategy(Strategy):
         node_ids = _wait_for_nodes(grid, self.num_clients, timeout)
         queries = _queries(node_ids, 0)
         replies = list(grid.send_and_receive(queries, timeout=timeout))
-        sizes, statistics, initial = {}, {}, None
+        sizes, statistics, initial = {}, {}, {}
         for reply, node in zip(replies, _senders(replies, queries)):
             if reply.has_error():
-                raise RuntimeError(f"node {node} failed the set-up: {reply.error.reason}")
+                # E.g. its data file is missing or holds a label outside data.label_names: the
+                # node logged why; the run goes on without it.
+                logger.error("set-up: node %s failed and is excluded from the run: %s", node, reply.error.reason)
+                self._ignored.add(node)
+                continue
             metrics = reply.content["metrics"]
             client = int(metrics["client"])
             self.node_of[client] = node
@@ -160,16 +168,25 @@ class CeloraStrategy(Strategy):
                 statistics[client] = ClassMixtures(**records.read_tree(reply.content, "statistic",
                                                                        what=f"client {client}'s set-up"))
             if records.has_tree(reply.content, "initial"):
-                initial = records.read_tree(reply.content, "initial", what="partition 0's set-up")
-        missing = sorted(set(range(self.num_clients)) - set(sizes))
-        if missing or initial is None:
-            raise RuntimeError(f"clients {missing} did not answer the set-up" if missing else
-                               "partition 0 did not send the initial shared parameters")
-        self._like = initial
-        stats = stack_statistics(statistics, self.num_clients) if self.method.needs_data_statistics else None
-        self.server = ServerNode(self.method, self.aggregation, self._like,
-                                 np.asarray([sizes[i] for i in range(self.num_clients)], np.float32), stats,
-                                 self.outlier_factor)
+                initial[client] = records.read_tree(reply.content, "initial", what=f"client {client}'s set-up")
+        if not sizes:
+            raise RuntimeError("no node passed the set-up; see the errors above and the nodes' logs")
+        self.excluded_at_setup = sorted(set(range(self.num_clients)) - set(sizes))
+        if self.excluded_at_setup:
+            logger.error("set-up: clients %s are not in the run (their nodes failed or did not answer); the "
+                         "others go on", self.excluded_at_setup)
+        if not initial:
+            raise RuntimeError("no node sent the initial shared parameters")
+        self._like = initial[min(initial)]  # every client starts from the same ones
+        # An excluded client never reports, so the server masks it out of every round; it
+        # holds size 0 and (methods with a data statistic) a copy of a present client's.
+        self.sizes = np.asarray([sizes.get(i, 0.0) for i in range(self.num_clients)], np.float32)
+        stats = None
+        if self.method.needs_data_statistics:
+            present = statistics[min(statistics)]
+            stats = stack_statistics({i: statistics.get(i, present) for i in range(self.num_clients)},
+                                     self.num_clients)
+        self.server = ServerNode(self.method, self.aggregation, self._like, self.sizes, stats, self.outlier_factor)
 
     # ------------------------------------------------------------------ membership
     def _refresh_nodes(self, grid: Grid, server_round: int) -> None:
