@@ -79,10 +79,26 @@ def _build_parser() -> argparse.ArgumentParser:
     flower.add_argument("--output-dir", default="", help="where the ServerApp writes flower_summary.json")
     flower.add_argument("--round-timeout", type=float, default=600.0,
                         help="seconds to wait for the nodes of a round (default 600)")
+    worker = commands.add_parser(
+        "flower-worker", help="keep a SuperNode's client prepared between messages (needs the flower extra)",
+        description="Serves the messages a SuperNode forwards (node config worker=SOCKET) from one long-running "
+                    "process, so that each message no longer rebuilds the task (docs page 'Deploying with Flower').")
+    worker.add_argument("socket", metavar="SOCKET", help="the Unix socket to listen on, e.g. /tmp/celora-node0.sock")
     flower.add_argument("--node-data", action="store_true",
                         help="every SuperNode reads its own file (data-path=... in its node config); needs "
                              "--set data.label_names=...")
     return parser
+
+
+def _flower_worker(args) -> int:
+    try:
+        from celora_jax.flower import worker
+        from celora_jax.flower.app import make_worker_app
+    except ImportError as err:
+        raise ValueError(f"the Flower worker needs the flower extra: pip install 'celora-jax[flower]' ({err})") from None
+    logging.getLogger("celora_jax").setLevel(logging.INFO)  # the node's set-up lines, as a SuperNode shows them
+    worker.serve(args.socket, make_worker_app)
+    return 0
 
 
 def _flower_app(args) -> int:
@@ -280,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         with _sigterm_as_interrupt():
+            if args.command == "flower-worker":
+                return _flower_worker(args)
             return _flower_app(args) if args.command == "flower-app" else _run(args)
     except ValueError as err:  # config, data, model and checkpoint errors carry clear messages
         print(f"celora-jax: error: {_one_line(err)}", file=sys.stderr)

@@ -275,3 +275,48 @@ def test_flower_app_command_writes_a_valid_app_and_refuses_bad_input(tmp_path, c
         config_from_run_config({"round-timout": 3})
     with pytest.raises(ValueError, match="config-factory 'nomodule:f': cannot import"):
         config_from_run_config({"config-factory": "nomodule:f"})
+
+
+def test_a_worker_serves_every_message_from_one_prepared_client(task_identity, tmp_path):
+    """Messages forwarded to a long-running worker (``celora_jax.flower.worker``) give the
+    same run as the ClientApp in-process, while the task is built once for the run instead
+    of once per message process; a missing worker is a clear error."""
+    import threading
+
+    from flwr.app import Message
+
+    from celora_jax.flower import worker
+
+    setup = toy_setup(with_federation(toy_config("celora", num_clients=3), rounds=2))
+    direct, _ = run_flower(setup)
+    built = []
+
+    def make_app():
+        return make_client_app(setup.config, prepare=lambda config: built.append(1) or setup)
+
+    socket_path = str(tmp_path / "worker.sock")
+    messages = 3 * (1 + 2 + 1)  # query, 2 rounds, evaluation
+    thread = threading.Thread(target=worker.serve, args=(socket_path, make_app, messages), daemon=True)
+    thread.start()
+    import time
+
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "worker.sock").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    def forwarding(message, context):  # what each per-message ClientApp process does
+        return Message(worker.forward(socket_path, message, context), reply_to=message)
+
+    grid = FakeGrid(forwarding, 3)
+    strategy = CeloraStrategy(setup.method, setup.config.aggregation, 3, num_rounds=2)
+    strategy.setup(grid, timeout=10)
+    from flwr.app import ArrayRecord
+
+    strategy.start(grid, ArrayRecord(), num_rounds=2, timeout=10)
+    thread.join(timeout=30)
+    assert not thread.is_alive() and built == [1]
+    assert [strategy.accuracies[i] for i in range(3)] == [direct.accuracies[i] for i in range(3)]
+    assert [h["train_loss"] for h in strategy.history] == [h["train_loss"] for h in direct.history]
+    assert not (tmp_path / "worker.sock").exists()  # removed when the worker stops
+    with pytest.raises(RuntimeError, match="no celora-jax flower-worker listens there"):
+        worker.forward(socket_path, None, None)

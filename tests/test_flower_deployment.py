@@ -117,15 +117,24 @@ class Deployment:
 
     def start_node(self, partition: int, num_partitions: int, state_dir: pathlib.Path | None = None,
                    key: str | None = None, trust_ca: bool = True, name: str | None = None,
-                   data_path: pathlib.Path | None = None) -> None:
+                   data_path: pathlib.Path | None = None, worker: bool = False) -> None:
         """A SuperNode; under TLS it authenticates with the private key ``key`` (a name in
         the credentials) and verifies the SuperLink with the CA unless ``trust_ca`` is off.
-        ``data_path``: the node's own data file (node-local data)."""
+        ``data_path``: the node's own data file (node-local data); ``worker``: a
+        ``celora-jax flower-worker`` beside it keeps its client prepared."""
         config = f"partition-id={partition} num-partitions={num_partitions}"
         if state_dir is not None:
             config += f' state-dir="{state_dir}"'
         if data_path is not None:
             config += f' data-path="{data_path}"'
+        if worker:
+            socket_path = self.root / f"worker{partition}.sock"
+            self._start(f"worker{partition}", [str(BIN / "celora-jax"), "flower-worker", str(socket_path)])
+            deadline = time.monotonic() + 120
+            while not socket_path.exists():
+                assert time.monotonic() < deadline, self.logs()
+                time.sleep(0.2)
+            config += f' worker="{socket_path}"'
         security = ["--insecure"]
         if self.credentials is not None:
             security = ["--auth-supernode-private-key", str(self.credentials.nodes[key])]
@@ -317,7 +326,8 @@ def test_tls_authenticated_nodes_train_on_their_own_files(tmp_path, tiny_model_d
     """The deployment a group of organisations runs: a SuperLink with TLS (a test CA's
     certificate for 127.0.0.1) and SuperNode authentication; each registered node reads
     only its own CSV (node-data, data-path), of its own size. Node 2's file holds a label
-    outside the declared ones: it logs one line, is left out, and the run goes on. A node
+    outside the declared ones: it logs one line, is left out, and the run goes on. Node 0
+    forwards its messages to a worker that keeps its client prepared. A node
     whose key the SuperLink does not know, and a registered node that does not trust the CA,
     are refused before any message reaches them. The run config's own data path does not
     exist: the ServerApp reads no client data."""
@@ -335,8 +345,9 @@ def test_tls_authenticated_nodes_train_on_their_own_files(tmp_path, tiny_model_d
         deployment.start_superlink()
         for key in ("node0", "node1", "node2", "uncertified"):
             deployment.register(key)
-        for partition in range(3):
-            deployment.start_node(partition, 3, key=f"node{partition}", data_path=files[partition])
+        for partition in range(3):  # node 0 forwards its messages to a worker
+            deployment.start_node(partition, 3, key=f"node{partition}", data_path=files[partition],
+                                  worker=partition == 0)
         deployment.start_node(1, 3, key="stranger", name="stranger")
         deployment.start_node(1, 3, key="uncertified", trust_ca=False, name="uncertified")
         for name, reason in (("stranger", "Failed to activate SuperNode"),
@@ -351,6 +362,10 @@ def test_tls_authenticated_nodes_train_on_their_own_files(tmp_path, tiny_model_d
         assert summary["excluded_at_setup"] == [2]
         assert summary["client_sizes"] == [9.0, 15.0, 0.0]  # each file less its test quarter
         assert [h["reporting"] for h in summary["history"]] == [[0, 1], [0, 1]]
+        # The worker built node 0's client once (at the set-up query); node 1's per-message
+        # processes build theirs in every round.
+        for record in summary["history"]:
+            assert record["node_seconds"]["0"]["setup"] == 0 and record["node_seconds"]["1"]["setup"] > 0
         accuracies = summary["client_test_accuracy"]
         assert all(0 <= a <= 1 for a in accuracies[:2]) and accuracies[2] is None
         node2 = (tmp_path / "node2.log").read_text(errors="replace")

@@ -37,14 +37,17 @@ import json
 import logging
 import os
 import pathlib
+import time
 from typing import Any, Callable, Mapping
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from celora_jax.config import RunConfig, apply_overrides
 from celora_jax.federated.methods import get_method
-from celora_jax.flower.client_app import client_app_for
+from celora_jax.flower import worker
+from celora_jax.flower.client_app import PROCESS_STARTED, client_app_for
 from celora_jax.flower.node_data import node_local_config
 from celora_jax.flower.server_app import CeloraStrategy
 
@@ -113,7 +116,34 @@ def _setup_for(context: Context):
     return _prepare_from(context.run_config)(config)
 
 
-client_app = client_app_for(_setup_for)
+_local_app = client_app_for(_setup_for)
+client_app = ClientApp()
+
+
+def _handle(message: Message, context: Context) -> Message:
+    """In this process, or forwarded to the node's long-running worker when its node config
+    names one (``worker=SOCKET``, ``celora_jax.flower.worker``)."""
+    socket_path = context.node_config.get("worker")
+    if not socket_path:
+        return _local_app(message, context)
+    arrived = time.time()
+    content = worker.forward(str(socket_path), message, context)
+    if "seconds_before_app" in content["metrics"] and PROCESS_STARTED:
+        # The worker's own process is long-lived: what counts is this message's process.
+        content["metrics"]["seconds_before_app"] = max(0.0, arrived - PROCESS_STARTED)
+    return Message(content, reply_to=message)
+
+
+client_app.query()(_handle)
+client_app.train()(_handle)
+client_app.evaluate()(_handle)
+
+
+def make_worker_app() -> ClientApp:
+    """The ClientApp a worker runs for one run (a fresh cache of task and programs)."""
+    return client_app_for(_setup_for)
+
+
 server_app = ServerApp()
 
 

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import pathlib
+import time
 from typing import Callable
 
 import jax
@@ -45,6 +46,20 @@ from celora_jax.flower import records
 
 logger = logging.getLogger(__name__)
 PREFIX = "celora."  # context.state records: celora.params, celora.opt, celora.fold
+
+
+def _process_started() -> float | None:
+    """When this process started (seconds since the epoch), if psutil can tell."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().create_time()
+
+
+# A SuperNode starts a process per message: what it spends before the app runs (interpreter,
+# imports) is part of every round's cost.
+PROCESS_STARTED = _process_started()
 
 
 def partition_id(context: Context, num_clients: int) -> int:
@@ -176,16 +191,18 @@ def client_app_for(build_setup: Callable[[Context], "setup_lib.Setup"]) -> Clien
     # simulation serves several clients from one process, which then compiles once, not
     # once per client; a SuperNode starts a process per message, where the compilation
     # cache saves the rest).
-    prepared: dict = {"setup": None, "programs": None, "nodes": {}}
+    prepared: dict = {"setup": None, "programs": None, "nodes": {}, "setup_seconds": 0.0}
 
     def node_for(context: Context) -> ClientNode:
         if prepared["setup"] is None:
+            started = time.perf_counter()
             try:
                 prepared["setup"] = build_setup(context)
             except ValueError as err:  # DataError, ConfigError: one line in the node's log
                 logger.error("this SuperNode cannot take part in the run: %s", err)
                 raise
             prepared["programs"] = node_programs(prepared["setup"])
+            prepared["setup_seconds"] = time.perf_counter() - started
         setup, nodes = prepared["setup"], prepared["nodes"]
         client = partition_id(context, setup.num_clients)
         if client not in nodes:
@@ -223,13 +240,18 @@ def client_app_for(build_setup: Callable[[Context], "setup_lib.Setup"]) -> Clien
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        arrived, setup_before = time.time(), prepared["setup_seconds"]
         node, server_round, state, origin = arrive(msg, context)
         state, upload, metrics = node.train(state, server_round - 1)
         _save_state(context, state, node.client)
         if upload is None:
             raise ValueError(f"client {node.client}: round {server_round} produced NaN/Inf; nothing uploaded")
+        # Where this message's time went on the node (the server records them per round).
+        setup_seconds = prepared["setup_seconds"] - setup_before  # 0 unless this message built the task
+        timings = {"seconds_before_app": max(0.0, arrived - PROCESS_STARTED) if PROCESS_STARTED else -1.0,
+                   "seconds_setup": setup_seconds, "seconds_train": time.time() - arrived - setup_seconds}
         answer = reply(msg, node, train_loss=metrics["train_loss"], train_accuracy=metrics["train_accuracy"],
-                       **origin)
+                       **origin, **timings)
         records.put_tree(answer.content, "upload", upload)
         return answer
 

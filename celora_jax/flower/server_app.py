@@ -60,6 +60,10 @@ from celora_jax.gmm import ClassMixtures
 logger = logging.getLogger(__name__)
 
 
+# Where a node's time went in a train message (``client_app.timed``): from its process's
+# start to the message reaching the app, building the task and programs, and the rest.
+NODE_TIMINGS = ("before_app", "setup", "train")
+
 # Errors the SuperLink sends in a node's place: the node never took the message (or its
 # reply was lost), so it did not apply its download.
 UNDELIVERED = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
@@ -319,6 +323,7 @@ class CeloraStrategy(Strategy):
             logger.error("round %d: clients %s did not answer (round timeout %s s); the round goes on without them",
                          server_round, silent, self.timeout)
         uploads, losses, up, message_up, excluded, restored, fresh = {}, [], 0, 0, [], [], []
+        node_seconds = {}
         for client, reply in sorted(answered, key=lambda pair: pair[0]):  # client order, whatever the replies'
             if reply.has_error():
                 logger.error("round %d: client %d failed: %s", server_round, client, reply.error.reason)
@@ -341,6 +346,8 @@ class CeloraStrategy(Strategy):
                 if int(metrics.get(flag, 0)):
                     clients.append(client)
             uploads[client] = upload
+            node_seconds[str(client)] = {name: float(metrics[f"seconds_{name}"]) for name in NODE_TIMINGS
+                                         if f"seconds_{name}" in metrics}
             up += records.tree_bytes(upload)
             message_up += content_bytes(reply.content)
             losses.append(float(metrics["train_loss"]))
@@ -354,7 +361,7 @@ class CeloraStrategy(Strategy):
                       silent=silent, restored=restored, fresh=fresh,
                       seconds=time.perf_counter() - self._round_started,
                       train_loss=float(np.mean(losses)) if losses else float("nan"),
-                      accepted=logs["accepted"], rejected=logs["rejected"])
+                      accepted=logs["accepted"], rejected=logs["rejected"], node_seconds=node_seconds)
         if "weights" in logs:
             record["weights"] = np.asarray(logs["weights"]).tolist()
         if self.on_round is not None:
