@@ -325,31 +325,40 @@ def _reviews_csv(path: pathlib.Path, count: int, labels=("neg", "pos")) -> pathl
 def test_tls_authenticated_nodes_train_on_their_own_files(tmp_path, tiny_model_dir):
     """The deployment a group of organisations runs: a SuperLink with TLS (a test CA's
     certificate for 127.0.0.1) and SuperNode authentication; each registered node reads
-    only its own CSV (node-data, data-path), of its own size. Node 2's file holds a label
-    outside the declared ones: it logs one line, is left out, and the run goes on. Node 0
+    only its own CSV (node-data, data-path), of its own size. Nodes 2-5 cannot take part
+    (a label outside the declared ones, a missing file, a missing column, no data-path):
+    each logs one line, is left out, and the run goes on. Node 0
     forwards its messages to a worker that keeps its client prepared. A node
     whose key the SuperLink does not know, and a registered node that does not trust the CA,
     are refused before any message reaches them. The run config's own data path does not
     exist: the ServerApp reads no client data."""
     _require_flower_binaries()
-    credentials = make_credentials(tmp_path / "credentials", ["node0", "node1", "node2", "stranger", "uncertified"])
+    bad_nodes = {  # partition -> (its data-path or None, the line its log must show)
+        2: (_reviews_csv(tmp_path / "site2.csv", 8, labels=("neg", "pos", "mixed")), "label 'mixed'"),
+        3: (tmp_path / "missing.csv", "missing.csv does not exist"),
+        4: (tmp_path / "columns.csv", "has no column(s) ['label']"),
+        5: (None, "has no data-path"),
+    }
+    (tmp_path / "columns.csv").write_text("text,diagnosis\na,neg\nb,pos\nc,neg\n")
+    credentials = make_credentials(tmp_path / "credentials",
+                                   [f"node{i}" for i in range(6)] + ["stranger", "uncertified"])
     deployment = Deployment(tmp_path, credentials)
-    files = [_reviews_csv(tmp_path / "site0.csv", 12), _reviews_csv(tmp_path / "site1.csv", 20),
-             _reviews_csv(tmp_path / "site2.csv", 8, labels=("neg", "pos", "mixed"))]
+    files = [_reviews_csv(tmp_path / "site0.csv", 12), _reviews_csv(tmp_path / "site1.csv", 20)] + \
+        [bad_nodes[i][0] for i in range(2, 6)]
     try:
         app = write_app(tmp_path / "app", {
             "preset": "smoke", "node-data": True, "output-dir": str(tmp_path / "out"), "round-timeout": 240.0,
-            "set": f"model.path='{tiny_model_dir}'; data.label_names='neg,pos'; partition.num_clients=3; "
+            "set": f"model.path='{tiny_model_dir}'; data.label_names='neg,pos'; partition.num_clients=6; "
                    "federation.method='celora'; data.path='/nonexistent/the-server-has-no-data.csv'"})
         summary_path = tmp_path / "out" / "flower_summary.json"
         deployment.start_superlink()
-        for key in ("node0", "node1", "node2", "uncertified"):
+        for key in [f"node{i}" for i in range(6)] + ["uncertified"]:
             deployment.register(key)
-        for partition in range(3):  # node 0 forwards its messages to a worker
-            deployment.start_node(partition, 3, key=f"node{partition}", data_path=files[partition],
+        for partition in range(6):  # node 0 forwards its messages to a worker
+            deployment.start_node(partition, 6, key=f"node{partition}", data_path=files[partition],
                                   worker=partition == 0)
-        deployment.start_node(1, 3, key="stranger", name="stranger")
-        deployment.start_node(1, 3, key="uncertified", trust_ca=False, name="uncertified")
+        deployment.start_node(1, 6, key="stranger", name="stranger")
+        deployment.start_node(1, 6, key="uncertified", trust_ca=False, name="uncertified")
         for name, reason in (("stranger", "Failed to activate SuperNode"),
                              ("uncertified", "CERTIFICATE_VERIFY_FAILED")):
             process = deployment.processes[name]
@@ -359,17 +368,19 @@ def test_tls_authenticated_nodes_train_on_their_own_files(tmp_path, tiny_model_d
         summary = wait_for(lambda: (s := read_summary(summary_path)) and s["finished"] and s, deployment, run, 600,
                            "finished run")
         assert run.wait(timeout=60) == 0, deployment.logs()
-        assert summary["excluded_at_setup"] == [2]
-        assert summary["client_sizes"] == [9.0, 15.0, 0.0]  # each file less its test quarter
+        assert summary["excluded_at_setup"] == [2, 3, 4, 5]
+        assert summary["client_sizes"] == [9.0, 15.0, 0.0, 0.0, 0.0, 0.0]  # each file less its test quarter
         assert [h["reporting"] for h in summary["history"]] == [[0, 1], [0, 1]]
         # The worker built node 0's client once (at the set-up query); node 1's per-message
         # processes build theirs in every round.
         for record in summary["history"]:
             assert record["node_seconds"]["0"]["setup"] == 0 and record["node_seconds"]["1"]["setup"] > 0
         accuracies = summary["client_test_accuracy"]
-        assert all(0 <= a <= 1 for a in accuracies[:2]) and accuracies[2] is None
-        node2 = (tmp_path / "node2.log").read_text(errors="replace")
-        assert "cannot take part in the run: row 3 of " in node2 and "label 'mixed'" in node2, node2[-3000:]
+        assert all(0 <= a <= 1 for a in accuracies[:2]) and accuracies[2:] == [None] * 4
+        for partition, (_, reason) in bad_nodes.items():
+            lines = [line for line in (tmp_path / f"node{partition}.log").read_text(errors="replace").splitlines()
+                     if "cannot take part in the run" in line]
+            assert len(lines) == 1 and reason in lines[0], (partition, lines, deployment.logs())
         assert "Receiving: train message" in (tmp_path / "node0.log").read_text(errors="replace")
         for name in ("stranger", "uncertified"):  # received nothing
             assert "Receiving:" not in (tmp_path / f"{name}.log").read_text(errors="replace")
