@@ -15,6 +15,7 @@ from celora_jax.data.text import TextDataConfig
 from celora_jax.federated.methods import get_method
 from celora_jax.overrides import apply_overrides  # --set parsing, importable from here too
 from celora_jax.privacy.dp import DPConfig
+from celora_jax.tracking.config import TrackingConfig
 
 # The compute dtypes a model can run in (parameters stay float32).
 DTYPES = ("float32", "bfloat16", "float16")
@@ -309,7 +310,7 @@ class RunConfig:
     Attributes:
       name: run name; outputs go to ``output_dir/name/method``.
       seed: seed of adapter init, dropout and batch order (the partition has its own).
-      model, data, partition, adapter, optimizer, federation, aggregation, checkpoint, dp:
+      model, data, partition, adapter, optimizer, federation, aggregation, checkpoint, dp, tracking:
         see their types (``dp``: clipped, noised uploads with an ε accountant; off by
         default).
         ``adapter.kind`` is decided by the method (None, the default; tri for the CE-LoRA
@@ -340,6 +341,7 @@ class RunConfig:
     aggregation: AggregationConfig = AggregationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     dp: DPConfig = DPConfig()
+    tracking: TrackingConfig = TrackingConfig()
     export_peft: bool = False
     output_dir: str = "runs"
     compilation_cache: str = "auto"

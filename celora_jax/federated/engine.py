@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from celora_jax import checkpoint, compile_cache, sharding
+from celora_jax import checkpoint, compile_cache, sharding, tracking
 from celora_jax import roles as roles_lib
 from celora_jax.config import RunConfig, to_dict
 from celora_jax.federated import client_ranks
@@ -107,6 +107,13 @@ def checkpoint_directory(config: RunConfig, output_dir: str | pathlib.Path | Non
     return None if output_dir is None else pathlib.Path(output_dir) / "checkpoints"
 
 
+def tracking_tags(config: RunConfig, setup: Setup) -> dict[str, str]:
+    """How a run is labelled in the trackers: method, setting (the run's name), seed, rank,
+    adapter init."""
+    return {"method": setup.method.name, "setting": config.name, "seed": str(config.seed),
+            "rank": str(setup.task.adapter_config.rank), "adapter_init": str(setup.task.adapter_config.init)}
+
+
 def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.Path | None = None,
         resume: bool = False) -> RunResult:
     """Prepares and runs one method.
@@ -125,14 +132,18 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
                          "or choose another output directory")
     if jax.process_index() != 0:
         output_dir, progress = None, False  # every process saves checkpoints, process 0 the rest
+    tracking.check_backends(config.tracking.names)  # a missing extra fails before anything loads
     compile_cache.enable(config.compilation_cache)
     setup = prepare(config, progress=progress)
     files = RunFiles(output_dir, json.dumps(to_dict(config), indent=2, sort_keys=True), resume)
+    # Process 0 alone logs (the others hold the same records), when tracking.backends names any.
+    tracker = tracking.RunTracker(config, files.directory, tracking_tags(config, setup), resume, to_dict(config),
+                                  enabled=jax.process_index() == 0)
     # A resumed run that had already finished yields no rounds: its records are the file's.
     client_params, history = None, files.history
     # Closed on the way out, interrupted or not: the checkpoint manager's threads stop before
     # the interpreter shuts down, and the progress bar ends its line.
-    with contextlib.closing(iterate_rounds(setup, checkpoint_dir, resume)) as rounds:
+    with contextlib.closing(iterate_rounds(setup, checkpoint_dir, resume)) as rounds, contextlib.closing(tracker):
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -141,14 +152,16 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
         with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
             for record, client_params in rounds:
                 history = files.add(record)
+                tracker.add(record)
                 if bar is not None:  # a resumed run's bar starts at the round it resumes from
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}",
                                     acc=f"{record.get('test_accuracy_mean', float('nan')):.3f}",
                                     MB=f"{record['bytes_cumulative'] / 1e6:.2f}", refresh=False)
                     bar.update(record["round"] - bar.n)
-    if not history:
-        raise ValueError("the run produced no rounds")
-    summary = summarize(history, setup)
+        if not history:
+            raise ValueError("the run produced no rounds")
+        summary = summarize(history, setup)
+        tracker.finish(summary)
     if client_params is not None:
         client_params = jax.tree.map(lambda x: x[: setup.num_clients], client_params)  # drop mesh padding
     if config.export_peft and client_params is not None:

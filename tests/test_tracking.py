@@ -1,0 +1,118 @@
+"""Experiment tracking (issue 44): TensorBoard and MLflow writers, read back with the
+backends' own readers and compared with metrics.jsonl; resume appends without duplicated
+steps; bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from celora_jax.config import ConfigError, RunConfig, apply_overrides
+from celora_jax.federated import engine
+from celora_jax.tracking import flatten_config, round_scalars
+from helpers import tiny_config
+
+
+def _tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}, events
+
+
+def _mlflow_run(store, experiment):
+    from mlflow.tracking import MlflowClient
+
+    from celora_jax.tracking.writers import mlflow_uri
+
+    client = MlflowClient(tracking_uri=mlflow_uri(store))
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return client, runs
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def test_runs_write_tensorboard_and_mlflow_that_read_back_as_metrics_jsonl(tmp_path, tiny_model_dir):
+    config = apply_overrides(tiny_config(tiny_model_dir, "celora"), ["federation.rounds=3",
+                             "tracking.backends=tensorboard,mlflow", "federation.eval_every=2"])
+    run_dir = tmp_path / "tiny" / "celora"
+    engine.run(config, output_dir=run_dir)
+    records = _records(run_dir)
+    root = tmp_path / "tiny" / "tracking"
+    scalars, events = _tensorboard_scalars(root / "tensorboard" / "tiny" / "celora")
+    for record in records:
+        for key, value in round_scalars(record).items():
+            assert scalars[key][record["round"]] == pytest.approx(value, rel=1e-6), key
+    evaluated = [r["round"] for r in records if "client_test_accuracy" in r]
+    assert evaluated == [2, 3]
+    assert [h.step for h in events.Histograms("client_test_accuracy")] == evaluated
+    assert [i.step for i in events.Images("weights")] == evaluated
+    client, runs = _mlflow_run(root / "mlflow", "tiny")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["method"] == "celora" and run.data.tags["seed"] == "0" and run.info.status == "FINISHED"
+    assert run.data.params["federation.rounds"] == "3" and run.data.params["adapter.rank"] == "8"
+    for key in ("train_loss", "bytes_cumulative", "test_accuracy_mean"):
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        assert history == {r["round"]: pytest.approx(r[key], rel=1e-6) for r in records if key in r}, key
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert run.data.metrics["final/test_accuracy_mean"] == pytest.approx(summary["test_accuracy_mean"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "client_test_accuracy")}
+    assert artifacts == {"client_test_accuracy/round_0002.json", "client_test_accuracy/round_0003.json"}
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path, tiny_model_dir):
+    """Interrupted after round 2 (its round-3 checkpoint and summary lost), then resumed:
+    TensorBoard purges what the interrupted run wrote from round 3 on, MLflow keeps its
+    steps and the resumed run adds only the new ones, in the same MLflow run."""
+    config = apply_overrides(tiny_config(tiny_model_dir, "fedavg_lora"), ["federation.rounds=3",
+                             "tracking.backends=tensorboard,mlflow", "checkpoint.every=1", "checkpoint.keep=3"])
+    run_dir = tmp_path / "tiny" / "fedavg_lora"
+    engine.run(config, output_dir=run_dir)
+    before = _records(run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "3")
+    (run_dir / "summary.json").unlink()
+    engine.run(config, output_dir=run_dir, resume=True)
+    after = _records(run_dir)
+    assert [r["round"] for r in after] == [1, 2, 3]
+    root = tmp_path / "tiny" / "tracking"
+    scalars, _ = _tensorboard_scalars(root / "tensorboard" / "tiny" / "fedavg_lora")
+    assert sorted(scalars["train_loss"]) == [1, 2, 3]
+    assert scalars["train_loss"][3] == pytest.approx(after[-1]["train_loss"], rel=1e-6)
+    client, runs = _mlflow_run(root / "mlflow", "tiny")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")]
+    assert steps == [1, 2, 3]
+    np.testing.assert_allclose([r["train_loss"] for r in after], [r["train_loss"] for r in before], rtol=1e-6)
+
+
+def test_tracking_bad_input(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="unknown backend"):
+        apply_overrides(RunConfig(), ["tracking.backends=tensorboard,wandbx"])
+    with pytest.raises(ConfigError, match="twice"):
+        apply_overrides(RunConfig(), ["tracking.backends=mlflow,mlflow"])
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mlflow(name, *args, **kwargs):
+        if name == "mlflow" or name.startswith("mlflow."):
+            raise ImportError("No module named 'mlflow'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mlflow)
+    from celora_jax.tracking import check_backends
+
+    with pytest.raises(ConfigError, match=r"pip install 'celora-jax\[mlflow\]'"):
+        check_backends(("mlflow",))
+
+
+def test_flatten_config_gives_scalar_hyperparameters():
+    flat = flatten_config({"federation": {"rounds": 3, "method_options": {}}, "adapter": {"init": None},
+                           "name": "x", "grid": [1, 2]})
+    assert flat == {"federation.rounds": 3, "federation.method_options": "{}", "adapter.init": "null", "name": "x",
+                    "grid": "[1, 2]"}
