@@ -320,3 +320,35 @@ def test_a_worker_serves_every_message_from_one_prepared_client(task_identity, t
     assert not (tmp_path / "worker.sock").exists()  # removed when the worker stops
     with pytest.raises(RuntimeError, match="no celora-jax flower-worker listens there"):
         worker.forward(socket_path, None, None)
+
+
+def test_the_server_app_logs_its_rounds_to_the_trackers(task_identity, tmp_path):
+    """The ServerApp's per-round records (bytes, losses, W) and the nodes' final accuracies
+    through the same writers as the simulator's runs, read back with their own readers."""
+    from flwr.app import ArrayRecord
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from celora_jax.config import apply_overrides
+    from celora_jax.flower.app import ServerTracking
+    from celora_jax.tracking.writers import mlflow_uri
+
+    setup = toy_setup(with_federation(toy_config("celora", num_clients=3), rounds=2))
+    config = apply_overrides(setup.config, ["tracking.backends=tensorboard,mlflow"])
+    log_round = ServerTracking(config, "celora", tmp_path / "out")
+    app = make_client_app(setup.config, prepare=lambda c: setup)
+    grid = FakeGrid(app, 3)
+    strategy = CeloraStrategy(setup.method, setup.config.aggregation, 3, num_rounds=2, on_round=log_round)
+    strategy.setup(grid, timeout=10)
+    strategy.start(grid, ArrayRecord(), num_rounds=2, timeout=10)
+    log_round.close()
+    events = EventAccumulator(str(tmp_path / "out" / "tracking" / "tensorboard" / "toy" / "celora"),
+                              size_guidance={"scalars": 0})
+    events.Reload()
+    assert {e.step: e.value for e in events.Scalars("bytes_up")} == {h["round"]: h["bytes_up"] for h in strategy.history}
+    assert [i.step for i in events.Images("weights")] == [1, 2]
+    assert [h.step for h in events.Histograms("client_test_accuracy")] == [2]
+    client = MlflowClient(tracking_uri=mlflow_uri(tmp_path / "out" / "tracking" / "mlflow"))
+    run = client.search_runs([client.get_experiment_by_name("toy").experiment_id])[0]
+    assert run.data.tags["engine"] == "flower" and run.info.status == "FINISHED"
+    assert run.data.metrics["final/test_accuracy_mean"] == pytest.approx(np.mean(list(strategy.accuracies.values())))

@@ -32,6 +32,7 @@ An app directory with these keys is ``celora_jax/flower/app_template/``; the doc
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -40,11 +41,13 @@ import pathlib
 import time
 from typing import Any, Callable, Mapping
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from celora_jax.config import RunConfig, apply_overrides
+from celora_jax import tracking
+from celora_jax.config import RunConfig, apply_overrides, to_dict
 from celora_jax.federated.methods import get_method
 from celora_jax.flower import worker
 from celora_jax.flower.client_app import PROCESS_STARTED, client_app_for
@@ -164,16 +167,66 @@ def _server_main(grid: Grid, context: Context) -> None:
     fed = config.federation
     method = get_method(fed.method, **fed.method_options.get(fed.method, {}))
     timeout = float(settings["round-timeout"])
-    write = None
-    if settings["output-dir"]:
-        out = pathlib.Path(str(settings["output-dir"]))
+    out = pathlib.Path(str(settings["output-dir"])) if settings["output-dir"] else None
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        write = lambda strategy: write_summary(strategy, out / "flower_summary.json")  # noqa: E731
+    log_round = ServerTracking(config, method.name, out)
+
+    def on_round(strategy: CeloraStrategy) -> None:
+        if out is not None:
+            write_summary(strategy, out / "flower_summary.json")
+        log_round(strategy)
+
     strategy = CeloraStrategy(method, config.aggregation, config.partition.num_clients, fed.outlier_factor,
-                              fed.rounds, on_round=write)
+                              fed.rounds, on_round=on_round)
     logger.info("celora-jax %s on Flower: %d nodes, %d rounds", method.name, strategy.num_clients, fed.rounds)
-    strategy.setup(grid, timeout)
-    strategy.start(grid, ArrayRecord(), num_rounds=fed.rounds, timeout=timeout)
+    try:
+        strategy.setup(grid, timeout)
+        strategy.start(grid, ArrayRecord(), num_rounds=fed.rounds, timeout=timeout)
+    finally:
+        log_round.close()
+
+
+class ServerTracking:
+    """The ServerApp's rounds through the run's tracking writers (``tracking.backends``):
+    every aggregated round's record, then the nodes' own-test accuracies. The stores go to
+    ``tracking.directory``, else ``<output-dir>/tracking``."""
+
+    def __init__(self, config: RunConfig, method: str, out: pathlib.Path | None):
+        self.tracker, self.logged = None, 0
+        if not config.tracking.names:
+            return
+        tracking.check_backends(config.tracking.names)
+        if not config.tracking.directory:
+            if out is None:
+                raise ValueError("tracking.backends on Flower needs the app's output-dir or tracking.directory")
+            config = dataclasses.replace(config, tracking=dataclasses.replace(config.tracking,
+                                                                              directory=str(out / "tracking")))
+        tags = {"method": method, "setting": config.name, "seed": str(config.seed), "rank": str(config.adapter.rank),
+                "adapter_init": str(config.adapter.init), "engine": "flower"}
+        # The run is named after the method, as a simulator run of this config would be.
+        run_dir = (out or pathlib.Path(config.tracking.directory)) / method
+        self.tracker = tracking.RunTracker(config, run_dir, tags, False, to_dict(config))
+
+    def __call__(self, strategy: CeloraStrategy) -> None:
+        if self.tracker is None:
+            return
+        finished = [r for r in strategy.history if "seconds" in r]  # aggregated rounds
+        for record in finished[self.logged:]:
+            self.tracker.add(record)
+        self.logged = len(finished)
+        if strategy.accuracies and finished:
+            accuracies = [strategy.accuracies[c] for c in sorted(strategy.accuracies)]
+            evaluated = {"round": finished[-1]["round"], "client_test_accuracy": accuracies,
+                         "test_accuracy_mean": float(np.mean(accuracies))}
+            self.tracker.add(evaluated)
+            self.tracker.finish({"test_accuracy_mean": evaluated["test_accuracy_mean"],
+                                 "bytes_cumulative": float(sum(r.get("bytes_up", 0) + r.get("bytes_down", 0)
+                                                               for r in strategy.history))})
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def write_summary(strategy: CeloraStrategy, path: pathlib.Path) -> None:

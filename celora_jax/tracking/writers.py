@@ -227,11 +227,13 @@ class RunTracker:
                 for writer in self.writers:
                     writer.hyperparameters(flatten_config(self.config_dict))
         scalars = round_scalars(record)
-        evaluated = "client_test_accuracy" in record
+        fed = self.config.federation
+        pictured = step % fed.eval_every == 0 or step == fed.rounds  # the evaluation schedule
         for writer in self.writers:
             writer.scalars(step, scalars)
-            if evaluated:
+            if "client_test_accuracy" in record:
                 writer.histogram(step, "client_test_accuracy", record["client_test_accuracy"])
+            if pictured:
                 for name, value in record.items():  # W and the distance matrices
                     matrix = np.asarray(value, np.float64) if isinstance(value, list) and value and \
                         isinstance(value[0], list) else None
