@@ -6,7 +6,7 @@ import dataclasses
 
 from celora_jax._checks import ConfigError, check_fields
 
-BACKENDS = ("tensorboard", "mlflow")
+BACKENDS = ("tensorboard", "mlflow", "wandb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,9 +17,11 @@ class TrackingConfig:
       backends: comma-separated writers, any of "tensorboard" (event files under
         ``<directory>/tensorboard/<experiment>/<run>``, ``tensorboard --logdir``) and "mlflow"
         (a local store ``<directory>/mlflow``: an SQLite database and its artifacts, one
-        MLflow experiment per ``experiment``, one run per method and seed); "" (default)
-        writes none. Each is an optional extra: ``pip install 'celora-jax[tensorboard]'``,
-        ``'celora-jax[mlflow]'``.
+        MLflow experiment per ``experiment``, one run per method and seed) and "wandb"
+        (Weights & Biases in offline mode: ``<directory>/wandb/offline-run-*``, one project
+        per ``experiment``, for ``wandb sync`` later); "" (default) writes none. Each is an
+        optional extra: ``pip install 'celora-jax[tensorboard]'``, ``'celora-jax[mlflow]'``,
+        ``'celora-jax[wandb]'``.
       directory: root of the tracking stores; None puts them beside the run's method
         folders (``<output_dir>/<name>/tracking``), so the methods of one call share them.
       experiment: the group the runs belong to (TensorBoard's top folder, MLflow's
