@@ -112,10 +112,12 @@ def run_label(method: str, variant: str | None) -> str:
     return method if variant is None else f"celora[{variant}]"
 
 
-def runs(settings, methods, variants, seeds, smoke: bool, overrides: list[str]):
+def runs(settings, methods, variants, seeds, smoke: bool, overrides: list[str], root: pathlib.Path = RESULTS):
     """(run directory relative to the results root, config) of every requested run."""
     for setting in settings:
-        base = setting_config(setting, smoke)
+        # With --set tracking.backends=..., every run of a setting lands in one tracking group.
+        base = apply_overrides(setting_config(setting, smoke), [f"tracking.directory={str(root / 'tracking')!r}",
+                                                                f"tracking.experiment={setting!r}"])
         jobs = [(m, None) for m in methods] + [("celora", v) for v in variants]
         for method, variant in jobs:
             extra = [] if variant is None else VARIANTS[variant]
@@ -407,12 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage in ("gates", "all"):
             for setting in settings:
                 gate_methods = args.methods.split(",") if args.methods else GATES[setting].methods()
-                todo += list(runs([setting], gate_methods, [], seeds, args.smoke, args.overrides))
+                todo += list(runs([setting], gate_methods, [], seeds, args.smoke, args.overrides, root))
         if args.stage in ("grid", "all"):
             methods = args.methods.split(",") if args.methods else GRID_METHODS
-            todo += list(runs(settings, methods, [], seeds, args.smoke, args.overrides))
+            todo += list(runs(settings, methods, [], seeds, args.smoke, args.overrides, root))
         if args.stage in ("variants", "all"):
-            todo += list(runs(settings, [], variants, seeds, args.smoke, args.overrides))
+            todo += list(runs(settings, [], variants, seeds, args.smoke, args.overrides, root))
     except ValueError as err:
         print(f"benchmarks: error: {err}", file=sys.stderr)
         return 2

@@ -179,7 +179,9 @@ def plan(root: pathlib.Path, setting: str, arm: Arm, smoke: bool,
          overrides: tuple[str, ...] = ()) -> Iterator[tuple[str, RunConfig]]:
     """The arm's runs not yet finished, in the order the rule needs them; stops where a
     choice waits on runs still to do (call again after running them)."""
-    base = setting_base(setting, smoke, overrides)
+    # With --set tracking.backends=..., every run of a setting lands in one tracking group.
+    grouped = (f"tracking.directory={str(root / 'tracking')!r}", f"tracking.experiment={setting!r}")
+    base = setting_base(setting, smoke, (*grouped, *overrides))
     grid = SMOKE_RATES if smoke else LEARNING_RATES
     where = root / setting / arm.name
     pending = False
@@ -295,7 +297,8 @@ def _finished_twin(out: pathlib.Path, config: RunConfig) -> pathlib.Path | None:
 
 def _comparable(config: dict) -> dict:
     config = json.loads(json.dumps(config))  # as engine.run writes it
-    config.pop("checkpoint", None)
+    for section in ("checkpoint", "tracking"):  # where things are written, not what is computed
+        config.pop(section, None)
     return config
 
 

@@ -77,7 +77,7 @@ def _assert_same_rounds(expected, got, keys=("train_loss", "train_accuracy", "te
 # resumed. (The clients-only mesh on 8 devices is covered in one process by test_engine and
 # test_round_contract; one run of each kind here keeps the file's processes to six.)
 _MESH_AND_CHECKPOINTS = ("--set", "federation.data_parallel=2", "--set", "checkpoint.every=1",
-                         "--set", "checkpoint.keep=3")
+                         "--set", "checkpoint.keep=3", "--set", "tracking.backends=tensorboard")
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,10 @@ def test_two_processes_equal_one_process(runs):
         expected, got = _history(single, method), _history(multi, method)
         assert len(got) == len(expected) == 3
         _assert_same_rounds(expected, got, label=method)
+        # Process 0 alone logs to the trackers: one event file per run, as on one process.
+        for root in (single, multi):
+            events = list((root / "smoke" / "tracking" / "tensorboard" / "smoke" / method).glob("events.out.*"))
+            assert len(events) == 1, (root, events)
 
 
 @pytest.mark.slow
