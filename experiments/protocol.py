@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", default="all", choices=("run", "report", "all"))
     parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
                         help=f"comma-separated settings of {sorted(BENCHMARKS)}")
-    parser.add_argument("--arms", default=None, help=f"comma-separated arms (default: all, in protocol order)")
+    parser.add_argument("--arms", default=None, help="comma-separated arms (default: all, in protocol order)")
     parser.add_argument("--smoke", action="store_true", help="CI-sized runs (4 clients, 2 rounds, 2 rates, 2 seeds)")
     parser.add_argument("--limit", type=int, default=None, help="stop after this many runs (the rest resume later)")
     parser.add_argument("--out", default=None, help=f"results root (default {RESULTS}[_smoke])")

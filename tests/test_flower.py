@@ -331,7 +331,7 @@ def test_the_server_app_logs_its_rounds_to_the_trackers(task_identity, tmp_path)
 
     from celora_jax.config import apply_overrides
     from celora_jax.flower.app import ServerTracking
-    from celora_jax.tracking.writers import mlflow_uri
+    from celora_jax.tracking.mlflow_store import mlflow_uri
 
     setup = toy_setup(with_federation(toy_config("celora", num_clients=3), rounds=2))
     config = apply_overrides(setup.config, ["tracking.backends=tensorboard,mlflow"])

@@ -25,7 +25,7 @@ def _tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
 def _mlflow_run(store, experiment):
     from mlflow.tracking import MlflowClient
 
-    from celora_jax.tracking.writers import mlflow_uri
+    from celora_jax.tracking.mlflow_store import mlflow_uri
 
     client = MlflowClient(tracking_uri=mlflow_uri(store))
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
