@@ -385,6 +385,9 @@ class RunConfig:
         if init == GRADIENT_SVD and self.dp.enabled:
             raise ConfigError("adapter.init='gradient_svd' uploads every client's gradient sketch in round 0 without "
                              "DP noise, which the DP accounting does not cover; use adapter.init='weight_svd' with DP")
+        if self.adapter.client_ranks is not None and self.dp.enabled:
+            raise ConfigError("adapter.client_ranks with DP: the noise would land on core entries a client neither "
+                             "trains nor sends; run clients of different ranks without dp, or one rank with it")
         if self.adapter.client_ranks is not None and init not in SHARED_BASIS_INITS:
             raise ConfigError(f"adapter.client_ranks gives clients the top-left blocks of cores in one frozen shared "
                              f"basis: adapter.init must be one of {', '.join(SHARED_BASIS_INITS)}, got {init!r} "

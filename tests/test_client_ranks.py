@@ -91,6 +91,9 @@ def test_client_ranks_need_a_frozen_basis_and_a_simulation(tmp_path, capsys):
     assert cli.main(["run", "--no-progress", "--set", "federation.method=fedavg_lora",
                      "--set", "adapter.client_ranks='4,8'"]) == 2
     assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="adapter.client_ranks with DP"):
+        apply_overrides(RunConfig(), ["federation.method=fed_sb", "adapter.client_ranks='4,8'", "dp.clip_norm=0.1",
+                                      "dp.noise_multiplier=1.0"])
     for value in ("'4,8'", "4,8", "(4, 8)"):  # quoted, or as --set parses an unquoted list
         assert apply_overrides(RunConfig(), ["federation.method=fed_sb", f"adapter.client_ranks={value}"]
                                ).adapter.client_rank_cycle == (4, 8)

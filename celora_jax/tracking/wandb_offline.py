@@ -24,6 +24,7 @@ class WandbWriter:
         self.state_file = state_file
         state = json.loads(state_file.read_text()) if resume and state_file.exists() else {}
         self.last_step, self._live_step = int(state.get("last_step", 0)), None
+        self._logged_before = self.last_step
         run_id = state.get("run_id") or secrets.token_hex(6)  # W&B ids: lowercase letters and digits
         self.run = self._wandb.init(project=experiment, name=run_name, dir=str(root), mode="offline", id=run_id,
                                     resume="allow", tags=[f"{k}={v}" for k, v in sorted(tags.items())],
@@ -39,7 +40,9 @@ class WandbWriter:
         self.run.config.update(values, allow_val_change=True)
 
     def scalars(self, step, values):
-        if step <= self.last_step:  # logged before the interruption (the same values: exact resume)
+        # Steps an interrupted run logged are skipped (the same values: exact resume); the
+        # current step may take more values (the Flower server's evaluation), W&B merges them.
+        if step <= self._logged_before or step < self.last_step:
             return
         self.run.log(dict(values), step=step)
         self.last_step = self._live_step = step
