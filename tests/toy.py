@@ -13,6 +13,7 @@ from celora_jax.config import FederationConfig, RunConfig
 from celora_jax.data.partition import PartitionConfig
 from celora_jax.federated.setup import Setup, adapter_config_for, resolve_method, setup_for
 from celora_jax.federated.tasks import Task
+from celora_jax.federated.tasks.base import hold_out_validation
 
 DIM, CLASSES = 8, 3
 
@@ -64,8 +65,7 @@ def toy_task(config: RunConfig, adapter_config: adapters.AdapterConfig, seed: in
         return features.astype(jnp.float32)
 
     train = _examples(rng, n, part.train_examples, rules)
-    fit = part.train_examples - part.validation_examples  # the held-out tail, as tasks.base does
-    train, validation = {k: v[:, :fit] for k, v in train.items()}, {k: v[:, fit:] for k, v in train.items()}
+    train, validation = hold_out_validation(train, part.validation_examples)
     test = _examples(rng, n, part.test_examples, rules)
     global_test = {k: v[0] for k, v in _examples(rng, 1, part.global_test_examples, rules[:1]).items()}
     return Task(logits_fn, embed_fn, ("features",), {"dense": params["dense"]},

@@ -166,7 +166,7 @@ def _round_record(setup: Setup, round_index: int, metrics: dict, mask: np.ndarra
     up_by_client, down_by_client = bytes_each_way
     sent = int((up_by_client + down_by_client)[mask[:n]].sum())
     # Per reporting client (all clients alike unless their ranks differ).
-    up, down = (round(float(v[mask[:n]].mean())) if participants and v.min() != v.max() else int(v.max())
+    up, down = (round(float(v[mask[:n]].mean())) if participants else int(v.max())
                 for v in (up_by_client, down_by_client))
     return {
         "round": round_index + 1,

@@ -160,8 +160,7 @@ def client_examples(encoded: dict, all_labels: np.ndarray, needed: np.ndarray, s
     if split.quarter_turns is not None:  # each client's own view of the images (clustered_rotations)
         for examples in (train, test):
             examples["images"] = rotate_clients(examples["images"], split.quarter_turns)
-    fit = train["example_mask"].shape[1] - validation_examples
-    train, validation = {k: v[:, :fit] for k, v in train.items()}, {k: v[:, fit:] for k, v in train.items()}
+    train, validation = hold_out_validation(train, validation_examples)
     if pooled_training:
         if clients != (0, len(split.train)):
             raise DataError("partition.pooled_training gives every client all clients' training examples, "
@@ -170,6 +169,13 @@ def client_examples(encoded: dict, all_labels: np.ndarray, needed: np.ndarray, s
         train = pool_clients(train)
     global_test = packing.gather_examples(encoded, labels, position[split.global_test][None])
     return train, validation, test, {k: v[0] for k, v in global_test.items()}
+
+
+def hold_out_validation(train: dict, validation_examples: int) -> tuple[dict, dict]:
+    """(train, validation): the last ``validation_examples`` of each client's rows
+    ``[N, n, ...]`` held out as its validation split, the rest kept to train on."""
+    fit = train["example_mask"].shape[1] - validation_examples
+    return {k: v[:, :fit] for k, v in train.items()}, {k: v[:, fit:] for k, v in train.items()}
 
 
 def pool_clients(examples: dict) -> dict:
