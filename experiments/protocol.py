@@ -262,6 +262,7 @@ def execute(root: pathlib.Path, settings: list[str], arms: list[str], smoke: boo
     server grid's default λ is the learning-rate run itself) is copied from it. A run stopped
     mid-way resumes from its checkpoint; checkpoints are deleted once the run has finished.
     """
+    from celora_jax import checkpoint
     from celora_jax.federated import engine
 
     done = 0
@@ -279,7 +280,9 @@ def execute(root: pathlib.Path, settings: list[str], arms: list[str], smoke: boo
                         continue
                     print(f"protocol: {run_id}", flush=True)
                     config = apply_overrides(config, [f"checkpoint.every={CHECKPOINT_EVERY}", "checkpoint.keep=1"])
-                    engine.run(config, output_dir=out, resume=(out / "checkpoints").exists())
+                    # A run killed before its first checkpoint leaves an empty folder: start it afresh.
+                    resume = checkpoint.has_checkpoints(out / "checkpoints")
+                    engine.run(config, output_dir=out, resume=resume)
                     shutil.rmtree(out / "checkpoints", ignore_errors=True)
                     done += 1
     return done
