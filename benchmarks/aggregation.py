@@ -42,10 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
-from celora_jax import aggregation, similarity  # noqa: E402
-from celora_jax.gmm import ClassMixtures  # noqa: E402
 from numpy_reference import np_data_distance, np_server_step  # noqa: E402
+
+from celora_jax.server import aggregation  # noqa: E402
+from celora_jax.server import similarity
+from celora_jax.server.gmm import ClassMixtures  # noqa: E402
 
 logger = logging.getLogger("benchmarks.aggregation")
 

@@ -114,7 +114,7 @@ def persistent_cache_off():
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
-    from celora_jax import compile_cache
+    from celora_jax.federated import compile_cache
 
     saved_env, saved_dir = os.environ.get(compile_cache.ENVIRONMENT), jax.config.jax_compilation_cache_dir
     os.environ[compile_cache.ENVIRONMENT] = "off"
@@ -132,8 +132,8 @@ def persistent_cache_off():
 
 def measure(preset: str, method: str, scan: bool, overrides: list[str], events: CompileEvents) -> dict:
     from celora_jax.federated import engine
-    from celora_jax.overrides import apply_overrides
-    from celora_jax.presets import get_preset
+    from celora_jax.federated.overrides import apply_overrides
+    from celora_jax.federated.presets import get_preset
 
     # The method's options first: they must hold before the method is checked against them.
     config = apply_overrides(get_preset(preset), [*METHOD_OVERRIDES.get(method, []), f"federation.method={method}",

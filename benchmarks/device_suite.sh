@@ -36,7 +36,7 @@ tail -2 "$log"
 for name in $steps; do
   case $name in
     main)
-      step main "$py" -m celora_jax.cli run --methods celora,fedavg_lora --no-progress --output-dir "$out/runs"
+      step main "$py" -m celora_jax.cli.main run --methods celora,fedavg_lora --no-progress --output-dir "$out/runs"
       (cd "$out" && tar czf runs.tgz runs && rm -rf runs) ;;
     speed)
       step speed_f32 "$py" benchmarks/round_speed.py --skip-profile --out "$out/round_speed_f32.json"

@@ -40,8 +40,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "flower_vs_engine.js
 
 
 def make_config(overrides: list[str], rounds: int, config_factory: str = ""):
-    from celora_jax.config import apply_overrides
-    from celora_jax.presets import get_preset
+    from celora_jax.federated.config import apply_overrides
+    from celora_jax.federated.presets import get_preset
 
     if config_factory:
         from celora_jax.flower.app import load_callable

@@ -40,10 +40,9 @@ def run_one(num_clients: int, block: int | None, rounds: int, max_length: int, m
     """One measurement, in this process (the parent runs it in a fresh subprocess)."""
     import jax
 
-    from celora_jax import sharding
-    from celora_jax.config import FederationConfig, ModelConfig, RunConfig
     from celora_jax.data.partition import PartitionConfig
-    from celora_jax.federated import engine, loop
+    from celora_jax.federated import engine, loop, sharding
+    from celora_jax.federated.config import FederationConfig, ModelConfig, RunConfig
 
     config = RunConfig(
         name="many_clients",

@@ -66,8 +66,8 @@ SMOKE = ["partition.num_clients=2", "partition.train_examples=8", "partition.tes
 
 
 def _config(overrides: list[str], rounds: int, preset: str = "default"):
-    from celora_jax.config import apply_overrides
-    from celora_jax.presets import get_preset
+    from celora_jax.federated.config import apply_overrides
+    from celora_jax.federated.presets import get_preset
 
     config = get_preset(preset)
     if config.model.architecture != "encoder":
@@ -100,10 +100,9 @@ def time_jax_loop(setup, rounds: int) -> list[float]:
     import jax
     import numpy as np
 
-    from celora_jax import roles as methods
     from celora_jax.data import packing
-    from celora_jax.federated import client as client_lib
-    from celora_jax.federated import loop
+    from celora_jax.federated import client as client_lib, loop
+    from celora_jax.lora import roles as methods
 
     config, n = setup.config, setup.num_clients
     update = jax.jit(client_lib.make_client_update(setup.task.logits_fn, setup.roles, config.optimizer,

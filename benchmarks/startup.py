@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(ROOT))
 from benchmarks.machine import describe as describe_machine  # noqa: E402
+
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "startup.json"
 
 
@@ -85,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"smoke": args.smoke}
     with tempfile.TemporaryDirectory(prefix="celora_startup_") as scratch:
         scratch = Path(scratch)
-        # `python -m celora_jax.cli` is the `celora-jax` entry point, without relying on PATH.
+        # `python -m celora_jax.cli.main` is the `celora-jax` entry point, without relying on PATH.
         results["cli"] = {"preset": preset, "command": " ".join(["celora-jax", *run_args]), **cold_and_warm(
-            lambda out: [sys.executable, "-m", "celora_jax.cli", *run_args, "--no-progress", "--output-dir", str(out)],
+            lambda out: [sys.executable, "-m", "celora_jax.cli.main", *run_args, "--no-progress", "--output-dir", str(out)],
             scratch / "cache_cli", scratch / "cli", env, first_round_seconds)}
         print(f"cli: {results['cli']}", flush=True)
         if not args.skip_grid:

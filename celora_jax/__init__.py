@@ -19,7 +19,9 @@ internal and may change.
   :class:`RunConfig`; adapters as PEFT folders: :func:`export_peft`, :func:`load_peft`.
 """
 
-from celora_jax.adapters import (
+from celora_jax.federated.config import RunConfig
+from celora_jax.federated.methods import METHODS, FederatedMethod, get_method
+from celora_jax.lora.adapters import (
     AdapterConfig,
     AdapterConfigError,
     adapted_linear,
@@ -30,17 +32,15 @@ from celora_jax.adapters import (
     merge_kernel,
     to_two_factor,
 )
-from celora_jax.aggregation import AggregationConfig, ServerOutputs, server_step, weighted_average_cores
-from celora_jax.baselines import fedavg, fedavg_lora, fedsa_lora, ffa_lora
-from celora_jax.config import RunConfig
-from celora_jax.cores import core_share, stack_cores, unstack_cores
-from celora_jax.export import export_peft, load_peft
-from celora_jax.federated.methods import METHODS, FederatedMethod, get_method
-from celora_jax.functional import adapt
-from celora_jax.gmm import ClassMixtures, MixtureConfig, fit_class_mixtures
-from celora_jax.layer_layout import stack_layers, unstack_layers
-from celora_jax.roles import parameter_roles
-from celora_jax.similarity import data_distance, parameter_distance
+from celora_jax.lora.cores import core_share, stack_cores, unstack_cores
+from celora_jax.lora.functional import adapt
+from celora_jax.lora.layer_layout import stack_layers, unstack_layers
+from celora_jax.lora.roles import parameter_roles
+from celora_jax.models.export import export_peft, load_peft
+from celora_jax.server.aggregation import AggregationConfig, ServerOutputs, server_step, weighted_average_cores
+from celora_jax.server.baselines import fedavg, fedavg_lora, fedsa_lora, ffa_lora
+from celora_jax.server.gmm import ClassMixtures, MixtureConfig, fit_class_mixtures
+from celora_jax.server.similarity import data_distance, parameter_distance
 
 __version__ = "0.1.0"
 

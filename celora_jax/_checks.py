@@ -17,6 +17,26 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def comma_list(text: str) -> tuple[str, ...]:
+    """The items of a comma-separated config value, e.g. ``"8, 16,32"`` -> ``("8", "16", "32")``.
+
+    The one reading of every list-valued string field (ranks, class names, backends): items
+    are stripped of spaces and quotes; an empty item stays, for the field to refuse or skip;
+    a blank value has no items.
+
+    Examples:
+      >>> comma_list(" tensorboard, mlflow")
+      ('tensorboard', 'mlflow')
+      >>> comma_list("'neg','pos'")
+      ('neg', 'pos')
+      >>> comma_list("a,,b"), comma_list(" ")
+      (('a', '', 'b'), ())
+    """
+    if not text.strip():
+        return ()
+    return tuple(part.strip().strip("'\"").strip() for part in text.split(","))
+
+
 def shape_of(value: Any) -> tuple[int, ...]:
     return tuple(np.shape(value))
 

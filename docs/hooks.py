@@ -1,7 +1,7 @@
 """MkDocs hook: pages that are generated from the code, so they cannot drift from it.
 
 * ``<!-- readme-commands -->`` becomes the two commands at the top of README.md.
-* ``<!-- config-reference -->`` becomes the tables of ``celora_jax.config_docs.config_reference``.
+* ``<!-- config-reference -->`` becomes the tables of ``celora_jax.cli.config_docs.config_reference``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     if "<!-- readme-commands -->" in markdown:
         markdown = markdown.replace("<!-- readme-commands -->", readme_commands())
     if "<!-- config-reference -->" in markdown:
-        from celora_jax.config_docs import config_reference
+        from celora_jax.cli.config_docs import config_reference
 
         markdown = markdown.replace("<!-- config-reference -->", config_reference())
     return markdown

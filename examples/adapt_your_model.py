@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from celora_jax.adapters import AdapterConfig
-from celora_jax.functional import adapt
+from celora_jax import AdapterConfig, adapt
 
 FEATURES, HIDDEN, CLASSES, EXAMPLES, STEPS = 16, 64, 4, 256, 50
 

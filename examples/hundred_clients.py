@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from celora_jax import AdapterConfig, AggregationConfig, adapt, get_method, parameter_roles, server_step
-from celora_jax.cores import stack_cores, unstack_cores
 from celora_jax.federated.client import OptimizerConfig, init_client_state, make_client_update
+from celora_jax.lora.cores import stack_cores, unstack_cores
 
 CLIENTS, STEPS, BATCH, FEATURES, CLASSES, ROUNDS = 100, 10, 16, 8, 4, 5
 

@@ -42,8 +42,8 @@ import shutil
 import sys
 from typing import Iterator
 
-from celora_jax.config import FederationConfig, ModelConfig, RunConfig, apply_overrides, to_dict
 from celora_jax.data.partition import PartitionConfig
+from celora_jax.federated.config import FederationConfig, ModelConfig, RunConfig, apply_overrides, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from celora_jax.federated import engine
     from tqdm.auto import tqdm
+
+    from celora_jax.federated import engine
 
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -177,10 +178,17 @@ def finished_twin(root: pathlib.Path, config: RunConfig) -> pathlib.Path | None:
     main/alpha0.5/celora at seed 0 gave the same per-client final accuracies and training
     losses within 8e-5), so such a run is copied rather than recomputed.
     """
-    wanted = _result_settings(json.loads(json.dumps(to_dict(config))))  # as engine.run wrote it
-    for summary in sorted(root.rglob("summary.json")):
+    return twin_among(root.rglob("summary.json"), config, _result_settings)
+
+
+def twin_among(summaries, config: RunConfig, settings) -> pathlib.Path | None:
+    """The first finished run (a ``summary.json`` beside its ``config.json``) whose written
+    config equals ``config`` once both pass through ``settings`` (which drops what does not
+    change the result). The grid and the protocol each choose their candidates and settings."""
+    wanted = settings(json.loads(json.dumps(to_dict(config))))  # as engine.run writes it
+    for summary in sorted(summaries):
         config_path = summary.parent / "config.json"
-        if config_path.exists() and _result_settings(json.loads(config_path.read_text())) == wanted:
+        if config_path.exists() and settings(json.loads(config_path.read_text())) == wanted:
             return summary.parent
     return None
 

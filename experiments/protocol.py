@@ -41,8 +41,9 @@ from typing import Iterator
 
 import numpy as np
 
-from celora_jax.config import RunConfig, apply_overrides, to_dict
-from celora_jax.presets import BENCHMARKS, smoke_variant
+from celora_jax.federated.config import RunConfig, apply_overrides
+from celora_jax.federated.presets import BENCHMARKS, smoke_variant
+from experiments.grid import twin_among
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +263,7 @@ def execute(root: pathlib.Path, settings: list[str], arms: list[str], smoke: boo
     server grid's default λ is the learning-rate run itself) is copied from it. A run stopped
     mid-way resumes from its checkpoint; checkpoints are deleted once the run has finished.
     """
-    from celora_jax import checkpoint
-    from celora_jax.federated import engine
+    from celora_jax.federated import checkpoint, engine
 
     done = 0
     for name in arms:
@@ -290,16 +290,12 @@ def execute(root: pathlib.Path, settings: list[str], arms: list[str], smoke: boo
 
 def _finished_twin(out: pathlib.Path, config: RunConfig) -> pathlib.Path | None:
     """A finished run beside ``out`` (same arm, same seed) with the same configuration."""
-    wanted = _comparable(to_dict(config))
-    for summary in sorted(out.parent.parent.glob(f"*/{out.name}/summary.json")):
-        written = json.loads((summary.parent / "config.json").read_text())
-        if summary.parent != out and _comparable(written) == wanted:
-            return summary.parent
-    return None
+    siblings = [s for s in out.parent.parent.glob(f"*/{out.name}/summary.json") if s.parent != out]
+    return twin_among(siblings, config, _comparable)
 
 
 def _comparable(config: dict) -> dict:
-    config = json.loads(json.dumps(config))  # as engine.run writes it
+    config = dict(config)
     for section in ("checkpoint", "tracking"):  # where things are written, not what is computed
         config.pop(section, None)
     return config

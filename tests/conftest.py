@@ -8,7 +8,7 @@ import shutil
 import jax
 import pytest
 
-from celora_jax import compile_cache
+from celora_jax.federated import compile_cache
 
 # Tests compile hundreds of small programs and run each for moments: XLA:CPU's LLVM
 # optimizations cost more than they save there (a tiny BERT's round step compiles in 4.7 s at

@@ -3,8 +3,8 @@
 import importlib.util
 from pathlib import Path
 
-from celora_jax.config import FederationConfig, ModelConfig, RunConfig
 from celora_jax.data.partition import PartitionConfig
+from celora_jax.federated.config import FederationConfig, ModelConfig, RunConfig
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

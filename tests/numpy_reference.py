@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from celora_jax.gmm import ClassMixtures
-
+from celora_jax.server.gmm import ClassMixtures
 
 
 def np_project_simplex(v: np.ndarray) -> np.ndarray:

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from celora_jax import adapters
-from celora_jax import cores as cores_lib
+from celora_jax.lora import adapters, cores as cores_lib
 
 
 def _base_params(key, d_in=12, d_hidden=10, d_out=6):

@@ -8,15 +8,13 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from helpers import load_benchmark_module
+from hypothesis import given, settings, strategies as st
 from optax import projections
 
-import numpy_reference
-from helpers import load_benchmark_module
-
-from celora_jax import aggregation, gmm, similarity
+from celora_jax.server import aggregation, gmm, similarity
 
 N, L, R = 6, 3, 4
 

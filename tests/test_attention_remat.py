@@ -16,15 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_llama import TINY as TINY_DECODER
+from test_scan_layers import _moved
 
 from celora_jax import AdapterConfig, init_adapters
 from celora_jax._checks import ConfigError
-from celora_jax.adapters import DEFAULT_TARGET, stack_layers
-from celora_jax.config import ATTENTION, ModelConfig
+from celora_jax.federated.config import ATTENTION, ModelConfig
+from celora_jax.lora.adapters import DEFAULT_TARGET, stack_layers
 from celora_jax.models import bert, layers, llama, vit
-
-from test_llama import TINY as TINY_DECODER
-from test_scan_layers import _moved
 
 TINY_ENCODER = bert.EncoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                                   max_position_embeddings=32)
@@ -162,10 +161,10 @@ def _checkpoints_in_task(task) -> int:
 
 
 def test_the_encoder_task_builds_its_model_with_the_run_s_attention_and_remat(tiny_model_dir, caplog):
-    from celora_jax.config import apply_overrides
-    from celora_jax.federated.tasks import encoder
-
     from helpers import tiny_config
+
+    from celora_jax.federated.config import apply_overrides
+    from celora_jax.federated.tasks import encoder
 
     config = apply_overrides(tiny_config(tiny_model_dir), ["model.attention=xla", "model.remat=true"])
     adapter = dataclasses.replace(config.adapter, kind="tri")
@@ -178,10 +177,10 @@ def test_the_encoder_task_builds_its_model_with_the_run_s_attention_and_remat(ti
 
 
 def test_the_decoder_loader_carries_the_run_s_attention_and_remat(tmp_path, minilm_dir):
-    from celora_jax.config import RunConfig
-    from celora_jax.federated.tasks import decoder
-
     from helpers import write_hf_llama
+
+    from celora_jax.federated.config import RunConfig
+    from celora_jax.federated.tasks import decoder
 
     params = llama.LlamaForCausalLM(TINY_DECODER).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     write_hf_llama(params, TINY_DECODER, tmp_path)
@@ -194,7 +193,7 @@ def test_the_decoder_loader_carries_the_run_s_attention_and_remat(tmp_path, mini
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the error off a GPU; on one the preset runs")
 def test_the_gpu_preset_off_a_gpu_stops_with_one_line_before_loading_anything(capsys):
-    from celora_jax import cli
+    from celora_jax.cli import main as cli
 
     assert cli.main(["run", "--preset", "gpu", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()

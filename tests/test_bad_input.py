@@ -7,10 +7,10 @@ import pathlib
 import shutil
 
 import pytest
-
-from celora_jax import cli
-from celora_jax.config import CheckpointConfig
 from helpers import tiny_config
+
+from celora_jax.cli import main as cli
+from celora_jax.federated.config import CheckpointConfig
 
 
 def _tree_digest(root: pathlib.Path) -> str:
@@ -24,8 +24,9 @@ def _tree_digest(root: pathlib.Path) -> str:
 @pytest.fixture(scope="module")
 def good_run(tiny_model_dir, tmp_path_factory):
     """A finished tiny run with checkpoints, written through the library."""
-    from celora_jax.federated import engine
     import dataclasses
+
+    from celora_jax.federated import engine
 
     config = dataclasses.replace(tiny_config(tiny_model_dir, "celora"), checkpoint=CheckpointConfig(every=1))
     out = tmp_path_factory.mktemp("good") / "tiny" / "celora"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from celora_jax import baselines, fedavg, fedavg_lora, fedsa_lora, ffa_lora
+from celora_jax import fedavg, fedavg_lora, fedsa_lora, ffa_lora
+from celora_jax.server import baselines
 
 
 def numpy_fedavg(leaf, sizes, usable):

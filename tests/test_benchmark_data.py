@@ -7,17 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy import toy_config, toy_setup
 
-from celora_jax import compile_cache
-from celora_jax.config import OptimizerConfig, RunConfig, apply_overrides
 from celora_jax.data import corpora
 from celora_jax.data.partition import PartitionConfig, partition
 from celora_jax.data.text import DataError, TextDataConfig, TextDataset, load_text_dataset
-from celora_jax.federated import client as client_lib
-from celora_jax.federated import loop
+from celora_jax.federated import client as client_lib, compile_cache, loop
+from celora_jax.federated.config import OptimizerConfig, RunConfig, apply_overrides
 from celora_jax.federated.methods import cluster_oracle
 from celora_jax.federated.tasks import base
-from toy import toy_config, toy_setup
 
 # Two real lines of /usr/share/wordnet/data.noun (WordNet 3.0): the licence header starts
 # with two spaces; field 2 is the lexicographer file, field 5 the first word.
@@ -230,9 +228,9 @@ def test_cluster_oracle_on_a_single_cluster_says_it_is_fedavg_lora(caplog):
     the summary and the result table say so."""
     import dataclasses
 
+    from celora_jax.cli.reporting import summary_table
     from celora_jax.federated import engine
     from celora_jax.federated.methods.base import ServerInputs
-    from celora_jax.reporting import summary_table
 
     with caplog.at_level("WARNING"):
         cluster_oracle.server(ServerInputs(clusters=np.zeros(4, np.int64)))
@@ -319,7 +317,7 @@ def test_other_benchmark_smoke_presets_prepare_their_clients(preset, minilm_dir,
     """The smoke presets CI does not train (wordnet_clustered_labels_smoke runs end to end in
     test_experiments) load their data and clusters; training is the same code path."""
     from celora_jax.federated import setup as setup_lib
-    from celora_jax.presets import get_preset
+    from celora_jax.federated.presets import get_preset
 
     config = get_preset(preset)
     prepared = setup_lib.prepare(config)

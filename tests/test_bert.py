@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from celora_jax import adapters
 from celora_jax.data import text
+from celora_jax.lora import adapters
 from celora_jax.models import bert, loading
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from celora_jax import sharding
+from celora_jax.federated import sharding
 from celora_jax.federated.blocks import blocked_vmap
 
 

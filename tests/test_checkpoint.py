@@ -13,18 +13,18 @@ import time
 import jax
 import numpy as np
 import pytest
-
-from celora_jax.config import CheckpointConfig, from_dict, to_dict
-from celora_jax.federated import engine
 from helpers import tiny_config, xla_flags
 from test_engine import ROOT
+
+from celora_jax.federated import engine
+from celora_jax.federated.config import CheckpointConfig, from_dict, to_dict
 
 # Runs 4 rounds with a checkpoint after each; blocks at the start of round 3 (after the
 # checkpoint of round 2) so that the parent can SIGKILL it mid-round.
 _KILLED_RUN = textwrap.dedent("""
     import dataclasses, pathlib, sys, time
     sys.path[:0] = [{root!r}, {tests!r}]
-    from celora_jax.config import from_dict
+    from celora_jax.federated.config import from_dict
     from celora_jax.data import packing
     from celora_jax.federated import engine
     import json
@@ -42,8 +42,8 @@ _KILLED_RUN = textwrap.dedent("""
 _RESUME_ON_EIGHT = textwrap.dedent("""
     import json, pathlib, sys, numpy as np, jax
     sys.path[:0] = [{root!r}]
-    from celora_jax.config import from_dict
-    from celora_jax import checkpoint
+    from celora_jax.federated.config import from_dict
+    from celora_jax.federated import checkpoint
     from celora_jax.federated import engine
     assert len(jax.devices()) == 8
     assert checkpoint.manager(pathlib.Path({out!r}, "checkpoints")).latest_step() == 2
@@ -129,7 +129,8 @@ _SIGNALLED_CLI = textwrap.dedent("""
     import pathlib, signal, sys, time
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path[:0] = [{root!r}]
-    from celora_jax import checkpoint, cli
+    from celora_jax.federated import checkpoint
+    from celora_jax.cli import main as cli
     from celora_jax.data import packing
     flag, where = pathlib.Path({flag!r}), {where!r}
     if where == "save":
@@ -158,7 +159,7 @@ def _records(root):
 
 @pytest.fixture(scope="module")
 def uninterrupted_cli_records(tiny_model_dir, tmp_path_factory):
-    from celora_jax import cli
+    from celora_jax.cli import main as cli
 
     out = tmp_path_factory.mktemp("uninterrupted")
     assert cli.main(["run", "--set", f"model.path={tiny_model_dir}", *_TINY_CLI, "--output-dir", str(out)]) == 0
@@ -171,7 +172,7 @@ def test_an_interrupted_cli_run_says_where_to_resume_and_resumes_bit_identical(t
     """Ctrl-C during a checkpoint's save waits for it; SIGTERM mid-round stops at once. Either
     way: one line naming the --resume directory, no traceback, exit 128 + signal number, and
     the resumed run's records equal an uninterrupted run's."""
-    from celora_jax import cli
+    from celora_jax.cli import main as cli
 
     argv = ["run", "--set", f"model.path={tiny_model_dir}", *_TINY_CLI]
     flag, out = tmp_path / "flag", tmp_path / "interrupted"
@@ -203,8 +204,8 @@ def test_an_interrupted_cli_run_says_where_to_resume_and_resumes_bit_identical(t
 
 
 def test_an_interrupt_before_any_checkpoint_says_there_is_nothing_to_resume(tmp_path):
-    from celora_jax import cli
-    from celora_jax.config import RunConfig
+    from celora_jax.cli import main as cli
+    from celora_jax.federated.config import RunConfig
 
     hint = cli._resume_hint(RunConfig(), tmp_path / "celora", ["fedavg_lora", "local"])
     assert hint == ("celora saves no checkpoints, so nothing to resume (--set checkpoint.every=N saves one every "

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from celora_jax import cli
+from celora_jax.cli import main as cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -7,12 +7,12 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-
-from celora_jax import cli
-from celora_jax.adapters import AdapterConfig, AdapterConfigError
-from celora_jax.config import RunConfig, apply_overrides
-from celora_jax.federated import client_ranks, loop
 from toy import toy_config, toy_setup
+
+from celora_jax.cli import main as cli
+from celora_jax.federated import client_ranks, loop
+from celora_jax.federated.config import RunConfig, apply_overrides
+from celora_jax.lora.adapters import AdapterConfig, AdapterConfigError
 
 
 def test_restricted_factors_give_each_client_its_top_left_block():
@@ -95,8 +95,8 @@ def test_client_ranks_need_a_frozen_basis_and_a_simulation(tmp_path, capsys):
         apply_overrides(RunConfig(), ["federation.method=fed_sb", "adapter.client_ranks='4,8'", "dp.clip_norm=0.1",
                                       "dp.noise_multiplier=1.0"])
     for value in ("'4,8'", "4,8", "(4, 8)"):  # quoted, or as --set parses an unquoted list
-        assert apply_overrides(RunConfig(), ["federation.method=fed_sb", f"adapter.client_ranks={value}"]
-                               ).adapter.client_rank_cycle == (4, 8)
+        adapter = apply_overrides(RunConfig(), ["federation.method=fed_sb", f"adapter.client_ranks={value}"]).adapter
+        assert adapter.client_ranks == "4,8" and adapter.client_rank_cycle == (4, 8)
 
     from celora_jax.federated.nodes import ClientNode
 

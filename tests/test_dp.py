@@ -8,15 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from helpers import tiny_config
+from hypothesis import given, settings, strategies as st
 from scipy import optimize, stats
 
-from celora_jax.config import RunConfig, apply_overrides
 from celora_jax.federated import engine, loop
+from celora_jax.federated.config import RunConfig, apply_overrides
 from celora_jax.privacy import dp
-
-from helpers import tiny_config
 
 
 def _tree(key, scale, shapes=((8, 8), (3, 8, 8), (5,))):
@@ -136,7 +134,7 @@ def test_dp_config_validation_and_overrides_in_any_order():
 
 def _shared_change(output, setup):
     """Round-1 change of the first client's shared arrays (FedAvg: the server's mean)."""
-    from celora_jax import roles
+    from celora_jax.lora import roles
 
     before = roles.select(setup.task.client_params, setup.roles, roles.SHARED)
     after = roles.select(jax.tree.map(lambda x: np.asarray(x)[0], output.client_params),

@@ -12,12 +12,12 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from helpers import tiny_config, xla_flags
 
-from celora_jax.config import FederationConfig, apply_overrides
 from celora_jax.data.text import DataError, TextDataConfig
 from celora_jax.federated import engine, loop
-from celora_jax import usable
-from helpers import tiny_config, xla_flags
+from celora_jax.federated.config import FederationConfig, apply_overrides
+from celora_jax.server import usable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The methods run here on the tiny BERT (one of each kind of server and adapter); every
@@ -76,7 +76,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
     import json, sys, numpy as np, jax
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {tests!r})
-    from celora_jax.config import apply_overrides
+    from celora_jax.federated.config import apply_overrides
     from helpers import tiny_config
     from celora_jax.federated import engine
     assert len(jax.devices()) == 8, jax.devices()
@@ -143,7 +143,7 @@ def test_one_device_and_eight_devices_give_the_same_run(eight_device_runs, one_d
 
 
 def test_wasteful_padding_of_the_client_axis_is_reported(caplog):
-    from celora_jax import sharding
+    from celora_jax.federated import sharding
 
     mesh = sharding.client_mesh(1)
     with caplog.at_level("WARNING"):

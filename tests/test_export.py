@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from celora_jax import adapters, export
-from celora_jax.models import bert, loading
 from helpers import tiny_config
+
+from celora_jax.lora import adapters
+from celora_jax.models import bert, export, loading
 
 
 def test_peft_folder_reproduces_our_adapted_encoder(minilm_dir, tmp_path):
@@ -80,10 +80,10 @@ def test_decoder_adapters_export_to_peft_and_match_pytorch_llama(tmp_path):
     import json
 
     import transformers
-
-    from celora_jax.models import llama
     from helpers import write_hf_llama
     from test_llama import TINY, tiny_params
+
+    from celora_jax.models import llama
 
     model, params = tiny_params()
     base_dir = write_hf_llama(params, TINY, tmp_path / "base")

@@ -9,10 +9,10 @@ import pytest
 
 from benchmarks.flops import adapter_parameters, encoder_step_flops
 from celora_jax import AdapterConfig, init_adapters
-from celora_jax.adapters import DEFAULT_TARGET
 from celora_jax.federated.tasks.base import split_base_params
+from celora_jax.lora.adapters import DEFAULT_TARGET
+from celora_jax.lora.roles import combine
 from celora_jax.models import bert
-from celora_jax.roles import combine
 
 TINY = bert.EncoderConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48,
                           max_position_embeddings=32)

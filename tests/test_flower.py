@@ -8,15 +8,14 @@ import uuid
 
 import numpy as np
 import pytest
-
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from toy import toy_config, toy_setup, with_federation  # noqa: E402
 
 from celora_jax.federated import loop  # noqa: E402
 from celora_jax.flower.client_app import make_client_app  # noqa: E402
 from celora_jax.flower.server_app import CeloraStrategy  # noqa: E402
-from toy import toy_config, toy_setup, with_federation  # noqa: E402
 
 
 class FakeGrid:
@@ -250,7 +249,7 @@ def test_flower_app_command_writes_a_valid_app_and_refuses_bad_input(tmp_path, c
     whose run config is the preset and overrides; bad input is refused before writing."""
     from flwr.common.config import get_fused_config_from_dir, get_project_config, validate_config
 
-    from celora_jax.cli import main
+    from celora_jax.cli.main import main
     from celora_jax.flower.app import config_from_run_config
 
     app = tmp_path / "app"
@@ -329,13 +328,13 @@ def test_the_server_app_logs_its_rounds_to_the_trackers(task_identity, tmp_path)
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from celora_jax.config import apply_overrides
+    from celora_jax.federated.config import apply_overrides
+    from celora_jax.federated.tracking.mlflow_store import mlflow_uri
     from celora_jax.flower.app import ServerTracking
-    from celora_jax.tracking.mlflow_store import mlflow_uri
 
     setup = toy_setup(with_federation(toy_config("celora", num_clients=3), rounds=2))
     config = apply_overrides(setup.config, ["tracking.backends=tensorboard,mlflow"])
-    log_round = ServerTracking(config, "celora", tmp_path / "out")
+    log_round = ServerTracking(config, setup.method, tmp_path / "out")
     app = make_client_app(setup.config, prepare=lambda c: setup)
     grid = FakeGrid(app, 3)
     strategy = CeloraStrategy(setup.method, setup.config.aggregation, 3, num_rounds=2, on_round=log_round)

@@ -1,4 +1,4 @@
-"""Model-agnostic adapters (celora_jax.functional) against float64 numpy references."""
+"""Model-agnostic adapters (celora_jax.lora.functional) against float64 numpy references."""
 
 import subprocess
 import sys
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from celora_jax.adapters import AdapterConfig, AdapterConfigError, init_adapters
-from celora_jax.functional import adapt
+from celora_jax.lora.adapters import AdapterConfig, AdapterConfigError, init_adapters
+from celora_jax.lora.functional import adapt
 from celora_jax.models.bert import BertModel, EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]

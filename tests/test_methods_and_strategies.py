@@ -5,13 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from celora_jax import adapters
-from celora_jax import roles as methods
-from celora_jax.aggregation import AggregationConfig
 from celora_jax.federated import strategies
-from celora_jax.federated.methods import celora as celora_method
-from celora_jax.federated.methods import fedex_lora, get_method
+from celora_jax.federated.methods import celora as celora_method, fedex_lora, get_method
 from celora_jax.federated.methods.base import shared_bytes
+from celora_jax.lora import adapters, roles as methods
+from celora_jax.server.aggregation import AggregationConfig
 
 MINILM_SHAPES = {"q": (384, 384), "k": (384, 384), "v": (384, 384), "o": (384, 384),
                  "up": (384, 1536), "down": (1536, 384)}

@@ -10,9 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-
-from test_engine import ROOT
 from helpers import xla_flags
+from test_engine import ROOT
 
 METHODS = ("celora", "fedavg_lora")
 
@@ -24,7 +23,7 @@ def _free_port() -> int:
 
 
 def _command(model_dir, out, *extra):
-    return [sys.executable, "-m", "celora_jax.cli", "run", "--preset", "smoke", "--methods", ",".join(METHODS),
+    return [sys.executable, "-m", "celora_jax.cli.main", "run", "--preset", "smoke", "--methods", ",".join(METHODS),
             "--no-progress", "--output-dir", str(out),
             "--set", f"model.path='{model_dir}'", "--set", "model.max_length=16",
             # 6 clients on 8 devices: process 0 holds clients 0-3, process 1 clients 4-5 and
@@ -127,7 +126,7 @@ def test_two_process_checkpoints_resume_on_two_processes_and_on_one(runs, tmp_pa
         lines = (cut / "metrics.jsonl").read_text().splitlines()
         (cut / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
 
-    resume = [sys.executable, "-m", "celora_jax.cli", "run", "--no-progress", "--resume"]
+    resume = [sys.executable, "-m", "celora_jax.cli.main", "run", "--no-progress", "--resume"]
     _two_processes(tmp_path, "resume", lambda *flags: resume + [str(tmp_path / "cut_two" / "smoke" / "celora"),
                                                                 *flags])
     subprocess.run(resume + [str(tmp_path / "cut_one" / "smoke" / "celora")], env=_env(8), cwd=ROOT,

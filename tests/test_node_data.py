@@ -5,10 +5,10 @@ from its own CSV on a tiny BERT."""
 import numpy as np
 import pytest
 
-from celora_jax.config import RunConfig, apply_overrides
 from celora_jax.data.errors import DataError
 from celora_jax.data.partition import PartitionConfig, partition
 from celora_jax.data.text import TextDataConfig, load_text_dataset
+from celora_jax.federated.config import RunConfig, apply_overrides
 from celora_jax.flower.node_data import node_local_config
 
 
@@ -28,7 +28,8 @@ def test_declared_label_names_fix_the_ids_whatever_a_file_holds(tmp_path):
     undeclared = _csv(tmp_path / "c.csv", [("good", "positive"), ("odd", "mixed")])
     with pytest.raises(DataError, match=r"row 2 of .*c.csv has label 'mixed', which is not one of the declared"):
         load_text_dataset(TextDataConfig(path=str(undeclared), label_names=names))
-    assert TextDataConfig(label_names="(0, 1)").declared_labels == ("0", "1")  # --set data.label_names=0,1
+    typed = apply_overrides(RunConfig(), ["data.label_names=0,1"]).data  # an unquoted list on the command line
+    assert typed.label_names == "0,1" and typed.declared_labels == ("0", "1")
     for bad in ("positive", "a,,b", "a,a"):
         with pytest.raises(DataError, match="two or more distinct"):
             TextDataConfig(label_names=bad)

@@ -6,13 +6,13 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from toy import toy_config, toy_setup, with_federation
 
-from celora_jax import wire
 from celora_jax.federated import loop
 from celora_jax.federated.nodes import ClientNode, node_programs
 from celora_jax.federated.server_node import ServerNode, stack_statistics
 from celora_jax.privacy.dp import DPConfig
-from toy import toy_config, toy_setup, with_federation
+from celora_jax.server import wire
 
 NODE_METHODS = ["celora", "celora_avg", "fedavg_lora", "ffa_lora", "fedsa_lora", "fedprox", "local", "fedex_lora",
                 "fedavg_lora_ft", "fed_sb"]

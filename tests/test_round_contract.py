@@ -12,12 +12,12 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from helpers import xla_flags
+from toy import toy_config, toy_setup
 
-from celora_jax import roles
 from celora_jax.federated import loop
 from celora_jax.federated.methods import METHODS, method_names
-from toy import toy_config, toy_setup
-from helpers import xla_flags
+from celora_jax.lora import roles
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ALL = method_names()
@@ -159,7 +159,7 @@ def test_contract_resume_is_exact_for_methods_with_extra_state(method, tmp_path)
     after round 1 and resumed ends bit-identical to an uninterrupted one."""
     import dataclasses
 
-    from celora_jax.config import CheckpointConfig
+    from celora_jax.federated.config import CheckpointConfig
 
     config = dataclasses.replace(toy_config(method, rounds=3), checkpoint=CheckpointConfig(every=1, keep=3))
     whole = [jax.tree.map(np.asarray, o.client_params) for o in loop.iterate_rounds(toy_setup(config))]

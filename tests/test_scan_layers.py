@@ -11,13 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_llama import TINY, numpy_logits, tiny_params
 
 from celora_jax import AdapterConfig, init_adapters
-from celora_jax.adapters import DEFAULT_TARGET, STACKED, stack_layers, unstack_layers
-from celora_jax.cores import core_share, stack_cores, unstack_cores
+from celora_jax.lora.adapters import DEFAULT_TARGET, STACKED, stack_layers, unstack_layers
+from celora_jax.lora.cores import core_share, stack_cores, unstack_cores
 from celora_jax.models import llama, loading, vit
-
-from test_llama import TINY, numpy_logits, tiny_params
 
 
 def _moved(adapters, key=1, scale=0.05):
@@ -116,7 +115,7 @@ def test_core_functions_see_the_same_layers_in_both_layouts(minilm_both):
 def test_peft_export_of_stacked_adapters_is_per_layer(minilm_both, tmp_path):
     from safetensors.numpy import load_file
 
-    from celora_jax.export import export_peft
+    from celora_jax.models.export import export_peft
 
     *_, flat_adapters, _ = minilm_both
     export_peft(flat_adapters, tmp_path / "flat", rank=4, alpha=8.0, base_model="minilm")
@@ -194,10 +193,10 @@ def test_fedex_residuals_fold_into_stacked_kernels_as_into_unrolled_ones():
 def test_a_federated_run_under_scan_gives_the_unrolled_history(tiny_model_dir):
     """Dropout off (its masks are drawn per layer differently under scan); everything else,
     adapter init included, is the same run."""
-    from celora_jax.config import apply_overrides
-    from celora_jax.federated import engine
-
     from helpers import tiny_config
+
+    from celora_jax.federated import engine
+    from celora_jax.federated.config import apply_overrides
 
     overrides = ["optimizer.dropout=false"]
     flat = engine.run(apply_overrides(tiny_config(tiny_model_dir), overrides))

@@ -8,11 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from celora_jax.config import ConfigError, ModelConfig
 from celora_jax.data import corpora, language
 from celora_jax.data.partition import PartitionConfig, partition
 from celora_jax.data.text import DataError, TextDataConfig, load_text_dataset
 from celora_jax.federated import client as client_lib
+from celora_jax.federated.config import ConfigError, ModelConfig
 
 # Both layouts of the archive's plays: "Hor." speaker lines (Hamlet) and upper-case names
 # without a period (A Midsummer Night's Dream); cast list before the first heading.
@@ -146,9 +146,9 @@ def test_next_token_objective_needs_the_decoder():
 @pytest.mark.assets
 @pytest.mark.slow
 def test_shakespeare_smoke_preset_learns_next_tokens_end_to_end(tmp_path, smollm2, shakespeare):
-    from celora_jax import cli
+    from celora_jax.cli import main as cli
     from celora_jax.federated import setup as setup_lib
-    from celora_jax.presets import get_preset
+    from celora_jax.federated.presets import get_preset
 
     task = setup_lib.prepare(get_preset("shakespeare_natural_smoke")).task
     assert set(task.train) == {"input_ids", "attention_mask", "targets", "token_mask", "labels", "example_mask"}

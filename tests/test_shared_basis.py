@@ -9,15 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from toy import toy_config, toy_setup
 
-from celora_jax import adapters, cli, roles
-from celora_jax.adapters import AdapterConfig, AdapterConfigError, init_adapters, stack_layers
-from celora_jax.config import ConfigError, RunConfig, apply_overrides
+from celora_jax.cli import main as cli
 from celora_jax.federated import engine, loop
+from celora_jax.federated.config import ConfigError, RunConfig, apply_overrides
 from celora_jax.federated.methods import get_method
 from celora_jax.federated.methods.base import ServerInputs
-from celora_jax.functional import adapt
-from toy import toy_config, toy_setup
+from celora_jax.lora import adapters, roles
+from celora_jax.lora.adapters import AdapterConfig, AdapterConfigError, init_adapters, stack_layers
+from celora_jax.lora.functional import adapt
 
 
 def _kernel(seed, shape=(12, 7)):
@@ -156,7 +157,7 @@ def test_summed_client_sketches_give_the_svd_of_the_pooled_matrix():
     """Five clients sketch their own gradients against shared test matrices; the SVD from
     the summed sketches equals the SVD of the pooled sum: exactly for a sum of rank <= k,
     and within the sketch's error bound otherwise."""
-    from celora_jax import sketch
+    from celora_jax.lora import sketch
 
     rng = np.random.default_rng(5)
     d_in, d_out, rank = 40, 30, 4
@@ -266,8 +267,9 @@ def test_gradient_svd_is_refused_on_separate_nodes(tmp_path):
 def test_gradient_svd_on_a_tiny_bert_unrolled_and_under_scan_builds_one_basis(tiny_model_dir):
     """The real encoder task: the basis from the clients' sketches is the same whether the
     blocks run unrolled or stacked under nn.scan (the same test matrices per layer)."""
-    from celora_jax.federated.setup import prepare
     from helpers import tiny_config
+
+    from celora_jax.federated.setup import prepare
 
     def basis(scan):
         config = tiny_config(tiny_model_dir, "fed_sb")
@@ -292,9 +294,10 @@ def test_weight_svd_on_the_decoder_and_the_vit_unrolled_and_under_scan():
     """The frozen basis on the Llama decoder's and the ViT's kernels: stacked under nn.scan
     it is the unrolled basis stacked; at C = 0 the adapted model is the pretrained one, and a
     core moves it identically in both layouts."""
-    from celora_jax.adapters import DEFAULT_TARGET
-    from celora_jax.models import llama, vit
     from test_llama import TINY, tiny_params
+
+    from celora_jax.lora.adapters import DEFAULT_TARGET
+    from celora_jax.models import llama, vit
 
     decoder, flat_params = tiny_params()
     config = AdapterConfig(rank=2, target=llama.DECODER_TARGET, init="weight_svd")

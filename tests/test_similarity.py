@@ -7,15 +7,12 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 import numpy_reference as reference
+import pytest
+from hypothesis import given, settings, strategies as st
 
-from celora_jax import similarity
-from celora_jax.gmm import ClassMixtures
-
+from celora_jax.server import similarity
+from celora_jax.server.gmm import ClassMixtures
 
 _median = jax.jit(similarity.masked_median)
 
@@ -135,7 +132,7 @@ def test_invalid_statistic_gives_nan_row_and_leaves_others(caplog):
     stats = _random_stats(np.random.default_rng(4))
     clean = np.asarray(similarity.data_distance(stats, bandwidth_sq=4.0))
     bad = stats._replace(means=stats.means.at[2, 0, 1, 3].set(jnp.nan))
-    with caplog.at_level(logging.WARNING, logger="celora_jax.similarity"):
+    with caplog.at_level(logging.WARNING, logger="celora_jax.server.similarity"):
         dist = np.asarray(similarity.data_distance(bad, bandwidth_sq=4.0))
     assert "[2]" in caplog.text
     assert np.all(np.isnan(dist[2])) and np.all(np.isnan(dist[:, 2]))

@@ -7,11 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
-
-from celora_jax.config import ConfigError, RunConfig, apply_overrides
-from celora_jax.federated import engine
-from celora_jax.tracking import flatten_config, round_scalars
 from helpers import tiny_config
+
+from celora_jax.federated import engine
+from celora_jax.federated.config import ConfigError, RunConfig, apply_overrides
+from celora_jax.federated.tracking import flatten_config, round_scalars
 
 
 def _tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
@@ -25,7 +25,7 @@ def _tensorboard_scalars(logdir) -> dict[str, dict[int, float]]:
 def _mlflow_run(store, experiment):
     from mlflow.tracking import MlflowClient
 
-    from celora_jax.tracking.mlflow_store import mlflow_uri
+    from celora_jax.federated.tracking.mlflow_store import mlflow_uri
 
     client = MlflowClient(tracking_uri=mlflow_uri(store))
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
@@ -112,7 +112,7 @@ def test_tracking_bad_input(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_mlflow)
-    from celora_jax.tracking import check_backends
+    from celora_jax.federated.tracking import check_backends
 
     with pytest.raises(ConfigError, match=r"pip install 'celora-jax\[mlflow\]'"):
         check_backends(("mlflow",))

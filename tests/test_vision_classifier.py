@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from celora_jax.config import ConfigError, ModelConfig, RunConfig, apply_overrides
 from celora_jax.data.partition import PartitionConfig, partition
 from celora_jax.data.text import DataError
+from celora_jax.federated.config import ConfigError, ModelConfig, RunConfig, apply_overrides
 from celora_jax.federated.tasks import base
 from celora_jax.models import vit
 
@@ -85,9 +85,9 @@ def test_image_classifier_is_the_vit_cls_token_through_a_linear_head():
 @pytest.mark.assets
 @pytest.mark.slow
 def test_fashion_mnist_rotation_smoke_preset_runs_end_to_end(tmp_path, dinov2_onnx, fashion_mnist):
-    from celora_jax import cli
+    from celora_jax.cli import main as cli
     from celora_jax.federated import setup as setup_lib
-    from celora_jax.presets import get_preset
+    from celora_jax.federated.presets import get_preset
 
     prepared = setup_lib.prepare(get_preset("fashion_mnist_clustered_rotations_smoke"))
     task = prepared.task

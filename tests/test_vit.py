@@ -79,7 +79,7 @@ def test_bicubic_matrix_matches_torch_interpolate():
 
 def test_adapter_targets_and_lora_apply_to_the_vit(tiny_dinov2_dir):
     from celora_jax import AdapterConfig, init_adapters
-    from celora_jax.adapters import DEFAULT_TARGET
+    from celora_jax.lora.adapters import DEFAULT_TARGET
 
     path, _ = tiny_dinov2_dir
     config, params = vision_loading.read_hf_vision(path)

@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_llama import TINY, tiny_params
 
 from celora_jax.data import images as images_lib
 from celora_jax.data.text import DataError
 from celora_jax.models import llama, vit, vlm
-from test_llama import TINY, tiny_params
 
 
 def test_prefix_equals_the_same_embeddings_given_as_tokens():
@@ -131,7 +131,7 @@ def test_fashion_mnist_is_the_real_dataset(fashion_mnist):
 @pytest.mark.slow
 def test_vlm_preset_runs_end_to_end(fashion_mnist, smollm2, dinov2_onnx, tmp_path, caplog):
     from celora_jax.federated import engine
-    from celora_jax.presets import get_preset
+    from celora_jax.federated.presets import get_preset
 
     config = get_preset("vlm_smoke")
     assert config.model.align_steps == 2  # the projector is pre-aligned on public images first
@@ -237,7 +237,7 @@ def test_public_rows_avoid_every_client_row():
 
 
 def test_alignment_settings_are_checked():
-    from celora_jax.config import ModelConfig
+    from celora_jax.federated.config import ModelConfig
 
     with pytest.raises(ValueError, match="needs model.architecture='vlm'"):
         ModelConfig(align_steps=10)

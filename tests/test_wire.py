@@ -5,10 +5,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from celora_jax import wire
+from celora_jax.server import wire
 
 
 def _tree(rank=2, dtype=np.float32):

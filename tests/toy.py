@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import adapters
-from celora_jax.config import FederationConfig, RunConfig
 from celora_jax.data.partition import PartitionConfig
+from celora_jax.federated.config import FederationConfig, RunConfig
 from celora_jax.federated.setup import Setup, adapter_config_for, resolve_method, setup_for
 from celora_jax.federated.tasks import Task
 from celora_jax.federated.tasks.base import hold_out_validation
+from celora_jax.lora import adapters
 
 DIM, CLASSES = 8, 3
 

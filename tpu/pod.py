@@ -83,13 +83,13 @@ def validate(args, hosts: int, chips_per_host: int) -> str:
     sys.path.insert(0, str(ROOT))
     import jax
 
-    from celora_jax import sharding
-    from celora_jax.config import apply_overrides
     from celora_jax.data.partition import partition
     from celora_jax.data.text import load_text_dataset
+    from celora_jax.federated import sharding
+    from celora_jax.federated.config import apply_overrides
     from celora_jax.federated.engine import shared_checkpoint_path
     from celora_jax.federated.methods import get_method
-    from celora_jax.presets import get_preset
+    from celora_jax.federated.presets import get_preset
 
     if jax.device_count() != devices:
         raise ValueError(f"expected {devices} fake devices, jax sees {jax.device_count()} "

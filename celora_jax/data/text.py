@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from celora_jax._checks import check_fields
+from celora_jax._checks import check_fields, comma_list
 from celora_jax.data import corpora
 from celora_jax.data.errors import DataError
 
@@ -60,14 +60,8 @@ class TextDataConfig:
 
     @property
     def declared_labels(self) -> tuple[str, ...] | None:
-        """``label_names`` as a tuple of names, or None. ("(0, 1)", what ``--set`` makes of an
-        unquoted 0,1, reads as "0,1".)"""
-        if self.label_names is None:
-            return None
-        text = self.label_names.strip()
-        if text[:1] + text[-1:] in ("()", "[]"):
-            text = text[1:-1]
-        return tuple(name.strip().strip("'\"") for name in text.split(","))
+        """``label_names`` as a tuple of names, or None."""
+        return None if self.label_names is None else comma_list(self.label_names)
 
     def __post_init__(self):
         check_fields(self, "data")

@@ -6,7 +6,7 @@ an estimate of the first full fine-tuning update: the gradient of the task loss 
 to each adapted kernel, summed over a few batches. Fed-SB computes that estimate once, on the
 pooled training data. A federation cannot pool its data, but it can pool *sketches*: every
 client sums its own gradient ``G_i`` over ``adapter.sketch_batches`` batches of its training
-data, sketches it against test matrices drawn from the run seed (``celora_jax.sketch``), and
+data, sketches it against test matrices drawn from the run seed (``celora_jax.lora.sketch``), and
 uploads the sketches; the server sums them, which is the sketch of ``G = Σ G_i``, and returns
 G's top-r singular vectors. Every client then holds the same ``A = U_r``, ``B = V_rᵀ``
 (orthonormal, as LoRA-SB's) and ``C = 0``, frozen from round 1 on.
@@ -29,13 +29,12 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from celora_jax import adapters as adapters_lib
-from celora_jax import sketch as sketch_lib
-from celora_jax.config import RunConfig
 from celora_jax.data import packing
 from celora_jax.federated import client as client_lib
+from celora_jax.federated.config import RunConfig
 from celora_jax.federated.tasks import Task
-from celora_jax.layer_layout import kernel_keys, layer_axes
+from celora_jax.lora import adapters as adapters_lib, sketch as sketch_lib
+from celora_jax.lora.layer_layout import kernel_keys, layer_axes
 
 BYTES_PER_NUMBER = 4  # float32 sketches and bases
 

@@ -9,7 +9,7 @@ once, not once per client or per block. Results equal the plain ``vmap``.
 Blocks are strided, block m holding clients m, m + N/block, m + 2N/block, ...: with the
 client axis split over D devices in contiguous ranges, every block then holds block / D
 clients of each device, so all devices work on every block (``block`` must be a multiple of
-D; :func:`celora_jax.sharding.padded_client_count` pads N to a multiple of ``block``).
+D; :func:`celora_jax.federated.sharding.padded_client_count` pads N to a multiple of ``block``).
 """
 
 from __future__ import annotations

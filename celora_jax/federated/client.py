@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from celora_jax import roles as roles_lib
-from celora_jax.config import OptimizerConfig
+from celora_jax.federated.config import OptimizerConfig
+from celora_jax.lora import roles as roles_lib
 
 Array = jax.Array
 PyTree = Any

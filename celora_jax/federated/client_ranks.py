@@ -23,8 +23,7 @@ import math
 
 import numpy as np
 
-from celora_jax import adapters as adapters_lib
-from celora_jax import roles as roles_lib
+from celora_jax.lora import adapters as adapters_lib, roles as roles_lib
 
 
 def ranks_by_client(adapter_config: adapters_lib.AdapterConfig, num_clients: int) -> np.ndarray | None:

@@ -2,11 +2,11 @@
 the rounds (one compiled program per round, ``celora_jax.federated.round``) and writes the
 run's files.
 
-  prepare          celora_jax.federated.setup     method object, task, roles
-  tasks            celora_jax.federated.tasks     model and data per architecture
-  round            celora_jax.federated.round     the jitted round and evaluation
-  loop             celora_jax.federated.loop      state, resume, batches, records
-  files            celora_jax.runfiles            config/metrics/summary, PEFT export
+  prepare          celora_jax.federated.setup         method object, task, roles
+  tasks            celora_jax.federated.tasks         model and data per architecture
+  round            celora_jax.federated.round         the jitted round and evaluation
+  loop             celora_jax.federated.loop          state, resume, batches, records
+  files            celora_jax.federated.runfiles      config/metrics/summary, PEFT export
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from celora_jax import checkpoint, compile_cache, sharding, tracking
-from celora_jax import roles as roles_lib
-from celora_jax.config import RunConfig, to_dict
-from celora_jax.federated import client_ranks
+from celora_jax.federated import checkpoint, client_ranks, compile_cache, sharding, tracking
+from celora_jax.federated.config import RunConfig, to_dict
 from celora_jax.federated.loop import iterate_rounds
 from celora_jax.federated.methods import cluster_oracle
+from celora_jax.federated.runfiles import RunFiles, export_clients
 from celora_jax.federated.setup import Setup, prepare
-from celora_jax.runfiles import RunFiles, export_clients
+from celora_jax.lora import roles as roles_lib
 
 
 @dataclasses.dataclass
@@ -107,13 +106,6 @@ def checkpoint_directory(config: RunConfig, output_dir: str | pathlib.Path | Non
     return None if output_dir is None else pathlib.Path(output_dir) / "checkpoints"
 
 
-def tracking_tags(config: RunConfig, setup: Setup) -> dict[str, str]:
-    """How a run is labelled in the trackers: method, setting (the run's name), seed, rank,
-    adapter init."""
-    return {"method": setup.method.name, "setting": config.name, "seed": str(config.seed),
-            "rank": str(setup.task.adapter_config.rank), "adapter_init": str(setup.task.adapter_config.init)}
-
-
 def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.Path | None = None,
         resume: bool = False) -> RunResult:
     """Prepares and runs one method.
@@ -137,7 +129,8 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
     setup = prepare(config, progress=progress)
     files = RunFiles(output_dir, json.dumps(to_dict(config), indent=2, sort_keys=True), resume)
     # Process 0 alone logs (the others hold the same records), when tracking.backends names any.
-    tracker = tracking.RunTracker(config, files.directory, tracking_tags(config, setup), resume, to_dict(config),
+    tracker = tracking.RunTracker(config, files.directory, tracking.run_tags(config, setup.method.name,
+                                                                              setup.task.adapter_config), resume, to_dict(config),
                                   enabled=jax.process_index() == 0)
     # A resumed run that had already finished yields no rounds: its records are the file's.
     client_params, history = None, files.history

@@ -17,14 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import checkpoint, sharding
-from celora_jax import roles as roles_lib
 from celora_jax.data import packing
-from celora_jax.federated import client as client_lib
-from celora_jax.federated import round as round_lib
-from celora_jax.federated import client_ranks, statistics, strategies
+from celora_jax.federated import (checkpoint, client as client_lib, client_ranks, round as round_lib, sharding,
+                                  statistics, strategies)
 from celora_jax.federated.methods import ServerInputs
 from celora_jax.federated.setup import Setup
+from celora_jax.lora import roles as roles_lib
 from celora_jax.privacy import dp as dp_lib
 
 logger = logging.getLogger(__name__)

@@ -32,16 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import gmm, sharding
-from celora_jax.adapters import GRADIENT_SVD
-from celora_jax import roles as roles_lib
 from celora_jax.data import packing
-from celora_jax.federated import client as client_lib
-from celora_jax.federated import statistics, strategies
-from celora_jax.federated import round as round_lib
+from celora_jax.federated import client as client_lib, round as round_lib, sharding, statistics, strategies
 from celora_jax.federated.methods import base as methods_base
 from celora_jax.federated.setup import Setup
+from celora_jax.lora import roles as roles_lib
+from celora_jax.lora.adapters import GRADIENT_SVD
 from celora_jax.privacy import dp as dp_lib
+from celora_jax.server import gmm
 
 PyTree = Any
 

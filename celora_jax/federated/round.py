@@ -15,13 +15,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from celora_jax import roles as roles_lib
-from celora_jax import sharding, usable
-from celora_jax.federated import blocks
-from celora_jax.federated import client as client_lib
-from celora_jax.federated import strategies
+from celora_jax.federated import blocks, client as client_lib, sharding, strategies
 from celora_jax.federated.methods import base as methods_base
+from celora_jax.lora import roles as roles_lib
 from celora_jax.privacy import dp as dp_lib
+from celora_jax.server import usable
 
 Array = jax.Array
 

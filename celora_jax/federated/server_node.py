@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import usable
-from celora_jax.aggregation import AggregationConfig
 from celora_jax.federated import strategies
 from celora_jax.federated.methods.base import FederatedMethod, ServerInputs, keep_base
-from celora_jax.gmm import ClassMixtures
+from celora_jax.server import usable
+from celora_jax.server.aggregation import AggregationConfig
+from celora_jax.server.gmm import ClassMixtures
 
 PyTree = Any
 

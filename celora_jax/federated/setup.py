@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 
-from celora_jax import adapters as adapters_lib
-from celora_jax import roles as roles_lib
-from celora_jax.config import RunConfig
 from celora_jax.federated.basis import with_gradient_basis
+from celora_jax.federated.config import RunConfig
 from celora_jax.federated.methods import FederatedMethod, get_method
 from celora_jax.federated.tasks import Task, prepare_task
+from celora_jax.lora import adapters as adapters_lib, roles as roles_lib
 
 
 @dataclasses.dataclass(frozen=True)

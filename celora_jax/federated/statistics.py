@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import gmm, sharding
+from celora_jax.federated import sharding
+from celora_jax.server import gmm
 
 
 def client_features(embed_fn: Callable, params: Mapping, inputs: list[np.ndarray],

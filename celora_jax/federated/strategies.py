@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from celora_jax import baselines
+from celora_jax.server import baselines
 
 Array = jax.Array
 PyTree = Any

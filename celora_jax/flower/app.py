@@ -46,9 +46,9 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from celora_jax import tracking
-from celora_jax.config import RunConfig, apply_overrides, to_dict
-from celora_jax.federated.methods import get_method
+from celora_jax.federated import tracking
+from celora_jax.federated.config import RunConfig, apply_overrides, to_dict
+from celora_jax.federated.methods import FederatedMethod, get_method
 from celora_jax.flower import worker
 from celora_jax.flower.client_app import PROCESS_STARTED, client_app_for
 from celora_jax.flower.node_data import node_local_config
@@ -93,7 +93,7 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
             raise ValueError(f"config-factory {settings['config-factory']!r} returned {type(config).__name__}, "
                              "not a RunConfig")
     else:
-        from celora_jax.presets import get_preset
+        from celora_jax.federated.presets import get_preset
 
         config = get_preset(str(settings["preset"]))
     overrides = [item.strip() for item in str(settings["set"]).split(";") if item.strip()]
@@ -110,7 +110,7 @@ def _prepare_from(run_config: Mapping[str, Any]) -> Callable:
 
 
 def _setup_for(context: Context):
-    from celora_jax import compile_cache
+    from celora_jax.federated import compile_cache
 
     config = config_from_run_config(context.run_config)
     config = node_local_config(config, context.node_config, bool(run_settings(context.run_config)["node-data"]))
@@ -170,7 +170,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     out = pathlib.Path(str(settings["output-dir"])) if settings["output-dir"] else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    log_round = ServerTracking(config, method.name, out)
+    log_round = ServerTracking(config, method, out)
 
     def on_round(strategy: CeloraStrategy) -> None:
         if out is not None:
@@ -192,7 +192,7 @@ class ServerTracking:
     every aggregated round's record, then the nodes' own-test accuracies. The stores go to
     ``tracking.directory``, else ``<output-dir>/tracking``."""
 
-    def __init__(self, config: RunConfig, method: str, out: pathlib.Path | None):
+    def __init__(self, config: RunConfig, method: FederatedMethod, out: pathlib.Path | None):
         self.tracker, self.logged = None, 0
         if not config.tracking.names:
             return
@@ -202,10 +202,11 @@ class ServerTracking:
                 raise ValueError("tracking.backends on Flower needs the app's output-dir or tracking.directory")
             config = dataclasses.replace(config, tracking=dataclasses.replace(config.tracking,
                                                                               directory=str(out / "tracking")))
-        tags = {"method": method, "setting": config.name, "seed": str(config.seed), "rank": str(config.adapter.rank),
-                "adapter_init": str(config.adapter.init), "engine": "flower"}
+        from celora_jax.federated.setup import adapter_config_for
+
+        tags = tracking.run_tags(config, method.name, adapter_config_for(config, method), engine="flower")
         # The run is named after the method, as a simulator run of this config would be.
-        run_dir = (out or pathlib.Path(config.tracking.directory)) / method
+        run_dir = (out or pathlib.Path(config.tracking.directory)) / method.name
         self.tracker = tracking.RunTracker(config, run_dir, tags, False, to_dict(config))
 
     def __call__(self, strategy: CeloraStrategy) -> None:

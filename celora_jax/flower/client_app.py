@@ -38,11 +38,11 @@ import numpy as np
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from celora_jax import wire
-from celora_jax.config import RunConfig
 from celora_jax.federated import setup as setup_lib
+from celora_jax.federated.config import RunConfig
 from celora_jax.federated.nodes import ClientNode, node_programs
 from celora_jax.flower import records
+from celora_jax.server import wire
 
 logger = logging.getLogger(__name__)
 PREFIX = "celora."  # context.state records: celora.params, celora.opt, celora.fold

@@ -24,8 +24,8 @@ from __future__ import annotations
 import pathlib
 from typing import Any, Mapping
 
-from celora_jax.config import RunConfig, apply_overrides
 from celora_jax.data.errors import DataError
+from celora_jax.federated.config import RunConfig, apply_overrides
 
 DEFAULT_TEST_FRACTION = 0.25
 TEXT_ARCHITECTURES = ("encoder", "decoder")  # the tasks that read data.path (text files)

@@ -1,5 +1,5 @@
 """Pytrees in Flower records: an ``ArrayRecord`` of the leaves by path
-(``celora_jax.wire``), with a ``ConfigRecord`` of their dtypes beside it, because Flower's
+(``celora_jax.server.wire``), with a ``ConfigRecord`` of their dtypes beside it, because Flower's
 arrays keep bfloat16 only as raw bytes.
 
 ``put_tree(content, "upload", tree)`` stores ``content["upload"]`` (the arrays) and
@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from celora_jax import wire
+from celora_jax.server import wire
 
 PyTree = Any
 

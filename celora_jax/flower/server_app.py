@@ -50,12 +50,12 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from celora_jax import wire
-from celora_jax.aggregation import AggregationConfig
 from celora_jax.federated.methods.base import FederatedMethod
 from celora_jax.federated.server_node import ServerNode, stack_statistics
 from celora_jax.flower import records
-from celora_jax.gmm import ClassMixtures
+from celora_jax.server import wire
+from celora_jax.server.aggregation import AggregationConfig
+from celora_jax.server.gmm import ClassMixtures
 
 logger = logging.getLogger(__name__)
 

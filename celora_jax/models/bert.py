@@ -4,7 +4,7 @@ Parameter names mirror Hugging Face's ``BertModel`` (``encoder/layer_0/attention
 kernel``; ``encoder/stacked/...`` with a leading layer axis under ``scan_layers``) so HF
 safetensors map onto them mechanically and adapter target regexes read like
 the HF names. Adapters are read from the ``"lora"`` variable collection, whose structure
-mirrors the module tree (see ``celora_jax.adapters``); without it the model is the plain
+mirrors the module tree (see ``celora_jax.lora.adapters``); without it the model is the plain
 pre-trained encoder::
 
     logits = model.apply({"params": params, "lora": adapters}, input_ids, attention_mask)
@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from celora_jax.adapters import STACKED
+from celora_jax.lora.adapters import STACKED
 from celora_jax.models.layers import Dense, check_attention, fused_attention, rematerialized, scan_blocks
 
 Array = jax.Array

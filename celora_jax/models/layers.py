@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from celora_jax.adapters import adapted_linear
+from celora_jax.lora.adapters import adapted_linear
 
 Array = jax.Array
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from celora_jax.adapters import stack_layers
+from celora_jax.lora.adapters import stack_layers
 from celora_jax.models.bert import EncoderConfig, SequenceClassifier
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax.adapters import STACKED
+from celora_jax.lora.adapters import STACKED
 from celora_jax.models.layers import Dense, check_attention, fused_attention, rematerialized, scan_blocks
 
 Array = jax.Array

@@ -4,7 +4,7 @@ A method answers, for the round step and the server, every question that differs
 federated fine-tuning methods:
 
 - which adapter factors a client trains and which it sends (``trained``, ``shared``: the
-  roles pytree of ``celora_jax.roles`` is derived from them);
+  roles pytree of ``celora_jax.lora.roles`` is derived from them);
 - the client's objective (``client_objective``: a wrapper of the task loss, e.g. FedProx's
   proximal term);
 - what the server does with the uploads (``server``: builds a ``Strategy``, pure
@@ -36,12 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import adapters as adapters_lib
-from celora_jax import cores
-from celora_jax import roles as roles_lib
-from celora_jax.aggregation import AggregationConfig
 from celora_jax.federated import strategies
-from celora_jax.gmm import ClassMixtures
+from celora_jax.lora import adapters as adapters_lib, cores, roles as roles_lib
+from celora_jax.server.aggregation import AggregationConfig
+from celora_jax.server.gmm import ClassMixtures
 
 Array = jax.Array
 PyTree = Any

@@ -4,7 +4,7 @@ answers every client with its own mixture of cores under learned weights W.
 Once, before round 1, every client uploads its data statistic (per-class Gaussian
 mixtures of frozen features, ``celora_jax.federated.statistics``); the server turns them
 into the data distance. Each round it stacks the uploaded cores, computes the parameter
-distance, learns W (``celora_jax.aggregation.server_step``) and returns C̃_i = Σ_j W_ij C_j.
+distance, learns W (``celora_jax.server.aggregation.server_step``) and returns C̃_i = Σ_j W_ij C_j.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import aggregation, cores, similarity
-from celora_jax.adapters import TRI
 from celora_jax.federated import strategies
 from celora_jax.federated.methods.base import FederatedMethod, ServerInputs, core_share_logs
+from celora_jax.lora import cores
+from celora_jax.lora.adapters import TRI
+from celora_jax.server import aggregation, similarity
 
 
 def personalized_strategy(data_distance: np.ndarray, config: aggregation.AggregationConfig) -> strategies.Strategy:

@@ -3,8 +3,8 @@ only the cores travel, and every client receives their size-weighted average."""
 
 from __future__ import annotations
 
-from celora_jax import adapters
 from celora_jax.federated.methods.base import FederatedMethod, core_share_logs
+from celora_jax.lora import adapters
 
 
 def make() -> FederatedMethod:

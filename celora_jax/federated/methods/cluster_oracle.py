@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import adapters
 from celora_jax.federated import strategies
 from celora_jax.federated.methods.base import FederatedMethod, ServerInputs
+from celora_jax.lora import adapters
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ Where we differ from the authors' code (read at their last commit):
 
 from __future__ import annotations
 
-from celora_jax import adapters
 from celora_jax.federated.methods.base import FederatedMethod
+from celora_jax.lora import adapters
 
 
 def make() -> FederatedMethod:

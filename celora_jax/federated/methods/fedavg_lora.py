@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from celora_jax import adapters
 from celora_jax.federated.methods.base import FederatedMethod
+from celora_jax.lora import adapters
 
 
 def make() -> FederatedMethod:

@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from celora_jax import adapters, aggregation, baselines
 from celora_jax.federated import strategies
 from celora_jax.federated.methods.base import FederatedMethod, shared_bytes
+from celora_jax.lora import adapters
+from celora_jax.server import aggregation, baselines
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -14,9 +14,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from celora_jax import roles as roles_lib
 from celora_jax.federated.methods import fedavg_lora
 from celora_jax.federated.methods.base import FederatedMethod
+from celora_jax.lora import roles as roles_lib
 
 
 def proximal_objective(mu: float):

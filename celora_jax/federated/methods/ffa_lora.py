@@ -3,8 +3,8 @@ aggregation error: the average of A·B_i is A times the average of B_i)."""
 
 from __future__ import annotations
 
-from celora_jax import adapters
 from celora_jax.federated.methods.base import FederatedMethod
+from celora_jax.lora import adapters
 
 
 def make() -> FederatedMethod:

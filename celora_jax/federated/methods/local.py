@@ -3,9 +3,9 @@ federated method must beat)."""
 
 from __future__ import annotations
 
-from celora_jax import adapters
 from celora_jax.federated import strategies
 from celora_jax.federated.methods.base import FederatedMethod
+from celora_jax.lora import adapters
 
 
 def make() -> FederatedMethod:

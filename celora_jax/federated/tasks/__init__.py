@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import types
 
-from celora_jax import adapters as adapters_lib
-from celora_jax.config import RunConfig
+from celora_jax.federated.config import RunConfig
 from celora_jax.federated.tasks import decoder, encoder, vision, vlm
 from celora_jax.federated.tasks.base import Task
+from celora_jax.lora import adapters as adapters_lib
 
 TASKS = types.MappingProxyType({"encoder": encoder.prepare, "decoder": decoder.prepare, "vlm": vlm.prepare,
                                  "vit": vision.prepare})

@@ -12,13 +12,13 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from celora_jax import adapters as adapters_lib
-from celora_jax import sharding
 from celora_jax._checks import ConfigError
-from celora_jax.config import RunConfig
 from celora_jax.data import packing
 from celora_jax.data.partition import GROUP_SCHEMES, partition
 from celora_jax.data.text import DataError
+from celora_jax.federated import sharding
+from celora_jax.federated.config import RunConfig
+from celora_jax.lora import adapters as adapters_lib
 
 
 @dataclasses.dataclass(frozen=True)

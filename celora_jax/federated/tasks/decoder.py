@@ -10,11 +10,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from celora_jax import adapters as adapters_lib
-from celora_jax.config import RunConfig
 from celora_jax.data import instructions, language
 from celora_jax.data.text import load_text_dataset
+from celora_jax.federated.config import RunConfig
 from celora_jax.federated.tasks import base
+from celora_jax.lora import adapters as adapters_lib
 from celora_jax.models import decoder_loading, llama, loading
 
 

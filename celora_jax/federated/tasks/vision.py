@@ -13,11 +13,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from celora_jax import adapters as adapters_lib
-from celora_jax.config import RunConfig
 from celora_jax.data import images as images_lib
 from celora_jax.data.errors import DataError
+from celora_jax.federated.config import RunConfig
 from celora_jax.federated.tasks import base
+from celora_jax.lora import adapters as adapters_lib
 from celora_jax.models import vision_loading, vit
 
 

@@ -9,12 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import adapters as adapters_lib
-from celora_jax.config import RunConfig
-from celora_jax.data import images as images_lib
-from celora_jax.data import instructions
+from celora_jax.data import images as images_lib, instructions
 from celora_jax.federated import align
+from celora_jax.federated.config import RunConfig
 from celora_jax.federated.tasks import base, decoder
+from celora_jax.lora import adapters as adapters_lib
 from celora_jax.models import vision_loading, vlm
 
 logger = logging.getLogger(__name__)

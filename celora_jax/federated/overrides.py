@@ -20,7 +20,7 @@ def apply_overrides(config, overrides: list[str]):
 
     Values are parsed as Python literals (``3``, ``0.5``, ``True``, ``None``, ``'x'``; a bool
     field also takes ``true``/``false``) and fall back to plain strings; a value must fit
-    the field's type. The overrides of one
+    the field's type. A string field given a comma list (``8,16,32``) keeps it as typed. The overrides of one
     section are applied together, so fields that are only valid in combination (e.g.
     ``dp.clip_norm`` with ``dp.noise_multiplier``) can be set in either order.
     """
@@ -106,5 +106,7 @@ def _coerce(value, current, owner, name, full_key):
         if isinstance(kind, type) and isinstance(value, kind):
             return value
     if str in allowed:
+        if isinstance(value, (tuple, list)) and all(isinstance(v, (int, float, str)) for v in value):
+            return ",".join(str(v) for v in value)  # an unquoted 8,16 parses as a tuple: keep the list typed
         return str(value)
     raise ConfigError(f"config key {full_key!r} expects {expected}, got {value!r}")

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from celora_jax.tracking.base import import_backend
+from celora_jax.federated.tracking.base import import_backend
 
 
 def mlflow_uri(store: pathlib.Path) -> str:

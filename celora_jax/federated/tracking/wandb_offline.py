@@ -8,7 +8,7 @@ import secrets
 
 import numpy as np
 
-from celora_jax.tracking.base import import_backend
+from celora_jax.federated.tracking.base import import_backend
 
 
 class WandbWriter:

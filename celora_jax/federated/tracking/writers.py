@@ -9,10 +9,18 @@ import pathlib
 import numpy as np
 
 from celora_jax._checks import ConfigError
-from celora_jax.tracking.base import Writer, flatten_config, round_scalars
-from celora_jax.tracking.mlflow_store import MlflowWriter
-from celora_jax.tracking.tensorboard import TensorBoardWriter
-from celora_jax.tracking.wandb_offline import WandbWriter
+from celora_jax.federated.tracking.base import Writer, flatten_config, round_scalars
+from celora_jax.federated.tracking.mlflow_store import MlflowWriter
+from celora_jax.federated.tracking.tensorboard import TensorBoardWriter
+from celora_jax.federated.tracking.wandb_offline import WandbWriter
+
+
+def run_tags(config, method: str, adapter_config, **extra: str) -> dict[str, str]:
+    """How a run is labelled in the trackers, by the engine and the Flower ServerApp alike:
+    method, setting (the run's name), seed, rank and adapter init as the method resolves them
+    (``fed_sb``'s unset init is ``weight_svd``), plus ``extra``."""
+    return {"method": method, "setting": config.name, "seed": str(config.seed), "rank": str(adapter_config.rank),
+            "adapter_init": str(adapter_config.init), **extra}
 
 
 def tracking_root(config, output_dir: pathlib.Path | None) -> pathlib.Path:

@@ -27,10 +27,10 @@ from flax import traverse_util
 
 from celora_jax import _checks
 # The layer-layout helpers live in their own module; they are part of this one's API too.
-from celora_jax.layer_layout import STACKED, kernel_keys, layer_axes, stack_layers, unstack_layers
-from celora_jax.svd_basis import weight_svd_factors
+from celora_jax.lora.layer_layout import STACKED, kernel_keys, layer_axes, stack_layers, unstack_layers
+from celora_jax.lora.svd_basis import weight_svd_factors
 
-__all__ = [  # what `from celora_jax.adapters import *` and the API docs show
+__all__ = [  # what `from celora_jax.lora.adapters import *` and the API docs show
     "TRI", "LORA", "STACKED", "DEFAULT_TARGET", "AdapterConfig", "AdapterConfigError", "path_string",
     "layer_axes", "is_kernel", "target_kernel_paths", "stack_layers", "unstack_layers", "init_adapters",
     "init_factors", "weight_svd_factors", "INITS", "adapter_delta", "adapter_output", "adapted_linear", "merge_kernel", "merge_adapters",
@@ -106,7 +106,7 @@ class AdapterConfig:
       >>> AdapterConfig(rank=0)
       Traceback (most recent call last):
       ...
-      celora_jax.adapters.AdapterConfigError: adapter rank must be a positive integer, got 0
+      celora_jax.lora.adapters.AdapterConfigError: adapter rank must be a positive integer, got 0
     """
 
     kind: str | None = TRI
@@ -123,7 +123,7 @@ class AdapterConfig:
     @property
     def client_rank_cycle(self) -> tuple[int, ...] | None:
         """``client_ranks`` as integers (validated), or None."""
-        return None if self.client_ranks is None else tuple(int(r) for r in re.findall(r"\d+", self.client_ranks))
+        return None if self.client_ranks is None else tuple(int(r) for r in _checks.comma_list(self.client_ranks))
 
     def __post_init__(self):
         _checks.check_fields(self, "adapter")
@@ -142,8 +142,8 @@ class AdapterConfig:
             raise AdapterConfigError(f"adapter core_only is the random-basis ablation; init {self.init!r} "
                                      "already trains only the cores, in its own basis: choose one")
         if self.client_ranks is not None:
-            # "8,16" (or "(8, 16)": what --set makes of an unquoted 8,16).
-            if not re.fullmatch(r"[(\[]?\s*\d+\s*(,\s*\d+\s*)*,?\s*[)\]]?", self.client_ranks):
+            ranks = _checks.comma_list(self.client_ranks)
+            if not ranks or not all(r.isdigit() for r in ranks):
                 raise AdapterConfigError(f"adapter client_ranks must be comma-separated ranks such as '8,16,32', "
                                          f"got {self.client_ranks!r}")
             if not all(1 <= r <= self.rank for r in self.client_rank_cycle):

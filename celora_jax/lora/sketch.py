@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from celora_jax.svd_basis import fix_svd_signs
+from celora_jax.lora.svd_basis import fix_svd_signs
 
 Array = jax.Array
 

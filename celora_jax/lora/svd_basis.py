@@ -31,7 +31,7 @@ def weight_svd_factors(kernel: Array, rank: int) -> dict:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from celora_jax.adapters import weight_svd_factors
+      >>> from celora_jax.lora.adapters import weight_svd_factors
       >>> kernel = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
       >>> factors = weight_svd_factors(kernel, rank=2)
       >>> factors["A"] @ factors["B"]  # the best rank-2 approximation of the kernel

@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax import _checks, aggregation, usable
+from celora_jax import _checks
+from celora_jax.server import aggregation, usable
 
 Array = jax.Array
 PyTree = Any
@@ -45,7 +46,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def usable_clients(uploads: PyTree, sizes: Array, mask: Array) -> Array:
     """[N] bool: reported (mask), valid size (finite, ≥ 0) and every upload leaf finite
-    (``celora_jax.usable``, the rule the round step and CE-LoRA's server apply too)."""
+    (``celora_jax.server.usable``, the rule the round step and CE-LoRA's server apply too)."""
     return usable.usable_clients(uploads, sizes, mask)
 
 

@@ -52,7 +52,7 @@ def stack_layers(tree: Params) -> dict:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from celora_jax.layer_layout import stack_layers, unstack_layers
+      >>> from celora_jax.lora.layer_layout import stack_layers, unstack_layers
       >>> tree = {"encoder": {f"layer_{i}": {"kernel": jnp.full((2, 3), i)} for i in range(4)}}
       >>> stack_layers(tree)["encoder"]["stacked"]["kernel"].shape
       (4, 2, 3)
@@ -79,7 +79,7 @@ def unstack_layers(tree: Params, axis: int = 0) -> dict:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from celora_jax.layer_layout import unstack_layers
+      >>> from celora_jax.lora.layer_layout import unstack_layers
       >>> clients = {"stacked": {"C": jnp.zeros((5, 2, 8, 8))}}  # 5 clients x 2 layers
       >>> sorted(unstack_layers(clients, axis=1)), unstack_layers(clients, axis=1)["layer_1"]["C"].shape
       (['layer_0', 'layer_1'], (5, 8, 8))

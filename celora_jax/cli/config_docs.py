@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from celora_jax.config import RunConfig
+from celora_jax.federated.config import RunConfig
 
 
 def attribute_docs(cls: type) -> dict[str, str]:

@@ -3,9 +3,9 @@
 Two [clients, clients] matrices, both symmetric with a zero diagonal:
 
 * ``data_distance``: squared MMD between the clients' label-weighted diagonal Gaussian
-  mixtures (the one-time statistic of :mod:`celora_jax.gmm`) under a Gaussian kernel,
+  mixtures (the one-time statistic of :mod:`celora_jax.server.gmm`) under a Gaussian kernel,
   in closed form. It depends only on the statistics, so compute it once and pass it to
-  every round's :func:`celora_jax.aggregation.server_step`.
+  every round's :func:`celora_jax.server.aggregation.server_step`.
 * ``parameter_distance``: 1 − cos between the stacked core updates vec(C_i − I), every round.
 
 ``data_distance(..., class_conditional=True)`` is our extension beyond METHOD.md: the MMD of
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from celora_jax.gmm import ClassMixtures
+from celora_jax.server.gmm import ClassMixtures
 
 Array = jax.Array
 

@@ -102,10 +102,9 @@ def _flower_worker(args) -> int:
 
 
 def _flower_app(args) -> int:
-    from celora_jax.config import apply_overrides
-    from celora_jax.presets import get_preset
-
+    from celora_jax.federated.config import apply_overrides
     from celora_jax.federated.nodes import unsupported_reason
+    from celora_jax.federated.presets import get_preset
     from celora_jax.federated.setup import adapter_config_for, resolve_method
 
     config = apply_overrides(get_preset(args.preset), args.overrides)  # refuses a bad preset or override now
@@ -136,7 +135,7 @@ def _flower_app(args) -> int:
 
 def _resume_plan(directory: str, overrides: list[str]):
     """(run root, [(method config, method dir)]) of an interrupted run."""
-    from celora_jax.config import apply_overrides, from_dict
+    from celora_jax.federated.config import apply_overrides, from_dict
 
     directory = pathlib.Path(directory)
     method_dirs = ([directory] if (directory / "config.json").is_file()
@@ -174,10 +173,10 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
 def _run(args) -> int:
     import dataclasses
 
-    from celora_jax.config import apply_overrides, to_json
+    from celora_jax.cli.reporting import plot_curves, plot_heatmaps, summary_table
     from celora_jax.federated import engine
-    from celora_jax.reporting import plot_curves, plot_heatmaps, summary_table
-    from celora_jax.presets import get_preset
+    from celora_jax.federated.config import apply_overrides, to_json
+    from celora_jax.federated.presets import get_preset
 
     if args.resume:
         root, plan = _resume_plan(args.resume, args.overrides)
@@ -228,8 +227,7 @@ def _run(args) -> int:
 
 def _resume_hint(config, method_dir: pathlib.Path, not_started: list[str]) -> str:
     """What an interrupted run left to resume from, for the one line the CLI prints."""
-    from celora_jax import checkpoint
-    from celora_jax.federated import engine
+    from celora_jax.federated import checkpoint, engine
 
     directory = engine.checkpoint_directory(config, method_dir)
     step = checkpoint.latest_step(directory) if directory is not None else None
@@ -289,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = _build_parser().parse_args(argv)
     if args.command == "presets":
-        from celora_jax.presets import PRESETS
+        from celora_jax.federated.presets import PRESETS
 
         for name, preset in PRESETS.items():
             print(describe_preset(name, preset))

@@ -9,9 +9,9 @@ image, and the summary at the end. ``metrics.jsonl`` stays the record of truth; 
 are views of it.
 """
 
-from celora_jax.tracking.config import BACKENDS, TrackingConfig
-from celora_jax.tracking.base import Writer, check_backends, flatten_config, round_scalars
-from celora_jax.tracking.writers import RunTracker, open_writers
+from celora_jax.federated.tracking.base import Writer, check_backends, flatten_config, round_scalars
+from celora_jax.federated.tracking.config import BACKENDS, TrackingConfig
+from celora_jax.federated.tracking.writers import RunTracker, open_writers, run_tags
 
 __all__ = ["BACKENDS", "RunTracker", "TrackingConfig", "Writer", "check_backends", "flatten_config", "open_writers",
-           "round_scalars"]
+           "round_scalars", "run_tags"]

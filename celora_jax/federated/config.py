@@ -8,14 +8,14 @@ import re
 import typing
 
 from celora_jax._checks import ConfigError, check_fields
-from celora_jax.adapters import GRADIENT_SVD, SHARED_BASIS_INITS, AdapterConfig
-from celora_jax.aggregation import AggregationConfig
 from celora_jax.data.partition import PartitionConfig
 from celora_jax.data.text import TextDataConfig
 from celora_jax.federated.methods import get_method
-from celora_jax.overrides import apply_overrides  # --set parsing, importable from here too
+from celora_jax.federated.overrides import apply_overrides  # --set parsing, importable from here too
+from celora_jax.federated.tracking.config import TrackingConfig
+from celora_jax.lora.adapters import GRADIENT_SVD, SHARED_BASIS_INITS, AdapterConfig
 from celora_jax.privacy.dp import DPConfig
-from celora_jax.tracking.config import TrackingConfig
+from celora_jax.server.aggregation import AggregationConfig
 
 # The compute dtypes a model can run in (parameters stay float32).
 DTYPES = ("float32", "bfloat16", "float16")
@@ -282,7 +282,7 @@ class FederationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """Orbax checkpoints of the whole run state (see ``celora_jax.checkpoint``).
+    """Orbax checkpoints of the whole run state (see ``celora_jax.federated.checkpoint``).
 
     Attributes:
       every: save after every k-th round and after the last (0 disables checkpoints).
@@ -316,15 +316,15 @@ class RunConfig:
         ``adapter.kind`` is decided by the method (None, the default; tri for the CE-LoRA
         methods, lora for the others); a kind that conflicts with the method is an error.
       export_peft: at the end, write every client's adapters as a PEFT LoRA folder
-        (``adapters/client_XXXX``, factors A and C·B; see ``celora_jax.export``).
+        (``adapters/client_XXXX``, factors A and C·B; see ``celora_jax.models.export``).
       output_dir: root directory of run outputs.
       compilation_cache: JAX's persistent compilation cache: "auto" (a per-user directory,
-        or $CELORA_JAX_COMPILATION_CACHE), "off", or a directory (``celora_jax.compile_cache``;
+        or $CELORA_JAX_COMPILATION_CACHE), "off", or a directory (``celora_jax.federated.compile_cache``;
         the environment variable, when set, wins).
 
     Examples:
       >>> from celora_jax import RunConfig
-      >>> from celora_jax.config import apply_overrides
+      >>> from celora_jax.federated.config import apply_overrides
       >>> config = apply_overrides(RunConfig(), ["federation.rounds=3", "adapter.rank=4"])
       >>> config.federation.rounds, config.adapter.rank
       (3, 4)

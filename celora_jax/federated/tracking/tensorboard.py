@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from celora_jax.tracking.base import import_backend
+from celora_jax.federated.tracking.base import import_backend
 
 
 class TensorBoardWriter:

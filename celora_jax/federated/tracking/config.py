@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from celora_jax._checks import ConfigError, check_fields
+from celora_jax._checks import ConfigError, check_fields, comma_list
 
 BACKENDS = ("tensorboard", "mlflow", "wandb")
 
@@ -35,7 +35,7 @@ class TrackingConfig:
     @property
     def names(self) -> tuple[str, ...]:
         """The backends as a tuple (validated)."""
-        return tuple(name.strip() for name in self.backends.split(",") if name.strip())
+        return tuple(name for name in comma_list(self.backends) if name)  # a trailing comma is harmless
 
     def __post_init__(self):
         check_fields(self, "tracking")

@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 from flax import traverse_util
 
-from celora_jax import adapters as adapters_lib
+from celora_jax.lora import adapters as adapters_lib
 from celora_jax.models.loading import hf_module_path
 
 _PEFT_PREFIX = "base_model.model."

@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from optax import projections
 
-from celora_jax import _checks, similarity, usable
-from celora_jax.gmm import ClassMixtures
+from celora_jax import _checks
+from celora_jax.server import similarity, usable
+from celora_jax.server.gmm import ClassMixtures
 
 Array = jax.Array
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from celora_jax import _checks
-from celora_jax.adapters import Params, adapter_modules, layer_axes, path_string
+from celora_jax.lora.adapters import Params, adapter_modules, layer_axes, path_string
 
 Array = jax.Array
 

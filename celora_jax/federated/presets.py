@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from celora_jax.config import FederationConfig, ModelConfig, RunConfig
 from celora_jax.data.partition import PartitionConfig
 from celora_jax.data.text import TextDataConfig
+from celora_jax.federated.config import FederationConfig, ModelConfig, RunConfig
 
 # MiniLM + movie reviews, 10 clients, Dirichlet alpha = 0.5 over labels, CE-LoRA, rank 8.
 # 128 training examples per client and batch 16 give one local epoch = 8 steps per round;

@@ -16,7 +16,7 @@ attribute of an NNX ``Variable`` is dropped, so an NNX kernel reads ``l1/kernel`
 kernels ``[d_in, d_out]`` and stacked/scanned kernels ``[L, d_in, d_out]`` (one slice per
 layer, as ``nn.scan`` or a ``lax.scan`` over layers stores them) are candidates; biases,
 norms and higher-rank leaves never match. The adapter of a leaf named ``kernel`` sits at
-its module path, exactly where ``celora_jax.adapters.init_adapters`` puts it (for 2-D
+its module path, exactly where ``celora_jax.lora.adapters.init_adapters`` puts it (for 2-D
 kernels both give identical adapters from the same key); a leaf with another name
 (``{"w1": ..., "w2": ...}`` in a plain JAX model) gets its adapter at its own path, so
 two kernels of one module never collide.
@@ -69,8 +69,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from celora_jax.adapters import (SHARED_BASIS_INITS, TRI, AdapterConfig, AdapterConfigError, init_factors,
-                                 adapter_output, merge_kernel, path_string)
+from celora_jax.lora.adapters import (SHARED_BASIS_INITS, TRI, AdapterConfig, AdapterConfigError, adapter_output,
+                                      init_factors, merge_kernel, path_string)
 
 Array = jax.Array
 PyTree = Any

@@ -12,7 +12,7 @@ import pathlib
 
 import jax
 
-from celora_jax.export import export_peft
+from celora_jax.models.export import export_peft
 
 
 class RunFiles:
