@@ -5,7 +5,7 @@
     python -m experiments.benchmarks --stage report           # summary.json, table.md, plots
     python -m experiments.benchmarks --stage all --smoke      # CI-sized: all of it, in minutes
 
-A setting (``celora_jax.presets.BENCHMARKS``) measures something only if two reference
+A setting (``celora_jax.federated.presets.BENCHMARKS``) measures something only if two reference
 methods differ on it by more than 3 standard errors, paired over clients and seeds: its
 gate. Gates: (a) few-shot IID: FedAvg-LoRA beats local training; (b) clustered labels: the
 cluster oracle beats both FedAvg-LoRA and local; (c) clustered domains: the cluster oracle
@@ -39,8 +39,8 @@ import time
 
 import numpy as np
 
-from celora_jax.config import RunConfig, apply_overrides
-from celora_jax.presets import BENCHMARKS, smoke_variant
+from celora_jax.federated.config import RunConfig, apply_overrides
+from celora_jax.federated.presets import BENCHMARKS, smoke_variant
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import math
 import pathlib
 import sys
 
-from celora_jax.config import apply_overrides
+from celora_jax.federated.config import apply_overrides
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "dp"
 
@@ -50,7 +50,7 @@ def run_id(epsilon: float) -> str:
 
 
 def study_config(preset: str, epsilon: float, clip_norm: float, overrides: list[str]):
-    from celora_jax.presets import get_preset
+    from celora_jax.federated.presets import get_preset
 
     settings = ["aggregation.beta=0.0"]
     if not math.isinf(epsilon):

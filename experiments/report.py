@@ -28,7 +28,6 @@ import sys
 
 import numpy as np
 
-
 Runs = dict[str, dict[str, list[dict]]]  # {run id without seed: {"seedN": history}}
 
 
@@ -127,7 +126,7 @@ def table(runs: Runs, prefix: str, target_fraction: float,
 
 def plot(runs: Runs, prefix: str, path: pathlib.Path) -> bool:
     """Accuracy vs round and vs MB (mean over seeds); False when nothing finished."""
-    from celora_jax.reporting import plot_curves
+    from celora_jax.cli.reporting import plot_curves
 
     selected = {k[len(prefix):].strip("/"): list(v.values()) for k, v in runs.items() if k.startswith(prefix)}
     if not selected:
