@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(scratch)
         # `python -m celora_jax.cli.main` is the `celora-jax` entry point, without relying on PATH.
         results["cli"] = {"preset": preset, "command": " ".join(["celora-jax", *run_args]), **cold_and_warm(
-            lambda out: [sys.executable, "-m", "celora_jax.cli.main", *run_args, "--no-progress", "--output-dir", str(out)],
+            lambda out: [sys.executable, "-m", "celora_jax.cli.main", *run_args, "--no-progress",
+                         "--output-dir", str(out)],
             scratch / "cache_cli", scratch / "cli", env, first_round_seconds)}
         print(f"cli: {results['cli']}", flush=True)
         if not args.skip_grid:

@@ -106,6 +106,10 @@ def layer_of(module: str) -> int:
     return max(matches)[1]
 
 
+def _kernel(module: str) -> str:
+    return next(prefix for prefix in INDEPENDENT if _within(module, (prefix,)))
+
+
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
     """Every import of ``graph`` that runs up the layers or across the independent kernels."""
     found = []
@@ -114,8 +118,7 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
             if layer_of(target) > layer_of(module):
                 found.append(f"{module} -> {target} ({LAYERS[layer_of(module)][0]} imports "
                              f"{LAYERS[layer_of(target)][0]})")
-            elif (layer_of(module) == layer_of(target) == 1
-                  and [p for p in INDEPENDENT if _within(module, (p,))] != [p for p in INDEPENDENT if _within(target, (p,))]):
+            elif layer_of(module) == layer_of(target) == 1 and _kernel(module) != _kernel(target):
                 found.append(f"{module} -> {target} (the kernels are independent of each other)")
     return found
 

@@ -129,8 +129,8 @@ def run(config: RunConfig, *, progress: bool = False, output_dir: str | pathlib.
     setup = prepare(config, progress=progress)
     files = RunFiles(output_dir, json.dumps(to_dict(config), indent=2, sort_keys=True), resume)
     # Process 0 alone logs (the others hold the same records), when tracking.backends names any.
-    tracker = tracking.RunTracker(config, files.directory, tracking.run_tags(config, setup.method.name,
-                                                                              setup.task.adapter_config), resume, to_dict(config),
+    tags = tracking.run_tags(config, setup.method.name, setup.task.adapter_config)
+    tracker = tracking.RunTracker(config, files.directory, tags, resume, to_dict(config),
                                   enabled=jax.process_index() == 0)
     # A resumed run that had already finished yields no rounds: its records are the file's.
     client_params, history = None, files.history

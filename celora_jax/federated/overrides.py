@@ -20,8 +20,8 @@ def apply_overrides(config, overrides: list[str]):
 
     Values are parsed as Python literals (``3``, ``0.5``, ``True``, ``None``, ``'x'``; a bool
     field also takes ``true``/``false``) and fall back to plain strings; a value must fit
-    the field's type. A string field given a comma list (``8,16,32``) keeps it as typed. The overrides of one
-    section are applied together, so fields that are only valid in combination (e.g.
+    the field's type; a string field given a comma list (``8,16,32``) keeps it as typed. The
+    overrides of one section are applied together, so fields that are only valid in combination (e.g.
     ``dp.clip_norm`` with ``dp.noise_multiplier``) can be set in either order.
     """
     by_section: dict[tuple[str, ...], dict[str, tuple[Any, str]]] = {}
