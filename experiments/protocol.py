@@ -43,6 +43,7 @@ import numpy as np
 
 from celora_jax.federated.config import RunConfig, apply_overrides
 from celora_jax.federated.presets import BENCHMARKS, smoke_variant
+from experiments.benchmarks import GATES, gate_result, paired
 from experiments.grid import twin_among
 
 logger = logging.getLogger(__name__)
@@ -314,7 +315,8 @@ def seed_runs(root: pathlib.Path, setting: str, arm: Arm, step: str) -> dict[int
             continue
         summary = json.loads((run_dir / "summary.json").read_text())
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        runs[seed] = {"test": float(np.mean(records[-1]["client_test_accuracy"])),
+        clients = np.asarray(records[-1]["client_test_accuracy"], np.float64)
+        runs[seed] = {"test": float(clients.mean()), "clients": clients,
                       "validation_curve": [r.get("validation_accuracy_mean") for r in records],
                       "test_curve": [r.get("test_accuracy_mean") for r in records],
                       "mb_per_round": summary["mb_per_round"],
@@ -345,6 +347,17 @@ def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
 
 
 REFERENCES = ("cluster_oracle", "centralized")  # other data or other knowledge: not on the frontier
+# The arms the benchmark gates name by method (experiments/benchmarks.py GATES), at their
+# chosen rates; FedAvg-LoRA is the rank-8 arm, as in the gates' first measurement.
+GATE_ARMS = {"fedavg_lora": "fedavg_lora_r8", "local": "local", "cluster_oracle": "cluster_oracle"}
+# Each arm is compared, paired over (client, seed), with these.
+BASELINES = ("local", "fedavg_lora_r8")
+
+
+def _paired(a: dict[int, dict], b: dict[int, dict]) -> dict | None:
+    """``a - b`` in points of accuracy, paired over (client, seed), ± its standard error."""
+    diff, se, seeds = paired(a, b)
+    return None if not seeds else {"diff": diff, "se": se, "seeds": seeds}
 
 
 def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
@@ -357,12 +370,12 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
                                     "validation loss; then seeds 1 and 2 at the chosen configuration"},
               "settings": {}}
     for setting in settings:
-        rows = {}
+        rows, by_arm = {}, {}
         for name, arm in ARMS.items():
             chosen = choice(root, setting, arm, smoke)
             if chosen is None:
                 continue
-            runs = seed_runs(root, setting, arm, chosen["step"])
+            runs = by_arm[name] = seed_runs(root, setting, arm, chosen["step"])
             tests = [run["test"] for run in runs.values()]
             first = runs[min(runs)]
             # Mean over seeds per round; None where the round was not evaluated.
@@ -375,14 +388,37 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
                           "mb_per_round": first["mb_per_round"], "mb_basis_once": first["mb_basis"],
                           "sent_params_per_client": first["sent_params_per_client"],
                           "validation_by_round": curve, "still_rising": still_rising(curve)}
+        for name, row in rows.items():
+            row["paired"] = {base: _paired(by_arm[name], by_arm[base]) for base in BASELINES
+                             if base in by_arm and base != name}
         points = {name: (row["mb_per_round"], row["test_accuracy"]) for name, row in rows.items()
                   if name not in REFERENCES and row["mb_per_round"] > 0}
-        result["settings"][setting] = {"arms": rows, "frontier": pareto(points)}
+        gate = GATES.get(setting)
+        checked = None if gate is None else gate_result(gate, {method: by_arm.get(arm, {})
+                                                               for method, arm in GATE_ARMS.items()})
+        result["settings"][setting] = {"arms": rows, "frontier": pareto(points), "gate": checked}
     return result
 
 
 def _percent(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def _difference(compared: dict | None) -> str:
+    """Points ± SE, paired over (client, seed), and over how many seeds; "-" if not comparable."""
+    if not compared or not compared["seeds"]:
+        return "-"
+    se = "n/a" if compared["se"] is None or math.isnan(compared["se"]) else f"{100 * compared['se']:.1f}"
+    return f"{100 * compared['diff']:+.1f} ± {se} [{compared['seeds']}]"
+
+
+def gate_line(gate: dict | None) -> str:
+    if gate is None:
+        return "Gate: none for this setting."
+    checks = "; ".join(f"{c['winner']} − {c['loser']} = {_difference(c)}" for c in gate["checks"])
+    verdict = ("not yet measured (fewer than 3 seeds)" if gate["pilot"]
+               else "passes" if gate["passed"] else "FAILS")
+    return f"Gate at the chosen rates ({gate['rule']}, paired over clients and seeds): {verdict}. {checks}."
 
 
 def markdown(summary: dict) -> str:
@@ -395,15 +431,17 @@ def markdown(summary: dict) -> str:
              "(points; > 1 means still rising).", ""]
     for setting, data in summary["settings"].items():
         lines += [f"## {setting}", "", f"Frontier (accuracy vs MB per round): {', '.join(data['frontier']) or 'n/a'}.",
-                  "", "| arm | seeds | test accuracy | MB/round | basis MB (once) | chosen lr | server | "
-                  "validation by lr | rising |", "|---|---|---|---|---|---|---|---|---|"]
+                  "", gate_line(data.get("gate")),
+                  "", "| arm | seeds | test accuracy | vs local | vs FedAvg-LoRA r=8 | MB/round | basis MB (once) | "
+                  "chosen lr | server | validation by lr | rising |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in data["arms"].items():
             by_rate = ", ".join(f"{r}: {_percent(v)}" for r, v in row["validation_by_rate"].items())
             server = ", ".join(row["server"]) or "-"
             rising = "n/a" if row["still_rising"] is None else f"{100 * row['still_rising']:+.1f}"
             se = "" if row["test_accuracy_se"] is None else f" ± {_percent(row['test_accuracy_se'])}"
+            versus = " | ".join(_difference(row.get("paired", {}).get(base)) for base in BASELINES)
             lines.append(f"| {'**' + name + '**' if name in data['frontier'] else name} | {len(row['seeds'])} | "
-                         f"{_percent(row['test_accuracy'])}{se} | {row['mb_per_round']:.2f} | "
+                         f"{_percent(row['test_accuracy'])}{se} | {versus} | {row['mb_per_round']:.2f} | "
                          f"{row['mb_basis_once']:.1f} | {row['learning_rate']:g} | {server} | {by_rate} | {rising} |")
         lines.append("")
     return "\n".join(lines)

@@ -8,13 +8,13 @@ import pytest
 from experiments import protocol
 
 
-def _fake_run(root, run_id, validation, loss=1.0, test=0.5, mb=1.0, curve=None):
+def _fake_run(root, run_id, validation, loss=1.0, test=0.5, mb=1.0, curve=None, clients=None):
     """A finished run as engine.run writes it, with what the protocol reads."""
     run_dir = root / run_id
     run_dir.mkdir(parents=True)
     curve = curve or [validation]
     records = [{"round": i + 1, "validation_accuracy_mean": v, "validation_loss": loss,
-                "test_accuracy_mean": test, "client_test_accuracy": [test, test]} for i, v in enumerate(curve)]
+                "test_accuracy_mean": test, "client_test_accuracy": clients or [test, test]} for i, v in enumerate(curve)]
     records[-1]["validation_accuracy_mean"] = validation
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     (run_dir / "summary.json").write_text(json.dumps({"mb_per_round": mb, "num_clients": 2,
@@ -63,6 +63,35 @@ def test_a_middle_winner_needs_no_extension_and_runs_carry_the_chosen_settings(t
     assert config.federation.rounds == protocol.ROUNDS and config.partition.validation_fraction == 0.2
     # The preset's 16 training examples per client stay 16: 4 more are drawn for validation.
     assert (config.partition.train_examples, config.partition.validation_examples) == (20, 4)
+
+
+def test_arms_are_compared_paired_and_the_gate_is_rechecked_at_the_chosen_rates(tmp_path):
+    """Each arm against local training and FedAvg-LoRA r=8, paired over (client, seed) at
+    each one's chosen rate; the setting's gate (FedAvg-LoRA > local by > 3 SE on TREC) from
+    the same pairs, undecided below three seeds."""
+    gaps = {0: [0.30, 0.32], 1: [0.28, 0.31], 2: [0.29, 0.33]}
+    for arm, rate in (("local", 0.003), ("fedavg_lora_r8", 0.003)):  # middle winners: no extension
+        where = f"trec_fewshot_iid/{arm}"
+        for other in protocol.LEARNING_RATES:  # the chosen rate wins on validation
+            _fake_run(tmp_path, f"{where}/lr{other:g}/seed0", 0.9 if other == rate else 0.1,
+                      clients=[0.5 + (arm != "local") * g for g in gaps[0]])
+        for seed in (1, 2):
+            _fake_run(tmp_path, f"{where}/lr{rate:g}/seed{seed}", 0.9,
+                      clients=[0.5 + (arm != "local") * g for g in gaps[seed]])
+    data = protocol.summarize(tmp_path, ["trec_fewshot_iid"], smoke=False)["settings"]["trec_fewshot_iid"]
+    compared = data["arms"]["fedavg_lora_r8"]["paired"]["local"]
+    differences = [g for seed in gaps.values() for g in seed]
+    assert compared["seeds"] == 3 and compared["diff"] == pytest.approx(sum(differences) / 6)
+    assert data["arms"]["local"]["paired"]["fedavg_lora_r8"]["diff"] == pytest.approx(-compared["diff"])
+    assert data["gate"]["passed"] and not data["gate"]["pilot"]
+    assert "passes" in protocol.gate_line(data["gate"]) and "+30.5 ± 0.8 [3]" in protocol.markdown(
+        {"rule": protocol.summarize(tmp_path, [], smoke=False)["rule"], "settings": {"trec_fewshot_iid": data}})
+    for run in tmp_path.rglob("seed2"):  # two seeds: a pilot, not a verdict
+        for f in run.iterdir():
+            f.unlink()
+        run.rmdir()
+    gate = protocol.summarize(tmp_path, ["trec_fewshot_iid"], smoke=False)["settings"]["trec_fewshot_iid"]["gate"]
+    assert gate["pilot"] and not gate["passed"] and "not yet measured" in protocol.gate_line(gate)
 
 
 def test_frontier_and_plateau():
