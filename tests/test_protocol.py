@@ -94,6 +94,28 @@ def test_arms_are_compared_paired_and_the_gate_is_rechecked_at_the_chosen_rates(
     assert gate["pilot"] and not gate["passed"] and "not yet measured" in protocol.gate_line(gate)
 
 
+def test_the_target_is_met_missed_or_undecided():
+    def row(accuracy, mb, seeds=3, paired=None):
+        return {"test_accuracy": accuracy, "mb_per_round": mb, "seeds": list(range(seeds)), "paired": paired or {}}
+
+    whole = {"fedavg_lora_r4": row(0.88, 40), "fedavg_lora_r8": row(0.90, 80), "fedavg_lora_r16": row(0.89, 160),
+             "fedex_lora": row(0.895, 1200)}
+    rows = {**whole, "celora_weight_svd_r32": row(0.893, 5.0), "celora_weight_svd_r64": row(0.85, 20.0)}
+    target = protocol.target_check("trec_fewshot_iid", rows, frontier=["celora_weight_svd_r32", "fedavg_lora_r8"])
+    assert target["decided"] and target["met_by"] == ["celora_weight_svd_r32"]  # 0.7 points, 16x fewer bytes
+    missed = protocol.target_check("trec_fewshot_iid", {**whole, "celora_weight_svd_r64": row(0.85, 20.0)}, [])
+    assert missed["met_by"] == [] and "MISSED" in protocol.target_line(missed) and "5.0 points below" in (
+        protocol.target_line(missed))
+    assert not protocol.target_check("trec_fewshot_iid", {**rows, "fedex_lora": row(0.9, 1200, seeds=2)},
+                                     [])["decided"]
+    ahead = {"fedavg_lora_r8": {"diff": 0.20, "se": 0.01}, "local": {"diff": 0.02, "se": 0.01}}
+    clustered = {"cluster_oracle": row(0.35, 50), "fedavg_lora_r8": row(0.15, 50), "local": row(0.31, 0),
+                 "celora_gradient_svd_r16": row(0.345, 3.0, paired=ahead)}
+    target = protocol.target_check("wordnet_clustered_labels", clustered, ["celora_gradient_svd_r16"])
+    assert target["met_by"] == []  # within 0.5 point of the oracle, but only 2 SE ahead of local
+    assert target["checks"]["celora_gradient_svd_r16"]["beats_fedavg_lora_and_local_by_3_se"] is False
+
+
 def test_frontier_and_plateau():
     points = {"a": (1.0, 0.5), "b": (2.0, 0.7), "c": (3.0, 0.6), "d": (0.5, 0.4), "e": (2.0, 0.65)}
     assert protocol.pareto(points) == ["d", "a", "b"]
