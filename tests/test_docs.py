@@ -211,3 +211,16 @@ def test_every_quoted_command_exists(page):
             known = key in fields or key.startswith("federation.method_options.")
             wrong += [f"{command} ({key})"] if not known else []
     assert not wrong, wrong
+
+
+def test_the_readme_library_quick_start_runs():
+    """The README's Python quick start runs as printed and averages two clients' adapters."""
+    import numpy as np
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert len(blocks) == 1
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace["logits"].shape == (4, 10)
+    kernel = namespace["average"]["params"]["layers_0"]["B"]
+    np.testing.assert_allclose(kernel, namespace["adapters"]["params"]["layers_0"]["B"] + 0.25, atol=1e-6)
