@@ -119,6 +119,8 @@ def test_the_target_is_met_missed_or_undecided():
 def test_frontier_and_plateau():
     points = {"a": (1.0, 0.5), "b": (2.0, 0.7), "c": (3.0, 0.6), "d": (0.5, 0.4), "e": (2.0, 0.65)}
     assert protocol.pareto(points) == ["d", "a", "b"]
+    # Not communicating is a point too: at 0 bytes, it dominates every arm it beats.
+    assert protocol.pareto({**points, "local": (0.0, 0.55)}) == ["local", "b"]
     assert protocol.still_rising([0.1] * 5 + [0.3] * 5) == pytest.approx(0.2)
     assert protocol.still_rising([0.1] * 9) is None
     assert protocol.still_rising([None, 0.1] * 5) == pytest.approx(0.0)  # evaluated every other round
