@@ -5,6 +5,7 @@ trained to a plateau, then measured on 3 seeds; the accuracy-vs-communication fr
     python -m experiments.protocol                            # run (resumes), then report
     python -m experiments.protocol --arms fed_sb_weight_svd_r32 --settings trec_fewshot_iid
     python -m experiments.protocol --stage report             # tables, frontier plots, summary.json
+    python -m experiments.protocol --stage plateau            # only the doubled-rounds checks of measured arms
     python -m experiments.protocol --smoke                    # CI-sized: every stage in minutes
 
 The rule, the same for every method (an "arm": a method at one rank and adapter init):
@@ -22,6 +23,10 @@ The rule, the same for every method (an "arm": a method at one rank and adapter 
 4. The chosen configuration runs seeds 1 and 2 (seed 0's run is the tuning run itself).
 5. Rounds: ``ROUNDS`` for every run; the report gives each arm's validation curve and how
    much it still rose over the last rounds, so an under-trained arm is stated, not hidden.
+6. The plateau check: once an arm is measured, seed 0 of its chosen configuration runs again
+   with twice the rounds (``PLATEAU_ROUNDS``, the same peak rate, the schedule stretched) if
+   the arm is on the frontier, is one the gates and comparisons name, or was still rising.
+   Gaining more than ``PLATEAU_GAIN`` of validation accuracy means ``ROUNDS`` under-trains it.
 
 Runs are written to ``<out>/<setting>/<arm>/<step>/seed<k>/`` and skipped when their
 summary.json exists, so the protocol resumes run by run across sessions.
@@ -57,6 +62,9 @@ ROUNDS = 20
 # the CPU: every other round gives the curve at half the cost (the last round always).
 EVAL_EVERY = 2
 SEEDS = (0, 1, 2)
+PLATEAU_ROUNDS_FACTOR = 2
+PLATEAU_ROUNDS = PLATEAU_ROUNDS_FACTOR * ROUNDS
+PLATEAU_GAIN = 0.01  # validation accuracy gained with twice the rounds beyond which ROUNDS under-trains
 SMOKE_RATES = (1e-3, 1e-2)
 
 
@@ -181,9 +189,7 @@ def plan(root: pathlib.Path, setting: str, arm: Arm, smoke: bool,
          overrides: tuple[str, ...] = ()) -> Iterator[tuple[str, RunConfig]]:
     """The arm's runs not yet finished, in the order the rule needs them; stops where a
     choice waits on runs still to do (call again after running them)."""
-    # With --set tracking.backends=..., every run of a setting lands in one tracking group.
-    grouped = (f"tracking.directory={str(root / 'tracking')!r}", f"tracking.experiment={setting!r}")
-    base = setting_base(setting, smoke, (*grouped, *overrides))
+    base = _grid_base(root, setting, smoke, overrides)
     grid = SMOKE_RATES if smoke else LEARNING_RATES
     where = root / setting / arm.name
     pending = False
@@ -204,9 +210,45 @@ def plan(root: pathlib.Path, setting: str, arm: Arm, smoke: bool,
             if final_validation(where / f"{rate_step(rate)}_{name}" / "seed0") is None:
                 yield f"{setting}/{arm.name}/{rate_step(rate)}_{name}/seed0", run_config(base, arm, rate, 0, overrides)
         return
-    for seed in SEEDS[1:] if not smoke else SEEDS[1:2]:
+    for seed in measured_seeds(smoke)[1:]:
         if not (where / server_step / f"seed{seed}" / "summary.json").exists():
             yield f"{setting}/{arm.name}/{server_step}/seed{seed}", run_config(base, arm, rate, seed, server)
+
+
+def _grid_base(root: pathlib.Path, setting: str, smoke: bool, overrides: tuple[str, ...]) -> RunConfig:
+    # With --set tracking.backends=..., every run of a setting lands in one tracking group.
+    grouped = (f"tracking.directory={str(root / 'tracking')!r}", f"tracking.experiment={setting!r}")
+    return setting_base(setting, smoke, (*grouped, *overrides))
+
+
+def measured_seeds(smoke: bool) -> tuple[int, ...]:
+    """The seeds an arm is measured on (seed 0 is the tuning run)."""
+    return SEEDS[:2] if smoke else SEEDS
+
+
+def plateau_step(step: str) -> str:
+    return f"{step}_{PLATEAU_ROUNDS_FACTOR}x_rounds"
+
+
+def plateau_candidates(setting_summary: dict, smoke: bool = False) -> list[str]:
+    """The measured arms whose number at ``ROUNDS`` a reviewer would question first: those on
+    the frontier, those the gates and comparisons name, and those still rising."""
+    named = {*setting_summary["frontier"], *GATE_ARMS.values(), *BASELINES}
+    return [name for name, row in setting_summary["arms"].items()
+            if tuple(row["seeds"]) == measured_seeds(smoke)
+            and (name in named or (row["still_rising"] or 0.0) > PLATEAU_GAIN)]
+
+
+def plan_plateau(root: pathlib.Path, setting: str, arm: Arm, row: dict, smoke: bool,
+                 overrides: tuple[str, ...] = ()) -> Iterator[tuple[str, RunConfig]]:
+    """Seed 0 of the arm's chosen configuration with ``PLATEAU_ROUNDS_FACTOR`` times the
+    rounds (the same peak rate; warmup and decay stretch with the run), unless it has run."""
+    step = plateau_step(row["step"])
+    if (root / setting / arm.name / step / "seed0" / "summary.json").exists():
+        return
+    base = _grid_base(root, setting, smoke, overrides)
+    base = apply_overrides(base, [f"federation.rounds={PLATEAU_ROUNDS_FACTOR * base.federation.rounds}"])
+    yield f"{setting}/{arm.name}/{step}/seed0", run_config(base, arm, row["learning_rate"], 0, tuple(row["server"]))
 
 
 def _rate_scores(where: pathlib.Path) -> dict[float, tuple[float, float]]:
@@ -263,9 +305,8 @@ def execute(root: pathlib.Path, settings: list[str], arms: list[str], smoke: boo
     A run whose configuration equals an already finished run of the same arm and seed (the
     server grid's default λ is the learning-rate run itself) is copied from it. A run stopped
     mid-way resumes from its checkpoint; checkpoints are deleted once the run has finished.
+    The plateau checks of the measured arms run last.
     """
-    from celora_jax.federated import checkpoint, engine
-
     done = 0
     for name in arms:
         for setting in settings:
@@ -273,20 +314,43 @@ def execute(root: pathlib.Path, settings: list[str], arms: list[str], smoke: boo
                 for run_id, config in todo:
                     if limit is not None and done >= limit:
                         return done
-                    out = root / run_id
-                    twin = _finished_twin(out, config)
-                    if twin is not None:
-                        print(f"protocol: {run_id} (same configuration as {twin.relative_to(root)})", flush=True)
-                        shutil.copytree(twin, out, dirs_exist_ok=True)
-                        continue
-                    print(f"protocol: {run_id}", flush=True)
-                    config = apply_overrides(config, [f"checkpoint.every={CHECKPOINT_EVERY}", "checkpoint.keep=1"])
-                    # A run killed before its first checkpoint leaves an empty folder: start it afresh.
-                    resume = checkpoint.has_checkpoints(out / "checkpoints")
-                    engine.run(config, output_dir=out, resume=resume)
-                    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-                    done += 1
+                    done += _run(root, run_id, config)
+    return done + execute_plateau(root, settings, arms, smoke, None if limit is None else limit - done, overrides)
+
+
+def execute_plateau(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool,
+                    limit: int | None = None, overrides: tuple[str, ...] = ()) -> int:
+    """Runs the plateau check of every measured arm among ``arms`` that needs one."""
+    done = 0
+    for setting in settings:
+        rows = summarize(root, [setting], smoke)["settings"][setting]
+        for name in plateau_candidates(rows, smoke):
+            if name not in arms:
+                continue
+            for run_id, config in plan_plateau(root, setting, ARMS[name], rows["arms"][name], smoke, overrides):
+                if limit is not None and done >= limit:
+                    return done
+                done += _run(root, run_id, config)
     return done
+
+
+def _run(root: pathlib.Path, run_id: str, config: RunConfig) -> int:
+    """Runs (or resumes) one run into ``root / run_id``; 0 if a finished twin was copied."""
+    from celora_jax.federated import checkpoint, engine
+
+    out = root / run_id
+    twin = _finished_twin(out, config)
+    if twin is not None:
+        print(f"protocol: {run_id} (same configuration as {twin.relative_to(root)})", flush=True)
+        shutil.copytree(twin, out, dirs_exist_ok=True)
+        return 0
+    print(f"protocol: {run_id}", flush=True)
+    config = apply_overrides(config, [f"checkpoint.every={CHECKPOINT_EVERY}", "checkpoint.keep=1"])
+    # A run killed before its first checkpoint leaves an empty folder: start it afresh.
+    resume = checkpoint.has_checkpoints(out / "checkpoints")
+    engine.run(config, output_dir=out, resume=resume)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return 1
 
 
 def _finished_twin(out: pathlib.Path, config: RunConfig) -> pathlib.Path | None:
@@ -310,20 +374,37 @@ def seed_runs(root: pathlib.Path, setting: str, arm: Arm, step: str) -> dict[int
     the validation curve, bytes."""
     runs = {}
     for seed in SEEDS:
-        run_dir = root / setting / arm.name / step / f"seed{seed}"
-        if not (run_dir / "summary.json").exists():
-            continue
-        summary = json.loads((run_dir / "summary.json").read_text())
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        clients = np.asarray(records[-1]["client_test_accuracy"], np.float64)
-        runs[seed] = {"test": float(clients.mean()), "clients": clients,
-                      "validation_curve": [r.get("validation_accuracy_mean") for r in records],
-                      "test_curve": [r.get("test_accuracy_mean") for r in records],
-                      "mb_per_round": summary["mb_per_round"],
-                      "mb_basis": (summary.get("basis_bytes_up_per_client", 0)
-                                   + summary.get("basis_bytes_down_per_client", 0)) * summary["num_clients"] / 1e6,
-                      "sent_params_per_client": summary.get("sent_params_per_client")}
+        run = finished_run(root / setting / arm.name / step / f"seed{seed}")
+        if run is not None:
+            runs[seed] = run
     return runs
+
+
+def finished_run(run_dir: pathlib.Path) -> dict | None:
+    """A finished run's final per-client test accuracies, validation curve and bytes."""
+    if not (run_dir / "summary.json").exists():
+        return None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    clients = np.asarray(records[-1]["client_test_accuracy"], np.float64)
+    return {"test": float(clients.mean()), "clients": clients, "rounds": len(records),
+            "validation_curve": [r.get("validation_accuracy_mean") for r in records],
+            "test_curve": [r.get("test_accuracy_mean") for r in records],
+            "mb_per_round": summary["mb_per_round"],
+            "mb_basis": (summary.get("basis_bytes_up_per_client", 0)
+                         + summary.get("basis_bytes_down_per_client", 0)) * summary["num_clients"] / 1e6,
+            "sent_params_per_client": summary.get("sent_params_per_client")}
+
+
+def plateau_check(root: pathlib.Path, setting: str, name: str, row: dict, short: dict | None) -> dict | None:
+    """Seed 0 with twice the rounds against seed 0 at ``ROUNDS`` (validation and test
+    accuracy gained); None until the longer run has finished."""
+    long = finished_run(root / setting / name / plateau_step(row["step"]) / "seed0")
+    if long is None or short is None:
+        return None
+    gain = long["validation_curve"][-1] - short["validation_curve"][-1]
+    return {"rounds": long["rounds"], "validation_gain": gain, "test_gain": long["test"] - short["test"],
+            "under_trained": gain > PLATEAU_GAIN}
 
 
 def still_rising(curve: list, window: int = 5) -> float | None:
@@ -427,6 +508,9 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
     result = {"rule": {"learning_rates": list(SMOKE_RATES if smoke else LEARNING_RATES), "extension": EXTENSION,
                        "validation_fraction": VALIDATION_FRACTION,
                        "rounds": "the smoke preset's" if smoke else ROUNDS,
+                       "plateau_check": f"seed 0 of the chosen configuration with {PLATEAU_ROUNDS_FACTOR}x the rounds "
+                                        "for arms on the frontier, named by the gates and comparisons, or still "
+                                        f"rising; under-trained if validation accuracy gains > {PLATEAU_GAIN:g}",
                        "server_grids": {name: [n for n, _ in arm.server_grid] for name, arm in ARMS.items()
                                         if arm.server_grid},
                        "selection": "best validation accuracy at the last round on seed 0, ties by lower "
@@ -462,8 +546,12 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
         checked = None if gate is None else gate_result(gate, {method: by_arm.get(arm, {})
                                                                for method, arm in GATE_ARMS.items()})
         frontier = pareto(points)
+        for name, row in rows.items():
+            row["plateau"] = plateau_check(root, setting, name, row, by_arm[name].get(0))
         result["settings"][setting] = {"arms": rows, "frontier": frontier, "gate": checked,
                                        "target": target_check(setting, rows, frontier)}
+        result["settings"][setting]["plateau_pending"] = [
+            name for name in plateau_candidates(result["settings"][setting], smoke) if rows[name]["plateau"] is None]
     return result
 
 
@@ -488,6 +576,25 @@ def gate_line(gate: dict | None) -> str:
     return f"Gate at the chosen rates ({gate['rule']}, paired over clients and seeds): {verdict}. {checks}."
 
 
+def plateau_line(data: dict) -> str:
+    checks = {name: row["plateau"] for name, row in data["arms"].items() if row.get("plateau")}
+    if not checks and not data.get("plateau_pending"):
+        return "Plateau check: no arm measured yet."
+    under = [name for name, check in checks.items() if check["under_trained"]]
+    flat = [name for name, check in checks.items() if not check["under_trained"]]
+    parts = [f"under-trained at {ROUNDS} rounds (more than {100 * PLATEAU_GAIN:g} point of validation accuracy "
+             f"gained): {', '.join(under) or 'none'}", f"flat: {', '.join(flat) or 'none'}"]
+    if data.get("plateau_pending"):
+        parts.append(f"to run: {', '.join(data['plateau_pending'])}")
+    return f"Plateau check (seed 0 with {PLATEAU_ROUNDS_FACTOR}x the rounds): " + "; ".join(parts) + "."
+
+
+def _plateau_cell(check: dict | None) -> str:
+    if check is None:
+        return "-"
+    return f"val {100 * check['validation_gain']:+.1f}, test {100 * check['test_gain']:+.1f}"
+
+
 def markdown(summary: dict) -> str:
     rule = summary["rule"]
     lines = ["# The benchmark protocol: validated learning rates, a plateau, three seeds", "",
@@ -495,12 +602,14 @@ def markdown(summary: dict) -> str:
              f"winner: {rule['extension']}); validation = {rule['validation_fraction']:g} of each client's "
              f"training examples; {rule['rounds']} rounds. Own-test accuracy (%) at the last round, mean over "
              "seeds ± SE of the seed means; rising = validation accuracy of the last 5 rounds minus the 5 before "
-             "(points; > 1 means still rising).", ""]
+             "(points; > 1 means still rising); 2x rounds = seed 0 run again with twice the rounds, accuracy "
+             "gained (points).", ""]
     for setting, data in summary["settings"].items():
         lines += [f"## {setting}", "", f"Frontier (accuracy vs MB per round): {', '.join(data['frontier']) or 'n/a'}.",
-                  "", gate_line(data.get("gate")), "", target_line(data["target"]),
+                  "", gate_line(data.get("gate")), "", target_line(data["target"]), "", plateau_line(data),
                   "", "| arm | seeds | test accuracy | vs local | vs FedAvg-LoRA r=8 | MB/round | basis MB (once) | "
-                  "chosen lr | server | validation by lr | rising |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "chosen lr | server | validation by lr | rising | 2x rounds |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in data["arms"].items():
             by_rate = ", ".join(f"{r}: {_percent(v)}" for r, v in row["validation_by_rate"].items())
             server = ", ".join(row["server"]) or "-"
@@ -509,7 +618,8 @@ def markdown(summary: dict) -> str:
             versus = " | ".join(_difference(row.get("paired", {}).get(base)) for base in BASELINES)
             lines.append(f"| {'**' + name + '**' if name in data['frontier'] else name} | {len(row['seeds'])} | "
                          f"{_percent(row['test_accuracy'])}{se} | {versus} | {row['mb_per_round']:.2f} | "
-                         f"{row['mb_basis_once']:.1f} | {row['learning_rate']:g} | {server} | {by_rate} | {rising} |")
+                         f"{row['mb_basis_once']:.1f} | {row['learning_rate']:g} | {server} | {by_rate} | {rising} | "
+                         f"{_plateau_cell(row.get('plateau'))} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -558,7 +668,8 @@ def report(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", default="all", choices=("run", "report", "all"))
+    parser.add_argument("--stage", default="all", choices=("run", "plateau", "report", "all"),
+                        help="run: the grid, then the plateau checks; plateau: only the checks of measured arms")
     parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
                         help=f"comma-separated settings of {sorted(BENCHMARKS)}")
     parser.add_argument("--arms", default=None, help="comma-separated arms (default: all, in protocol order)")
@@ -584,9 +695,19 @@ def main(argv: list[str] | None = None) -> int:
             for setting in settings:
                 for run_id, _ in plan(root, setting, ARMS[name], args.smoke, tuple(args.overrides)):
                     print(run_id)
+        for setting in settings:
+            data = summarize(root, [setting], args.smoke)["settings"][setting]
+            for name in plateau_candidates(data, args.smoke):
+                if name in arms:
+                    for run_id, _ in plan_plateau(root, setting, ARMS[name], data["arms"][name], args.smoke,
+                                                  tuple(args.overrides)):
+                        print(f"{run_id} (plateau check)")
         return 0
     if args.stage in ("run", "all"):
         ran = execute(root, settings, arms, args.smoke, args.limit, tuple(args.overrides))
+        print(f"protocol: ran {ran} runs", flush=True)
+    if args.stage == "plateau":
+        ran = execute_plateau(root, settings, arms, args.smoke, args.limit, tuple(args.overrides))
         print(f"protocol: ran {ran} runs", flush=True)
     if args.stage in ("report", "all"):
         report(root, settings, args.smoke)

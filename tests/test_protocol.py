@@ -126,6 +126,45 @@ def test_frontier_and_plateau():
     assert protocol.still_rising([None, 0.1] * 5) == pytest.approx(0.0)  # evaluated every other round
 
 
+def test_the_plateau_check_reruns_seed_0_with_twice_the_rounds_for_the_arms_that_need_it(tmp_path):
+    """Once measured, an arm named by the comparisons (FedAvg-LoRA r=8), on the frontier or
+    still rising reruns seed 0 of its chosen configuration with twice the rounds; a flat arm
+    off the frontier does not; the report states what the longer run gained."""
+    flat, rising = [0.5] * 10, [0.3] * 5 + [0.5] * 5
+    arms = {"fedavg_lora_r8": (0.9, 50.0, flat), "fedsa_lora": (0.6, 60.0, rising), "fedex_lora": (0.5, 70.0, flat)}
+    for arm, (test, mb, curve) in arms.items():
+        where = f"trec_fewshot_iid/{arm}"
+        for rate in protocol.LEARNING_RATES:  # 3e-3 wins on validation
+            _fake_run(tmp_path, f"{where}/lr{rate:g}/seed0", 0.5 if rate == 0.003 else 0.1, test=test, mb=mb,
+                      curve=curve)
+        for seed in (1, 2):
+            _fake_run(tmp_path, f"{where}/lr0.003/seed{seed}", 0.5, test=test, mb=mb, curve=curve)
+    data = protocol.summarize(tmp_path, ["trec_fewshot_iid"], smoke=False)["settings"]["trec_fewshot_iid"]
+    assert data["frontier"] == ["fedavg_lora_r8"]
+    assert protocol.plateau_candidates(data) == ["fedavg_lora_r8", "fedsa_lora"] == data["plateau_pending"]
+    todo = list(protocol.plan_plateau(tmp_path, "trec_fewshot_iid", protocol.ARMS["fedsa_lora"],
+                                      data["arms"]["fedsa_lora"], smoke=False))
+    assert [run_id for run_id, _ in todo] == ["trec_fewshot_iid/fedsa_lora/lr0.003_2x_rounds/seed0"]
+    config = todo[0][1]
+    assert (config.federation.rounds, config.optimizer.learning_rate, config.seed) == (2 * protocol.ROUNDS, 0.003, 0)
+    assert config.federation.method == "fedsa_lora"
+    _fake_run(tmp_path, todo[0][0], 0.58, test=0.65, mb=60.0, curve=rising * 2)
+    _fake_run(tmp_path, "trec_fewshot_iid/fedavg_lora_r8/lr0.003_2x_rounds/seed0", 0.505, test=0.9, mb=50.0,
+              curve=flat * 2)
+    assert not list(protocol.plan_plateau(tmp_path, "trec_fewshot_iid", protocol.ARMS["fedsa_lora"],
+                                          data["arms"]["fedsa_lora"], smoke=False))  # done: not again
+    data = protocol.summarize(tmp_path, ["trec_fewshot_iid"], smoke=False)["settings"]["trec_fewshot_iid"]
+    check = data["arms"]["fedsa_lora"]["plateau"]
+    assert check["rounds"] == len(rising * 2) and check["under_trained"]  # the longer run's rounds
+    assert check["validation_gain"] == pytest.approx(0.08) and check["test_gain"] == pytest.approx(0.05)
+    assert not data["arms"]["fedavg_lora_r8"]["plateau"]["under_trained"]  # +0.5 point: within the tolerance
+    assert data["arms"]["fedex_lora"]["plateau"] is None and data["plateau_pending"] == []
+    line = protocol.plateau_line(data)
+    assert "under-trained at 20 rounds" in line and "fedsa_lora" in line and "flat: fedavg_lora_r8" in line
+    # The tuning runs never mistake the longer run for a rate of the grid.
+    assert protocol.choice(tmp_path, "trec_fewshot_iid", protocol.ARMS["fedsa_lora"], smoke=False)["learning_rate"] == 0.003
+
+
 def test_unknown_arms_and_settings_are_refused(capsys):
     assert protocol.main(["--arms", "fedavg_lora_r3", "--dry-run"]) == 2
     assert protocol.main(["--settings", "imagenet", "--dry-run"]) == 2
@@ -135,18 +174,20 @@ def test_unknown_arms_and_settings_are_refused(capsys):
 @pytest.mark.slow
 def test_one_arm_end_to_end_on_smoke_runs(tmp_path, tiny_model_dir, wordnet_nouns, capsys):
     """fed_sb in the weight-SVD basis on the WordNet smoke setting (tiny BERT): both rates on
-    seed 0, the chosen rate on seed 1, the report with its frontier plot; a second call
-    reruns nothing."""
+    seed 0, the chosen rate on seed 1, the plateau check (seed 0 with twice the rounds: the
+    arm is on the frontier), the report with its frontier plot; a second call reruns nothing."""
     args = ["--smoke", "--settings", "wordnet_clustered_labels", "--arms", "fed_sb_weight_svd_r16",
             "--out", str(tmp_path), "--set", f"model.path={tiny_model_dir}"]
     assert protocol.main(args) == 0
-    assert "ran 3 runs" in capsys.readouterr().out
+    assert "ran 4 runs" in capsys.readouterr().out
     assert protocol.main(args) == 0
     assert "ran 0 runs" in capsys.readouterr().out
     runs = sorted(p.parent.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("summary.json")
                   if p.parent != tmp_path)
     where = "wordnet_clustered_labels/fed_sb_weight_svd_r16"
-    assert {f"{where}/lr0.001/seed0", f"{where}/lr0.01/seed0"} < set(runs) and len(runs) == 3
+    assert {f"{where}/lr0.001/seed0", f"{where}/lr0.01/seed0"} < set(runs) and len(runs) == 4
+    chosen = [run for run in runs if run.endswith("seed1")][0].split("/")[-2]
+    assert f"{where}/{chosen}_2x_rounds/seed0" in runs
     assert not list(tmp_path.rglob("checkpoints"))
     records = [json.loads(line) for line in (tmp_path / where / "lr0.01/seed0/metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records if "validation_accuracy_mean" in r] == [2]  # every other round, and the last
@@ -154,6 +195,7 @@ def test_one_arm_end_to_end_on_smoke_runs(tmp_path, tiny_model_dir, wordnet_noun
     summary = json.loads((tmp_path / "summary.json").read_text())
     row = summary["settings"]["wordnet_clustered_labels"]["arms"]["fed_sb_weight_svd_r16"]
     assert row["seeds"] == [0, 1] and set(row["validation_by_rate"]) == {"0.001", "0.01"}
+    assert row["plateau"]["rounds"] == 2 * len(records)
     assert summary["settings"]["wordnet_clustered_labels"]["frontier"] == ["fed_sb_weight_svd_r16"]
     assert (tmp_path / "wordnet_clustered_labels_frontier.png").stat().st_size > 0
     assert "fed_sb_weight_svd_r16" in (tmp_path / "table.md").read_text()
