@@ -92,6 +92,7 @@ def _arms() -> dict[str, Arm]:
             Arm("fedavg_lora_ft", "fedavg_lora_ft"), Arm("fedprox", "fedprox"), Arm("fedex_lora", "fedex_lora"),
             Arm("ffa_lora", "ffa_lora"), Arm("fedsa_lora", "fedsa_lora"),
             Arm("celora", "celora", server_grid=LAMBDA_GRID),  # as specified: random basis, A and B trained
+            Arm("celora_avg", "celora_avg"),  # its cores plainly averaged: METHOD.md §7 claim 2's other side
             Arm("celora_class_conditional", "celora", ("aggregation.data_distance='class_conditional'",),
                 LAMBDA_GRID)]
     for init in SHARED_BASES:
@@ -475,6 +476,76 @@ def target_check(setting: str, rows: dict[str, dict], frontier: list[str]) -> di
             "met_by": [name for name, check in checks.items() if check["met"]]}
 
 
+# METHOD.md §7's claims, judged on the tuned grid for CE-LoRA as specified and in each shared
+# basis side by side. Claim 1 is judged where one model suits everyone (the target's
+# settings), claim 2 where the clients differ (every setting but the IID one). Claim 3 is
+# the privacy study's (docs/studies/privacy.md), not the grid's.
+CLAIM_1 = "CE-LoRA within about 1 point of FedAvg-LoRA r=8 at > 100x fewer bytes per round"
+CLAIM_2 = "personalized aggregation beats plain averaging of the same cores (by > 3 SE)"
+IID = ("trec_fewshot_iid",)
+CLAIM_BYTES = 100.0
+# Each CE-LoRA arm with its plain-averaging twin: celora_avg as specified; Fed-SB (the plain
+# weighted average of cores) in a shared basis.
+CE_LORA_TWINS = (("celora", "celora_avg"),
+                 *((f"celora_{init}_r{rank}", f"fed_sb_{init}_r{rank}")
+                   for init in SHARED_BASES for rank in SHARED_BASIS_RANKS))
+
+
+def _measured(rows: dict, *names: str) -> bool:
+    return all(name in rows and len(rows[name]["seeds"]) == len(SEEDS) for name in names)
+
+
+def claims(setting: str, rows: dict[str, dict], by_arm: dict[str, dict]) -> dict:
+    """Per claim and CE-LoRA arm: holds, fails (with the numbers that decide it) or
+    undecided while either side lacks three seeds; None where the claim is not judged."""
+    result = {}
+    if setting not in CLUSTERED:
+        verdicts = {}
+        for name, _ in CE_LORA_TWINS:
+            if name not in rows:
+                continue
+            if not _measured(rows, name, "fedavg_lora_r8"):
+                verdicts[name] = {"verdict": "undecided"}
+                continue
+            compared = _paired(by_arm[name], by_arm["fedavg_lora_r8"])
+            fewer = rows["fedavg_lora_r8"]["mb_per_round"] / rows[name]["mb_per_round"]
+            close, cheap = compared["diff"] >= -0.01, fewer > CLAIM_BYTES
+            verdicts[name] = {"verdict": "holds" if close and cheap else "fails", "vs_fedavg_lora_r8": compared,
+                              "times_fewer_bytes": fewer, "within_1_point": close, "over_100x_fewer": cheap}
+        result["claim_1"] = {"claim": CLAIM_1, "arms": verdicts}
+    if setting not in IID:
+        verdicts = {}
+        for name, twin in CE_LORA_TWINS:
+            if name not in rows and twin not in rows:
+                continue
+            if not _measured(rows, name, twin):
+                verdicts[name] = {"verdict": "undecided", "versus": twin}
+                continue
+            compared = _paired(by_arm[name], by_arm[twin])
+            holds = compared["diff"] > 3 * compared["se"]
+            verdicts[name] = {"verdict": "holds" if holds else "fails", "versus": twin, "difference": compared}
+        result["claim_2"] = {"claim": CLAIM_2, "arms": verdicts}
+    return result
+
+
+def claim_lines(claims_of_setting: dict) -> list[str]:
+    lines = []
+    for key, claim in claims_of_setting.items():
+        parts = []
+        for name, verdict in claim["arms"].items():
+            if verdict["verdict"] == "undecided":
+                parts.append(f"{name}: undecided (fewer than 3 seeds)")
+            elif key == "claim_1":
+                parts.append(f"{name}: {verdict['verdict']} ({_difference(verdict['vs_fedavg_lora_r8'])} points at "
+                             f"{verdict['times_fewer_bytes']:.0f}x fewer bytes)")
+            else:
+                parts.append(f"{name}: {verdict['verdict']} ({_difference(verdict['difference'])} points over "
+                             f"{verdict['versus']})")
+        number = key.split("_")[1]
+        lines.append(f"Claim {number} ({claim['claim']}): {'; '.join(parts) or 'no CE-LoRA arm measured yet'}.")
+    return lines
+
+
 def _target_rule(clustered: bool) -> str:
     if clustered:
         return ("CE-LoRA in a shared basis within 1 point of cluster_oracle, ahead of FedAvg-LoRA r=8 and local "
@@ -549,7 +620,8 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
         for name, row in rows.items():
             row["plateau"] = plateau_check(root, setting, name, row, by_arm[name].get(0))
         result["settings"][setting] = {"arms": rows, "frontier": frontier, "gate": checked,
-                                       "target": target_check(setting, rows, frontier)}
+                                       "target": target_check(setting, rows, frontier),
+                                       "claims": claims(setting, rows, by_arm)}
         result["settings"][setting]["plateau_pending"] = [
             name for name in plateau_candidates(result["settings"][setting], smoke) if rows[name]["plateau"] is None]
     return result
@@ -606,7 +678,8 @@ def markdown(summary: dict) -> str:
              "gained (points).", ""]
     for setting, data in summary["settings"].items():
         lines += [f"## {setting}", "", f"Frontier (accuracy vs MB per round): {', '.join(data['frontier']) or 'n/a'}.",
-                  "", gate_line(data.get("gate")), "", target_line(data["target"]), "", plateau_line(data),
+                  "", gate_line(data.get("gate")), "", target_line(data["target"]), "",
+                  *[part for line in claim_lines(data.get("claims", {})) for part in (line, "")], plateau_line(data),
                   "", "| arm | seeds | test accuracy | vs local | vs FedAvg-LoRA r=8 | MB/round | basis MB (once) | "
                   "chosen lr | server | validation by lr | rising | 2x rounds |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]

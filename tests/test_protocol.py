@@ -165,6 +165,40 @@ def test_the_plateau_check_reruns_seed_0_with_twice_the_rounds_for_the_arms_that
     assert protocol.choice(tmp_path, "trec_fewshot_iid", protocol.ARMS["fedsa_lora"], smoke=False)["learning_rate"] == 0.003
 
 
+def test_method_claims_are_judged_for_ce_lora_as_specified_and_in_each_shared_basis():
+    """METHOD.md §7: claim 1 (within a point of FedAvg-LoRA at > 100x fewer bytes) where one
+    model suits everyone, claim 2 (personalized beats plain averaging of the same cores by
+    > 3 SE) where clients differ; undecided below three seeds."""
+    import numpy as np
+
+    def arm(accuracies, mb, seeds=3):
+        runs = {seed: {"clients": np.asarray(accuracies) + 0.001 * seed} for seed in range(seeds)}
+        return {"seeds": list(runs), "mb_per_round": mb}, runs
+
+    arms = {"fedavg_lora_r8": arm([0.90, 0.80, 0.85], 80.0), "celora": arm([0.50, 0.40, 0.45], 4.0),
+            "celora_avg": arm([0.50, 0.41, 0.44], 4.0), "celora_weight_svd_r16": arm([0.90, 0.80, 0.84], 0.5),
+            "fed_sb_weight_svd_r16": arm([0.80, 0.70, 0.75], 0.5), "celora_weight_svd_r32": arm([0.9] * 3, 1.0, 2)}
+    rows = {name: row for name, (row, _) in arms.items()}
+    by_arm = {name: runs for name, (_, runs) in arms.items()}
+    iid = protocol.claims("trec_fewshot_iid", rows, by_arm)
+    assert set(iid) == {"claim_1"}  # IID: claim 2 is about non-IID clients
+    one = iid["claim_1"]["arms"]
+    assert one["celora"]["verdict"] == "fails" and one["celora"]["times_fewer_bytes"] == pytest.approx(20)
+    assert one["celora_weight_svd_r16"]["verdict"] == "holds"  # -0.3 point at 160x fewer bytes
+    assert one["celora_weight_svd_r32"]["verdict"] == "undecided"
+    clustered = protocol.claims("wordnet_clustered_labels", rows, by_arm)
+    assert set(clustered) == {"claim_2"}
+    two = clustered["claim_2"]["arms"]
+    assert two["celora"]["verdict"] == "fails" and two["celora"]["versus"] == "celora_avg"  # +0.0: a tie
+    assert two["celora_weight_svd_r16"]["verdict"] == "holds" and two["celora_weight_svd_r16"]["versus"] == (
+        "fed_sb_weight_svd_r16")
+    assert two["celora_weight_svd_r32"]["verdict"] == "undecided"
+    reviews = protocol.claims("movie_reviews_clustered_domains", rows, by_arm)
+    assert set(reviews) == {"claim_1", "claim_2"}
+    lines = protocol.claim_lines(iid)
+    assert lines[0].startswith("Claim 1") and "celora: fails (-40.0 ± " in lines[0] and "20x fewer" in lines[0]
+
+
 def test_unknown_arms_and_settings_are_refused(capsys):
     assert protocol.main(["--arms", "fedavg_lora_r3", "--dry-run"]) == 2
     assert protocol.main(["--settings", "imagenet", "--dry-run"]) == 2
