@@ -142,8 +142,13 @@ def test_toy_rounds_in_a_shared_basis_train_only_the_cores(method):
     summary = engine.summarize([o.record for o in outputs], setup)
     rank = config.adapter.rank
     personal = sum(x.size for x in jax.tree.leaves(setup.task.client_params["params"]))
-    assert summary["sent_params_per_client"] == rank * rank
+    assert summary["sent_params_per_client"] == summary["sent_adapter_params_per_client"] == rank * rank
     assert summary["trainable_params_per_client"] == rank * rank + personal
+    # With the base subset travelling too, the adapters' share is still the cores alone.
+    sharing = dataclasses.replace(config, federation=dataclasses.replace(config.federation, share_base=True))
+    counts = engine.parameter_counts(toy_setup(sharing))
+    assert counts["sent_params_per_client"] == rank * rank + personal
+    assert counts["sent_adapter_params_per_client"] == rank * rank
     assert summary["adapter_init"] == "weight_svd"
     assert outputs[0].record["bytes_up_per_client"] == 4 * rank * rank
 

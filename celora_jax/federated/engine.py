@@ -39,13 +39,17 @@ class RunResult:
 
 def parameter_counts(setup: Setup) -> dict:
     """Numbers of one client's parameters that train (shared and personal) and that travel
-    (shared), and the adapter init the run used."""
-    def count(*roles):
+    (shared; of those, the adapters' alone: the trained base parameters that travel with
+    ``share_base`` cost every method the same), and the adapter init the run used."""
+    def count(*roles, part=None):
         selected = roles_lib.select(setup.task.client_params, setup.roles, *roles)
+        if part is not None:
+            selected = selected.get(part, {})
         return int(sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(selected)))
 
     counts = {"trainable_params_per_client": count(roles_lib.SHARED, roles_lib.PERSONAL),
               "sent_params_per_client": count(roles_lib.SHARED),
+              "sent_adapter_params_per_client": count(roles_lib.SHARED, part="lora"),
               "adapter_init": setup.task.adapter_config.init}
     ranks = client_ranks.ranks_by_client(setup.task.adapter_config, setup.num_clients)
     if ranks is not None:  # the counts above are a full-rank client's
