@@ -172,19 +172,29 @@ def test_method_claims_are_judged_for_ce_lora_as_specified_and_in_each_shared_ba
     import numpy as np
 
     def arm(accuracies, mb, seeds=3):
-        runs = {seed: {"clients": np.asarray(accuracies) + 0.001 * seed} for seed in range(seeds)}
-        return {"seeds": list(runs), "mb_per_round": mb}, runs
+        # 1,000 parameters of head and LayerNorms travel beside every arm's adapters.
+        adapter = mb * 1000  # parameters per MB, as if 1 MB were 1,000 parameters
+        runs = {seed: {"clients": np.asarray(accuracies) + 0.001 * seed, "sent_params_per_client": adapter + 1000,
+                       "sent_adapter_params_per_client": adapter if seed == 0 and mb > 1 else None}
+                for seed in range(seeds)}
+        return {"seeds": list(runs), "mb_per_round": mb + 1.0}, runs
 
     arms = {"fedavg_lora_r8": arm([0.90, 0.80, 0.85], 80.0), "celora": arm([0.50, 0.40, 0.45], 4.0),
             "celora_avg": arm([0.50, 0.41, 0.44], 4.0), "celora_weight_svd_r16": arm([0.90, 0.80, 0.84], 0.5),
             "fed_sb_weight_svd_r16": arm([0.80, 0.70, 0.75], 0.5), "celora_weight_svd_r32": arm([0.9] * 3, 1.0, 2)}
     rows = {name: row for name, (row, _) in arms.items()}
     by_arm = {name: runs for name, (_, runs) in arms.items()}
+    # Runs recorded before summaries split the adapters out get their share by subtraction.
+    protocol._adapter_bytes(rows, by_arm)
+    assert rows["celora_weight_svd_r16"]["adapter_mb_per_round"] == pytest.approx(0.5)
+    assert rows["fedavg_lora_r8"]["adapter_mb_per_round"] == pytest.approx(80.0)
     iid = protocol.claims("trec_fewshot_iid", rows, by_arm)
     assert set(iid) == {"claim_1"}  # IID: claim 2 is about non-IID clients
     one = iid["claim_1"]["arms"]
-    assert one["celora"]["verdict"] == "fails" and one["celora"]["times_fewer_bytes"] == pytest.approx(20)
-    assert one["celora_weight_svd_r16"]["verdict"] == "holds"  # -0.3 point at 160x fewer bytes
+    assert one["celora"]["verdict"] == "fails" and one["celora"]["times_fewer_adapter_bytes"] == pytest.approx(20)
+    # -0.3 point at 160x fewer adapter bytes: holds, though only 54x fewer bytes in all.
+    assert one["celora_weight_svd_r16"]["verdict"] == "holds"
+    assert one["celora_weight_svd_r16"]["times_fewer_bytes"] == pytest.approx(81 / 1.5)
     assert one["celora_weight_svd_r32"]["verdict"] == "undecided"
     clustered = protocol.claims("wordnet_clustered_labels", rows, by_arm)
     assert set(clustered) == {"claim_2"}
@@ -196,7 +206,11 @@ def test_method_claims_are_judged_for_ce_lora_as_specified_and_in_each_shared_ba
     reviews = protocol.claims("movie_reviews_clustered_domains", rows, by_arm)
     assert set(reviews) == {"claim_1", "claim_2"}
     lines = protocol.claim_lines(iid)
-    assert lines[0].startswith("Claim 1") and "celora: fails (-40.0 ± " in lines[0] and "20x fewer" in lines[0]
+    assert lines[0].startswith("Claim 1") and "celora: fails (-40.0 ± " in lines[0]
+    assert "20x fewer adapter bytes, 16x fewer in all" in lines[0]
+    with pytest.raises(ValueError, match="differ between arms"):
+        by_arm["celora"][0]["sent_adapter_params_per_client"] = 1000.0  # 4,000 of base: not the others' 1,000
+        protocol._adapter_bytes(rows, by_arm)
 
 
 def test_unknown_arms_and_settings_are_refused(capsys):
