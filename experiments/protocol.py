@@ -77,6 +77,13 @@ class Arm:
     method: str
     overrides: tuple[str, ...] = ()
     server_grid: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    needs_clusters: bool = False  # runs only where the partition has hidden clusters
+
+
+def applies(arm: Arm, setting: str) -> bool:
+    """Whether ``arm`` is run on ``setting``: the cluster oracle is FedAvg-LoRA where the
+    partition has one cluster, so it would repeat that arm."""
+    return not arm.needs_clusters or BENCHMARKS[setting].partition.scheme.startswith("clustered")
 
 
 # CE-LoRA's λ: how far each client's weights are pulled to the size prior (METHOD.md §4);
@@ -100,14 +107,15 @@ def _arms() -> dict[str, Arm]:
             basis = (f"adapter.init='{init}'", f"adapter.rank={rank}")
             arms += [Arm(f"fed_sb_{init}_r{rank}", "fed_sb", basis),
                      Arm(f"celora_{init}_r{rank}", "celora", basis, LAMBDA_GRID)]
-    arms += [Arm("cluster_oracle", "cluster_oracle"),
+    arms += [Arm("cluster_oracle", "cluster_oracle", needs_clusters=True),
              Arm("centralized", "fedavg_lora", ("partition.pooled_training=True",))]
     return {arm.name: arm for arm in arms}
 
 
 ARMS = _arms()
-# What the shared-basis issue's table needs first, then everything else.
-FIRST = ("fedavg_lora_r8", "local", "celora",
+# The gates' arms and CE-LoRA as specified, what the shared-basis issue's table needs, then
+# everything else.
+FIRST = ("fedavg_lora_r8", "local", "celora", "cluster_oracle",
          *[f"{m}_{i}_r{r}" for r in SHARED_BASIS_RANKS for i in SHARED_BASES for m in ("fed_sb", "celora")])
 DEFAULT_SETTINGS = ("trec_fewshot_iid", "wordnet_clustered_labels", "movie_reviews_clustered_domains",
                     "fashion_mnist_clustered_rotations")
@@ -190,6 +198,8 @@ def plan(root: pathlib.Path, setting: str, arm: Arm, smoke: bool,
          overrides: tuple[str, ...] = ()) -> Iterator[tuple[str, RunConfig]]:
     """The arm's runs not yet finished, in the order the rule needs them; stops where a
     choice waits on runs still to do (call again after running them)."""
+    if not applies(arm, setting):
+        return
     base = _grid_base(root, setting, smoke, overrides)
     grid = SMOKE_RATES if smoke else LEARNING_RATES
     where = root / setting / arm.name

@@ -213,6 +213,13 @@ def test_method_claims_are_judged_for_ce_lora_as_specified_and_in_each_shared_ba
         protocol._adapter_bytes(rows, by_arm)
 
 
+def test_the_cluster_oracle_runs_only_where_the_partition_has_clusters(tmp_path):
+    oracle = protocol.ARMS["cluster_oracle"]
+    assert _next(tmp_path, "cluster_oracle") == []  # TREC is IID: the oracle would be FedAvg-LoRA again
+    wordnet = [run_id for run_id, _ in protocol.plan(tmp_path, "wordnet_clustered_labels", oracle, smoke=False)]
+    assert wordnet == [f"wordnet_clustered_labels/cluster_oracle/lr{r:g}/seed0" for r in protocol.LEARNING_RATES]
+
+
 def test_unknown_arms_and_settings_are_refused(capsys):
     assert protocol.main(["--arms", "fedavg_lora_r3", "--dry-run"]) == 2
     assert protocol.main(["--settings", "imagenet", "--dry-run"]) == 2
