@@ -508,7 +508,8 @@ def _measured(rows: dict, *names: str) -> bool:
 
 def claims(setting: str, rows: dict[str, dict], by_arm: dict[str, dict]) -> dict:
     """Per claim and CE-LoRA arm: holds, fails (with the numbers that decide it) or
-    undecided while either side lacks three seeds; None where the claim is not judged."""
+    undecided while either side lacks three seeds; a claim not judged on ``setting`` is
+    absent."""
     result = {}
     if setting not in CLUSTERED:
         verdicts = {}
