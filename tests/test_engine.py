@@ -16,7 +16,7 @@ from helpers import tiny_config, xla_flags
 
 from celora_jax.data.text import DataError, TextDataConfig
 from celora_jax.federated import engine, loop
-from celora_jax.federated.config import FederationConfig, apply_overrides
+from celora_jax.federated.config import ConfigError, FederationConfig, apply_overrides
 from celora_jax.server import usable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -344,6 +344,26 @@ def test_validation_split_is_scored_like_the_test_split_and_trained_on_by_no_one
     plain = [output.record for output in loop.iterate_rounds(setup)]
     assert all("validation_accuracy_mean" in r for r in plain)
     assert plain[-1]["validation_accuracy_mean"] != records[-1]["validation_accuracy_mean"]
+
+
+def test_test_every_reads_the_test_split_only_on_its_schedule_and_changes_nothing_else():
+    """``federation.test_every``: the validation split every ``eval_every`` rounds, the test
+    split every ``test_every`` and at the last round; training and every number it does
+    record are those of a run that evaluates everything every round."""
+    from toy import toy_config, toy_setup
+
+    every = apply_overrides(toy_config("celora", rounds=5), ["partition.validation_fraction=0.25"])
+    sparse = apply_overrides(every, ["federation.test_every=2"])
+    dense = [output.record for output in loop.iterate_rounds(toy_setup(every))]
+    records = [output.record for output in loop.iterate_rounds(toy_setup(sparse))]
+    assert [r["round"] for r in records if "test_accuracy_mean" in r] == [2, 4, 5]
+    assert all("validation_accuracy_mean" in r for r in records)
+    for full, record in zip(dense, records):
+        for key in ("validation_accuracy_mean", "validation_loss", "train_loss", "test_accuracy_mean"):
+            if key in record:
+                assert record[key] == full[key], key
+    with pytest.raises(ConfigError, match="test_every"):
+        apply_overrides(every, ["federation.test_every=0"])
 
 
 def test_runs_without_a_validation_split_record_none(plain_run):

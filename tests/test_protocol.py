@@ -61,6 +61,7 @@ def test_a_middle_winner_needs_no_extension_and_runs_carry_the_chosen_settings(t
     assert (config.federation.method, config.adapter.init, config.adapter.rank) == ("fed_sb", "weight_svd", 32)
     assert (config.optimizer.learning_rate, config.seed, config.partition.seed) == (0.003, 1, 1)
     assert config.federation.rounds == protocol.ROUNDS and config.partition.validation_fraction == 0.2
+    assert config.federation.test_every == protocol.ROUNDS  # the test split is read once, at the end
     # The preset's 16 training examples per client stay 16: 4 more are drawn for validation.
     assert (config.partition.train_examples, config.partition.validation_examples) == (20, 4)
 
@@ -147,6 +148,7 @@ def test_the_plateau_check_reruns_seed_0_with_twice_the_rounds_for_the_arms_that
     assert [run_id for run_id, _ in todo] == ["trec_fewshot_iid/fedsa_lora/lr0.003_2x_rounds/seed0"]
     config = todo[0][1]
     assert (config.federation.rounds, config.optimizer.learning_rate, config.seed) == (2 * protocol.ROUNDS, 0.003, 0)
+    assert config.federation.test_every == 2 * protocol.ROUNDS
     assert config.federation.method == "fedsa_lora"
     _fake_run(tmp_path, todo[0][0], 0.58, test=0.65, mb=60.0, curve=rising * 2)
     _fake_run(tmp_path, "trec_fewshot_iid/fedavg_lora_r8/lr0.003_2x_rounds/seed0", 0.505, test=0.9, mb=50.0,
@@ -246,6 +248,7 @@ def test_one_arm_end_to_end_on_smoke_runs(tmp_path, tiny_model_dir, wordnet_noun
     assert not list(tmp_path.rglob("checkpoints"))
     records = [json.loads(line) for line in (tmp_path / where / "lr0.01/seed0/metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records if "validation_accuracy_mean" in r] == [2]  # every other round, and the last
+    assert [r["round"] for r in records if "test_accuracy_mean" in r] == [2]  # the last round only
     assert 0 <= records[-1]["validation_accuracy_mean"] <= 1
     summary = json.loads((tmp_path / "summary.json").read_text())
     row = summary["settings"]["wordnet_clustered_labels"]["arms"]["fed_sb_weight_svd_r16"]

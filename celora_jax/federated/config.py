@@ -199,8 +199,12 @@ class FederationConfig:
       local_steps: local optimizer steps per round; None means one local epoch
         (ceil(train_examples / batch_size)).
       batch_size: local batch size.
-      eval_every: evaluate clients on their own test split every k rounds (and always at
-        the last round).
+      eval_every: evaluate clients on their own test (and validation) split every k rounds
+        (and always at the last round).
+      test_every: evaluate the test split every k rounds instead (and always at the last
+        round); None: at every evaluation. A benchmark that chooses on the validation split
+        sets it to ``rounds``: the test split is then read once, at the end, and the
+        evaluations in between cost only the validation split.
       eval_batch_size: chunk size of evaluation forward passes.
       share_base: also average the client-trained base parameters (LayerNorms, head);
         personal under every method by default (METHOD.md §6).
@@ -231,6 +235,7 @@ class FederationConfig:
     local_steps: int | None = None
     batch_size: int = 16
     eval_every: int = 1
+    test_every: int | None = None
     eval_batch_size: int = 64
     share_base: bool = False
     num_devices: int | None = None
@@ -261,8 +266,8 @@ class FederationConfig:
                 get_method(name, **options)
             except ValueError as err:
                 raise ConfigError(f"federation.method_options.{name}: {err}") from None
-        for name in ("rounds", "batch_size", "eval_every", "eval_batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("rounds", "batch_size", "eval_every", "eval_batch_size", "test_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"federation.{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.participation <= 1:
             raise ConfigError(f"federation.participation must be in (0, 1], got {self.participation}")

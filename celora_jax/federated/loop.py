@@ -338,10 +338,13 @@ def iterate_rounds(setup: Setup, checkpoint_dir: str | pathlib.Path | None = Non
             cumulative_bytes = record["bytes_cumulative"]
             last = round_index + 1 == fed.rounds
             evaluated = round_lib.evaluated_params(client_state)
-            if last or (round_index + 1) % fed.eval_every == 0:
+            evaluate_now = last or (round_index + 1) % fed.eval_every == 0
+            test_now = last or (round_index + 1) % (fed.test_every or fed.eval_every) == 0
+            if evaluate_now or test_now:
                 eval_base = base if fold is None else fold(base, server_state)
-                record.update(_evaluation(evaluate_own, eval_base, evaluated, test, n, "test"))
-                if validation is not None:  # what hyperparameters are chosen on (never the test split)
+                if test_now:
+                    record.update(_evaluation(evaluate_own, eval_base, evaluated, test, n, "test"))
+                if validation is not None and evaluate_now:  # what is chosen on (never the test split)
                     record.update(_evaluation(evaluate_own, eval_base, evaluated, validation, n, "validation"))
                 if last and len(task.global_test["labels"]):
                     record.update(_evaluation(evaluate_common, eval_base, evaluated, global_test, n, "global_test"))
