@@ -505,8 +505,9 @@ CE_LORA_TWINS = (("celora", "celora_avg"),
                    for init in SHARED_BASES for rank in SHARED_BASIS_RANKS))
 
 
-def _measured(rows: dict, *names: str) -> bool:
-    return all(name in rows and len(rows[name]["seeds"]) == len(SEEDS) for name in names)
+def _unmeasured(rows: dict, *names: str) -> list[str]:
+    """Those of ``names`` not yet measured on every seed."""
+    return [name for name in names if name not in rows or len(rows[name]["seeds"]) < len(SEEDS)]
 
 
 def claims(setting: str, rows: dict[str, dict], by_arm: dict[str, dict]) -> dict:
@@ -519,8 +520,8 @@ def claims(setting: str, rows: dict[str, dict], by_arm: dict[str, dict]) -> dict
         for name, _ in CE_LORA_TWINS:
             if name not in rows:
                 continue
-            if not _measured(rows, name, "fedavg_lora_r8"):
-                verdicts[name] = {"verdict": "undecided"}
+            if waiting := _unmeasured(rows, name, "fedavg_lora_r8"):
+                verdicts[name] = {"verdict": "undecided", "waiting_on": waiting}
                 continue
             compared = _paired(by_arm[name], by_arm["fedavg_lora_r8"])
             # The claim is about the adapters' bytes: the base subset costs both sides the same.
@@ -538,8 +539,8 @@ def claims(setting: str, rows: dict[str, dict], by_arm: dict[str, dict]) -> dict
         for name, twin in CE_LORA_TWINS:
             if name not in rows and twin not in rows:
                 continue
-            if not _measured(rows, name, twin):
-                verdicts[name] = {"verdict": "undecided", "versus": twin}
+            if waiting := _unmeasured(rows, name, twin):
+                verdicts[name] = {"verdict": "undecided", "versus": twin, "waiting_on": waiting}
                 continue
             compared = _paired(by_arm[name], by_arm[twin])
             holds = compared["diff"] > 3 * compared["se"]
@@ -553,8 +554,8 @@ def claim_lines(claims_of_setting: dict) -> list[str]:
     for key, claim in claims_of_setting.items():
         parts = []
         for name, verdict in claim["arms"].items():
-            if "vs_fedavg_lora_r8" not in verdict and "difference" not in verdict:
-                parts.append(f"{name}: undecided (fewer than 3 seeds)")
+            if "waiting_on" in verdict:
+                parts.append(f"{name}: undecided ({', '.join(verdict['waiting_on'])} not yet on three seeds)")
             elif key == "claim_1":
                 fewer = verdict["times_fewer_adapter_bytes"]
                 adapters = "adapter bytes not yet known" if fewer is None else f"{fewer:.0f}x fewer adapter bytes"

@@ -205,6 +205,7 @@ def test_method_claims_are_judged_for_ce_lora_as_specified_and_in_each_shared_ba
     assert two["celora_weight_svd_r16"]["verdict"] == "holds" and two["celora_weight_svd_r16"]["versus"] == (
         "fed_sb_weight_svd_r16")
     assert two["celora_weight_svd_r32"]["verdict"] == "undecided"
+    assert "celora_weight_svd_r32, fed_sb_weight_svd_r32 not yet on three seeds" in protocol.claim_lines(clustered)[0]
     reviews = protocol.claims("movie_reviews_clustered_domains", rows, by_arm)
     assert set(reviews) == {"claim_1", "claim_2"}
     lines = protocol.claim_lines(iid)
