@@ -739,7 +739,32 @@ def markdown(summary: dict) -> str:
                          f"{row['mb_basis_once']:.1f} | {row['learning_rate']:g} | {server} | {by_rate} | {rising} | "
                          f"{_plateau_cell(row.get('plateau'))} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + shared_basis_table(summary))
+
+
+def shared_basis_table(summary: dict) -> list[str]:
+    """The shared-basis arms by basis and rank (issue 41's table), after the yardsticks:
+    local training, FedAvg-LoRA r=8 and CE-LoRA as specified."""
+    lines = ["## Shared basis: Fed-SB and CE-LoRA by basis and rank", "",
+             "Own-test accuracy (%), mean ± SE over the seeds measured [how many]; MB per round in all "
+             "(the adapters alone in brackets).", "",
+             "| setting | method | basis | r | own-test accuracy | MB per round |", "|---|---|---|---|---|---|"]
+    yardsticks = (("local", "local training", "-", "-"), ("fedavg_lora_r8", "FedAvg-LoRA", "-", "8"),
+                  ("celora", "CE-LoRA as specified", "random", "8"))
+    shared = tuple((f"{method}_{init}_r{rank}", label, init, str(rank))
+                   for init in SHARED_BASES for rank in SHARED_BASIS_RANKS
+                   for method, label in (("fed_sb", "Fed-SB"), ("celora", "CE-LoRA")))
+    for setting, data in summary["settings"].items():
+        for name, label, basis, rank in (*yardsticks, *shared):
+            row = data["arms"].get(name)
+            if row is None:
+                continue
+            se = "" if row["test_accuracy_se"] is None else f" ± {_percent(row['test_accuracy_se'])}"
+            adapter = row["adapter_mb_per_round"]
+            megabytes = f"{row['mb_per_round']:.2f}" + ("" if adapter is None else f" ({adapter:.3f})")
+            lines.append(f"| {setting} | {label} | {basis} | {rank} | {_percent(row['test_accuracy'])}{se} "
+                         f"[{len(row['seeds'])}] | {megabytes} |")
+    return [*lines, ""]
 
 
 def plot(summary: dict, out: pathlib.Path) -> list[pathlib.Path]:

@@ -257,4 +257,6 @@ def test_one_arm_end_to_end_on_smoke_runs(tmp_path, tiny_model_dir, wordnet_noun
     assert row["plateau"]["rounds"] == 2 * len(records)
     assert summary["settings"]["wordnet_clustered_labels"]["frontier"] == ["fed_sb_weight_svd_r16"]
     assert (tmp_path / "wordnet_clustered_labels_frontier.png").stat().st_size > 0
-    assert "fed_sb_weight_svd_r16" in (tmp_path / "table.md").read_text()
+    table = (tmp_path / "table.md").read_text()
+    assert "fed_sb_weight_svd_r16" in table
+    assert "| wordnet_clustered_labels | Fed-SB | weight_svd | 16 | " in table  # the shared-basis table
