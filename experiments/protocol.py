@@ -301,7 +301,9 @@ def choice(root: pathlib.Path, setting: str, arm: Arm, smoke: bool) -> dict | No
         return None
     tried_server = {name: final_validation(where / f"{rate_step(rate)}_{name}" / "seed0")
                     for name, _ in arm.server_grid}
+    # A winner at the extension step: the rule tries nothing beyond it, so the report says so.
     return {"learning_rate": rate, "server": list(server), "step": step,
+            "at_grid_edge": not smoke and rate in EXTENSION.values(),
             "validation_by_rate": {f"{r:g}": s[0] for r, s in sorted(scores.items())},
             "validation_by_server": {name: s[0] for name, s in tried_server.items()}}
 
@@ -718,7 +720,8 @@ def markdown(summary: dict) -> str:
              f"training examples; {rule['rounds']} rounds. Own-test accuracy (%) at the last round, mean over "
              "seeds ± SE of the seed means; rising = validation accuracy of the last 5 rounds minus the 5 before "
              "(points; > 1 means still rising); 2x rounds = seed 0 run again with twice the rounds, accuracy "
-             "gained (points).", ""]
+             "gained (points); (edge) = the best rate was the grid's extension step, beyond which the rule "
+             "tries nothing.", ""]
     for setting, data in summary["settings"].items():
         lines += [f"## {setting}", "", f"Frontier (accuracy vs MB per round): {', '.join(data['frontier']) or 'n/a'}.",
                   "", gate_line(data.get("gate")), "", target_line(data["target"]), "",
@@ -736,7 +739,8 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {'**' + name + '**' if name in data['frontier'] else name} | {len(row['seeds'])} | "
                          f"{_percent(row['test_accuracy'])}{se} | {versus} | {row['mb_per_round']:.2f} | "
                          f"{'n/a' if row['adapter_mb_per_round'] is None else format(row['adapter_mb_per_round'], '.3f')} | "
-                         f"{row['mb_basis_once']:.1f} | {row['learning_rate']:g} | {server} | {by_rate} | {rising} | "
+                         f"{row['mb_basis_once']:.1f} | {row['learning_rate']:g}{' (edge)' if row.get('at_grid_edge') else ''} | "
+                         f"{server} | {by_rate} | {rising} | "
                          f"{_plateau_cell(row.get('plateau'))} |")
         lines.append("")
     return "\n".join(lines + shared_basis_table(summary))

@@ -45,6 +45,11 @@ def test_the_rule_tunes_the_rate_then_extends_an_edge_then_the_server_then_seeds
     chosen = protocol.choice(tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], smoke=False)
     assert chosen["learning_rate"] == 0.01 and chosen["server"] == ["aggregation.lam=10.0"]
     assert chosen["validation_by_rate"] == {"0.001": 0.4, "0.003": 0.5, "0.01": 0.6, "0.03": 0.55}
+    assert not chosen["at_grid_edge"]
+    for rate, validation in zip((*protocol.LEARNING_RATES, 0.03), (0.4, 0.5, 0.6, 0.65)):  # the extension wins
+        _fake_run(tmp_path / "edge", f"trec_fewshot_iid/local/lr{rate:g}/seed0", validation)
+    edge = protocol.choice(tmp_path / "edge", "trec_fewshot_iid", protocol.ARMS["local"], smoke=False)
+    assert edge["learning_rate"] == 0.03 and edge["at_grid_edge"]  # nothing beyond it is tried: the report says so
     row = protocol.summarize(tmp_path, ["trec_fewshot_iid"], smoke=False)["settings"]["trec_fewshot_iid"]["arms"][arm]
     assert row["seeds"] == [0, 1, 2] and row["test_accuracy"] == pytest.approx(0.6)
     assert row["test_accuracy_se"] == pytest.approx(0.1 / 3 ** 0.5)
