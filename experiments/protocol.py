@@ -590,7 +590,8 @@ def target_line(target: dict) -> str:
                     f"{'ahead of' if check['beats_fedavg_lora_and_local_by_3_se'] else 'not ahead of'} both by 3 SE")
         return (f"{name} {100 * check['gap']:.1f} points below {check['best_whole_adapter']} at "
                 f"{check['times_fewer_bytes']:.0f}x fewer bytes")
-    return (f"Target ({target['rule']}): MISSED, a finding: "
+    pending = len(target["tried"]) < len(TARGET_CANDIDATES)
+    return (f"Target ({target['rule']}): MISSED{' by the arms measured so far' if pending else ''}, a finding: "
             + "; ".join(miss(n, c) for n, c in target["checks"].items()) + ".")
 
 
