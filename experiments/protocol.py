@@ -467,8 +467,7 @@ def target_check(setting: str, rows: dict[str, dict], frontier: list[str]) -> di
     clustered = setting in CLUSTERED
     needed = ("cluster_oracle", "fedavg_lora_r8", "local") if clustered else WHOLE_ADAPTER
     tried = [name for name in TARGET_CANDIDATES if name in rows]
-    complete = [name for name in (*needed, *tried) if name in rows and len(rows[name]["seeds"]) == len(SEEDS)]
-    if not tried or not all(name in complete for name in (*needed, *tried)):
+    if not tried or _unmeasured(rows, *needed, *tried):
         return {"rule": _target_rule(clustered), "decided": False, "tried": tried, "met_by": []}
     checks = {}
     for name in tried:
@@ -677,6 +676,12 @@ def _percent(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+def _accuracy(row: dict) -> str:
+    """Own-test accuracy (%) ± its SE over seeds (no SE for one seed)."""
+    se = "" if row["test_accuracy_se"] is None else f" ± {_percent(row['test_accuracy_se'])}"
+    return f"{_percent(row['test_accuracy'])}{se}"
+
+
 def _difference(compared: dict | None) -> str:
     """Points ± SE, paired over (client, seed), and over how many seeds; "-" if not comparable."""
     if not compared or not compared["seeds"]:
@@ -735,10 +740,9 @@ def markdown(summary: dict) -> str:
             by_rate = ", ".join(f"{r}: {_percent(v)}" for r, v in row["validation_by_rate"].items())
             server = ", ".join(row["server"]) or "-"
             rising = "n/a" if row["still_rising"] is None else f"{100 * row['still_rising']:+.1f}"
-            se = "" if row["test_accuracy_se"] is None else f" ± {_percent(row['test_accuracy_se'])}"
             versus = " | ".join(_difference(row.get("paired", {}).get(base)) for base in BASELINES)
             lines.append(f"| {'**' + name + '**' if name in data['frontier'] else name} | {len(row['seeds'])} | "
-                         f"{_percent(row['test_accuracy'])}{se} | {versus} | {row['mb_per_round']:.2f} | "
+                         f"{_accuracy(row)} | {versus} | {row['mb_per_round']:.2f} | "
                          f"{'n/a' if row['adapter_mb_per_round'] is None else format(row['adapter_mb_per_round'], '.3f')} | "
                          f"{row['mb_basis_once']:.1f} | {row['learning_rate']:g}{' (edge)' if row.get('at_grid_edge') else ''} | "
                          f"{server} | {by_rate} | {rising} | "
@@ -764,10 +768,9 @@ def shared_basis_table(summary: dict) -> list[str]:
             row = data["arms"].get(name)
             if row is None:
                 continue
-            se = "" if row["test_accuracy_se"] is None else f" ± {_percent(row['test_accuracy_se'])}"
             adapter = row["adapter_mb_per_round"]
             megabytes = f"{row['mb_per_round']:.2f}" + ("" if adapter is None else f" ({adapter:.3f})")
-            lines.append(f"| {setting} | {label} | {basis} | {rank} | {_percent(row['test_accuracy'])}{se} "
+            lines.append(f"| {setting} | {label} | {basis} | {rank} | {_accuracy(row)} "
                          f"[{len(row['seeds'])}] | {megabytes} |")
     return [*lines, ""]
 
