@@ -24,7 +24,7 @@ The rule, the same for every method (an "arm": a method at one rank and adapter 
 5. Rounds: ``ROUNDS`` for every run; the report gives each arm's validation curve and how
    much it still rose over the last rounds, so an under-trained arm is stated, not hidden.
 6. The plateau check: once an arm is measured, seed 0 of its chosen configuration runs again
-   with twice the rounds (``PLATEAU_ROUNDS``, the same peak rate, the schedule stretched) if
+   with twice the rounds (``PLATEAU_ROUNDS_FACTOR``; the same peak rate, the schedule stretched) if
    the arm is on the frontier, is one the gates and comparisons name, or was still rising.
    Gaining more than ``PLATEAU_GAIN`` of validation accuracy means ``ROUNDS`` under-trains it.
 
@@ -64,7 +64,6 @@ ROUNDS = 20
 EVAL_EVERY = 2
 SEEDS = (0, 1, 2)
 PLATEAU_ROUNDS_FACTOR = 2
-PLATEAU_ROUNDS = PLATEAU_ROUNDS_FACTOR * ROUNDS
 PLATEAU_GAIN = 0.01  # validation accuracy gained with twice the rounds beyond which ROUNDS under-trains
 SMOKE_RATES = (1e-3, 1e-2)
 
