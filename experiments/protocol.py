@@ -35,6 +35,7 @@ summary.json exists, so the protocol resumes run by run across sessions.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import logging
@@ -47,6 +48,7 @@ from typing import Iterator
 import numpy as np
 
 from celora_jax.federated.config import RunConfig, apply_overrides
+from celora_jax.federated.loop import mixing_shares
 from celora_jax.federated.presets import BENCHMARKS, smoke_variant
 from experiments.benchmarks import GATES, gate_result, paired
 from experiments.grid import twin_among
@@ -409,7 +411,19 @@ def finished_run(run_dir: pathlib.Path) -> dict | None:
             "mb_basis": (summary.get("basis_bytes_up_per_client", 0)
                          + summary.get("basis_bytes_down_per_client", 0)) * summary["num_clients"] / 1e6,
             "sent_params_per_client": summary.get("sent_params_per_client"),
-            "sent_adapter_params_per_client": summary.get("sent_adapter_params_per_client")}
+            "sent_adapter_params_per_client": summary.get("sent_adapter_params_per_client"),
+            "machine": _machine(summary),
+            # How a personalized server mixed at the last round (W's diagonal, the share of
+            # the rest in the true cluster); {} for methods without weights.
+            "mixing": mixing_shares(records[-1].get("weights"), summary.get("true_clusters"))}
+
+
+def _machine(summary: dict) -> str:
+    """Where a run ran, e.g. "cpu" or "gpu (NVIDIA H100 80GB HBM3)". Summaries began to
+    record it on 2026-12-06; every protocol run before ran on the project's CPU machines."""
+    platform = summary.get("platform", "cpu")
+    kind = summary.get("device_kind", platform)
+    return platform if kind == platform else f"{platform} ({kind})"
 
 
 def plateau_check(root: pathlib.Path, setting: str, name: str, row: dict, short: dict | None) -> dict | None:
@@ -612,6 +626,17 @@ def _adapter_bytes(rows: dict[str, dict], by_arm: dict[str, dict]) -> None:
                                        else row["mb_per_round"] * adapter / sent)
 
 
+def _mixing(runs: dict[int, dict]) -> dict:
+    """W's mean diagonal and the share of the rest in the true cluster at the last round,
+    each a mean over the seeds that report it (absent for methods without weights)."""
+    means = {}
+    for key, name in (("self_weight_mean", "self_weight"), ("others_in_true_cluster_mean", "others_in_true_cluster")):
+        values = [run["mixing"][key] for run in runs.values() if run["mixing"].get(key) is not None]
+        if values:
+            means[name] = float(np.mean(values))
+    return means
+
+
 def _paired(a: dict[int, dict], b: dict[int, dict]) -> dict | None:
     """``a - b`` in points of accuracy, paired over (client, seed), ± its standard error."""
     diff, se, seeds = paired(a, b)
@@ -648,7 +673,8 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
                           if len(tests) > 1 else None,
                           "mb_per_round": first["mb_per_round"], "mb_basis_once": first["mb_basis"],
                           "sent_params_per_client": first["sent_params_per_client"],
-                          "validation_by_round": curve, "still_rising": still_rising(curve)}
+                          "validation_by_round": curve, "still_rising": still_rising(curve),
+                          **_mixing(runs)}
         for name, row in rows.items():
             row["paired"] = {base: _paired(by_arm[name], by_arm[base]) for base in BASELINES
                              if base in by_arm and base != name}
@@ -663,7 +689,9 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
         frontier = pareto(points)
         for name, row in rows.items():
             row["plateau"] = plateau_check(root, setting, name, row, by_arm[name].get(0))
+        machines = collections.Counter(run["machine"] for runs in by_arm.values() for run in runs.values())
         result["settings"][setting] = {"arms": rows, "frontier": frontier, "gate": checked,
+                                       "machines": dict(sorted(machines.items())),
                                        "target": target_check(setting, rows, frontier),
                                        "claims": claims(setting, rows, by_arm)}
         result["settings"][setting]["plateau_pending"] = [
@@ -711,6 +739,13 @@ def plateau_line(data: dict) -> str:
     return f"Plateau check (seed 0 with {PLATEAU_ROUNDS_FACTOR}x the rounds): " + "; ".join(parts) + "."
 
 
+def machines_line(machines: dict[str, int]) -> str:
+    """How many of the table's runs ran where (a reader comparing arms run on different
+    machines should know: float32 products differ slightly between them)."""
+    where = ", ".join(f"{count} on {machine}" for machine, count in machines.items())
+    return f"Machines (the table's runs): {where or 'none yet'}."
+
+
 def _plateau_cell(check: dict | None) -> str:
     if check is None:
         return "-"
@@ -731,6 +766,7 @@ def markdown(summary: dict) -> str:
         lines += [f"## {setting}", "", f"Frontier (accuracy vs MB per round): {', '.join(data['frontier']) or 'n/a'}.",
                   "", gate_line(data.get("gate")), "", target_line(data["target"]), "",
                   *[part for line in claim_lines(data.get("claims", {})) for part in (line, "")], plateau_line(data),
+                  "", machines_line(data.get("machines", {})),
                   "", "| arm | seeds | test accuracy | vs local | vs FedAvg-LoRA r=8 | MB/round | adapter MB/round | "
                   "basis MB (once) | "
                   "chosen lr | server | validation by lr | rising | 2x rounds |",
@@ -755,8 +791,11 @@ def shared_basis_table(summary: dict) -> list[str]:
     local training, FedAvg-LoRA r=8 and CE-LoRA as specified."""
     lines = ["## Shared basis: Fed-SB and CE-LoRA by basis and rank", "",
              "Own-test accuracy (%), mean ± SE over the seeds measured [how many]; MB per round in all "
-             "(the adapters alone in brackets).", "",
-             "| setting | method | basis | r | own-test accuracy | MB per round |", "|---|---|---|---|---|---|"]
+             "(the adapters alone in brackets); W = CE-LoRA's weights at the last round: its own "
+             "share (mean diagonal; 1 = local training) and, of the share it gives to others, the part in "
+             "its true cluster (clustered settings).", "",
+             "| setting | method | basis | r | own-test accuracy | MB per round | W: own, others in cluster |",
+             "|---|---|---|---|---|---|---|"]
     yardsticks = (("local", "local training", "-", "-"), ("fedavg_lora_r8", "FedAvg-LoRA", "-", "8"),
                   ("celora", "CE-LoRA as specified", "random", "8"))
     shared = tuple((f"{method}_{init}_r{rank}", label, init, str(rank))
@@ -770,8 +809,15 @@ def shared_basis_table(summary: dict) -> list[str]:
             adapter = row["adapter_mb_per_round"]
             megabytes = f"{row['mb_per_round']:.2f}" + ("" if adapter is None else f" ({adapter:.3f})")
             lines.append(f"| {setting} | {label} | {basis} | {rank} | {_accuracy(row)} "
-                         f"[{len(row['seeds'])}] | {megabytes} |")
+                         f"[{len(row['seeds'])}] | {megabytes} | {_mixing_cell(row)} |")
     return [*lines, ""]
+
+
+def _mixing_cell(row: dict) -> str:
+    if "self_weight" not in row:
+        return "-"
+    others = row.get("others_in_true_cluster")
+    return f"{row['self_weight']:.2f}" + ("" if others is None else f", {others:.2f}")
 
 
 def plot(summary: dict, out: pathlib.Path) -> list[pathlib.Path]:

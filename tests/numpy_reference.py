@@ -17,9 +17,9 @@ def np_project_simplex(v: np.ndarray) -> np.ndarray:
     return np.maximum(v - css[rho] / (rho + 1.0), 0.0)
 
 
-def np_parameter_distance(cores: np.ndarray) -> np.ndarray:
+def np_parameter_distance(cores: np.ndarray, origin: np.ndarray | None = None) -> np.ndarray:
     n, _, r, _ = cores.shape
-    delta = (cores - np.eye(r)).reshape(n, -1)
+    delta = (cores - (np.eye(r) if origin is None else origin)).reshape(n, -1)
     norms = np.linalg.norm(delta, axis=1)
     dist = np.zeros((n, n))
     for i in range(n):

@@ -220,6 +220,22 @@ def test_bad_config_raises(kwargs, name):
         aggregation.AggregationConfig(**kwargs)
 
 
+def test_the_core_origin_is_where_updates_are_measured_from():
+    """Cores that started at C⁰ aggregate as the same updates started from I would: the
+    same distances and weights, and mixtures shifted by C⁰ − I (W's rows sum to 1)."""
+    cores, dist, sizes = _random_round(17)
+    origin = np.random.default_rng(18).standard_normal((L, R, R)).astype(np.float32)
+    moved = cores - np.eye(R, dtype=np.float32) + origin
+    config = aggregation.AggregationConfig(beta=0.3, lam=0.5)
+    reference = aggregation.server_step(cores, None, sizes, None, config, data_distance=dist)
+    measured = aggregation.server_step(moved, None, sizes, None, config, data_distance=dist, core_origin=origin)
+    np.testing.assert_allclose(measured.param_distance, reference.param_distance, atol=1e-4)
+    np.testing.assert_allclose(measured.weights, reference.weights, atol=1e-4)
+    np.testing.assert_allclose(measured.mixed_cores, reference.mixed_cores - np.eye(R) + origin, atol=1e-4)
+    with pytest.raises(ValueError, match=r"core_origin must have shape"):
+        aggregation.server_step(cores, None, sizes, None, config, data_distance=dist, core_origin=origin[0])
+
+
 def test_bad_shapes_raise():
     cores, dist, sizes = _random_round(16)
     with pytest.raises(ValueError, match="cores"):

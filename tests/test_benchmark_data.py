@@ -251,12 +251,19 @@ def test_cluster_oracle_on_a_single_cluster_says_it_is_fedavg_lora(caplog):
         summary_table([summary]))
 
 
-def test_weight_in_true_cluster():
+def test_mixing_shares_tell_local_training_from_mixing_inside_the_clusters():
     weights = np.array([[0.5, 0.5, 0.0], [0.2, 0.2, 0.6], [0.0, 0.0, 1.0]])
-    got = loop.weight_in_true_cluster(weights, np.array([0, 0, 1]))
+    got = loop.mixing_shares(weights, np.array([0, 0, 1]))
     assert got["weight_in_true_cluster"] == pytest.approx([1.0, 0.4, 1.0])
-    assert loop.weight_in_true_cluster(weights, np.zeros(3)) == {}
-    assert loop.weight_in_true_cluster(None, np.array([0, 1, 1])) == {}
+    assert got["self_weight_mean"] == pytest.approx(1.7 / 3)
+    # Client 0 gives all of its 0.5 to its cluster, client 1 0.2 of its 0.8; client 2 keeps all.
+    assert got["others_in_true_cluster_mean"] == pytest.approx((1.0 + 0.25) / 2)
+    assert loop.mixing_shares(weights, np.zeros(3)) == {"self_weight_mean": pytest.approx(1.7 / 3)}
+    assert loop.mixing_shares(None, np.array([0, 1, 1])) == {}
+    # W = I is local training: all of each row in the true cluster, nothing given to others.
+    identity = loop.mixing_shares(np.eye(4), np.array([0, 0, 1, 1]))
+    assert identity["weight_in_true_cluster_mean"] == 1.0 and identity["self_weight_mean"] == 1.0
+    assert identity["others_in_true_cluster_mean"] is None
 
 
 def test_factor_rates_scale_cores_and_freeze_a_and_b():

@@ -55,9 +55,11 @@ def run_nodes(setup, rounds: int):
     return records, [s["correct"] / max(s["count"], 1.0) for s in scores]
 
 
-@pytest.mark.parametrize("method", NODE_METHODS)
-def test_nodes_reproduce_the_simulator(method):
+@pytest.mark.parametrize("method,init", [*((m, None) for m in NODE_METHODS), ("celora", "weight_svd")])
+def test_nodes_reproduce_the_simulator(method, init):
     config = with_federation(toy_config(method), participation=0.67, rounds=3)
+    if init is not None:  # the server node finds the cores' start (0 here) in what it first sent
+        config = dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, init=init))
     setup = toy_setup(config)
     simulated = [out.record for out in loop.iterate_rounds(setup)]
     records, accuracies = run_nodes(setup, config.federation.rounds)

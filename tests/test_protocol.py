@@ -3,6 +3,7 @@ the frontier, and one arm end to end on CI-sized runs."""
 
 import json
 
+import jax
 import pytest
 
 from experiments import protocol
@@ -265,3 +266,18 @@ def test_one_arm_end_to_end_on_smoke_runs(tmp_path, tiny_model_dir, wordnet_noun
     table = (tmp_path / "table.md").read_text()
     assert "fed_sb_weight_svd_r16" in table
     assert "| wordnet_clustered_labels | Fed-SB | weight_svd | 16 | " in table  # the shared-basis table
+    # Where the table's runs ran: the seeds of the chosen rate, on this machine's backend.
+    backend = json.loads((tmp_path / where / "lr0.01/seed0/summary.json").read_text())["platform"]
+    assert backend == jax.default_backend()
+    machines = summary["settings"]["wordnet_clustered_labels"]["machines"]
+    assert sum(machines.values()) == 2 and all(m.startswith(backend) for m in machines)
+    assert f"Machines (the table's runs): 2 on {backend}" in table
+
+
+def test_the_report_says_where_runs_ran():
+    assert protocol._machine({}) == "cpu"  # summaries before the field: the protocol ran on CPUs only
+    assert protocol._machine({"platform": "cpu", "device_kind": "cpu"}) == "cpu"
+    assert protocol._machine({"platform": "gpu", "device_kind": "NVIDIA H100 80GB HBM3"}) == "gpu (NVIDIA H100 80GB HBM3)"
+    assert protocol.machines_line({"cpu": 40, "gpu (NVIDIA H100 80GB HBM3)": 12}) == (
+        "Machines (the table's runs): 40 on cpu, 12 on gpu (NVIDIA H100 80GB HBM3).")
+    assert protocol.machines_line({}) == "Machines (the table's runs): none yet."

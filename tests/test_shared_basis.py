@@ -15,7 +15,7 @@ from celora_jax.cli import main as cli
 from celora_jax.federated import engine, loop
 from celora_jax.federated.config import ConfigError, RunConfig, apply_overrides
 from celora_jax.federated.methods import get_method
-from celora_jax.federated.methods.base import ServerInputs
+from celora_jax.federated.methods.base import ServerInputs, starting_cores
 from celora_jax.lora import adapters, roles
 from celora_jax.lora.adapters import AdapterConfig, AdapterConfigError, init_adapters, stack_layers
 from celora_jax.lora.functional import adapt
@@ -151,6 +151,33 @@ def test_toy_rounds_in_a_shared_basis_train_only_the_cores(method):
     assert counts["sent_adapter_params_per_client"] == rank * rank
     assert summary["adapter_init"] == "weight_svd"
     assert outputs[0].record["bytes_up_per_client"] == 4 * rank * rank
+
+
+def test_celora_in_a_shared_basis_measures_core_updates_from_zero():
+    """The server is told where the cores started (0 in a shared basis, I at random init),
+    so its parameter distance compares the directions of the updates (METHOD.md §4's
+    C − I is C − C⁰ with the specification's C⁰ = I)."""
+    config = toy_config("celora", rounds=1)
+    shared_basis = toy_setup(dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, init="weight_svd")))
+    random_basis = toy_setup(config)
+    rank = config.adapter.rank
+    for setup, start in ((shared_basis, np.zeros((1, rank, rank))), (random_basis, np.eye(rank)[None])):
+        shared = roles.select(setup.task.client_params, setup.roles, roles.SHARED)
+        np.testing.assert_array_equal(starting_cores(shared), start)
+    fedavg = toy_setup(toy_config("fedavg_lora"))
+    assert starting_cores(roles.select(fedavg.task.client_params, fedavg.roles, roles.SHARED)) is None
+
+    strategy = loop.server_strategy(shared_basis)
+    n = shared_basis.num_clients
+    direction = np.random.default_rng(0).standard_normal((rank, rank))
+    sizes = np.array([0.01, 0.05, 0.01, 0.05, 0.02, 0.03])  # two directions, sizes mixed
+    cores = np.stack([(1 if i % 2 == 0 else -1) * sizes[i] * direction for i in range(n)]).astype(np.float32)
+    uploads = {"lora": {"dense": {"C": jnp.asarray(cores)}}}
+    weights = jnp.ones(n)
+    state = strategy.init(uploads, weights)
+    _, _, logs = strategy.aggregate(state, uploads, weights, jnp.ones(n, bool))
+    same = (np.arange(n)[:, None] % 2) == (np.arange(n)[None, :] % 2)
+    np.testing.assert_allclose(np.asarray(logs["param_distance"]), np.where(same, 0.0, 2.0), atol=1e-5)
 
 
 def _principal_sines(u, v):

@@ -181,6 +181,27 @@ def test_masked_median_matches_numpy(values, keep):
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_parameter_distance_measures_updates_from_where_the_cores_started():
+    """Shared-basis cores start at 0. Measured from 0, two groups of updates in opposite
+    directions are 0 apart inside a group and 2 across, whatever their sizes; measured from
+    the identity (wrongly, for these cores) every Δ is dominated by the same −I, and a small
+    update lies nearer to a small opposite one than to a large one of its own direction."""
+    rng = np.random.default_rng(7)
+    direction = rng.standard_normal((2, 4, 4))
+    cores = np.stack([0.01 * direction, 0.05 * direction, -0.01 * direction, -0.05 * direction])
+    from_zero = np.asarray(similarity.parameter_distance(jnp.asarray(cores, jnp.float32), origin=np.zeros((2, 4, 4))))
+    np.testing.assert_allclose(from_zero, 2.0 * (np.arange(4)[:, None] // 2 != np.arange(4)[None, :] // 2), atol=1e-5)
+    np.testing.assert_allclose(from_zero, reference.np_parameter_distance(cores, np.zeros((2, 4, 4))), atol=1e-5)
+    from_identity = np.asarray(similarity.parameter_distance(jnp.asarray(cores, jnp.float32)))
+    assert from_identity[0, 2] < from_identity[0, 1]
+    # Shifting cores and origin together changes nothing: only the updates count.
+    shift = rng.standard_normal((2, 4, 4))
+    shifted = similarity.parameter_distance(jnp.asarray(cores + shift, jnp.float32), origin=shift)
+    np.testing.assert_allclose(np.asarray(shifted), from_zero, atol=1e-4)
+    with pytest.raises(ValueError, match=r"origin must have shape \(2, 4, 4\)"):
+        similarity.parameter_distance(jnp.asarray(cores, jnp.float32), origin=np.zeros((3, 4, 4)))
+
+
 def test_parameter_distance_rejects_bad_core_shape_and_dtype():
     with pytest.raises(ValueError, match=r"parameter_distance: cores must have shape \[N, L, r, r\]"):
         similarity.parameter_distance(jnp.ones((3, 2, 2)))

@@ -77,13 +77,18 @@ def summarize(history: list[dict], setup: Setup) -> dict:
         "processes": jax.process_count(),
         "devices": setup.config.federation.num_devices or jax.device_count(),
         "data_parallel": setup.config.federation.data_parallel,
+        # Where it ran: a grid may gather runs from several machines, and float32 products
+        # differ between them (a GPU's default precision rounds through TF32).
+        "platform": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
         # The clients whose data this process loaded (process 0's share with several).
         "local_clients": list(setup.task.local_clients),
     }
     summary.update(parameter_counts(setup))
     if setup.method.options:
         summary["method_options"] = dict(setup.method.options)
-    for name in ("core_share_mean", "weight_in_true_cluster_mean"):
+    for name in ("core_share_mean", "self_weight_mean", "weight_in_true_cluster_mean", "others_in_true_cluster_mean"):
         if name in final:
             summary[name] = final[name]
     if setup.task.clusters is not None and len(set(setup.task.clusters.tolist())) > 1:

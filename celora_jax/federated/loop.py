@@ -21,6 +21,7 @@ from celora_jax.data import packing
 from celora_jax.federated import (checkpoint, client as client_lib, client_ranks, round as round_lib, sharding,
                                   statistics, strategies)
 from celora_jax.federated.methods import ServerInputs
+from celora_jax.federated.methods.base import starting_cores
 from celora_jax.federated.setup import Setup
 from celora_jax.lora import roles as roles_lib
 from celora_jax.privacy import dp as dp_lib
@@ -98,8 +99,9 @@ def server_strategy(setup: Setup) -> strategies.Strategy:
         stats = statistics.client_statistics(
             task.embed_fn, params, task.train, task.embed_inputs, task.num_classes, task.local_clients,
             task.num_clients, jax.random.fold_in(jax.random.key(setup.config.seed), 2))
+    shared = roles_lib.select(setup.task.client_params, setup.roles, roles_lib.SHARED)
     return setup.method.server(ServerInputs(aggregation=setup.config.aggregation, data_statistics=stats,
-                                            clusters=setup.task.clusters))
+                                            clusters=setup.task.clusters, core_origin=starting_cores(shared)))
 
 
 def initial_client_state(setup: Setup, n_pad: int) -> dict:
@@ -213,16 +215,32 @@ def _add_logs(record: dict, logs: dict, n: int, mask: np.ndarray, outlier_factor
                        outliers, outlier_factor)
 
 
-def weight_in_true_cluster(weights, clusters) -> dict:
-    """How much of each client's aggregation weight row ``W [N, N]`` falls on its own true
-    cluster (1 = the cluster oracle's W): ``weight_in_true_cluster`` ``[N]`` and its mean;
-    {} without weights (non-personalized methods) or with one cluster (nothing to recover)."""
-    if weights is None or clusters is None or len(np.unique(clusters)) < 2:
+def mixing_shares(weights, clusters) -> dict:
+    """How a personalized server's weight rows ``W [N, N]`` mix; {} without weights
+    (non-personalized methods).
+
+    - ``self_weight_mean``: the mean of W's diagonal (1 = every client keeps its own update:
+      local training, which W = I also is);
+    - with two or more true clusters, ``weight_in_true_cluster`` ``[N]`` and its mean: the
+      share of each row on the client's own cluster (1 = the cluster oracle's W, and also
+      W = I, which is why the next one is reported too);
+    - ``others_in_true_cluster_mean``: of the weight a client gives to *other* clients, the
+      share in its own cluster, averaged over the clients that give any (None if none do).
+    """
+    if weights is None:
         return {}
-    weights, clusters = np.asarray(weights, np.float64), np.asarray(clusters)
+    weights = np.asarray(weights, np.float64)
+    own = np.diagonal(weights)
+    shares = {"self_weight_mean": float(own.mean())}
+    if clusters is None or len(np.unique(clusters)) < 2:
+        return shares
+    clusters = np.asarray(clusters)
     inside = (weights * (clusters[:, None] == clusters[None, :])).sum(1)
-    return {"weight_in_true_cluster": [float(v) for v in inside],
-            "weight_in_true_cluster_mean": float(inside.mean())}
+    mixing = own < 1 - 1e-6
+    others = (inside[mixing] - own[mixing]) / (1 - own[mixing])
+    return {**shares, "weight_in_true_cluster": [float(v) for v in inside],
+            "weight_in_true_cluster_mean": float(inside.mean()),
+            "others_in_true_cluster_mean": float(others.mean()) if mixing.any() else None}
 
 
 class _Checkpoints:
@@ -349,7 +367,7 @@ def iterate_rounds(setup: Setup, checkpoint_dir: str | pathlib.Path | None = Non
                 if last and len(task.global_test["labels"]):
                     record.update(_evaluation(evaluate_common, eval_base, evaluated, global_test, n, "global_test"))
             _add_logs(record, logs, n, mask_np[:n], fed.outlier_factor)
-            record.update(weight_in_true_cluster(record.get("weights"), task.clusters))
+            record.update(mixing_shares(record.get("weights"), task.clusters))
             if config.dp.enabled:
                 record.update(dp_record(config, noise_multiplier, round_index + 1, record.get("update_norm"),
                                         mask_np[:n]))

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from celora_jax.federated import strategies
-from celora_jax.federated.methods.base import FederatedMethod, ServerInputs, keep_base
+from celora_jax.federated.methods.base import FederatedMethod, ServerInputs, keep_base, starting_cores
 from celora_jax.server import usable
 from celora_jax.server.aggregation import AggregationConfig
 from celora_jax.server.gmm import ClassMixtures
@@ -68,7 +68,8 @@ class ServerNode:
             raise ValueError(f"method {method.name!r} needs every client's data statistic before round 1")
         self.method, self.num_clients = method, int(len(sizes))
         self.sizes = jnp.asarray(sizes, jnp.float32)
-        self.strategy = method.server(ServerInputs(aggregation=aggregation, data_statistics=data_statistics))
+        self.strategy = method.server(ServerInputs(aggregation=aggregation, data_statistics=data_statistics,
+                                                   core_origin=starting_cores(upload_like)))
         self._like = jax.tree.map(jnp.asarray, upload_like)
         # What each client last received: the norm check measures uploads against it.
         self.sent = strategies.broadcast(self._like, self.num_clients)

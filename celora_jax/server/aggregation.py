@@ -6,8 +6,9 @@ One jitted server step per round, static shapes for a fixed client population:
     out = server_step(cores, None, sizes, mask, config, data_distance=D_data)   # every round
     out.mixed_cores[i]                                     # C̃_i, sent back to client i
 
-Inside: D_param = 1 − cos(vec(C_i − I), vec(C_j − I)); both distances divided by their
-median off-diagonal value over reporting clients; D = β D̂_data + (1 − β) D̂_param; for every
+Inside: D_param = 1 − cos(vec(C_i − C⁰), vec(C_j − C⁰)), C⁰ the cores' start (``core_origin``;
+I by default, as METHOD.md §4); both distances divided by their median off-diagonal value
+over reporting clients; D = β D̂_data + (1 − β) D̂_param; for every
 client w_i = Proj_simplex(p − D_i / (2λ)) (the minimizer of Σ_j w_j D_ij + λ‖w − p‖² on the
 simplex, p_j = n_j / Σ n); C̃ = W @ C per layer.
 
@@ -294,12 +295,13 @@ def _data_distance_ok(distance: Array) -> Array:
     return diag_ok & ~jnp.any(bad_pair, axis=1)
 
 
-def _server_step_impl(cores, stats, sizes, mask, data_distance, config: AggregationConfig) -> ServerOutputs:
+def _server_step_impl(cores, stats, sizes, mask, data_distance, origin, config: AggregationConfig) -> ServerOutputs:
     n, _, r, _ = cores.shape
-    identity = jnp.eye(r, dtype=cores.dtype)
+    origin = jnp.broadcast_to(jnp.eye(r, dtype=cores.dtype) if origin is None else origin, cores.shape[1:])
 
     core_ok = _core_is_finite(cores)
-    cores = jnp.where(core_ok[:, None, None, None], cores, identity)
+    # An unusable core counts as no update: back at the start, without a direction.
+    cores = jnp.where(core_ok[:, None, None, None], cores, origin)
     size_ok = _size_is_valid(sizes)
     sizes = jnp.where(size_ok, sizes, 0.0)
 
@@ -315,7 +317,7 @@ def _server_step_impl(cores, stats, sizes, mask, data_distance, config: Aggregat
     active = mask & ~excluded
 
     # Computed even where the weights ignore it (β = 1, plain average): it is logged.
-    param_distance = similarity.parameter_distance(cores)
+    param_distance = similarity.parameter_distance(cores, origin=origin)
 
     weights = personalized_weights(data_distance, param_distance, sizes, active, config)
     # Inactive clients with an unusable own core get the plain average of the active ones.
@@ -360,6 +362,7 @@ def server_step(
     config: AggregationConfig = AggregationConfig(),
     *,
     data_distance: Array | None = None,
+    core_origin: Array | None = None,
 ) -> ServerOutputs:
     """One round of CE-LoRA personalized aggregation: distances, W and C̃ in one jitted call.
 
@@ -374,6 +377,9 @@ def server_step(
       config: static aggregation options (hashable; one compilation per config and N).
       data_distance: [N, N] output of :func:`similarity.data_distance` (NaN rows mark
         invalid statistics and exclude those clients).
+      core_origin: [L, r, r] the cores every client started from, against which the
+        parameter distance measures each update (C_i − C⁰); None = the identity (METHOD §4's
+        random init). Pass zeros for cores that start at 0 (the shared-basis inits).
 
     Returns:
       ServerOutputs(weights, mixed_cores, data_distance, param_distance, excluded).
@@ -417,6 +423,11 @@ def server_step(
         similarity.check_statistics(stats, n)
     elif config.beta > 0 and config.personalized:
         raise ValueError("stats or data_distance is required when config.beta > 0")
+    if core_origin is not None:
+        if tuple(np.shape(core_origin)) != tuple(cores.shape[1:]):
+            raise ValueError(f"core_origin must have shape {tuple(cores.shape[1:])} (layers, rank, rank), "
+                             f"got {tuple(np.shape(core_origin))}")
+        core_origin = jnp.asarray(core_origin, cores.dtype)
     return _server_step_jit(
-        cores, stats, jnp.asarray(sizes, cores.dtype), jnp.asarray(mask, bool), data_distance, config
+        cores, stats, jnp.asarray(sizes, cores.dtype), jnp.asarray(mask, bool), data_distance, core_origin, config
     )

@@ -6,7 +6,8 @@ Two [clients, clients] matrices, both symmetric with a zero diagonal:
   mixtures (the one-time statistic of :mod:`celora_jax.server.gmm`) under a Gaussian kernel,
   in closed form. It depends only on the statistics, so compute it once and pass it to
   every round's :func:`celora_jax.server.aggregation.server_step`.
-* ``parameter_distance``: 1 − cos between the stacked core updates vec(C_i − I), every round.
+* ``parameter_distance``: 1 − cos between the stacked core updates vec(C_i − C⁰), every
+  round (C⁰: where the cores started, the identity by default).
 
 ``data_distance(..., class_conditional=True)`` is our extension beyond METHOD.md: the MMD of
 the clients' joint distributions of (features, label) under the product kernel
@@ -331,16 +332,20 @@ def data_distance(stats: ClassMixtures, bandwidth_sq: float | None = None, block
     return dist
 
 
-def parameter_distance(cores: Array | None, num_clients: int | None = None) -> Array:
-    """1 − cos(Δ_i, Δ_j) with Δ_i = vec(C_i − I) stacked over all adapted layers (METHOD §4).
+def parameter_distance(cores: Array | None, num_clients: int | None = None, origin: Array | None = None) -> Array:
+    """1 − cos(Δ_i, Δ_j) with Δ_i = vec(C_i − C⁰) stacked over all adapted layers (METHOD §4).
 
     Args:
       cores: [N, L, r, r] uploaded cores, or None before any core exists (round 1).
       num_clients: N, needed only when cores is None.
+      origin: C⁰, the [L, r, r] cores every client started from; None = the identity, the
+        start METHOD §4 specifies (random init). The shared-basis inits start the cores at 0:
+        measured from I, every Δ would be dominated by the same −I, and the distance would
+        compare the updates' sizes along I instead of their directions.
 
     Returns:
       [N, N] in [0, 2], zero diagonal. Zeros everywhere in round 1 (cores None). A client
-      whose Δ is exactly zero (core still the identity) has no direction: its distances are 0.
+      whose Δ is exactly zero (core still at its start) has no direction: its distances are 0.
 
     Raises:
       ValueError: ``cores`` is not [N, L, r, r] or not floating point.
@@ -368,7 +373,11 @@ def parameter_distance(cores: Array | None, num_clients: int | None = None) -> A
     if not jnp.issubdtype(cores.dtype, jnp.floating):
         raise ValueError(f"parameter_distance: cores must be floating point, got {cores.dtype}")
     n, _, r, _ = cores.shape
-    delta = (cores - jnp.eye(r, dtype=cores.dtype)).reshape(n, -1)
+    start = jnp.eye(r, dtype=cores.dtype) if origin is None else jnp.asarray(origin, cores.dtype)
+    if start.shape not in ((r, r), tuple(shape[1:])):
+        raise ValueError(f"parameter_distance: origin must have shape {tuple(shape[1:])} (layers, rank, rank), "
+                         f"got {tuple(start.shape)}")
+    delta = (cores - start).reshape(n, -1)
     norm = jnp.sqrt(jnp.sum(delta * delta, axis=-1))
     has_direction = norm > 0
     unit = delta / jnp.where(has_direction, norm, 1.0)[:, None]

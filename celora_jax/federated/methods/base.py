@@ -59,11 +59,24 @@ class ServerInputs:
       clusters: ``[N]`` the true cluster of every client, as the partition made them
         (``ClientSplit.clusters``). Only reference methods read it (the cluster oracle: an
         upper bound no real server could reach); None outside a simulation.
+      core_origin: ``[L, r, r]`` the cores every client starts from (:func:`starting_cores`),
+        from which CE-LoRA's parameter distance measures the updates; None = the identity
+        (METHOD.md §4's random init; the shared-basis inits start at 0).
     """
 
     aggregation: AggregationConfig = AggregationConfig()
     data_statistics: ClassMixtures | None = None
     clusters: np.ndarray | None = None
+    core_origin: np.ndarray | None = None
+
+
+def starting_cores(shared_params: Mapping) -> np.ndarray | None:
+    """The ``[L, r, r]`` cores of one client's initial shared parameters (every client starts
+    from the same cores under every init), or None if no core travels."""
+    lora = shared_params.get("lora", {})
+    if not any("C" in module for module in adapters_lib.adapter_modules(lora).values()):
+        return None
+    return np.asarray(cores.stack_cores(lora))
 
 
 def plain_objective(loss_fn: LossFn, roles: Mapping) -> LossFn:

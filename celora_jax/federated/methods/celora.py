@@ -20,13 +20,16 @@ from celora_jax.lora.adapters import TRI
 from celora_jax.server import aggregation, similarity
 
 
-def personalized_strategy(data_distance: np.ndarray, config: aggregation.AggregationConfig) -> strategies.Strategy:
+def personalized_strategy(data_distance: np.ndarray, config: aggregation.AggregationConfig,
+                          core_origin: np.ndarray | None = None) -> strategies.Strategy:
     """Personalized mixtures of cores with learned weights (METHOD.md §4-5).
 
     Args:
       data_distance: ``[N, N]`` squared MMD between the clients' statistics; clients
         beyond N (mesh padding) get zero rows and are always masked.
       config: β, λ and the other aggregation options.
+      core_origin: ``[L, r, r]`` the cores every client started from (the parameter
+        distance compares the updates C_i − C⁰); None = the identity.
 
     Uploads must hold the cores under ``"lora"``; any other shared leaves (only with
     ``federation.share_base``) are mixed with the same weights W. The data distance is
@@ -41,7 +44,8 @@ def personalized_strategy(data_distance: np.ndarray, config: aggregation.Aggrega
 
     def aggregate(state, uploads, sizes, mask):
         stacked = cores.stack_cores(uploads["lora"])  # [N, L, r, r]
-        out = aggregation.server_step(stacked, None, sizes, mask, config, data_distance=state["data_distance"])
+        out = aggregation.server_step(stacked, None, sizes, mask, config, data_distance=state["data_distance"],
+                                      core_origin=core_origin)
         lora = cores.unstack_cores(uploads["lora"], out.mixed_cores)
         others = {k: v for k, v in uploads.items() if k != "lora"}
         mixed_others = jax.tree.map(lambda leaf: jnp.tensordot(out.weights, leaf, axes=1), others)
@@ -62,7 +66,7 @@ def server(inputs: ServerInputs) -> strategies.Strategy:
     config = inputs.aggregation
     distance = np.asarray(similarity.data_distance(inputs.data_statistics, config.bandwidth_sq, config.mmd_block_clients,
                                                    class_conditional=config.data_distance == "class_conditional"))
-    return personalized_strategy(distance, inputs.aggregation)
+    return personalized_strategy(distance, inputs.aggregation, inputs.core_origin)
 
 
 def make() -> FederatedMethod:
