@@ -78,7 +78,7 @@ class Arm:
     name: str
     method: str
     overrides: tuple[str, ...] = ()
-    server_grid: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    server_stages: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = ()
     needs_clusters: bool = False  # runs only where the partition has hidden clusters
 
 
@@ -88,9 +88,17 @@ def applies(arm: Arm, setting: str) -> bool:
     return not arm.needs_clusters or BENCHMARKS[setting].partition.scheme.startswith("clustered")
 
 
-# CE-LoRA's λ: how far each client's weights are pulled to the size prior (METHOD.md §4);
-# under concept shift it decides how much of W falls outside a client's cluster.
+# CE-LoRA's server settings, chosen on validation one after the other at the chosen rate,
+# each stage at the previous stages' choices (METHOD.md §5's defaults elsewhere):
+# first β, the weight of the data distance in the blend: 0 and 1 are METHOD.md's ablations
+# (parameters only, data only). A distance that cannot see how clients differ (the marginal
+# data distance under relabelling) dilutes the other, so β comes before λ, which decides
+# how far the weights trust the blend.
+BETA_GRID = tuple((f"beta{beta}", (f"aggregation.beta={beta}",)) for beta in (0.0, 0.5, 1.0))
+# then λ: how far each client's weights are pulled to the size prior (METHOD.md §5); under
+# concept shift it decides how much of W falls outside a client's cluster.
 LAMBDA_GRID = tuple((f"lam{lam}", (f"aggregation.lam={lam}",)) for lam in (0.1, 1.0, 10.0))
+CELORA_SERVER = (BETA_GRID, LAMBDA_GRID)
 SHARED_BASES = ("weight_svd", "gradient_svd")
 SHARED_BASIS_RANKS = (16, 32, 64)
 
@@ -100,15 +108,15 @@ def _arms() -> dict[str, Arm]:
             *[Arm(f"fedavg_lora_r{r}", "fedavg_lora", (f"adapter.rank={r}",)) for r in (4, 8, 16)],
             Arm("fedavg_lora_ft", "fedavg_lora_ft"), Arm("fedprox", "fedprox"), Arm("fedex_lora", "fedex_lora"),
             Arm("ffa_lora", "ffa_lora"), Arm("fedsa_lora", "fedsa_lora"),
-            Arm("celora", "celora", server_grid=LAMBDA_GRID),  # as specified: random basis, A and B trained
+            Arm("celora", "celora", server_stages=CELORA_SERVER),  # as specified: random basis, A and B trained
             Arm("celora_avg", "celora_avg"),  # its cores plainly averaged: METHOD.md §7 claim 2's other side
             Arm("celora_class_conditional", "celora", ("aggregation.data_distance='class_conditional'",),
-                LAMBDA_GRID)]
+                CELORA_SERVER)]
     for init in SHARED_BASES:
         for rank in SHARED_BASIS_RANKS:
             basis = (f"adapter.init='{init}'", f"adapter.rank={rank}")
             arms += [Arm(f"fed_sb_{init}_r{rank}", "fed_sb", basis),
-                     Arm(f"celora_{init}_r{rank}", "celora", basis, LAMBDA_GRID)]
+                     Arm(f"celora_{init}_r{rank}", "celora", basis, CELORA_SERVER)]
     arms += [Arm("cluster_oracle", "cluster_oracle", needs_clusters=True),
              Arm("centralized", "fedavg_lora", ("partition.pooled_training=True",))]
     return {arm.name: arm for arm in arms}
@@ -218,11 +226,10 @@ def plan(root: pathlib.Path, setting: str, arm: Arm, smoke: bool,
     if extra is not None:
         yield f"{setting}/{arm.name}/{rate_step(extra)}/seed0", run_config(base, arm, extra, 0)
         return
-    server, server_step = _chosen_server(where, arm, rate)
-    if server is None:
-        for name, overrides in arm.server_grid:
-            if final_validation(where / f"{rate_step(rate)}_{name}" / "seed0") is None:
-                yield f"{setting}/{arm.name}/{rate_step(rate)}_{name}/seed0", run_config(base, arm, rate, 0, overrides)
+    server, server_step, missing = server_search(where, arm, rate)
+    if missing:
+        for step, overrides in missing:
+            yield f"{setting}/{arm.name}/{step}/seed0", run_config(base, arm, rate, 0, overrides)
         return
     for seed in measured_seeds(smoke)[1:]:
         if not (where / server_step / f"seed{seed}" / "summary.json").exists():
@@ -277,16 +284,36 @@ def _rate_scores(where: pathlib.Path) -> dict[float, tuple[float, float]]:
     return scores
 
 
-def _chosen_server(where: pathlib.Path, arm: Arm, rate: float) -> tuple[tuple[str, ...] | None, str]:
-    """(server overrides, the step directory of the chosen configuration); None while the
-    server grid has runs to do."""
-    if not arm.server_grid:
-        return (), rate_step(rate)
-    scores = {name: final_validation(where / f"{rate_step(rate)}_{name}" / "seed0") for name, _ in arm.server_grid}
-    if any(score is None for score in scores.values()):
-        return None, ""
-    name = best(scores)
-    return dict(arm.server_grid)[name], f"{rate_step(rate)}_{name}"
+def server_search(where: pathlib.Path, arm: Arm, rate: float
+                  ) -> tuple[tuple[str, ...], str, list[tuple[str, tuple[str, ...]]]]:
+    """(the chosen server overrides, the step directory of the chosen configuration, the
+    runs the search still needs as (step, overrides)): each stage of ``arm.server_stages``
+    tries its options at the previous stages' choices (step ``lr…_<choice>_<option>``) and
+    keeps the best on validation; while ``missing`` is non-empty the first two are partial."""
+    server, step = (), rate_step(rate)
+    for stage in arm.server_stages:
+        scores = {name: final_validation(where / f"{step}_{name}" / "seed0") for name, _ in stage}
+        missing = [(f"{step}_{name}", (*server, *overrides)) for name, overrides in stage if scores[name] is None]
+        if missing:
+            return server, step, missing
+        name = best(scores)
+        server, step = (*server, *dict(stage)[name]), f"{step}_{name}"
+    return server, step, []
+
+
+def tried_server(where: pathlib.Path, arm: Arm, rate: float) -> dict[str, float]:
+    """Validation accuracy of every server configuration tried at ``rate``, by its step
+    directory without the rate (e.g. ``beta0.0``, ``beta0.5_lam0.1``)."""
+    prefix = rate_step(rate)
+    tried = {}
+    for run_dir in sorted(where.glob(f"{prefix}_*/seed0")):
+        suffix = run_dir.parent.name[len(prefix) + 1:]
+        if suffix.endswith(f"{PLATEAU_ROUNDS_FACTOR}x_rounds"):
+            continue
+        score = final_validation(run_dir)
+        if score is not None:
+            tried[suffix] = score[0]
+    return tried
 
 
 def choice(root: pathlib.Path, setting: str, arm: Arm, smoke: bool) -> dict | None:
@@ -297,16 +324,14 @@ def choice(root: pathlib.Path, setting: str, arm: Arm, smoke: bool) -> dict | No
     rate, extra = chosen_rate(scores, grid)
     if rate is None:
         return None
-    server, step = _chosen_server(where, arm, rate)
-    if server is None:
+    server, step, missing = server_search(where, arm, rate)
+    if missing:
         return None
-    tried_server = {name: final_validation(where / f"{rate_step(rate)}_{name}" / "seed0")
-                    for name, _ in arm.server_grid}
     # A winner at the extension step: the rule tries nothing beyond it, so the report says so.
     return {"learning_rate": rate, "server": list(server), "step": step,
             "at_grid_edge": not smoke and rate in EXTENSION.values(),
             "validation_by_rate": {f"{r:g}": s[0] for r, s in sorted(scores.items())},
-            "validation_by_server": {name: s[0] for name, s in tried_server.items()}}
+            "validation_by_server": tried_server(where, arm, rate)}
 
 
 # ----------------------------------------------------------------------------- execution
@@ -650,8 +675,8 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
                        "plateau_check": f"seed 0 of the chosen configuration with {PLATEAU_ROUNDS_FACTOR}x the rounds "
                                         "for arms on the frontier, named by the gates and comparisons, or still "
                                         f"rising; under-trained if validation accuracy gains > {PLATEAU_GAIN:g}",
-                       "server_grids": {name: [n for n, _ in arm.server_grid] for name, arm in ARMS.items()
-                                        if arm.server_grid},
+                       "server_stages": {name: [[n for n, _ in stage] for stage in arm.server_stages]
+                                         for name, arm in ARMS.items() if arm.server_stages},
                        "selection": "best validation accuracy at the last round on seed 0, ties by lower "
                                     "validation loss; then seeds 1 and 2 at the chosen configuration"},
               "settings": {}}

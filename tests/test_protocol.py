@@ -35,16 +35,26 @@ def test_the_rule_tunes_the_rate_then_extends_an_edge_then_the_server_then_seeds
         _fake_run(tmp_path, f"{where}/lr{rate:g}/seed0", validation)
     assert _next(tmp_path, arm) == [f"{where}/lr0.03/seed0"]  # the best is the highest rate: one step beyond
     _fake_run(tmp_path, f"{where}/lr0.03/seed0", 0.55)
-    assert _next(tmp_path, arm) == [f"{where}/lr0.01_{name}/seed0" for name, _ in protocol.LAMBDA_GRID]
+    # The server's stages at the chosen rate: β first, then λ at the chosen β.
+    assert _next(tmp_path, arm) == [f"{where}/lr0.01_{name}/seed0" for name, _ in protocol.BETA_GRID]
+    for (name, _), validation in zip(protocol.BETA_GRID, (0.65, 0.6, 0.5)):
+        _fake_run(tmp_path, f"{where}/lr0.01_{name}/seed0", validation)
+    assert _next(tmp_path, arm) == [f"{where}/lr0.01_beta0.0_{name}/seed0" for name, _ in protocol.LAMBDA_GRID]
+    assert [config.aggregation.beta for _, config in protocol.plan(
+        tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], False)] == [0.0, 0.0, 0.0]  # the choice so far is kept
     for (name, _), validation in zip(protocol.LAMBDA_GRID, (0.6, 0.7, 0.7)):
         # lam1.0 and lam10.0 tie on accuracy; the lower validation loss wins.
-        _fake_run(tmp_path, f"{where}/lr0.01_{name}/seed0", validation, loss=0.5 if name == "lam10.0" else 0.9)
-    assert _next(tmp_path, arm) == [f"{where}/lr0.01_lam10.0/seed1", f"{where}/lr0.01_lam10.0/seed2"]
-    _fake_run(tmp_path, f"{where}/lr0.01_lam10.0/seed1", 0.7, test=0.6)
-    _fake_run(tmp_path, f"{where}/lr0.01_lam10.0/seed2", 0.7, test=0.7)
+        _fake_run(tmp_path, f"{where}/lr0.01_beta0.0_{name}/seed0", validation, loss=0.5 if name == "lam10.0" else 0.9)
+    chosen_step = f"{where}/lr0.01_beta0.0_lam10.0"
+    assert _next(tmp_path, arm) == [f"{chosen_step}/seed1", f"{chosen_step}/seed2"]
+    _fake_run(tmp_path, f"{chosen_step}/seed1", 0.7, test=0.6)
+    _fake_run(tmp_path, f"{chosen_step}/seed2", 0.7, test=0.7)
     assert _next(tmp_path, arm) == []
     chosen = protocol.choice(tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], smoke=False)
-    assert chosen["learning_rate"] == 0.01 and chosen["server"] == ["aggregation.lam=10.0"]
+    assert chosen["learning_rate"] == 0.01 and chosen["server"] == ["aggregation.beta=0.0", "aggregation.lam=10.0"]
+    assert chosen["step"] == "lr0.01_beta0.0_lam10.0"
+    assert chosen["validation_by_server"] == {"beta0.0": 0.65, "beta0.5": 0.6, "beta1.0": 0.5, "beta0.0_lam0.1": 0.6,
+                                              "beta0.0_lam1.0": 0.7, "beta0.0_lam10.0": 0.7}
     assert chosen["validation_by_rate"] == {"0.001": 0.4, "0.003": 0.5, "0.01": 0.6, "0.03": 0.55}
     assert not chosen["at_grid_edge"]
     for rate, validation in zip((*protocol.LEARNING_RATES, 0.03), (0.4, 0.5, 0.6, 0.65)):  # the extension wins
