@@ -549,6 +549,9 @@ def _unmeasured(rows: dict, *names: str) -> list[str]:
     return [name for name in names if name not in rows or len(rows[name]["seeds"]) < len(SEEDS)]
 
 
+IDENTITY_SELF_WEIGHT = 0.99  # W's mean diagonal from which a personalized server is local training
+
+
 def claims(setting: str, rows: dict[str, dict], by_arm: dict[str, dict]) -> dict:
     """Per claim and CE-LoRA arm: holds, fails (with the numbers that decide it) or
     undecided while either side lacks three seeds; a claim not judged on ``setting`` is
@@ -583,7 +586,10 @@ def claims(setting: str, rows: dict[str, dict], by_arm: dict[str, dict]) -> dict
                 continue
             compared = _paired(by_arm[name], by_arm[twin])
             holds = compared["diff"] > 3 * compared["se"]
-            verdicts[name] = {"verdict": "holds" if holds else "fails", "versus": twin, "difference": compared}
+            verdicts[name] = {"verdict": "holds" if holds else "fails", "versus": twin, "difference": compared,
+                              # Validation may choose W = I (small λ): no aggregation at all, so
+                              # a win is local training's, not personalized aggregation's.
+                              "weights_are_identity": rows[name].get("self_weight", 0.0) >= IDENTITY_SELF_WEIGHT}
         result["claim_2"] = {"claim": CLAIM_2, "arms": verdicts}
     return result
 
@@ -601,8 +607,10 @@ def claim_lines(claims_of_setting: dict) -> list[str]:
                 parts.append(f"{name}: {verdict['verdict']} ({_difference(verdict['vs_fedavg_lora_r8'])} points; "
                              f"{adapters}, {verdict['times_fewer_bytes']:.0f}x fewer in all)")
             else:
+                local = (", but at the chosen settings its weights are the identity: it is local training"
+                         if verdict.get("weights_are_identity") else "")
                 parts.append(f"{name}: {verdict['verdict']} ({_difference(verdict['difference'])} points over "
-                             f"{verdict['versus']})")
+                             f"{verdict['versus']}{local})")
         number = key.split("_")[1]
         lines.append(f"Claim {number} ({claim['claim']}): {'; '.join(parts) or 'no CE-LoRA arm measured yet'}.")
     return lines

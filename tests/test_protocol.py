@@ -222,6 +222,15 @@ def test_method_claims_are_judged_for_ce_lora_as_specified_and_in_each_shared_ba
         "fed_sb_weight_svd_r16")
     assert two["celora_weight_svd_r32"]["verdict"] == "undecided"
     assert "celora_weight_svd_r32, fed_sb_weight_svd_r32 not yet on three seeds" in protocol.claim_lines(clustered)[0]
+    assert "identity" not in protocol.claim_lines(clustered)[0]
+    # Chosen at a λ where W = I, the win over plain averaging is local training's: said so.
+    rows["celora_weight_svd_r16"]["self_weight"] = 1.0
+    identity = protocol.claims("wordnet_clustered_labels", rows, by_arm)["claim_2"]["arms"]["celora_weight_svd_r16"]
+    assert identity["verdict"] == "holds" and identity["weights_are_identity"]
+    assert "celora_weight_svd_r16: holds (+" in protocol.claim_lines({"claim_2": {"claim": "c", "arms": {
+        "celora_weight_svd_r16": identity}}})[0]
+    assert "fed_sb_weight_svd_r16, but at the chosen settings its weights are the identity: it is local training)" in (
+        protocol.claim_lines({"claim_2": {"claim": "c", "arms": {"celora_weight_svd_r16": identity}}})[0])
     reviews = protocol.claims("movie_reviews_clustered_domains", rows, by_arm)
     assert set(reviews) == {"claim_1", "claim_2"}
     lines = protocol.claim_lines(iid)
