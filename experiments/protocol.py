@@ -116,17 +116,23 @@ def _arms() -> dict[str, Arm]:
         for rank in SHARED_BASIS_RANKS:
             basis = (f"adapter.init='{init}'", f"adapter.rank={rank}")
             arms += [Arm(f"fed_sb_{init}_r{rank}", "fed_sb", basis),
-                     Arm(f"celora_{init}_r{rank}", "celora", basis, CELORA_SERVER)]
+                     Arm(f"celora_{init}_r{rank}", "celora", basis, CELORA_SERVER),
+                     # Fed-SB inside the true clusters: CE-LoRA's ceiling in this basis.
+                     Arm(f"cluster_oracle_{init}_r{rank}", "cluster_oracle",
+                         ("federation.method_options.cluster_oracle.shared_basis=True", *basis), needs_clusters=True)]
     arms += [Arm("cluster_oracle", "cluster_oracle", needs_clusters=True),
              Arm("centralized", "fedavg_lora", ("partition.pooled_training=True",))]
     return {arm.name: arm for arm in arms}
 
 
 ARMS = _arms()
-# The gates' arms and CE-LoRA as specified, what the shared-basis issue's table needs, then
-# everything else.
+# The gates' arms and CE-LoRA as specified, what the shared-basis issue's table needs (with
+# the shared-basis oracle at the first rank, to tell the basis's cost from the clustering's),
+# then everything else.
 FIRST = ("fedavg_lora_r8", "local", "celora", "cluster_oracle",
-         *[f"{m}_{i}_r{r}" for r in SHARED_BASIS_RANKS for i in SHARED_BASES for m in ("fed_sb", "celora")])
+         *[name for r in SHARED_BASIS_RANKS for i in SHARED_BASES
+           for name in (f"fed_sb_{i}_r{r}", f"celora_{i}_r{r}",
+                        *([f"cluster_oracle_{i}_r{r}"] if (i, r) == (SHARED_BASES[0], SHARED_BASIS_RANKS[0]) else []))])
 DEFAULT_SETTINGS = ("trec_fewshot_iid", "wordnet_clustered_labels", "movie_reviews_clustered_domains",
                     "fashion_mnist_clustered_rotations")
 
@@ -482,7 +488,9 @@ def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
     return sorted(front, key=lambda name: points[name][0])
 
 
-REFERENCES = ("cluster_oracle", "centralized")  # other data or other knowledge: not on the frontier
+# Other data or other knowledge: not on the frontier.
+REFERENCES = ("cluster_oracle", "centralized",
+              *[f"cluster_oracle_{init}_r{rank}" for init in SHARED_BASES for rank in SHARED_BASIS_RANKS])
 # The arms the benchmark gates name by method (experiments/benchmarks.py GATES), at their
 # chosen rates; FedAvg-LoRA is the rank-8 arm, as in the gates' first measurement.
 GATE_ARMS = {"fedavg_lora": "fedavg_lora_r8", "local": "local", "cluster_oracle": "cluster_oracle"}
@@ -830,10 +838,12 @@ def shared_basis_table(summary: dict) -> list[str]:
              "| setting | method | basis | r | own-test accuracy | MB per round | W: own, others in cluster |",
              "|---|---|---|---|---|---|---|"]
     yardsticks = (("local", "local training", "-", "-"), ("fedavg_lora_r8", "FedAvg-LoRA", "-", "8"),
+                  ("cluster_oracle", "cluster oracle: FedAvg-LoRA inside each true cluster", "-", "8"),
                   ("celora", "CE-LoRA as specified", "random", "8"))
     shared = tuple((f"{method}_{init}_r{rank}", label, init, str(rank))
                    for init in SHARED_BASES for rank in SHARED_BASIS_RANKS
-                   for method, label in (("fed_sb", "Fed-SB"), ("celora", "CE-LoRA")))
+                   for method, label in (("fed_sb", "Fed-SB"), ("celora", "CE-LoRA"),
+                                         ("cluster_oracle", "cluster oracle: Fed-SB inside each true cluster")))
     for setting, data in summary["settings"].items():
         for name, label, basis, rank in (*yardsticks, *shared):
             row = data["arms"].get(name)

@@ -122,9 +122,34 @@ def test_fed_sb_aggregate_equals_the_average_of_the_dense_updates():
         np.testing.assert_allclose(np.asarray(a @ downloads["lora"]["dense"]["C"][client] @ b), dense, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["fed_sb", "celora", "celora_avg"])
+def test_the_shared_basis_cluster_oracle_is_fed_sb_inside_each_true_cluster():
+    """Exact aggregation inside each cluster: client i's core makes A · C̃_i · B the
+    size-weighted mean of its cluster's dense updates, and nothing crosses clusters."""
+    method = get_method("cluster_oracle", shared_basis=True)
+    assert method.trained == method.shared == frozenset("C") and method.needs_frozen_basis
+    assert get_method("cluster_oracle").trained == frozenset("AB")  # the default: FedAvg-LoRA in clusters
+    clusters = np.array([0, 1, 0, 1, 1])
+    strategy = method.server(ServerInputs(clusters=clusters))
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(10, 4)), rng.normal(size=(4, 6))
+    cores = jnp.asarray(rng.normal(size=(5, 4, 4)), jnp.float32)
+    sizes = jnp.asarray([3.0, 1.0, 4.0, 2.0, 5.0])
+    uploads = {"lora": {"dense": {"C": cores}}}
+    _, downloads, _ = strategy.aggregate(strategy.init(uploads, sizes), uploads, sizes, jnp.ones(5, bool))
+    dense = a @ np.asarray(cores, np.float64) @ b
+    for client in range(5):
+        mates = clusters == clusters[client]
+        want = np.einsum("i,ijk->jk", np.asarray(sizes)[mates] / np.asarray(sizes)[mates].sum(), dense[mates])
+        np.testing.assert_allclose(a @ np.asarray(downloads["lora"]["dense"]["C"][client]) @ b, want, atol=1e-4)
+    with pytest.raises(ValueError, match="shared_basis must be True or False"):
+        get_method("cluster_oracle", shared_basis="yes")
+
+
+@pytest.mark.parametrize("method", ["fed_sb", "celora", "celora_avg", "cluster_oracle"])
 def test_toy_rounds_in_a_shared_basis_train_only_the_cores(method):
     config = toy_config(method, rounds=2)
+    if method == "cluster_oracle":
+        config = apply_overrides(config, ["federation.method_options.cluster_oracle.shared_basis=True"])
     config = dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, init="weight_svd"))
     setup = toy_setup(config)
     lora_roles = setup.roles["lora"]["dense"]

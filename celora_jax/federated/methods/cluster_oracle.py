@@ -4,6 +4,12 @@ A reference, not a method a server could run: it reads the partition's hidden cl
 (``ServerInputs.clusters``). It is the upper bound a similarity-based aggregation can reach
 when the clients' differences are the clusters, so a benchmark on which it does not beat
 FedAvg-LoRA and local training cannot show what personalized aggregation is worth.
+
+With ``shared_basis=True`` it is Fed-SB inside each true cluster instead: the cores of a
+frozen shared basis (``adapter.init``, weight-SVD by default) averaged within the clusters.
+That is the best CE-LoRA's server can do in that basis (its W equal to the oracle's), so
+the gap between CE-LoRA in a shared basis and this oracle is the cost of not finding the
+clusters, and the gap between this oracle and the LoRA one is the cost of the basis.
 """
 
 from __future__ import annotations
@@ -66,7 +72,15 @@ def server(inputs: ServerInputs) -> strategies.Strategy:
     return clustered_average(np.asarray(inputs.clusters, np.int64))
 
 
-def make() -> FederatedMethod:
+def make(shared_basis: bool = False) -> FederatedMethod:
+    if not isinstance(shared_basis, bool):
+        raise ValueError(f"shared_basis must be True or False, got {shared_basis!r}")
+    if shared_basis:
+        return FederatedMethod(
+            name=NAME, description="reference: Fed-SB inside each true cluster (reads the partition)",
+            adapter_kind=adapters.TRI, trained=frozenset("C"), shared=frozenset("C"), server=server,
+            default_init=adapters.WEIGHT_SVD, needs_frozen_basis=True, options={"shared_basis": True})
     return FederatedMethod(
         name=NAME, description="reference: FedAvg-LoRA inside each true cluster (reads the partition)",
-        adapter_kind=adapters.LORA, trained=frozenset("AB"), shared=frozenset("AB"), server=server)
+        adapter_kind=adapters.LORA, trained=frozenset("AB"), shared=frozenset("AB"), server=server,
+        options={"shared_basis": False})
