@@ -7,6 +7,7 @@ trained to a plateau, then measured on 3 seeds; the accuracy-vs-communication fr
     python -m experiments.protocol --stage report             # tables, frontier plots, summary.json
     python -m experiments.protocol --stage plateau            # only the doubled-rounds checks of measured arms
     python -m experiments.protocol --smoke                    # CI-sized: every stage in minutes
+    python -m experiments.protocol --status                   # how far the grid is, and an estimate of the rest
 
 The rule, the same for every method (an "arm": a method at one rank and adapter init):
 
@@ -18,8 +19,9 @@ The rule, the same for every method (an "arm": a method at one rank and adapter 
    trains: the core multiplier stays 1); when the best is at an edge of the grid the grid
    is extended by one step on that side (``EXTENSION``), once. The rate with the best
    validation accuracy at the last round wins (ties: the lower validation loss).
-3. Methods with their own server settings (CE-LoRA's λ) then run seed 0 at the chosen rate
-   for each value of a small declared grid (``SERVER_GRIDS``), chosen by the same rule.
+3. Methods with their own server settings (CE-LoRA's β, then λ) then run seed 0 at the
+   chosen rate for each value of a small declared grid, stage by stage, each stage at the
+   choices before it (``CELORA_SERVER``), chosen by the same rule.
 4. The chosen configuration runs seeds 1 and 2 (seed 0's run is the tuning run itself).
 5. Rounds: ``ROUNDS`` for every run; the report gives each arm's validation curve and how
    much it still rose over the last rounds, so an under-trained arm is stated, not hidden.
@@ -905,6 +907,46 @@ def report(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
     return summary
 
 
+def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool) -> list[str]:
+    """One line per setting: arms measured, runs finished and their wall time, the next arm,
+    and an estimate of what is left: the arms left times the runs a measured arm took on
+    average, at the median minutes of a run so far (a median: a run paused or resumed
+    counts its wall time, and a twice-the-rounds run is not a grid run)."""
+    lines = []
+    for setting in settings:
+        applicable = [name for name in arms if applies(ARMS[name], setting)]
+        measured, runs_per_arm, seconds, pace = [], [], [], []
+        for name in applicable:
+            where = root / setting / name
+            runs = {}  # a configuration copied from its twin is one run
+            for path in where.glob("*/seed*/summary.json"):
+                runs.setdefault(path.read_text(), path)
+            summaries = [json.loads(text) for text in runs]
+            seconds += [summary["seconds"] for summary in summaries]
+            pace += [json.loads(text)["seconds"] for text, path in runs.items()
+                     if not path.parent.parent.name.endswith(f"{PLATEAU_ROUNDS_FACTOR}x_rounds")]
+            chosen = choice(root, setting, ARMS[name], smoke)
+            if chosen is not None and len(seed_runs(root, setting, ARMS[name], chosen["step"])) == len(
+                    measured_seeds(smoke)):
+                measured.append(name)
+                runs_per_arm.append(len(summaries))
+        pending = [name for name in applicable if name not in measured]
+        nxt = next(((name, len(todo)) for name in pending
+                    if (todo := list(plan(root, setting, ARMS[name], smoke)))), None)
+        line = (f"{setting}: {len(measured)} of {len(applicable)} arms measured; {len(seconds)} runs finished "
+                f"({sum(seconds) / 3600:.1f} h")
+        line += f", median {np.median(pace) / 60:.1f} min per run)" if pace else ")"
+        if nxt is not None:
+            line += f"; next: {nxt[0]} ({nxt[1]} run{'s' if nxt[1] > 1 else ''} ready)"
+        if pending and pace:
+            per_arm = float(np.mean(runs_per_arm)) if runs_per_arm else 6.0
+            left = len(pending) * per_arm
+            line += (f"; left: about {len(pending)} arms x {per_arm:.1f} runs = {left:.0f} runs, "
+                     f"~{left * np.median(pace) / 3600:.1f} h at this pace, plateau checks besides")
+        lines.append(line + ".")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", default="all", choices=("run", "plateau", "report", "all"),
@@ -918,6 +960,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="applied to every run after the protocol's own settings")
     parser.add_argument("--dry-run", action="store_true", help="list the next runs of every arm and exit")
+    parser.add_argument("--status", action="store_true",
+                        help="per setting: arms measured, runs and CPU time so far, an estimate of the rest; exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     root = pathlib.Path(args.out or (f"{RESULTS}_smoke" if args.smoke else RESULTS))
@@ -929,6 +973,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # ConfigError and DataError too
         print(f"protocol: error: {err}", file=sys.stderr)
         return 2
+    if args.status:
+        print("\n".join(status(root, settings, arms, args.smoke)))
+        return 0
     if args.dry_run:
         for name in arms:
             for setting in settings:

@@ -18,8 +18,8 @@ def _fake_run(root, run_id, validation, loss=1.0, test=0.5, mb=1.0, curve=None, 
                 "test_accuracy_mean": test, "client_test_accuracy": clients or [test, test]} for i, v in enumerate(curve)]
     records[-1]["validation_accuracy_mean"] = validation
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    (run_dir / "summary.json").write_text(json.dumps({"mb_per_round": mb, "num_clients": 2,
-                                                      "sent_params_per_client": 10}))
+    (run_dir / "summary.json").write_text(json.dumps({"mb_per_round": mb, "num_clients": 2, "seconds": 60.0 * test,
+                                                      "sent_params_per_client": 10, "validation": validation}))
     (run_dir / "config.json").write_text("{}")
 
 
@@ -64,6 +64,20 @@ def test_the_rule_tunes_the_rate_then_extends_an_edge_then_the_server_then_seeds
     row = protocol.summarize(tmp_path, ["trec_fewshot_iid"], smoke=False)["settings"]["trec_fewshot_iid"]["arms"][arm]
     assert row["seeds"] == [0, 1, 2] and row["test_accuracy"] == pytest.approx(0.6)
     assert row["test_accuracy_se"] == pytest.approx(0.1 / 3 ** 0.5)
+
+
+def test_status_counts_measured_arms_and_estimates_the_rest(tmp_path):
+    where = "trec_fewshot_iid/local"
+    for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):
+        _fake_run(tmp_path, f"{where}/lr{rate:g}/seed0", validation, test=0.5)
+    for seed in (1, 2):
+        _fake_run(tmp_path, f"{where}/lr0.003/seed{seed}", 0.6, test=0.5 + seed / 10)
+    _fake_run(tmp_path, "trec_fewshot_iid/celora/lr0.001/seed0", 0.5, test=0.5)
+    [line] = protocol.status(tmp_path, ["trec_fewshot_iid"], ["local", "celora"], smoke=False)
+    # 6 runs of 30-42 s (median 30 s); local took 5; celora is left: 5 runs at 0.5 min.
+    assert line == ("trec_fewshot_iid: 1 of 2 arms measured; 6 runs finished (0.1 h, median 0.5 min per run); "
+                    "next: celora (2 runs ready); left: about 1 arms x 5.0 runs = 5 runs, ~0.0 h at this pace, "
+                    "plateau checks besides.")
 
 
 def test_a_middle_winner_needs_no_extension_and_runs_carry_the_chosen_settings(tmp_path):
@@ -265,6 +279,9 @@ def test_one_arm_end_to_end_on_smoke_runs(tmp_path, tiny_model_dir, wordnet_noun
     assert "ran 4 runs" in capsys.readouterr().out
     assert protocol.main(args) == 0
     assert "ran 0 runs" in capsys.readouterr().out
+    assert protocol.main([*args, "--status"]) == 0
+    assert capsys.readouterr().out.startswith(
+        "wordnet_clustered_labels: 1 of 1 arms measured; 4 runs finished (")  # nothing left: no estimate
     runs = sorted(p.parent.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("summary.json")
                   if p.parent != tmp_path)
     where = "wordnet_clustered_labels/fed_sb_weight_svd_r16"
