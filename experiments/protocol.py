@@ -413,6 +413,9 @@ def _comparable(config: dict) -> dict:
     config = dict(config)
     for section in ("checkpoint", "tracking"):  # where things are written, not what is computed
         config.pop(section, None)
+    # Which rounds also read the test split: the last round always does, and it is the only
+    # one the protocol reads (runs made before the field existed read it at every evaluation).
+    config["federation"] = {k: v for k, v in config.get("federation", {}).items() if k != "test_every"}
     return config
 
 

@@ -317,3 +317,15 @@ def test_the_report_says_where_runs_ran():
     assert protocol.machines_line({"cpu": 40, "gpu (NVIDIA H100 80GB HBM3)": 12}) == (
         "Machines (the table's runs): 40 on cpu, 12 on gpu (NVIDIA H100 80GB HBM3).")
     assert protocol.machines_line({}) == "Machines (the table's runs): none yet."
+
+
+def test_twins_ignore_where_runs_write_and_which_rounds_read_the_test_split():
+    """A configuration already run is copied, not rerun: the runs' output settings and the
+    rounds that also read the test split (the last always does) do not make it another."""
+    config = {"federation": {"rounds": 20, "test_every": 20}, "optimizer": {"learning_rate": 0.01},
+              "checkpoint": {"every": 5}, "tracking": {"directory": "a"}}
+    older = {"federation": {"rounds": 20}, "optimizer": {"learning_rate": 0.01}, "checkpoint": {"every": 1}}
+    assert protocol._comparable(config) == protocol._comparable(older)
+    other_rate = {**older, "optimizer": {"learning_rate": 0.003}}
+    assert protocol._comparable(config) != protocol._comparable(other_rate)
+    assert protocol._comparable({"federation": {"rounds": 40}}) != protocol._comparable(older)
