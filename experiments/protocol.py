@@ -355,7 +355,8 @@ def execute(root: pathlib.Path, settings: list[str], arms: list[str], smoke: boo
     A run whose configuration equals an already finished run of the same arm and seed (the
     server grid's default λ is the learning-rate run itself) is copied from it. A run stopped
     mid-way resumes from its checkpoint; checkpoints are deleted once the run has finished.
-    The plateau checks of the measured arms run last.
+    An arm's plateau check runs as soon as the arm is measured, if it needs one then; once
+    every arm is measured, those of the arms the final frontier adds.
     """
     done = 0
     for name in arms:
@@ -365,6 +366,7 @@ def execute(root: pathlib.Path, settings: list[str], arms: list[str], smoke: boo
                     if limit is not None and done >= limit:
                         return done
                     done += _run(root, run_id, config)
+            done += execute_plateau(root, [setting], [name], smoke, None if limit is None else limit - done, overrides)
     return done + execute_plateau(root, settings, arms, smoke, None if limit is None else limit - done, overrides)
 
 
