@@ -742,6 +742,8 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
                                        "machines": dict(sorted(machines.items())),
                                        "target": target_check(setting, rows, frontier),
                                        "claims": claims(setting, rows, by_arm)}
+        partition = setting_base(setting, smoke).partition
+        result["settings"][setting]["validation_examples"] = partition.validation_examples * partition.num_clients
         result["settings"][setting]["plateau_pending"] = [
             name for name in plateau_candidates(result["settings"][setting], smoke) if rows[name]["plateau"] is None]
     return result
@@ -784,7 +786,13 @@ def plateau_line(data: dict) -> str:
              f"gained): {', '.join(under) or 'none'}", f"flat: {', '.join(flat) or 'none'}"]
     if data.get("plateau_pending"):
         parts.append(f"to run: {', '.join(data['plateau_pending'])}")
-    return f"Plateau check (seed 0 with {PLATEAU_ROUNDS_FACTOR}x the rounds): " + "; ".join(parts) + "."
+    line = f"Plateau check (seed 0 with {PLATEAU_ROUNDS_FACTOR}x the rounds): " + "; ".join(parts) + "."
+    if data.get("validation_examples"):
+        # One seed's validation accuracy near 50% has a binomial SE of sqrt(0.25 / n).
+        resolution = 100 * math.sqrt(0.25 / data["validation_examples"])
+        line += (f" One seed's validation accuracy rests on {data['validation_examples']} examples (SE up to "
+                 f"{resolution:.1f} points), so gains or losses smaller than that are not resolved.")
+    return line
 
 
 def machines_line(machines: dict[str, int]) -> str:

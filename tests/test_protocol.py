@@ -193,6 +193,10 @@ def test_the_plateau_check_reruns_seed_0_with_twice_the_rounds_for_the_arms_that
     assert data["arms"]["fedex_lora"]["plateau"] is None and data["plateau_pending"] == []
     line = protocol.plateau_line(data)
     assert "under-trained at 20 rounds" in line and "fedsa_lora" in line and "flat: fedavg_lora_r8" in line
+    # TREC: 30 clients x 4 validation examples; at 50% one seed's accuracy has an SE of 4.6 points.
+    assert data["validation_examples"] == 120
+    assert line.endswith("rests on 120 examples (SE up to 4.6 points), so gains or losses smaller than that are "
+                         "not resolved.")
     # The tuning runs never mistake the longer run for a rate of the grid.
     assert protocol.choice(tmp_path, "trec_fewshot_iid", protocol.ARMS["fedsa_lora"], smoke=False)["learning_rate"] == 0.003
 
