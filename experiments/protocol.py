@@ -352,8 +352,9 @@ def execute(root: pathlib.Path, settings: list[str], arms: list[str], smoke: boo
             overrides: tuple[str, ...] = ()) -> int:
     """Runs the plan arm by arm until every arm is measured (or ``limit`` runs have run).
 
-    A run whose configuration equals an already finished run of the same arm and seed (the
-    server grid's default λ is the learning-rate run itself) is copied from it. A run stopped
+    A run whose configuration equals an already finished run of the same arm and seed (a
+    server stage's default, e.g. β = 0.5 at λ = 1, is the learning-rate run itself) is
+    copied from it. A run stopped
     mid-way resumes from its checkpoint; checkpoints are deleted once the run has finished.
     An arm's plateau check runs as soon as the arm is measured, if it needs one then; once
     every arm is measured, those of the arms the final frontier adds.
@@ -844,12 +845,12 @@ def markdown(summary: dict) -> str:
 
 def shared_basis_table(summary: dict) -> list[str]:
     """The shared-basis arms by basis and rank (issue 41's table), after the yardsticks:
-    local training, FedAvg-LoRA r=8 and CE-LoRA as specified."""
+    local training, FedAvg-LoRA r=8, the cluster oracle and CE-LoRA as specified."""
     lines = ["## Shared basis: Fed-SB and CE-LoRA by basis and rank", "",
              "Own-test accuracy (%), mean ± SE over the seeds measured [how many]; MB per round in all "
-             "(the adapters alone in brackets); W = CE-LoRA's weights at the last round: its own "
-             "share (mean diagonal; 1 = local training) and, of the share it gives to others, the part in "
-             "its true cluster (clustered settings).", "",
+             "(the adapters alone in brackets); W = the server's weights at the last round (CE-LoRA's "
+             "and the oracles'): a client's own share (mean diagonal; 1 = local training) and, of the "
+             "share it gives to others, the part in its true cluster (clustered settings).", "",
              "| setting | method | basis | r | own-test accuracy | MB per round | W: own, others in cluster |",
              "|---|---|---|---|---|---|---|"]
     yardsticks = (("local", "local training", "-", "-"), ("fedavg_lora_r8", "FedAvg-LoRA", "-", "8"),
