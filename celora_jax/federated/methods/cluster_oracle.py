@@ -8,8 +8,9 @@ FedAvg-LoRA and local training cannot show what personalized aggregation is wort
 With ``shared_basis=True`` it is Fed-SB inside each true cluster instead: the cores of a
 frozen shared basis (``adapter.init``, weight-SVD by default) averaged within the clusters.
 That is the best CE-LoRA's server can do in that basis (its W equal to the oracle's), so
-the gap between CE-LoRA in a shared basis and this oracle is the cost of not finding the
-clusters, and the gap between this oracle and the LoRA one is the cost of the basis.
+the gap between CE-LoRA in a shared basis and this oracle is what CE-LoRA's own weights and
+settings cost there, and the gap between this oracle and the LoRA one is the cost of the
+basis.
 """
 
 from __future__ import annotations
