@@ -935,15 +935,15 @@ def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool
             runs = {}  # a configuration copied from its twin is one run
             for path in where.glob("*/seed*/summary.json"):
                 runs.setdefault(path.read_text(), path)
-            summaries = [json.loads(text) for text in runs]
-            seconds += [summary["seconds"] for summary in summaries]
-            pace += [json.loads(text)["seconds"] for text, path in runs.items()
+            timed = [(json.loads(text)["seconds"], path) for text, path in runs.items()]
+            seconds += [spent for spent, _ in timed]
+            pace += [spent for spent, path in timed
                      if not path.parent.parent.name.endswith(f"{PLATEAU_ROUNDS_FACTOR}x_rounds")]
             chosen = choice(root, setting, ARMS[name], smoke)
             if chosen is not None and len(seed_runs(root, setting, ARMS[name], chosen["step"])) == len(
                     measured_seeds(smoke)):
                 measured.append(name)
-                runs_per_arm.append(len(summaries))
+                runs_per_arm.append(len(timed))
         pending = [name for name in applicable if name not in measured]
         nxt = next(((name, len(todo)) for name in pending
                     if (todo := list(plan(root, setting, ARMS[name], smoke)))), None)
