@@ -22,10 +22,14 @@ The rule, the same for every method (an "arm": a method at one rank and adapter 
 3. Methods with their own server settings (CE-LoRA's β, then λ) then run seed 0 at the
    chosen rate for each value of a small declared grid, stage by stage, each stage at the
    choices before it (``CELORA_SERVER``), chosen by the same rule.
-4. The chosen configuration runs seeds 1 and 2 (seed 0's run is the tuning run itself).
-5. Rounds: ``ROUNDS`` for every run; the report gives each arm's validation curve and how
+4. Those methods then choose the learning rate once more, by rule 2, at the chosen server
+   settings (step ``lr<rate>_<server choices>``): the first choice was made at METHOD.md's
+   default settings, and the best rate moves with them (under concept shift a client that
+   mixes only inside its cluster trains on more data that agree). One pass each, no more.
+5. The chosen configuration runs seeds 1 and 2 (seed 0's run is the tuning run itself).
+6. Rounds: ``ROUNDS`` for every run; the report gives each arm's validation curve and how
    much it still rose over the last rounds, so an under-trained arm is stated, not hidden.
-6. The plateau check: once an arm is measured, seed 0 of its chosen configuration runs again
+7. The plateau check: once an arm is measured, seed 0 of its chosen configuration runs again
    with twice the rounds (``PLATEAU_ROUNDS_FACTOR``; the same peak rate, the schedule stretched) if
    the arm is on the frontier, is one the gates and comparisons name, or was still rising.
    Gaining more than ``PLATEAU_GAIN`` of validation accuracy means ``ROUNDS`` under-trains it.
@@ -239,6 +243,11 @@ def plan(root: pathlib.Path, setting: str, arm: Arm, smoke: bool,
         for step, overrides in missing:
             yield f"{setting}/{arm.name}/{step}/seed0", run_config(base, arm, rate, 0, overrides)
         return
+    rate, server_step, missing_rates = rate_repass(where, grid, rate, server_step)
+    if missing_rates:
+        for step, again in missing_rates:
+            yield f"{setting}/{arm.name}/{step}/seed0", run_config(base, arm, again, 0, server)
+        return
     for seed in measured_seeds(smoke)[1:]:
         if not (where / server_step / f"seed{seed}" / "summary.json").exists():
             yield f"{setting}/{arm.name}/{server_step}/seed{seed}", run_config(base, arm, rate, seed, server)
@@ -281,15 +290,34 @@ def plan_plateau(root: pathlib.Path, setting: str, arm: Arm, row: dict, smoke: b
     yield f"{setting}/{arm.name}/{step}/seed0", run_config(base, arm, row["learning_rate"], 0, tuple(row["server"]))
 
 
-def _rate_scores(where: pathlib.Path) -> dict[float, tuple[float, float]]:
+def _rate_scores(where: pathlib.Path, suffix: str = "") -> dict[float, tuple[float, float]]:
+    """Seed 0's final validation by learning rate, over the steps ``lr<rate><suffix>``."""
     scores = {}
-    for run_dir in where.glob("lr*/seed0"):
-        step = run_dir.parent.name
-        if "_" not in step:
+    for run_dir in where.glob(f"lr*{suffix}/seed0"):
+        head = run_dir.parent.name[:len(run_dir.parent.name) - len(suffix)]
+        if "_" not in head:
             result = final_validation(run_dir)
             if result is not None:
-                scores[float(step[2:])] = result
+                scores[float(head[2:])] = result
     return scores
+
+
+def rate_repass(where: pathlib.Path, grid: tuple[float, ...], first_rate: float, server_step: str
+                ) -> tuple[float, str, list[tuple[str, float]]]:
+    """(the rate chosen again at the chosen server settings, its step, the runs still needed
+    as (step, rate)): rule 2 over ``grid`` at the server choices of ``server_step`` (which
+    was run at ``first_rate``). Arms without server settings keep their first choice."""
+    suffix = server_step[len(rate_step(first_rate)):]
+    if not suffix:
+        return first_rate, server_step, []
+    scores = _rate_scores(where, suffix)
+    missing = [rate for rate in grid if rate not in scores]
+    rate, extra = chosen_rate(scores, grid)
+    if extra is not None:
+        missing = [extra]
+    if missing:
+        return first_rate, server_step, [(rate_step(r) + suffix, r) for r in missing]
+    return rate, rate_step(rate) + suffix, []
 
 
 def server_search(where: pathlib.Path, arm: Arm, rate: float
@@ -335,11 +363,19 @@ def choice(root: pathlib.Path, setting: str, arm: Arm, smoke: bool) -> dict | No
     server, step, missing = server_search(where, arm, rate)
     if missing:
         return None
+    first_rate = rate
+    rate, step, missing_rates = rate_repass(where, grid, first_rate, step)
+    if missing_rates:
+        return None
+    suffix = step[len(rate_step(rate)):]
+    again = {} if not suffix else {f"{r:g}": s[0] for r, s in sorted(_rate_scores(where, suffix).items())}
     # A winner at the extension step: the rule tries nothing beyond it, so the report says so.
     return {"learning_rate": rate, "server": list(server), "step": step,
             "at_grid_edge": not smoke and rate in EXTENSION.values(),
             "validation_by_rate": {f"{r:g}": s[0] for r, s in sorted(scores.items())},
-            "validation_by_server": tried_server(where, arm, rate)}
+            "validation_by_server": tried_server(where, arm, first_rate),
+            # The second pass over the rates at the chosen server settings (rule 4).
+            "first_rate": first_rate, "validation_by_rate_at_server": again}
 
 
 # ----------------------------------------------------------------------------- execution
@@ -702,7 +738,9 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
                        "server_stages": {name: [[n for n, _ in stage] for stage in arm.server_stages]
                                          for name, arm in ARMS.items() if arm.server_stages},
                        "selection": "best validation accuracy at the last round on seed 0, ties by lower "
-                                    "validation loss; then seeds 1 and 2 at the chosen configuration"},
+                                    "validation loss; arms with server settings choose them stage by stage at "
+                                    "the chosen rate, then the rate once more at those settings; then seeds 1 "
+                                    "and 2 at the chosen configuration"},
               "settings": {}}
     for setting in settings:
         rows, by_arm = {}, {}
@@ -830,6 +868,9 @@ def markdown(summary: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in data["arms"].items():
             by_rate = ", ".join(f"{r}: {_percent(v)}" for r, v in row["validation_by_rate"].items())
+            if row.get("validation_by_rate_at_server"):
+                by_rate += "; at the server's choice: " + ", ".join(
+                    f"{r}: {_percent(v)}" for r, v in row["validation_by_rate_at_server"].items())
             server = ", ".join(row["server"]) or "-"
             rising = "n/a" if row["still_rising"] is None else f"{100 * row['still_rising']:+.1f}"
             versus = " | ".join(_difference(row.get("paired", {}).get(base)) for base in BASELINES)

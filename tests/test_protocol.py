@@ -45,17 +45,28 @@ def test_the_rule_tunes_the_rate_then_extends_an_edge_then_the_server_then_seeds
     for (name, _), validation in zip(protocol.LAMBDA_GRID, (0.6, 0.7, 0.7)):
         # lam1.0 and lam10.0 tie on accuracy; the lower validation loss wins.
         _fake_run(tmp_path, f"{where}/lr0.01_beta0.0_{name}/seed0", validation, loss=0.5 if name == "lam10.0" else 0.9)
-    chosen_step = f"{where}/lr0.01_beta0.0_lam10.0"
-    assert _next(tmp_path, arm) == [f"{chosen_step}/seed1", f"{chosen_step}/seed2"]
+    # The rate once more, at the chosen server settings: the grid's other rates.
+    todo = list(protocol.plan(tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], False))
+    assert [run_id for run_id, _ in todo] == [f"{where}/lr{r}_beta0.0_lam10.0/seed0" for r in ("0.001", "0.003")]
+    assert [(c.optimizer.learning_rate, c.aggregation.beta, c.aggregation.lam) for _, c in todo] == [
+        (0.001, 0.0, 10.0), (0.003, 0.0, 10.0)]
+    assert protocol.choice(tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], smoke=False) is None
+    _fake_run(tmp_path, f"{where}/lr0.001_beta0.0_lam10.0/seed0", 0.5)
+    _fake_run(tmp_path, f"{where}/lr0.003_beta0.0_lam10.0/seed0", 0.75)  # the rate moved with the settings
+    chosen_step = f"{where}/lr0.003_beta0.0_lam10.0"
+    todo = list(protocol.plan(tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], False))
+    assert [run_id for run_id, _ in todo] == [f"{chosen_step}/seed1", f"{chosen_step}/seed2"]
+    assert {(c.optimizer.learning_rate, c.aggregation.beta, c.aggregation.lam) for _, c in todo} == {(0.003, 0.0, 10.0)}
     _fake_run(tmp_path, f"{chosen_step}/seed1", 0.7, test=0.6)
     _fake_run(tmp_path, f"{chosen_step}/seed2", 0.7, test=0.7)
     assert _next(tmp_path, arm) == []
     chosen = protocol.choice(tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], smoke=False)
-    assert chosen["learning_rate"] == 0.01 and chosen["server"] == ["aggregation.beta=0.0", "aggregation.lam=10.0"]
-    assert chosen["step"] == "lr0.01_beta0.0_lam10.0"
+    assert chosen["learning_rate"] == 0.003 and chosen["server"] == ["aggregation.beta=0.0", "aggregation.lam=10.0"]
+    assert chosen["step"] == "lr0.003_beta0.0_lam10.0" and chosen["first_rate"] == 0.01
     assert chosen["validation_by_server"] == {"beta0.0": 0.65, "beta0.5": 0.6, "beta1.0": 0.5, "beta0.0_lam0.1": 0.6,
                                               "beta0.0_lam1.0": 0.7, "beta0.0_lam10.0": 0.7}
     assert chosen["validation_by_rate"] == {"0.001": 0.4, "0.003": 0.5, "0.01": 0.6, "0.03": 0.55}
+    assert chosen["validation_by_rate_at_server"] == {"0.001": 0.5, "0.003": 0.75, "0.01": 0.7}
     assert not chosen["at_grid_edge"]
     for rate, validation in zip((*protocol.LEARNING_RATES, 0.03), (0.4, 0.5, 0.6, 0.65)):  # the extension wins
         _fake_run(tmp_path / "edge", f"trec_fewshot_iid/local/lr{rate:g}/seed0", validation)
@@ -64,6 +75,32 @@ def test_the_rule_tunes_the_rate_then_extends_an_edge_then_the_server_then_seeds
     row = protocol.summarize(tmp_path, ["trec_fewshot_iid"], smoke=False)["settings"]["trec_fewshot_iid"]["arms"][arm]
     assert row["seeds"] == [0, 1, 2] and row["test_accuracy"] == pytest.approx(0.6)
     assert row["test_accuracy_se"] == pytest.approx(0.1 / 3 ** 0.5)
+
+
+def test_the_second_pass_over_rates_extends_an_edge_at_the_server_settings(tmp_path):
+    where = "trec_fewshot_iid/celora"
+    for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):  # 3e-3 first, in the middle
+        _fake_run(tmp_path, f"{where}/lr{rate:g}/seed0", validation)
+    for name, _ in protocol.BETA_GRID:
+        _fake_run(tmp_path, f"{where}/lr0.003_{name}/seed0", 0.7 if name == "beta0.5" else 0.6)
+    for name, _ in protocol.LAMBDA_GRID:
+        _fake_run(tmp_path, f"{where}/lr0.003_beta0.5_{name}/seed0", 0.8 if name == "lam0.1" else 0.6)
+    suffix = "beta0.5_lam0.1"
+    assert _next(tmp_path, "celora") == [f"{where}/lr{r}_{suffix}/seed0" for r in ("0.001", "0.01")]
+    _fake_run(tmp_path, f"{where}/lr0.001_{suffix}/seed0", 0.85)  # now the lowest rate wins: one step below
+    _fake_run(tmp_path, f"{where}/lr0.01_{suffix}/seed0", 0.5)
+    _fake_run(tmp_path, f"{where}/lr0.003_{suffix}_2x_rounds/seed0", 0.99)  # a plateau check is no candidate
+    assert _next(tmp_path, "celora") == [f"{where}/lr0.0003_{suffix}/seed0"]
+    _fake_run(tmp_path, f"{where}/lr0.0003_{suffix}/seed0", 0.8)
+    assert _next(tmp_path, "celora") == [f"{where}/lr0.001_{suffix}/seed{k}" for k in (1, 2)]
+    chosen = protocol.choice(tmp_path, "trec_fewshot_iid", protocol.ARMS["celora"], smoke=False)
+    assert chosen["validation_by_rate_at_server"] == {"0.0003": 0.8, "0.001": 0.85, "0.003": 0.8, "0.01": 0.5}
+    assert chosen["validation_by_rate"] == {"0.001": 0.4, "0.003": 0.6, "0.01": 0.5}  # the first pass, unchanged
+    # Arms without server settings choose their rate once.
+    for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):
+        _fake_run(tmp_path, f"trec_fewshot_iid/local/lr{rate:g}/seed0", validation)
+    local = protocol.choice(tmp_path, "trec_fewshot_iid", protocol.ARMS["local"], smoke=False)
+    assert local["step"] == "lr0.003" and local["validation_by_rate_at_server"] == {}
 
 
 def test_status_counts_measured_arms_and_estimates_the_rest(tmp_path):
