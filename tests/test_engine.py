@@ -253,6 +253,17 @@ def test_rejected_updates_rule():
     assert not absent.any()
 
 
+def test_recorded_float32_matrices_read_back_exactly_in_fewer_characters():
+    values = np.random.default_rng(0).standard_normal((6, 6)).astype(np.float32) * np.float32(1e-3)
+    values[0, :3] = [1e-30, np.nan, -np.inf]
+    listed = loop._listed(values)
+    back = np.asarray(json.loads(json.dumps(listed)), np.float32)
+    np.testing.assert_array_equal(back, values)  # NaN and Inf included
+    assert len(json.dumps(listed)) < 0.75 * len(json.dumps(values.tolist()))
+    assert loop._listed(np.array([True, False])) == [True, False]  # other dtypes as they are
+    assert loop._listed(np.array([3, 4], np.int32)) == [3, 4]
+
+
 @pytest.mark.parametrize("method", ["celora", "fedavg_lora"])
 def test_nan_client_is_rejected_and_others_are_unaffected(tiny_model_dir, method, monkeypatch, caplog):
     config = tiny_config(tiny_model_dir, method)

@@ -195,11 +195,21 @@ def _add_basis_bytes(record: dict, setup: Setup) -> None:
         record["bytes_cumulative"] += exchanged
 
 
+def _listed(value: np.ndarray) -> list:
+    """``value`` as nested lists for JSON; float32 entries as the shortest decimals that read
+    back to the same float32. float64's repr of a float32 spends 17 digits where 9 at most
+    say the same: the n x n matrices of a personalized server are most of a run's record."""
+    if value.dtype != np.float32:
+        return value.tolist()
+    shortest = np.array([float(str(x)) for x in value.ravel()], np.float64)  # str(np.float32): shortest
+    return shortest.reshape(value.shape).tolist()
+
+
 def _add_logs(record: dict, logs: dict, n: int, mask: np.ndarray, outlier_factor: float) -> None:
     """Server and client logs of a round into its record, with warnings for rejections."""
     for name, value in logs.items():
         value = np.asarray(value)
-        record[name] = value[:n, :n].tolist() if value.ndim == 2 else value[:n].tolist()
+        record[name] = _listed(value[:n, :n] if value.ndim == 2 else value[:n])
     if "core_share" in record:
         record["core_share_mean"] = _mean_over(record["core_share"], mask)
     rejected = [i for i, flag in enumerate(record.pop("rejected")) if flag]
