@@ -929,24 +929,43 @@ def plot(summary: dict, out: pathlib.Path) -> list[pathlib.Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     written = []
     for setting, data in summary["settings"].items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, row in data["arms"].items():
-            accuracy, se = 100 * row["test_accuracy"], 100 * (row["test_accuracy_se"] or 0.0)
-            if row["mb_per_round"] <= 0 or name in REFERENCES:
-                ax.axhline(accuracy, linestyle=":", color="grey", linewidth=1)
-                ax.annotate(name, (1.0, accuracy), xycoords=("axes fraction", "data"), fontsize=6, ha="right")
-                continue
-            ax.errorbar(row["mb_per_round"], accuracy, yerr=se, fmt="o", markersize=4, capsize=2)
-            ax.annotate(name, (row["mb_per_round"], accuracy), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        lines = sorted((100 * row["test_accuracy"], name) for name, row in data["arms"].items()
+                       if row["mb_per_round"] <= 0 or name in REFERENCES)
+        points = sorted(((row["mb_per_round"], -100 * row["test_accuracy"], name) for name, row in data["arms"].items()
+                         if (100 * row["test_accuracy"], name) not in lines))
+        for k, (megabytes, negative, name) in enumerate(points):
+            row = data["arms"][name]
+            ax.errorbar(megabytes, -negative, yerr=100 * (row["test_accuracy_se"] or 0.0), fmt="o", markersize=4,
+                        capsize=2)
+            # Arms at the same bytes (Fed-SB and CE-LoRA in one basis) stack their labels.
+            stacked = sum(1 for other, _, _ in points[:k] if abs(other / megabytes - 1) < 0.01)
+            ax.annotate(name, (megabytes, -negative), fontsize=6, xytext=(3, 3 - 7 * stacked),
+                        textcoords="offset points")
         front = [name for name in data["frontier"] if data["arms"][name]["mb_per_round"] > 0]
         if front:
             ax.plot([data["arms"][n]["mb_per_round"] for n in front],
                     [100 * data["arms"][n]["test_accuracy"] for n in front], "-", color="black", linewidth=1)
-        ax.set(xscale="log", xlabel="MB per round (all clients, up + down)", ylabel="own-test accuracy (%)",
-               title=f"{setting}: accuracy vs communication")
+        # Local training (0 bytes) and the references as lines; a label close under the one
+        # above it goes under its line, so two lines a point apart stay readable.
+        above = None
+        for accuracy, name in reversed(lines):
+            ax.axhline(accuracy, linestyle=":", color="grey", linewidth=1)
+            under = above is not None and above - accuracy < 2.5
+            ax.annotate(f"{name} {accuracy:.1f}", (1.0, accuracy), xycoords=("axes fraction", "data"), fontsize=6,
+                        ha="right", va="top" if under else "bottom")
+            above = None if under else accuracy
+        ax.margins(y=0.08)
+        ax.set(xscale="log", xlabel="MB per round (all clients, up + down)",
+               ylabel="own-test accuracy (%), mean ± SE over seeds", title=f"{setting}: accuracy vs communication")
+        plain = ticker.FuncFormatter(lambda x, _: f"{x:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(ticker.FuncFormatter(
+            lambda x, _: f"{x:g}" if round(x / 10 ** math.floor(math.log10(x))) in (2, 5) else ""))
         fig.tight_layout()
         path = out / f"{setting}_frontier.png"
         fig.savefig(path, dpi=120)
