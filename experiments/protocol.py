@@ -8,6 +8,7 @@ trained to a plateau, then measured on 3 seeds; the accuracy-vs-communication fr
     python -m experiments.protocol --stage plateau            # only the doubled-rounds checks of measured arms
     python -m experiments.protocol --smoke                    # CI-sized: every stage in minutes
     python -m experiments.protocol --status                   # how far the grid is, and an estimate of the rest
+    python -m experiments.protocol --stage compact            # gzip finished runs' metrics.jsonl (run does it too)
 
 The rule, the same for every method (an "arm": a method at one rank and adapter init):
 
@@ -35,7 +36,8 @@ The rule, the same for every method (an "arm": a method at one rank and adapter 
    Gaining more than ``PLATEAU_GAIN`` of validation accuracy means ``ROUNDS`` under-trains it.
 
 Runs are written to ``<out>/<setting>/<arm>/<step>/seed<k>/`` and skipped when their
-summary.json exists, so the protocol resumes run by run across sessions.
+summary.json exists, so the protocol resumes run by run across sessions. A finished run's
+``metrics.jsonl`` is kept gzipped (``metrics.jsonl.gz``; ``records`` reads either).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import gzip
 import json
 import logging
 import math
@@ -187,12 +190,36 @@ def rate_step(rate: float) -> str:
 # ----------------------------------------------------------------------------- the rule
 
 
+def records(run_dir: pathlib.Path) -> list[dict]:
+    """A run's per-round records, from ``metrics.jsonl`` or, once compacted, its gzip."""
+    plain = run_dir / "metrics.jsonl"
+    text = plain.read_text() if plain.exists() else gzip.decompress((run_dir / "metrics.jsonl.gz").read_bytes()).decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def compact(run_dir: pathlib.Path) -> bool:
+    """Gzips a finished run's ``metrics.jsonl`` in place (True if it did). A personalized
+    server's n x n matrices every round make it 0.3-0.8 MB; the gzip keeps every byte in
+    about a quarter, so the grid's hundreds of runs stay small enough to travel (a GPU
+    session takes the whole working tree, 64 MiB at most)."""
+    plain = run_dir / "metrics.jsonl"
+    if not plain.exists() or not (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists():
+        return False
+    (run_dir / "metrics.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes(), mtime=0))
+    plain.unlink()
+    return True
+
+
+def compact_finished(root: pathlib.Path) -> int:
+    """Compacts every finished run under ``root``; how many it compacted."""
+    return sum(compact(summary.parent) for summary in sorted(root.rglob("summary.json")))
+
+
 def final_validation(run_dir: pathlib.Path) -> tuple[float, float] | None:
     """(validation accuracy, validation loss) at the last round of a finished run."""
     if not (run_dir / "summary.json").exists():
         return None
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    final = json.loads(lines[-1])
+    final = records(run_dir)[-1]
     return final["validation_accuracy_mean"], final["validation_loss"]
 
 
@@ -395,8 +422,10 @@ def execute(root: pathlib.Path, settings: list[str], arms: list[str], smoke: boo
     copied from it. A run stopped
     mid-way resumes from its checkpoint; checkpoints are deleted once the run has finished.
     An arm's plateau check runs as soon as the arm is measured, if it needs one then; once
-    every arm is measured, those of the arms the final frontier adds.
+    every arm is measured, those of the arms the final frontier adds. Finished runs' records
+    are gzipped (``compact``): runs written before that, too.
     """
+    compact_finished(root)
     done = 0
     for name in arms:
         for setting in settings:
@@ -441,6 +470,7 @@ def _run(root: pathlib.Path, run_id: str, config: RunConfig) -> int:
     resume = checkpoint.has_checkpoints(out / "checkpoints")
     engine.run(config, output_dir=out, resume=resume)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    compact(out)
     return 1
 
 
@@ -479,11 +509,11 @@ def finished_run(run_dir: pathlib.Path) -> dict | None:
     if not (run_dir / "summary.json").exists():
         return None
     summary = json.loads((run_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    clients = np.asarray(records[-1]["client_test_accuracy"], np.float64)
-    return {"test": float(clients.mean()), "clients": clients, "rounds": len(records),
-            "validation_curve": [r.get("validation_accuracy_mean") for r in records],
-            "test_curve": [r.get("test_accuracy_mean") for r in records],
+    rounds = records(run_dir)
+    clients = np.asarray(rounds[-1]["client_test_accuracy"], np.float64)
+    return {"test": float(clients.mean()), "clients": clients, "rounds": len(rounds),
+            "validation_curve": [r.get("validation_accuracy_mean") for r in rounds],
+            "test_curve": [r.get("test_accuracy_mean") for r in rounds],
             "mb_per_round": summary["mb_per_round"],
             "mb_basis": (summary.get("basis_bytes_up_per_client", 0)
                          + summary.get("basis_bytes_down_per_client", 0)) * summary["num_clients"] / 1e6,
@@ -492,7 +522,7 @@ def finished_run(run_dir: pathlib.Path) -> dict | None:
             "machine": _machine(summary),
             # How a personalized server mixed at the last round (W's diagonal, the share of
             # the rest in the true cluster); {} for methods without weights.
-            "mixing": mixing_shares(records[-1].get("weights"), summary.get("true_clusters"))}
+            "mixing": mixing_shares(rounds[-1].get("weights"), summary.get("true_clusters"))}
 
 
 def _machine(summary: dict) -> str:
@@ -1025,8 +1055,9 @@ def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", default="all", choices=("run", "plateau", "report", "all"),
-                        help="run: the grid, then the plateau checks; plateau: only the checks of measured arms")
+    parser.add_argument("--stage", default="all", choices=("run", "plateau", "report", "compact", "all"),
+                        help="run: the grid, then the plateau checks; plateau: only the checks of measured arms; "
+                             "compact: gzip the records of finished runs (run does it too)")
     parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
                         help=f"comma-separated settings of {sorted(BENCHMARKS)}")
     parser.add_argument("--arms", default=None, help="comma-separated arms (default: all, in protocol order)")
@@ -1068,6 +1099,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("run", "all"):
         ran = execute(root, settings, arms, args.smoke, args.limit, tuple(args.overrides))
         print(f"protocol: ran {ran} runs", flush=True)
+    if args.stage == "compact":
+        print(f"protocol: compacted the records of {compact_finished(root)} finished runs", flush=True)
     if args.stage == "plateau":
         ran = execute_plateau(root, settings, arms, args.smoke, args.limit, tuple(args.overrides))
         print(f"protocol: ran {ran} runs", flush=True)

@@ -1,6 +1,7 @@
 """The benchmark protocol (experiments/protocol.py): the selection rule on recorded runs,
 the frontier, and one arm end to end on CI-sized runs."""
 
+import gzip
 import json
 
 import jax
@@ -330,7 +331,8 @@ def test_one_arm_end_to_end_on_smoke_runs(tmp_path, tiny_model_dir, wordnet_noun
     chosen = [run for run in runs if run.endswith("seed1")][0].split("/")[-2]
     assert f"{where}/{chosen}_2x_rounds/seed0" in runs
     assert not list(tmp_path.rglob("checkpoints"))
-    records = [json.loads(line) for line in (tmp_path / where / "lr0.01/seed0/metrics.jsonl").read_text().splitlines()]
+    assert not list(tmp_path.rglob("metrics.jsonl"))  # finished runs' records are gzipped
+    records = protocol.records(tmp_path / where / "lr0.01/seed0")
     assert [r["round"] for r in records if "validation_accuracy_mean" in r] == [2]  # every other round, and the last
     assert [r["round"] for r in records if "test_accuracy_mean" in r] == [2]  # the last round only
     assert 0 <= records[-1]["validation_accuracy_mean"] <= 1
@@ -349,6 +351,24 @@ def test_one_arm_end_to_end_on_smoke_runs(tmp_path, tiny_model_dir, wordnet_noun
     machines = summary["settings"]["wordnet_clustered_labels"]["machines"]
     assert sum(machines.values()) == 2 and all(m.startswith(backend) for m in machines)
     assert f"Machines (the table's runs): 2 on {backend}" in table
+
+
+def test_compacting_keeps_every_record_and_skips_unfinished_runs(tmp_path):
+    curve = [0.1 * k for k in range(1, 9)]
+    _fake_run(tmp_path, "s/a/lr0.001/seed0", 0.8, curve=curve)
+    _fake_run(tmp_path, "s/a/lr0.01/seed0", 0.3)
+    (tmp_path / "s/a/lr0.01/seed0/checkpoints").mkdir()  # still running: left alone
+    (tmp_path / "s/a/lr0.003/seed0").mkdir(parents=True)
+    (tmp_path / "s/a/lr0.003/seed0/metrics.jsonl").write_text("{}\n")  # no summary: unfinished
+    before = protocol.records(tmp_path / "s/a/lr0.001/seed0")
+    text = (tmp_path / "s/a/lr0.001/seed0/metrics.jsonl").read_bytes()
+    assert protocol.compact_finished(tmp_path) == 1
+    assert not (tmp_path / "s/a/lr0.001/seed0/metrics.jsonl").exists()
+    assert gzip.decompress((tmp_path / "s/a/lr0.001/seed0/metrics.jsonl.gz").read_bytes()) == text
+    assert protocol.records(tmp_path / "s/a/lr0.001/seed0") == before
+    assert protocol.final_validation(tmp_path / "s/a/lr0.001/seed0") == (0.8, 1.0)
+    assert (tmp_path / "s/a/lr0.01/seed0/metrics.jsonl").exists() and (tmp_path / "s/a/lr0.003/seed0/metrics.jsonl").exists()
+    assert protocol.compact_finished(tmp_path) == 0  # once is enough
 
 
 def test_the_report_says_where_runs_ran():
