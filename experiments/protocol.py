@@ -788,6 +788,7 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
                      for values in zip(*(run["validation_curve"] for run in runs.values()))]
             rows[name] = {**chosen, "method": arm.method, "overrides": list(arm.overrides), "seeds": sorted(runs),
                           "test_accuracy": float(np.mean(tests)),
+                          "test_accuracy_by_seed": {str(seed): run["test"] for seed, run in runs.items()},
                           "test_accuracy_se": float(np.std(tests, ddof=1) / math.sqrt(len(tests)))
                           if len(tests) > 1 else None,
                           "mb_per_round": first["mb_per_round"], "mb_basis_once": first["mb_basis"],

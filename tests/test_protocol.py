@@ -76,6 +76,7 @@ def test_the_rule_tunes_the_rate_then_extends_an_edge_then_the_server_then_seeds
     row = protocol.summarize(tmp_path, ["trec_fewshot_iid"], smoke=False)["settings"]["trec_fewshot_iid"]["arms"][arm]
     assert row["seeds"] == [0, 1, 2] and row["test_accuracy"] == pytest.approx(0.6)
     assert row["test_accuracy_se"] == pytest.approx(0.1 / 3 ** 0.5)
+    assert row["test_accuracy_by_seed"] == pytest.approx({"0": 0.5, "1": 0.6, "2": 0.7})
 
 
 def test_the_second_pass_over_rates_extends_an_edge_at_the_server_settings(tmp_path):
