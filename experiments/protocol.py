@@ -1014,15 +1014,22 @@ def report(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
     return summary
 
 
+# What an arm costs before any is measured (seed-0 runs, then seeds 1 and 2): 3 rates (and
+# sometimes one more), then, with server settings, 2 + 2 new server runs and 2 rates again.
+ASSUMED_RUNS = {False: 6.0, True: 12.0}
+
+
 def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool) -> list[str]:
     """One line per setting: arms measured, runs finished and their wall time, the next arm,
-    and an estimate of what is left: the arms left times the runs a measured arm took on
-    average, at the median minutes of a run so far (a median: a run paused or resumed
-    counts its wall time, and a twice-the-rounds run is not a grid run)."""
+    and an estimate of what is left: per arm left, the grid runs a measured arm of its kind
+    (with or without server settings; ``ASSUMED_RUNS`` before one is) took on average, less
+    those it has run, at the median minutes of a run so far (a median: a run paused or
+    resumed counts its wall time; plateau checks are neither counted nor timed here)."""
     lines = []
     for setting in settings:
         applicable = [name for name in arms if applies(ARMS[name], setting)]
-        measured, runs_per_arm, seconds, pace = [], [], [], []
+        measured, seconds, pace = [], [], []
+        grid_runs, by_kind = {}, {False: [], True: []}
         for name in applicable:
             where = root / setting / name
             runs = {}  # a configuration copied from its twin is one run
@@ -1030,13 +1037,15 @@ def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool
                 runs.setdefault(path.read_text(), path)
             timed = [(json.loads(text)["seconds"], path) for text, path in runs.items()]
             seconds += [spent for spent, _ in timed]
-            pace += [spent for spent, path in timed
-                     if not path.parent.parent.name.endswith(f"{PLATEAU_ROUNDS_FACTOR}x_rounds")]
+            grid = [spent for spent, path in timed
+                    if not path.parent.parent.name.endswith(f"{PLATEAU_ROUNDS_FACTOR}x_rounds")]
+            pace += grid
+            grid_runs[name] = len(grid)
             chosen = choice(root, setting, ARMS[name], smoke)
             if chosen is not None and len(seed_runs(root, setting, ARMS[name], chosen["step"])) == len(
                     measured_seeds(smoke)):
                 measured.append(name)
-                runs_per_arm.append(len(timed))
+                by_kind[bool(ARMS[name].server_stages)].append(len(grid))
         pending = [name for name in applicable if name not in measured]
         nxt = next(((name, len(todo)) for name in pending
                     if (todo := list(plan(root, setting, ARMS[name], smoke)))), None)
@@ -1046,9 +1055,11 @@ def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool
         if nxt is not None:
             line += f"; next: {nxt[0]} ({nxt[1]} run{'s' if nxt[1] > 1 else ''} ready)"
         if pending and pace:
-            per_arm = float(np.mean(runs_per_arm)) if runs_per_arm else 6.0
-            left = len(pending) * per_arm
-            line += (f"; left: about {len(pending)} arms x {per_arm:.1f} runs = {left:.0f} runs, "
+            per_arm = {kind: float(np.mean(done)) if done else ASSUMED_RUNS[kind] for kind, done in by_kind.items()}
+            left = sum(max(per_arm[bool(ARMS[name].server_stages)] - grid_runs[name], 0.0) for name in pending)
+            line += (f"; left: about {len(pending)} arms, ~{left:.0f} runs (an arm takes "
+                     f"{per_arm[False]:.1f}{'' if by_kind[False] else ' assumed'} without server settings, "
+                     f"{per_arm[True]:.1f}{'' if by_kind[True] else ' assumed'} with them), "
                      f"~{left * np.median(pace) / 3600:.1f} h at this pace, plateau checks besides")
         lines.append(line + ".")
     return lines
