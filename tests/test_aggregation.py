@@ -236,6 +236,24 @@ def test_the_core_origin_is_where_updates_are_measured_from():
         aggregation.server_step(cores, None, sizes, None, config, data_distance=dist, core_origin=origin[0])
 
 
+def test_one_core_origin_per_client_measures_each_clients_own_update():
+    """The same origin given once per client changes nothing; different origins change the
+    distances (each Δ_i = C_i − C⁰_i) but the mixtures stay mixtures of the cores C_i."""
+    cores, dist, sizes = _random_round(19)
+    origin = np.random.default_rng(20).standard_normal((L, R, R)).astype(np.float32)
+    config = aggregation.AggregationConfig(beta=0.3, lam=0.5)
+    shared = aggregation.server_step(cores, None, sizes, None, config, data_distance=dist, core_origin=origin)
+    each = aggregation.server_step(cores, None, sizes, None, config, data_distance=dist,
+                                   core_origin=np.broadcast_to(origin, cores.shape))
+    np.testing.assert_allclose(each.weights, shared.weights, atol=1e-6)
+    np.testing.assert_allclose(each.mixed_cores, shared.mixed_cores, atol=1e-6)
+    origins = np.random.default_rng(21).standard_normal(cores.shape).astype(np.float32)
+    own = aggregation.server_step(cores, None, sizes, None, config, data_distance=dist, core_origin=origins)
+    np.testing.assert_allclose(own.param_distance, numpy_reference.np_parameter_distance(cores, origins), atol=1e-4)
+    np.testing.assert_allclose(own.mixed_cores, np.einsum("ij,jlab->ilab", np.asarray(own.weights), cores),
+                               atol=1e-4)
+
+
 def test_bad_shapes_raise():
     cores, dist, sizes = _random_round(16)
     with pytest.raises(ValueError, match="cores"):

@@ -202,6 +202,21 @@ def test_parameter_distance_measures_updates_from_where_the_cores_started():
         similarity.parameter_distance(jnp.asarray(cores, jnp.float32), origin=np.zeros((3, 4, 4)))
 
 
+def test_parameter_distance_takes_one_origin_per_client():
+    """Per-client origins (what the server last sent each client): Δ_i = C_i − C⁰_i, so a
+    mixture every client received alike shifts nothing, and the numpy reference agrees."""
+    rng = np.random.default_rng(8)
+    origins = rng.standard_normal((5, 2, 3, 3))
+    cores = origins + 0.1 * rng.standard_normal((5, 2, 3, 3))
+    got = np.asarray(similarity.parameter_distance(jnp.asarray(cores, jnp.float32), origin=origins))
+    np.testing.assert_allclose(got, reference.np_parameter_distance(cores, origins), atol=1e-5)
+    shared = rng.standard_normal((2, 3, 3))  # the same shift on core and origin, client by client
+    shifted = similarity.parameter_distance(jnp.asarray(cores + shared, jnp.float32), origin=origins + shared)
+    np.testing.assert_allclose(np.asarray(shifted), got, atol=1e-4)
+    with pytest.raises(ValueError, match=r"or \(5, 2, 3, 3\) \(one per client\)"):
+        similarity.parameter_distance(jnp.asarray(cores, jnp.float32), origin=origins[:4])
+
+
 def test_parameter_distance_rejects_bad_core_shape_and_dtype():
     with pytest.raises(ValueError, match=r"parameter_distance: cores must have shape \[N, L, r, r\]"):
         similarity.parameter_distance(jnp.ones((3, 2, 2)))

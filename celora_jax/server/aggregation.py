@@ -297,7 +297,7 @@ def _data_distance_ok(distance: Array) -> Array:
 
 def _server_step_impl(cores, stats, sizes, mask, data_distance, origin, config: AggregationConfig) -> ServerOutputs:
     n, _, r, _ = cores.shape
-    origin = jnp.broadcast_to(jnp.eye(r, dtype=cores.dtype) if origin is None else origin, cores.shape[1:])
+    origin = jnp.broadcast_to(jnp.eye(r, dtype=cores.dtype) if origin is None else origin, cores.shape)
 
     core_ok = _core_is_finite(cores)
     # An unusable core counts as no update: back at the start, without a direction.
@@ -379,7 +379,9 @@ def server_step(
         invalid statistics and exclude those clients).
       core_origin: [L, r, r] the cores every client started from, against which the
         parameter distance measures each update (C_i − C⁰); None = the identity (METHOD §4's
-        random init). Pass zeros for cores that start at 0 (the shared-basis inits).
+        random init). Pass zeros for cores that start at 0 (the shared-basis inits). Or
+        [N, L, r, r], one origin per client (the distance then compares C_i − C⁰_i; the
+        mixtures are of the cores C_i all the same).
 
     Returns:
       ServerOutputs(weights, mixed_cores, data_distance, param_distance, excluded).
@@ -424,9 +426,9 @@ def server_step(
     elif config.beta > 0 and config.personalized:
         raise ValueError("stats or data_distance is required when config.beta > 0")
     if core_origin is not None:
-        if tuple(np.shape(core_origin)) != tuple(cores.shape[1:]):
-            raise ValueError(f"core_origin must have shape {tuple(cores.shape[1:])} (layers, rank, rank), "
-                             f"got {tuple(np.shape(core_origin))}")
+        if tuple(np.shape(core_origin)) not in (tuple(cores.shape[1:]), tuple(cores.shape)):
+            raise ValueError(f"core_origin must have shape {tuple(cores.shape[1:])} (layers, rank, rank) or "
+                             f"{tuple(cores.shape)} (one per client), got {tuple(np.shape(core_origin))}")
         core_origin = jnp.asarray(core_origin, cores.dtype)
     return _server_step_jit(
         cores, stats, jnp.asarray(sizes, cores.dtype), jnp.asarray(mask, bool), data_distance, core_origin, config

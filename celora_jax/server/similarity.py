@@ -341,7 +341,9 @@ def parameter_distance(cores: Array | None, num_clients: int | None = None, orig
       origin: C⁰, the [L, r, r] cores every client started from; None = the identity, the
         start METHOD §4 specifies (random init). The shared-basis inits start the cores at 0:
         measured from I, every Δ would be dominated by the same −I, and the distance would
-        compare the updates' sizes along I instead of their directions.
+        compare the updates' sizes along I instead of their directions. Or [N, L, r, r], one
+        origin per client (e.g. the cores the server last sent each one, so that Δ_i is the
+        client's own update and not the mixture it received).
 
     Returns:
       [N, N] in [0, 2], zero diagonal. Zeros everywhere in round 1 (cores None). A client
@@ -374,9 +376,9 @@ def parameter_distance(cores: Array | None, num_clients: int | None = None, orig
         raise ValueError(f"parameter_distance: cores must be floating point, got {cores.dtype}")
     n, _, r, _ = cores.shape
     start = jnp.eye(r, dtype=cores.dtype) if origin is None else jnp.asarray(origin, cores.dtype)
-    if start.shape not in ((r, r), tuple(shape[1:])):
-        raise ValueError(f"parameter_distance: origin must have shape {tuple(shape[1:])} (layers, rank, rank), "
-                         f"got {tuple(start.shape)}")
+    if start.shape not in ((r, r), tuple(shape[1:]), shape):
+        raise ValueError(f"parameter_distance: origin must have shape {tuple(shape[1:])} (layers, rank, rank) "
+                         f"or {shape} (one per client), got {tuple(start.shape)}")
     delta = (cores - start).reshape(n, -1)
     norm = jnp.sqrt(jnp.sum(delta * delta, axis=-1))
     has_direction = norm > 0
