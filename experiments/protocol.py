@@ -253,33 +253,15 @@ def plan(root: pathlib.Path, setting: str, arm: Arm, smoke: bool,
     if not applies(arm, setting):
         return
     base = _grid_base(root, setting, smoke, overrides)
-    grid = SMOKE_RATES if smoke else LEARNING_RATES
-    where = root / setting / arm.name
-    pending = False
-    for rate in grid:
-        if final_validation(where / rate_step(rate) / "seed0") is None:
-            pending = True
-            yield f"{setting}/{arm.name}/{rate_step(rate)}/seed0", run_config(base, arm, rate, 0)
-    if pending:
-        return
-    scores = _rate_scores(where)
-    rate, extra = chosen_rate(scores, grid)
-    if extra is not None:
-        yield f"{setting}/{arm.name}/{rate_step(extra)}/seed0", run_config(base, arm, extra, 0)
-        return
-    server, server_step, missing = server_search(where, arm, rate)
-    if missing:
-        for step, overrides in missing:
-            yield f"{setting}/{arm.name}/{step}/seed0", run_config(base, arm, rate, 0, overrides)
-        return
-    rate, server_step, missing_rates = rate_repass(where, grid, rate, server_step)
-    if missing_rates:
-        for step, again in missing_rates:
-            yield f"{setting}/{arm.name}/{step}/seed0", run_config(base, arm, again, 0, server)
+    walked = walk(root / setting / arm.name, arm, SMOKE_RATES if smoke else LEARNING_RATES)
+    if walked.missing:
+        for step, rate, server in walked.missing:
+            yield f"{setting}/{arm.name}/{step}/seed0", run_config(base, arm, rate, 0, server)
         return
     for seed in measured_seeds(smoke)[1:]:
-        if not (where / server_step / f"seed{seed}" / "summary.json").exists():
-            yield f"{setting}/{arm.name}/{server_step}/seed{seed}", run_config(base, arm, rate, seed, server)
+        if not (root / setting / arm.name / walked.step / f"seed{seed}" / "summary.json").exists():
+            yield (f"{setting}/{arm.name}/{walked.step}/seed{seed}",
+                   run_config(base, arm, walked.rate, seed, walked.server))
 
 
 def _grid_base(root: pathlib.Path, setting: str, smoke: bool, overrides: tuple[str, ...]) -> RunConfig:
@@ -331,22 +313,49 @@ def _rate_scores(where: pathlib.Path, suffix: str = "") -> dict[float, tuple[flo
     return scores
 
 
-def rate_repass(where: pathlib.Path, grid: tuple[float, ...], first_rate: float, server_step: str
-                ) -> tuple[float, str, list[tuple[str, float]]]:
-    """(the rate chosen again at the chosen server settings, its step, the runs still needed
-    as (step, rate)): rule 2 over ``grid`` at the server choices of ``server_step`` (which
-    was run at ``first_rate``). Arms without server settings keep their first choice."""
-    suffix = server_step[len(rate_step(first_rate)):]
-    if not suffix:
-        return first_rate, server_step, []
-    scores = _rate_scores(where, suffix)
+def rate_pass(scores: dict[float, tuple[float, float]], grid: tuple[float, ...]) -> tuple[float | None, list[float]]:
+    """Rule 2 on seed 0's scores by rate: (the chosen rate, []) or (None, the rates still to run)."""
     missing = [rate for rate in grid if rate not in scores]
-    rate, extra = chosen_rate(scores, grid)
-    if extra is not None:
-        missing = [extra]
     if missing:
-        return first_rate, server_step, [(rate_step(r) + suffix, r) for r in missing]
-    return rate, rate_step(rate) + suffix, []
+        return None, missing
+    rate, extra = chosen_rate(scores, grid)
+    return (None, [extra]) if extra is not None else (rate, [])
+
+
+@dataclasses.dataclass(frozen=True)
+class Walk:
+    """Where the rule stands for one arm: the seed-0 runs it still needs, as (step, rate,
+    server overrides), or, once there are none, what it chose and the scores it chose by."""
+
+    missing: tuple[tuple[str, float, tuple[str, ...]], ...] = ()
+    rate: float | None = None
+    first_rate: float | None = None  # the rate chosen before the server settings (rule 2)
+    server: tuple[str, ...] = ()
+    step: str = ""
+    by_rate: dict = dataclasses.field(default_factory=dict)
+    by_rate_at_server: dict = dataclasses.field(default_factory=dict)  # rule 4's pass; {} without server settings
+
+
+def walk(where: pathlib.Path, arm: Arm, grid: tuple[float, ...]) -> Walk:
+    """Rules 2-4 over the arm's finished seed-0 runs under ``where``: the rate, then the
+    server settings at that rate, then (for arms with server settings) the rate again at
+    those settings; stops at the first choice that waits on runs."""
+    scores = _rate_scores(where)
+    first, missing = rate_pass(scores, grid)
+    if first is None:
+        return Walk(missing=tuple((rate_step(rate), rate, ()) for rate in missing))
+    server, step, missing_server = server_search(where, arm, first)
+    if missing_server:
+        return Walk(missing=tuple((name, first, overrides) for name, overrides in missing_server))
+    suffix = step[len(rate_step(first)):]
+    if not suffix:
+        return Walk(rate=first, first_rate=first, step=step, by_rate=scores)
+    again = _rate_scores(where, suffix)
+    rate, missing = rate_pass(again, grid)
+    if rate is None:
+        return Walk(missing=tuple((rate_step(r) + suffix, r, server) for r in missing))
+    return Walk(rate=rate, first_rate=first, server=server, step=rate_step(rate) + suffix, by_rate=scores,
+                by_rate_at_server=again)
 
 
 def server_search(where: pathlib.Path, arm: Arm, rate: float
@@ -384,27 +393,17 @@ def tried_server(where: pathlib.Path, arm: Arm, rate: float) -> dict[str, float]
 def choice(root: pathlib.Path, setting: str, arm: Arm, smoke: bool) -> dict | None:
     """What the rule chose for a finished arm, with every tried configuration's score."""
     where = root / setting / arm.name
-    grid = SMOKE_RATES if smoke else LEARNING_RATES
-    scores = _rate_scores(where)
-    rate, extra = chosen_rate(scores, grid)
-    if rate is None:
+    walked = walk(where, arm, SMOKE_RATES if smoke else LEARNING_RATES)
+    if walked.missing:
         return None
-    server, step, missing = server_search(where, arm, rate)
-    if missing:
-        return None
-    first_rate = rate
-    rate, step, missing_rates = rate_repass(where, grid, first_rate, step)
-    if missing_rates:
-        return None
-    suffix = step[len(rate_step(rate)):]
-    again = {} if not suffix else {f"{r:g}": s[0] for r, s in sorted(_rate_scores(where, suffix).items())}
     # A winner at the extension step: the rule tries nothing beyond it, so the report says so.
-    return {"learning_rate": rate, "server": list(server), "step": step,
-            "at_grid_edge": not smoke and rate in EXTENSION.values(),
-            "validation_by_rate": {f"{r:g}": s[0] for r, s in sorted(scores.items())},
-            "validation_by_server": tried_server(where, arm, first_rate),
+    return {"learning_rate": walked.rate, "server": list(walked.server), "step": walked.step,
+            "at_grid_edge": not smoke and walked.rate in EXTENSION.values(),
+            "validation_by_rate": {f"{r:g}": s[0] for r, s in sorted(walked.by_rate.items())},
+            "validation_by_server": tried_server(where, arm, walked.first_rate),
             # The second pass over the rates at the chosen server settings (rule 4).
-            "first_rate": first_rate, "validation_by_rate_at_server": again}
+            "first_rate": walked.first_rate,
+            "validation_by_rate_at_server": {f"{r:g}": s[0] for r, s in sorted(walked.by_rate_at_server.items())}}
 
 
 # ----------------------------------------------------------------------------- execution
@@ -965,10 +964,10 @@ def plot(summary: dict, out: pathlib.Path) -> list[pathlib.Path]:
     written = []
     for setting, data in summary["settings"].items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        lines = sorted((100 * row["test_accuracy"], name) for name, row in data["arms"].items()
-                       if row["mb_per_round"] <= 0 or name in REFERENCES)
-        points = sorted(((row["mb_per_round"], -100 * row["test_accuracy"], name) for name, row in data["arms"].items()
-                         if (100 * row["test_accuracy"], name) not in lines))
+        as_line = {name for name, row in data["arms"].items() if row["mb_per_round"] <= 0 or name in REFERENCES}
+        lines = sorted((100 * data["arms"][name]["test_accuracy"], name) for name in as_line)
+        points = sorted((row["mb_per_round"], -100 * row["test_accuracy"], name) for name, row in data["arms"].items()
+                        if name not in as_line)
         for k, (megabytes, negative, name) in enumerate(points):
             row = data["arms"][name]
             ax.errorbar(megabytes, -negative, yerr=100 * (row["test_accuracy_se"] or 0.0), fmt="o", markersize=4,
