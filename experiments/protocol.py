@@ -107,7 +107,13 @@ BETA_GRID = tuple((f"beta{beta}", (f"aggregation.beta={beta}",)) for beta in (0.
 # then λ: how far each client's weights are pulled to the size prior (METHOD.md §5); under
 # concept shift it decides how much of W falls outside a client's cluster.
 LAMBDA_GRID = tuple((f"lam{lam}", (f"aggregation.lam={lam}",)) for lam in (0.1, 1.0, 10.0))
-CELORA_SERVER = (BETA_GRID, LAMBDA_GRID)
+# last, what the parameter distance measures each core from: METHOD.md §4's start (the
+# option named "" is the run the λ stage already chose: no new run, no new name) or the
+# mixture the client last received (``AggregationConfig.update_since``). Under concept shift
+# a mixture with weight outside a client's cluster moves its core toward the other cluster,
+# which measured from the start reads as similarity and can merge two clusters.
+UPDATE_GRID = (("", ()), ("since_received", ("aggregation.update_since='received'",)))
+CELORA_SERVER = (BETA_GRID, LAMBDA_GRID, UPDATE_GRID)
 SHARED_BASES = ("weight_svd", "gradient_svd")
 SHARED_BASIS_RANKS = (16, 32, 64)
 
@@ -366,13 +372,20 @@ def server_search(where: pathlib.Path, arm: Arm, rate: float
     keeps the best on validation; while ``missing`` is non-empty the first two are partial."""
     server, step = (), rate_step(rate)
     for stage in arm.server_stages:
-        scores = {name: final_validation(where / f"{step}_{name}" / "seed0") for name, _ in stage}
-        missing = [(f"{step}_{name}", (*server, *overrides)) for name, overrides in stage if scores[name] is None]
+        scores = {name: final_validation(where / option_step(step, name) / "seed0") for name, _ in stage}
+        missing = [(option_step(step, name), (*server, *overrides)) for name, overrides in stage
+                   if scores[name] is None]
         if missing:
             return server, step, missing
-        name = best(scores)
-        server, step = (*server, *dict(stage)[name]), f"{step}_{name}"
+        name = best(scores)  # ties go to the stage's first option
+        server, step = (*server, *dict(stage)[name]), option_step(step, name)
     return server, step, []
+
+
+def option_step(step: str, name: str) -> str:
+    """The step directory of a server option tried after ``step``; the option named "" is
+    ``step`` itself (the configuration the stages before it chose)."""
+    return f"{step}_{name}" if name else step
 
 
 def tried_server(where: pathlib.Path, arm: Arm, rate: float) -> dict[str, float]:
@@ -766,7 +779,7 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
                        "plateau_check": f"seed 0 of the chosen configuration with {PLATEAU_ROUNDS_FACTOR}x the rounds "
                                         "for arms on the frontier, named by the gates and comparisons, or still "
                                         f"rising; under-trained if validation accuracy gains > {PLATEAU_GAIN:g}",
-                       "server_stages": {name: [[n for n, _ in stage] for stage in arm.server_stages]
+                       "server_stages": {name: [[n or "(as chosen before)" for n, _ in stage] for stage in arm.server_stages]
                                          for name, arm in ARMS.items() if arm.server_stages},
                        "selection": "best validation accuracy at the last round on seed 0, ties by lower "
                                     "validation loss; arms with server settings choose them stage by stage at "

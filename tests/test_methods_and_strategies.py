@@ -97,6 +97,8 @@ ALL_STRATEGIES = {
     "local_only": strategies.local_only,
     "celora_personalized": lambda: celora_method.personalized_strategy(
         np.abs(np.subtract.outer(np.arange(5.0), np.arange(5.0))), AggregationConfig()),
+    "celora_personalized_since_received": lambda: celora_method.personalized_strategy(
+        np.abs(np.subtract.outer(np.arange(5.0), np.arange(5.0))), AggregationConfig(update_since="received")),
 }
 
 
@@ -146,6 +148,50 @@ def test_personalized_strategy_mixes_every_shared_leaf_with_its_weights():
                       (uploads["b"]["c"], downloads["b"]["c"])):
         expected = np.tensordot(weights, np.asarray(sent), axes=1)
         np.testing.assert_allclose(got[:3], expected[:3], rtol=1e-5, atol=1e-5)
+
+
+def _one_core(values):
+    """Uploads of one adapted layer, rank 2: client i's core is diag(values[i])."""
+    return {"lora": {"q": {"C": jnp.stack([jnp.diag(jnp.asarray(v, jnp.float32)) for v in values])}}}
+
+
+def _cosine_distance(deltas):
+    flat = np.asarray(deltas, np.float64).reshape(len(deltas), -1)
+    unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    return 1.0 - unit @ unit.T
+
+
+def test_distance_since_received_measures_each_clients_own_training():
+    """Round 1 mixes clients 0 and 1 fully (their data are alike); in round 2 client 0
+    moves on along +x and client 1 along −x from the same mixture. Measured from the start
+    the two cores still look alike (the shared mixture dominates); measured from what each
+    received, they are opposite. Client 2, absent in round 1, is measured from the start."""
+    data = np.array([[0, 0, 9], [0, 0, 9], [9, 9, 0]], np.float32)
+    origin = np.zeros((1, 2, 2), np.float32)
+    sizes = jnp.ones(3)
+    first = _one_core([[1.0, 1.0], [1.0, 0.8], [0.0, 0.0]])
+    runs = {}
+    for since in ("start", "received"):
+        strategy = celora_method.personalized_strategy(
+            data, AggregationConfig(beta=1.0, lam=10.0, update_since=since), core_origin=origin)
+        state = strategy.init(first, sizes)
+        state, downloads, _ = jax.jit(strategy.aggregate)(state, first, sizes, jnp.array([True, True, False]))
+        mixed = np.asarray(downloads["lora"]["q"]["C"])
+        second = _one_core([np.diag(mixed[0]) + [0.3, 0.0], np.diag(mixed[1]) - [0.3, 0.0], [0.0, 0.5]])
+        _, _, logs = jax.jit(strategy.aggregate)(state, second, sizes, jnp.ones(3, bool))
+        runs[since] = (state, mixed, np.asarray(second["lora"]["q"]["C"]), np.asarray(logs["param_distance"]))
+    state, mixed, second, distance = runs["received"]
+    assert "received" not in runs["start"][0]  # the default keeps the state it always had
+    np.testing.assert_allclose(state["received"][:2, 0], mixed[:2], atol=1e-6)
+    np.testing.assert_array_equal(state["received"][2], origin)  # absent: still its start
+    np.testing.assert_allclose(distance, _cosine_distance(second - np.asarray(state["received"])[:, 0]), atol=1e-5)
+    np.testing.assert_allclose(runs["start"][3], _cosine_distance(second), atol=1e-5)
+    assert distance[0, 1] > 1.9 and runs["start"][3][0, 1] < 0.1
+
+
+def test_update_since_is_checked():
+    with pytest.raises(ValueError, match="update_since must be one of"):
+        AggregationConfig(update_since="sent")
 
 
 @pytest.mark.parametrize("method", ["fedprox", "fedavg_lora_ft"])

@@ -55,11 +55,17 @@ def run_nodes(setup, rounds: int):
     return records, [s["correct"] / max(s["count"], 1.0) for s in scores]
 
 
-@pytest.mark.parametrize("method,init", [*((m, None) for m in NODE_METHODS), ("celora", "weight_svd")])
-def test_nodes_reproduce_the_simulator(method, init):
+@pytest.mark.parametrize("method,init,update_since", [*((m, None, "start") for m in NODE_METHODS),
+                                                      ("celora", "weight_svd", "start"),
+                                                      ("celora", "weight_svd", "received")])
+def test_nodes_reproduce_the_simulator(method, init, update_since):
     config = with_federation(toy_config(method), participation=0.67, rounds=3)
     if init is not None:  # the server node finds the cores' start (0 here) in what it first sent
         config = dataclasses.replace(config, adapter=dataclasses.replace(config.adapter, init=init))
+    # Since received: the server keeps each client's last mixture; absent clients (a third
+    # of them each round) must keep theirs, in the node's server as in the simulator's.
+    config = dataclasses.replace(config, aggregation=dataclasses.replace(config.aggregation,
+                                                                         update_since=update_since))
     setup = toy_setup(config)
     simulated = [out.record for out in loop.iterate_rounds(setup)]
     records, accuracies = run_nodes(setup, config.federation.rounds)

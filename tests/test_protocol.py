@@ -46,6 +46,13 @@ def test_the_rule_tunes_the_rate_then_extends_an_edge_then_the_server_then_seeds
     for (name, _), validation in zip(protocol.LAMBDA_GRID, (0.6, 0.7, 0.7)):
         # lam1.0 and lam10.0 tie on accuracy; the lower validation loss wins.
         _fake_run(tmp_path, f"{where}/lr0.01_beta0.0_{name}/seed0", validation, loss=0.5 if name == "lam10.0" else 0.9)
+    # What the parameter distance measures from: the λ stage's run is the first option.
+    todo = list(protocol.plan(tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], False))
+    assert [run_id for run_id, _ in todo] == [f"{where}/lr0.01_beta0.0_lam10.0_since_received/seed0"]
+    assert [(c.aggregation.beta, c.aggregation.lam, c.aggregation.update_since) for _, c in todo] == [
+        (0.0, 10.0, "received")]
+    # A tie (accuracy and loss): the option already chosen stays.
+    _fake_run(tmp_path, f"{where}/lr0.01_beta0.0_lam10.0_since_received/seed0", 0.7, loss=0.5)
     # The rate once more, at the chosen server settings: the grid's other rates.
     todo = list(protocol.plan(tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], False))
     assert [run_id for run_id, _ in todo] == [f"{where}/lr{r}_beta0.0_lam10.0/seed0" for r in ("0.001", "0.003")]
@@ -65,7 +72,8 @@ def test_the_rule_tunes_the_rate_then_extends_an_edge_then_the_server_then_seeds
     assert chosen["learning_rate"] == 0.003 and chosen["server"] == ["aggregation.beta=0.0", "aggregation.lam=10.0"]
     assert chosen["step"] == "lr0.003_beta0.0_lam10.0" and chosen["first_rate"] == 0.01
     assert chosen["validation_by_server"] == {"beta0.0": 0.65, "beta0.5": 0.6, "beta1.0": 0.5, "beta0.0_lam0.1": 0.6,
-                                              "beta0.0_lam1.0": 0.7, "beta0.0_lam10.0": 0.7}
+                                              "beta0.0_lam1.0": 0.7, "beta0.0_lam10.0": 0.7,
+                                              "beta0.0_lam10.0_since_received": 0.7}
     assert chosen["validation_by_rate"] == {"0.001": 0.4, "0.003": 0.5, "0.01": 0.6, "0.03": 0.55}
     assert chosen["validation_by_rate_at_server"] == {"0.001": 0.5, "0.003": 0.75, "0.01": 0.7}
     assert not chosen["at_grid_edge"]
@@ -87,16 +95,20 @@ def test_the_second_pass_over_rates_extends_an_edge_at_the_server_settings(tmp_p
         _fake_run(tmp_path, f"{where}/lr0.003_{name}/seed0", 0.7 if name == "beta0.5" else 0.6)
     for name, _ in protocol.LAMBDA_GRID:
         _fake_run(tmp_path, f"{where}/lr0.003_beta0.5_{name}/seed0", 0.8 if name == "lam0.1" else 0.6)
-    suffix = "beta0.5_lam0.1"
+    _fake_run(tmp_path, f"{where}/lr0.003_beta0.5_lam0.1_since_received/seed0", 0.82)  # the distance's origin moves
+    suffix = "beta0.5_lam0.1_since_received"
     assert _next(tmp_path, "celora") == [f"{where}/lr{r}_{suffix}/seed0" for r in ("0.001", "0.01")]
     _fake_run(tmp_path, f"{where}/lr0.001_{suffix}/seed0", 0.85)  # now the lowest rate wins: one step below
     _fake_run(tmp_path, f"{where}/lr0.01_{suffix}/seed0", 0.5)
     _fake_run(tmp_path, f"{where}/lr0.003_{suffix}_2x_rounds/seed0", 0.99)  # a plateau check is no candidate
     assert _next(tmp_path, "celora") == [f"{where}/lr0.0003_{suffix}/seed0"]
     _fake_run(tmp_path, f"{where}/lr0.0003_{suffix}/seed0", 0.8)
-    assert _next(tmp_path, "celora") == [f"{where}/lr0.001_{suffix}/seed{k}" for k in (1, 2)]
+    todo = list(protocol.plan(tmp_path, "trec_fewshot_iid", protocol.ARMS["celora"], False))
+    assert [run_id for run_id, _ in todo] == [f"{where}/lr0.001_{suffix}/seed{k}" for k in (1, 2)]
+    assert {(c.aggregation.lam, c.aggregation.update_since) for _, c in todo} == {(0.1, "received")}
     chosen = protocol.choice(tmp_path, "trec_fewshot_iid", protocol.ARMS["celora"], smoke=False)
-    assert chosen["validation_by_rate_at_server"] == {"0.0003": 0.8, "0.001": 0.85, "0.003": 0.8, "0.01": 0.5}
+    assert chosen["server"] == ["aggregation.beta=0.5", "aggregation.lam=0.1", "aggregation.update_since='received'"]
+    assert chosen["validation_by_rate_at_server"] == {"0.0003": 0.8, "0.001": 0.85, "0.003": 0.82, "0.01": 0.5}
     assert chosen["validation_by_rate"] == {"0.001": 0.4, "0.003": 0.6, "0.01": 0.5}  # the first pass, unchanged
     # Arms without server settings choose their rate once.
     for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):

@@ -13,7 +13,7 @@ from toy import toy_config, toy_setup
 
 from celora_jax.cli import main as cli
 from celora_jax.federated import engine, loop
-from celora_jax.federated.config import ConfigError, RunConfig, apply_overrides
+from celora_jax.federated.config import RunConfig, apply_overrides
 from celora_jax.federated.methods import get_method
 from celora_jax.federated.methods.base import ServerInputs, starting_cores
 from celora_jax.lora import adapters, roles
@@ -219,7 +219,6 @@ def test_summed_client_sketches_give_the_svd_of_the_pooled_matrix():
     rng = np.random.default_rng(5)
     d_in, d_out, rank = 40, 30, 4
     tests = sketch.draw_sketch_matrices(jax.random.key(7), d_in, d_out, rank, oversample=4)
-    k = tests.omega.shape[1]
     assert tests.omega.shape == (d_out, 8) and tests.psi.shape == (17, d_in)
     assert sketch.sketch_size(d_in, d_out, tests) == d_in * 8 + 17 * d_out
 

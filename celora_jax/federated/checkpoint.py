@@ -149,10 +149,10 @@ def restore(checkpoints: ocp.CheckpointManager, clients_like: Any, server_like: 
     (several processes) is this run's padded, sharded client state as ``ShapeDtypeStruct``
     with shardings: a checkpoint saved in exactly that layout is read into it shard by
     shard and returned padded (``meta["clients_layout"] == "sharded"``); otherwise the
-    clients come back as ``[N, ...]`` on this process (``"whole"``). The server
-    state is returned as None when its saved shapes differ from ``server_like`` (e.g.
-    resumed on another device count, which changes the mesh padding); strategies whose
-    state is a function of the setup are then simply re-initialized.
+    clients come back as ``[N, ...]`` on this process (``"whole"``). A server state
+    saved under another device count (another mesh padding of the clients) comes back
+    re-padded to ``server_like``'s shapes; it is returned as None when its shapes differ in
+    any other way, and the strategy is then re-initialized.
     """
     step = checkpoints.latest_step() if step is None else step
     if step is None:
@@ -184,9 +184,14 @@ def restore(checkpoints: ocp.CheckpointManager, clients_like: Any, server_like: 
         clients_target = _abstract(jax.tree.unflatten(treedef, [
             jax.ShapeDtypeStruct(tuple(saved[jax.tree_util.keystr(path)]), leaf.dtype) for path, leaf in leaves]))
     args = {"clients": ocp.args.StandardRestore(clients_target)}
-    server_fits = meta.pop("server_shapes") == _shapes(server_like)
-    if server_fits and jax.tree.leaves(server_like):
-        args["server"] = ocp.args.StandardRestore(_abstract(server_like))
+    saved_server = meta.pop("server_shapes")
+    server_fits = saved_server == _shapes(server_like)
+    repadded = not server_fits and _padding_apart(saved_server, _shapes(server_like), real)
+    if (server_fits or repadded) and jax.tree.leaves(server_like):
+        target = server_like if server_fits else jax.tree.unflatten(
+            jax.tree.structure(server_like), [jax.ShapeDtypeStruct(tuple(shape), leaf.dtype)
+                                              for shape, leaf in zip(saved_server, jax.tree.leaves(server_like))])
+        args["server"] = ocp.args.StandardRestore(_abstract(target))
     try:
         restored = checkpoints.restore(step, args=ocp.args.Composite(**args))
     except Exception as err:
@@ -195,7 +200,30 @@ def restore(checkpoints: ocp.CheckpointManager, clients_like: Any, server_like: 
     meta["clients_layout"] = "sharded" if as_saved else "whole"
     if not as_saved:
         clients = jax.tree.map(lambda x: x[:real], clients)
+    if repadded:
+        # Another device count pads the clients differently: the real clients' rows are kept
+        # and the padding rows (clients that never report) are zeros, as a fresh state's are.
+        server = jax.tree.map(lambda saved_leaf, like: _repad(np.asarray(saved_leaf), np.shape(like), real),
+                              restored["server"], server_like)
+        return step, clients, server, meta
     if not server_fits:
-        logger.info("%s: server state shapes differ (other device count); re-initializing it", where)
+        logger.info("%s: server state shapes differ beyond the client padding; re-initializing it", where)
         return step, clients, None, meta
     return step, clients, restored.get("server", server_like), meta
+
+
+def _padding_apart(saved: list[list[int]], wanted: list[list[int]], real: int) -> bool:
+    """Whether the saved server leaves differ from the wanted ones only in client-padded
+    dimensions (both sizes at least the ``real`` clients), e.g. ``[N_pad, N_pad]`` saved
+    on one device count and restored on another."""
+    if len(saved) != len(wanted) or real <= 0:
+        return False
+    return all(len(a) == len(b) and all(x == y or (x >= real and y >= real) for x, y in zip(a, b))
+               for a, b in zip(saved, wanted))
+
+
+def _repad(saved: np.ndarray, shape: tuple[int, ...], real: int) -> np.ndarray:
+    """``saved`` with every dimension that differs from ``shape`` cut to the ``real``
+    clients and padded with zeros to ``shape``."""
+    cut = saved[tuple(slice(0, real) if have != want else slice(None) for have, want in zip(saved.shape, shape))]
+    return np.pad(cut, [(0, want - have) for have, want in zip(cut.shape, shape)])

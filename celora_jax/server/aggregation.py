@@ -46,6 +46,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 DATA_DISTANCES = ("marginal", "class_conditional")
+UPDATES_SINCE = ("start", "received")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +76,17 @@ class AggregationConfig:
         the sort-based method. The two agree to ~1e-7 (tested against each other); on a
         2-core CPU at N = 1000 the sort alone takes ~0.11 s of optax's 0.15 s step, while
         the whole step with bisection takes ~0.04 s (benchmarks/aggregation.py).
+      update_since: what the parameter distance measures each uploaded core from, in the
+        personalized strategy (``celora_jax.federated.methods.celora``), which keeps what it
+        needs between rounds. "start" (METHOD.md §4): C_i − C⁰, the cores every client
+        started from, so Δ_i holds every mixture client i has received as well as its own
+        training. "received" (our extension): C_i − C̃_i, the core the server last sent
+        client i, so Δ_i is the client's own training since (a client absent or rejected
+        meanwhile is measured over all its rounds since). Why: a mixture that keeps some
+        weight outside a client's cluster moves its core toward the other cluster; measured
+        from the start, that move reads as similarity, the next mixture gives the other
+        cluster more weight, and two clusters can merge. ``server_step`` itself takes the
+        origin it is given (``core_origin``) and does not read this field.
 
     Examples:
       >>> from celora_jax import AggregationConfig
@@ -94,6 +106,7 @@ class AggregationConfig:
     mmd_block_clients: int = 8
     data_distance: str = "marginal"
     projection: str = "bisection"
+    update_since: str = "start"
 
     def __post_init__(self):
         _checks.check_fields(self, "aggregation")
@@ -111,6 +124,8 @@ class AggregationConfig:
             raise ValueError(f"data_distance must be one of {DATA_DISTANCES}, got {self.data_distance!r}")
         if self.projection not in ("optax", "bisection"):
             raise ValueError(f"projection must be 'optax' or 'bisection', got {self.projection!r}")
+        if self.update_since not in UPDATES_SINCE:
+            raise ValueError(f"update_since must be one of {UPDATES_SINCE}, got {self.update_since!r}")
 
 
 class ServerOutputs(NamedTuple):

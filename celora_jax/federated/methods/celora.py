@@ -34,18 +34,36 @@ def personalized_strategy(data_distance: np.ndarray, config: aggregation.Aggrega
     Uploads must hold the cores under ``"lora"``; any other shared leaves (only with
     ``federation.share_base``) are mixed with the same weights W. The data distance is
     constant, so it is logged once (``data_distance`` in round 1's logs only).
+
+    With ``config.update_since == "received"`` the state also holds ``received``, ``[N, L,
+    r, r]``: the core each client was last sent (C⁰ before its first accepted upload), the
+    origin of its next update. Only clients in ``mask`` (those whose upload was accepted,
+    the ones that take their download) move it, so the simulator and the server node, which
+    pass the same mask, keep the same state.
     """
+
+    since_received = config.update_since == "received"
 
     def init(uploads, sizes):
         n_pad = sizes.shape[0]
         padded = np.zeros((n_pad, n_pad), np.float32)
         padded[: data_distance.shape[0], : data_distance.shape[0]] = data_distance
-        return {"data_distance": jnp.asarray(padded)}
+        state = {"data_distance": jnp.asarray(padded)}
+        if since_received:
+            # Only then: a run's server state (and its checkpoints) is unchanged otherwise.
+            stacked = cores.stack_cores(uploads["lora"])
+            start = (jnp.broadcast_to(jnp.eye(stacked.shape[-1], dtype=stacked.dtype), stacked.shape[1:])
+                     if core_origin is None else jnp.asarray(core_origin, stacked.dtype))
+            state["received"] = jnp.broadcast_to(start, stacked.shape)
+        return state
 
     def aggregate(state, uploads, sizes, mask):
         stacked = cores.stack_cores(uploads["lora"])  # [N, L, r, r]
+        origin = state["received"] if since_received else core_origin
         out = aggregation.server_step(stacked, None, sizes, mask, config, data_distance=state["data_distance"],
-                                      core_origin=core_origin)
+                                      core_origin=origin)
+        if since_received:
+            state = {**state, "received": jnp.where(mask[:, None, None, None], out.mixed_cores, state["received"])}
         lora = cores.unstack_cores(uploads["lora"], out.mixed_cores)
         others = {k: v for k, v in uploads.items() if k != "lora"}
         mixed_others = jax.tree.map(lambda leaf: jnp.tensordot(out.weights, leaf, axes=1), others)
