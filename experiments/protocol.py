@@ -779,7 +779,8 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
                        "plateau_check": f"seed 0 of the chosen configuration with {PLATEAU_ROUNDS_FACTOR}x the rounds "
                                         "for arms on the frontier, named by the gates and comparisons, or still "
                                         f"rising; under-trained if validation accuracy gains > {PLATEAU_GAIN:g}",
-                       "server_stages": {name: [[n or "(as chosen before)" for n, _ in stage] for stage in arm.server_stages]
+                       "server_stages": {name: [[n or "(as chosen before)" for n, _ in stage]
+                                                for stage in arm.server_stages]
                                          for name, arm in ARMS.items() if arm.server_stages},
                        "selection": "best validation accuracy at the last round on seed 0, ties by lower "
                                     "validation loss; arms with server settings choose them stage by stage at "
