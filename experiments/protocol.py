@@ -116,6 +116,7 @@ UPDATE_GRID = (("", ()), ("since_received", ("aggregation.update_since='received
 CELORA_SERVER = (BETA_GRID, LAMBDA_GRID, UPDATE_GRID)
 SHARED_BASES = ("weight_svd", "gradient_svd")
 SHARED_BASIS_RANKS = (16, 32, 64)
+CLASS_CONDITIONAL_SHARED = f"celora_class_conditional_{SHARED_BASES[0]}_r{SHARED_BASIS_RANKS[0]}"
 
 
 def _arms() -> dict[str, Arm]:
@@ -135,6 +136,12 @@ def _arms() -> dict[str, Arm]:
                      # Fed-SB inside the true clusters: CE-LoRA's ceiling in this basis.
                      Arm(f"cluster_oracle_{init}_r{rank}", "cluster_oracle",
                          ("federation.method_options.cluster_oracle.shared_basis=True", *basis), needs_clusters=True)]
+    # The data distance that sees concept shift (our extension), in the first shared basis:
+    # it is fixed before round 1, so it cannot feed on the mixtures as the parameter
+    # distance can (two WordNet clusters merged that way on one seed).
+    basis = (f"adapter.init='{SHARED_BASES[0]}'", f"adapter.rank={SHARED_BASIS_RANKS[0]}")
+    arms.append(Arm(CLASS_CONDITIONAL_SHARED, "celora", ("aggregation.data_distance='class_conditional'", *basis),
+                    CELORA_SERVER))
     arms += [Arm("cluster_oracle", "cluster_oracle", needs_clusters=True),
              Arm("centralized", "fedavg_lora", ("partition.pooled_training=True",))]
     return {arm.name: arm for arm in arms}
@@ -144,12 +151,14 @@ ARMS = _arms()
 # The gates' arms and CE-LoRA as specified, what the shared-basis issue's table needs (with
 # the shared-basis oracle at the first rank, to tell the basis's cost from the clustering's,
 # and, after the first rank, CE-LoRA's cores plainly averaged: claim 2's other side for CE-LoRA
-# as specified), then everything else.
+# as specified, and CE-LoRA in the first basis with the class-conditional data distance),
+# then everything else.
 FIRST = ("fedavg_lora_r8", "local", "celora", "cluster_oracle",
          *[name for r in SHARED_BASIS_RANKS for i in SHARED_BASES
            for name in (f"fed_sb_{i}_r{r}", f"celora_{i}_r{r}",
                         *([f"cluster_oracle_{i}_r{r}"] if (i, r) == (SHARED_BASES[0], SHARED_BASIS_RANKS[0]) else []),
-                        *(["celora_avg"] if (i, r) == (SHARED_BASES[-1], SHARED_BASIS_RANKS[0]) else []))])
+                        *(["celora_avg", CLASS_CONDITIONAL_SHARED]
+                          if (i, r) == (SHARED_BASES[-1], SHARED_BASIS_RANKS[0]) else []))])
 DEFAULT_SETTINGS = ("trec_fewshot_iid", "wordnet_clustered_labels", "movie_reviews_clustered_domains",
                     "fashion_mnist_clustered_rotations")
 
@@ -592,7 +601,8 @@ BASELINES = ("local", "fedavg_lora_r8")
 # FedAvg-LoRA and local training by > 3 SE. Either way, on the setting's frontier.
 WHOLE_ADAPTER = ("fedavg_lora_r4", "fedavg_lora_r8", "fedavg_lora_r16", "fedex_lora")
 CLUSTERED = ("wordnet_clustered_labels", "fashion_mnist_clustered_rotations")
-TARGET_CANDIDATES = tuple(f"celora_{init}_r{rank}" for init in SHARED_BASES for rank in SHARED_BASIS_RANKS)
+TARGET_CANDIDATES = (*(f"celora_{init}_r{rank}" for init in SHARED_BASES for rank in SHARED_BASIS_RANKS),
+                     CLASS_CONDITIONAL_SHARED)
 
 
 def target_check(setting: str, rows: dict[str, dict], frontier: list[str]) -> dict:
@@ -637,7 +647,8 @@ CLAIM_BYTES = 100.0
 # weighted average of cores) in a shared basis.
 CE_LORA_TWINS = (("celora", "celora_avg"),
                  *((f"celora_{init}_r{rank}", f"fed_sb_{init}_r{rank}")
-                   for init in SHARED_BASES for rank in SHARED_BASIS_RANKS))
+                   for init in SHARED_BASES for rank in SHARED_BASIS_RANKS),
+                 (CLASS_CONDITIONAL_SHARED, f"fed_sb_{SHARED_BASES[0]}_r{SHARED_BASIS_RANKS[0]}"))
 
 
 def _unmeasured(rows: dict, *names: str) -> list[str]:
@@ -943,10 +954,12 @@ def shared_basis_table(summary: dict) -> list[str]:
     yardsticks = (("local", "local training", "-", "-"), ("fedavg_lora_r8", "FedAvg-LoRA", "-", "8"),
                   ("cluster_oracle", "cluster oracle: FedAvg-LoRA inside each true cluster", "-", "8"),
                   ("celora", "CE-LoRA as specified", "random", "8"))
-    shared = tuple((f"{method}_{init}_r{rank}", label, init, str(rank))
-                   for init in SHARED_BASES for rank in SHARED_BASIS_RANKS
-                   for method, label in (("fed_sb", "Fed-SB"), ("celora", "CE-LoRA"),
-                                         ("cluster_oracle", "cluster oracle: Fed-SB inside each true cluster")))
+    shared = (*((f"{method}_{init}_r{rank}", label, init, str(rank))
+                for init in SHARED_BASES for rank in SHARED_BASIS_RANKS
+                for method, label in (("fed_sb", "Fed-SB"), ("celora", "CE-LoRA"),
+                                      ("cluster_oracle", "cluster oracle: Fed-SB inside each true cluster"))),
+              (CLASS_CONDITIONAL_SHARED, "CE-LoRA, class-conditional data distance", SHARED_BASES[0],
+               str(SHARED_BASIS_RANKS[0])))
     for setting, data in summary["settings"].items():
         for name, label, basis, rank in (*yardsticks, *shared):
             row = data["arms"].get(name)
