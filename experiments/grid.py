@@ -198,21 +198,21 @@ def _result_settings(config: dict) -> dict:
     compilation cache) and with the fields added since the grid's first runs at their
     defaults (method options, corpus, clusters, core remedies, ...), the adapter kind left
     to the method (it always was)."""
-    config = _with_defaults(config, to_dict(RunConfig()))
+    config = with_defaults(config, to_dict(RunConfig()))
     config.pop("compilation_cache", None)
     federation = {k: v for k, v in config["federation"].items() if k != "client_block"}
     adapter = {**config["adapter"], "kind": None}
     return {**config, "federation": federation, "adapter": adapter}
 
 
-def _with_defaults(written: dict, defaults: dict) -> dict:
+def with_defaults(written: dict, defaults: dict) -> dict:
     """``written`` with every key it lacks taken from ``defaults``, section by section."""
     merged = dict(written)
     for key, value in defaults.items():
         if key not in merged:
             merged[key] = value
         elif isinstance(value, dict) and value and isinstance(merged[key], dict):
-            merged[key] = _with_defaults(merged[key], value)
+            merged[key] = with_defaults(merged[key], value)
     return merged
 
 

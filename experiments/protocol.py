@@ -20,7 +20,8 @@ The rule, the same for every method (an "arm": a method at one rank and adapter 
    trains: the core multiplier stays 1); when the best is at an edge of the grid the grid
    is extended by one step on that side (``EXTENSION``), once. The rate with the best
    validation accuracy at the last round wins (ties: the lower validation loss).
-3. Methods with their own server settings (CE-LoRA's β, then λ) then run seed 0 at the
+3. Methods with their own server settings (CE-LoRA's β, then λ, then what the parameter
+   distance measures each core from: the start or the last mixture) then run seed 0 at the
    chosen rate for each value of a small declared grid, stage by stage, each stage at the
    choices before it (``CELORA_SERVER``), chosen by the same rule.
 4. Those methods then choose the learning rate once more, by rule 2, at the chosen server
@@ -56,11 +57,11 @@ from typing import Iterator
 
 import numpy as np
 
-from celora_jax.federated.config import RunConfig, apply_overrides
+from celora_jax.federated.config import RunConfig, apply_overrides, to_dict
 from celora_jax.federated.loop import mixing_shares
 from celora_jax.federated.presets import BENCHMARKS, smoke_variant
 from experiments.benchmarks import GATES, gate_result, paired
-from experiments.grid import twin_among
+from experiments.grid import twin_among, with_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -386,7 +387,7 @@ def server_search(where: pathlib.Path, arm: Arm, rate: float
                    if scores[name] is None]
         if missing:
             return server, step, missing
-        name = best(scores)  # ties go to the stage's first option
+        name = best(scores)  # a tie in accuracy and loss goes to the stage's first option
         server, step = (*server, *dict(stage)[name]), option_step(step, name)
     return server, step, []
 
@@ -502,7 +503,8 @@ def _finished_twin(out: pathlib.Path, config: RunConfig) -> pathlib.Path | None:
 
 
 def _comparable(config: dict) -> dict:
-    config = dict(config)
+    # Fields added since a run was written count at their defaults (as the grid's twins do).
+    config = with_defaults(config, json.loads(json.dumps(to_dict(RunConfig()))))
     for section in ("checkpoint", "tracking"):  # where things are written, not what is computed
         config.pop(section, None)
     # Which rounds also read the test split: the last round always does, and it is the only
@@ -1041,8 +1043,8 @@ def report(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
 
 
 # What an arm costs before any is measured (seed-0 runs, then seeds 1 and 2): 3 rates (and
-# sometimes one more), then, with server settings, 2 + 2 new server runs and 2 rates again.
-ASSUMED_RUNS = {False: 6.0, True: 12.0}
+# sometimes one more), then, with server settings, 2 + 2 + 1 new server runs and 2 rates again.
+ASSUMED_RUNS = {False: 6.0, True: 13.0}
 
 
 def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool) -> list[str]:

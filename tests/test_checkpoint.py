@@ -112,6 +112,23 @@ def test_sigkill_mid_round_then_resume_is_bit_identical(tiny_model_dir, tmp_path
         np.testing.assert_allclose(on_eight[f"arr_{index}"], np.asarray(want), atol=2e-5, rtol=1e-4)
 
 
+def test_a_server_state_is_repadded_only_along_the_client_padding():
+    from celora_jax.federated.checkpoint import _padding_apart, _repad
+
+    # [N_pad, N_pad] distances and [N_pad, L, r, r] cores with r = N_pad = 8 by coincidence.
+    saved, wanted = [[8, 8], [8, 1, 8, 8]], [[16, 16], [16, 1, 8, 8]]
+    assert _padding_apart(saved, wanted, 8, 16)
+    assert not _padding_apart(saved, [[16, 16], [16, 1, 9, 9]], 8, 16)  # the rank changed: no padding
+    assert not _padding_apart(saved, wanted, 8, 12)  # not this run's padding
+    assert not _padding_apart(saved, [[16, 16]], 8, 16)
+    cores = np.arange(8 * 8 * 8, dtype=np.float32).reshape(8, 1, 8, 8)
+    repadded = _repad(cores, (16, 1, 8, 8), real=5)
+    np.testing.assert_array_equal(repadded[:5], cores[:5])  # the real clients, every rank entry
+    np.testing.assert_array_equal(repadded[5:], 0.0)
+    distance = np.arange(64, dtype=np.float32).reshape(8, 8)
+    np.testing.assert_array_equal(_repad(distance, (6, 6), real=5)[:5, :5], distance[:5, :5])
+
+
 def test_config_round_trips_through_json(tiny_model_dir):
     config = _config(tiny_model_dir, "celora")
     assert from_dict(json.loads(json.dumps(to_dict(config)))) == config

@@ -125,10 +125,10 @@ def test_status_counts_measured_arms_and_estimates_the_rest(tmp_path):
         _fake_run(tmp_path, f"{where}/lr0.003/seed{seed}", 0.6, test=0.5 + seed / 10)
     _fake_run(tmp_path, "trec_fewshot_iid/celora/lr0.001/seed0", 0.5, test=0.5)
     [line] = protocol.status(tmp_path, ["trec_fewshot_iid"], ["local", "celora"], smoke=False)
-    # 6 runs of 30-42 s (median 30 s); local took 5; celora (server settings: 12 assumed) ran 1.
+    # 6 runs of 30-42 s (median 30 s); local took 5; celora (server settings: 13 assumed) ran 1.
     assert line == ("trec_fewshot_iid: 1 of 2 arms measured; 6 runs finished (0.1 h, median 0.5 min per run); "
-                    "next: celora (2 runs ready); left: about 1 arms, ~11 runs (an arm takes 5.0 without server "
-                    "settings, 12.0 assumed with them), ~0.1 h at this pace, plateau checks besides.")
+                    "next: celora (2 runs ready); left: about 1 arms, ~12 runs (an arm takes 5.0 without server "
+                    "settings, 13.0 assumed with them), ~0.1 h at this pace, plateau checks besides.")
     _fake_run(tmp_path, "trec_fewshot_iid/local/lr0.003_2x_rounds/seed0", 0.6, test=5.0)  # a plateau check
     [line] = protocol.status(tmp_path, ["trec_fewshot_iid"], ["local", "celora"], smoke=False)
     assert "median 0.5 min per run" in line and "5.0 without server settings" in line

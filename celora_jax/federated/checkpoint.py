@@ -85,18 +85,20 @@ def close(checkpoints: ocp.CheckpointManager) -> None:
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, clients: Any, server: Any, meta: dict,
-         num_clients: int | None = None) -> None:
+         num_clients: int | None = None, padded_clients: int | None = None) -> None:
     """Writes the state after round ``step`` (blocking, atomic).
 
     ``clients`` is ``[N, ...]`` host arrays, or (several processes) the padded, sharded
     ``[N_pad, ...]`` arrays of the run with ``num_clients`` = N real clients; every process
-    calls this then.
+    calls this then. ``padded_clients``: N_pad, the client count the server state is padded
+    to (lets a resume under another padding re-pad it).
     """
     leading = {np.shape(leaf)[0] for leaf in jax.tree.leaves(clients)}
     items = {"clients": ocp.args.StandardSave(clients),
              "meta": ocp.args.JsonSave({**meta, "server_shapes": _shapes(server),
                                         "client_shapes": _named_shapes(clients),
-                                        "num_clients": num_clients or (leading.pop() if leading else 0)})}
+                                        "num_clients": num_clients or (leading.pop() if leading else 0),
+                                        "padded_clients": padded_clients})}
     if jax.tree.leaves(server):  # orbax stores no empty trees; stateless strategies have {}
         items["server"] = ocp.args.StandardSave(server)
     with signals_deferred():
@@ -140,7 +142,8 @@ def _abstract(tree: Any) -> Any:
 
 
 def restore(checkpoints: ocp.CheckpointManager, clients_like: Any, server_like: Any,
-            step: int | None = None, padded_clients_like: Any = None) -> tuple[int, Any, Any | None, dict] | None:
+            step: int | None = None, padded_clients_like: Any = None,
+            padded_clients: int | None = None) -> tuple[int, Any, Any | None, dict] | None:
     """The latest (or given) checkpoint as ``(step, clients, server, meta)``; None if none.
 
     ``clients_like`` gives the expected structure, shapes ``[N, ...]`` and dtypes of the real
@@ -151,8 +154,9 @@ def restore(checkpoints: ocp.CheckpointManager, clients_like: Any, server_like: 
     shard and returned padded (``meta["clients_layout"] == "sharded"``); otherwise the
     clients come back as ``[N, ...]`` on this process (``"whole"``). A server state
     saved under another device count (another mesh padding of the clients) comes back
-    re-padded to ``server_like``'s shapes; it is returned as None when its shapes differ in
-    any other way, and the strategy is then re-initialized.
+    re-padded to ``server_like``'s shapes, when ``padded_clients`` (this run's N_pad) is
+    given and the checkpoint recorded its own; it is returned as None when its shapes differ
+    in any other way, and the strategy is then re-initialized.
     """
     step = checkpoints.latest_step() if step is None else step
     if step is None:
@@ -184,9 +188,10 @@ def restore(checkpoints: ocp.CheckpointManager, clients_like: Any, server_like: 
         clients_target = _abstract(jax.tree.unflatten(treedef, [
             jax.ShapeDtypeStruct(tuple(saved[jax.tree_util.keystr(path)]), leaf.dtype) for path, leaf in leaves]))
     args = {"clients": ocp.args.StandardRestore(clients_target)}
-    saved_server = meta.pop("server_shapes")
+    saved_server, saved_padding = meta.pop("server_shapes"), meta.pop("padded_clients", None)
     server_fits = saved_server == _shapes(server_like)
-    repadded = not server_fits and _padding_apart(saved_server, _shapes(server_like), real)
+    repadded = (not server_fits and saved_padding is not None and padded_clients is not None
+                and _padding_apart(saved_server, _shapes(server_like), saved_padding, padded_clients))
     if (server_fits or repadded) and jax.tree.leaves(server_like):
         target = server_like if server_fits else jax.tree.unflatten(
             jax.tree.structure(server_like), [jax.ShapeDtypeStruct(tuple(shape), leaf.dtype)
@@ -201,8 +206,8 @@ def restore(checkpoints: ocp.CheckpointManager, clients_like: Any, server_like: 
     if not as_saved:
         clients = jax.tree.map(lambda x: x[:real], clients)
     if repadded:
-        # Another device count pads the clients differently: the real clients' rows are kept
-        # and the padding rows (clients that never report) are zeros, as a fresh state's are.
+        # Another device count pads the clients differently: the real clients' rows are kept;
+        # the padding rows are zeros (padding clients never report, so no strategy reads them).
         server = jax.tree.map(lambda saved_leaf, like: _repad(np.asarray(saved_leaf), np.shape(like), real),
                               restored["server"], server_like)
         return step, clients, server, meta
@@ -212,13 +217,15 @@ def restore(checkpoints: ocp.CheckpointManager, clients_like: Any, server_like: 
     return step, clients, restored.get("server", server_like), meta
 
 
-def _padding_apart(saved: list[list[int]], wanted: list[list[int]], real: int) -> bool:
+def _padding_apart(saved: list[list[int]], wanted: list[list[int]], saved_padding: int,
+                   wanted_padding: int) -> bool:
     """Whether the saved server leaves differ from the wanted ones only in client-padded
-    dimensions (both sizes at least the ``real`` clients), e.g. ``[N_pad, N_pad]`` saved
-    on one device count and restored on another."""
-    if len(saved) != len(wanted) or real <= 0:
+    dimensions (``saved_padding`` there, ``wanted_padding`` here), e.g. ``[N_pad, N_pad]``
+    saved on one device count and restored on another."""
+    if len(saved) != len(wanted):
         return False
-    return all(len(a) == len(b) and all(x == y or (x >= real and y >= real) for x, y in zip(a, b))
+    return all(len(a) == len(b) and all(x == y or (x == saved_padding and y == wanted_padding)
+                                        for x, y in zip(a, b))
                for a, b in zip(saved, wanted))
 
 

@@ -274,7 +274,7 @@ class _Checkpoints:
     def maybe_save(self, rounds_done: int, last: bool, client_state, server_state, meta: dict) -> None:
         if self.manager is not None and self.every > 0 and (last or rounds_done % self.every == 0):
             checkpoint.save(self.manager, rounds_done, *self._saved(client_state, server_state), meta,
-                            num_clients=self.n)
+                            num_clients=self.n, padded_clients=self.n_pad)
 
     def close(self) -> None:
         if self.manager is not None:
@@ -289,7 +289,7 @@ class _Checkpoints:
         found = checkpoint.restore(self.manager, jax.tree.map(lambda x: like(x, self.n), client_state),
                                    jax.tree.map(like, server_state),
                                    padded_clients_like=jax.tree.map(like, client_state) if self.several_processes
-                                   else None)
+                                   else None, padded_clients=self.n_pad)
         if found is None:
             raise checkpoint.CheckpointError(f"no checkpoint to resume from in {self.directory}")
         start, clients, server, meta = found
