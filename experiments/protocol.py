@@ -149,17 +149,17 @@ def _arms() -> dict[str, Arm]:
 
 
 ARMS = _arms()
-# The gates' arms and CE-LoRA as specified, what the shared-basis issue's table needs (with
-# the shared-basis oracle at the first rank, to tell the basis's cost from the clustering's,
-# and, after the first rank, CE-LoRA's cores plainly averaged: claim 2's other side for CE-LoRA
-# as specified, and CE-LoRA in the first basis with the class-conditional data distance),
-# then everything else.
+# The gates' arms and CE-LoRA as specified, what the shared-basis issue's table needs (with,
+# at the first basis and rank, the shared-basis oracle, to tell the basis's cost from the
+# clustering's, and CE-LoRA with the class-conditional data distance, which sees relabelled
+# clusters before round 1; after the first rank, CE-LoRA's cores plainly averaged: claim 2's
+# other side for CE-LoRA as specified), then everything else.
 FIRST = ("fedavg_lora_r8", "local", "celora", "cluster_oracle",
          *[name for r in SHARED_BASIS_RANKS for i in SHARED_BASES
            for name in (f"fed_sb_{i}_r{r}", f"celora_{i}_r{r}",
-                        *([f"cluster_oracle_{i}_r{r}"] if (i, r) == (SHARED_BASES[0], SHARED_BASIS_RANKS[0]) else []),
-                        *(["celora_avg", CLASS_CONDITIONAL_SHARED]
-                          if (i, r) == (SHARED_BASES[-1], SHARED_BASIS_RANKS[0]) else []))])
+                        *([f"cluster_oracle_{i}_r{r}", CLASS_CONDITIONAL_SHARED]
+                          if (i, r) == (SHARED_BASES[0], SHARED_BASIS_RANKS[0]) else []),
+                        *(["celora_avg"] if (i, r) == (SHARED_BASES[-1], SHARED_BASIS_RANKS[0]) else []))])
 DEFAULT_SETTINGS = ("trec_fewshot_iid", "wordnet_clustered_labels", "movie_reviews_clustered_domains",
                     "fashion_mnist_clustered_rotations")
 
