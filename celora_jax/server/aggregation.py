@@ -76,17 +76,11 @@ class AggregationConfig:
         the sort-based method. The two agree to ~1e-7 (tested against each other); on a
         2-core CPU at N = 1000 the sort alone takes ~0.11 s of optax's 0.15 s step, while
         the whole step with bisection takes ~0.04 s (benchmarks/aggregation.py).
-      update_since: what the parameter distance measures each uploaded core from, in the
-        personalized strategy (``celora_jax.federated.methods.celora``), which keeps what it
-        needs between rounds. "start" (METHOD.md §4): C_i − C⁰, the cores every client
-        started from, so Δ_i holds every mixture client i has received as well as its own
-        training. "received" (our extension): C_i − C̃_i, the core the server last sent
-        client i, so Δ_i is the client's own training since (a client absent or rejected
-        meanwhile is measured over all its rounds since). Why: a mixture that keeps some
-        weight outside a client's cluster moves its core toward the other cluster; measured
-        from the start, that move reads as similarity, the next mixture gives the other
-        cluster more weight, and two clusters can merge. ``server_step`` itself takes the
-        origin it is given (``core_origin``) and does not read this field.
+      update_since: what the personalized strategy (``methods.celora``) measures each core
+        from in the parameter distance: "start" (METHOD.md §4), C_i − C⁰, mixtures received
+        included; "received" (our extension), C_i − C̃_i, the client's own training since
+        its last mixture (why and what it measured: docs/shared_basis.md). ``server_step``
+        takes the origin it is given (``core_origin``) and does not read this field.
 
     Examples:
       >>> from celora_jax import AggregationConfig
