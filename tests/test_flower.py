@@ -167,8 +167,44 @@ def test_a_round_does_not_wait_for_a_node_whose_client_came_back_on_a_new_node(t
     assert second["reporting"] == [0, 1, 2] and second["silent"] == [3] and second["seconds"] < 10
     assert "client 3 came back on a new node; not waiting for its old node 103" in caplog.text
     assert third["reporting"] == [0, 1, 2, 3] and third["fresh"] == [3] and strategy.node_of[3] == 203
+    assert third["started_over"] == []  # its round-1 download was still pending: it took that
     assert "client 3 rejoined as node 203 (replacing node 103)" in caplog.text
     assert len(strategy.accuracies) == 4
+
+
+def test_a_node_that_lost_its_state_and_has_no_download_started_over(task_identity, caplog):
+    """Client 2's round-1 upload is NaN (excluded: no download pending for it); its SuperNode
+    then restarts without a state-dir as node 202. In round 2 it trains from the initial
+    parameters, says so, and the server is told to measure that upload from there."""
+    setup = toy_setup(with_federation(toy_config("celora", num_clients=4), rounds=2))
+    app = make_client_app(setup.config, prepare=lambda config: setup)
+
+    def nan_in_round_one(message, context):
+        reply = app(message, context)
+        if (message.metadata.message_type == "train" and context.node_config["partition-id"] == 2
+                and int(message.content["config"]["server-round"]) == 1):
+            record = reply.content.array_records["upload"]
+            from flwr.app import Array
+
+            record["lora/dense/C"] = Array(np.full_like(record["lora/dense/C"].numpy(), np.nan))
+        return reply
+
+    grid = FakeGrid(nan_in_round_one, 4)
+    strategy = CeloraStrategy(setup.method, setup.config.aggregation, 4, num_rounds=2,
+                              on_round=lambda s: grid.add_node(202, 2) if len(s.history) == 1 else None)
+    strategy.setup(grid, timeout=10)
+    told = []
+    aggregate = strategy.server.aggregate
+    strategy.server.aggregate = lambda uploads, started_over=(): told.append(list(started_over)) or aggregate(
+        uploads, started_over)
+    from flwr.app import ArrayRecord
+
+    with caplog.at_level("WARNING"):
+        strategy.start(grid, ArrayRecord(), num_rounds=2, timeout=10)
+    first, second = strategy.history
+    assert first["excluded"] == [2] and first["started_over"] == []
+    assert second["fresh"] == [2] and second["started_over"] == [2] and strategy.node_of[2] == 202
+    assert told == [[], [2]] and second["reporting"] == [0, 1, 2, 3]
 
 
 def test_a_bad_upload_is_excluded_and_the_round_goes_on(task_identity, caplog):

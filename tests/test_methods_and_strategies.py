@@ -189,6 +189,24 @@ def test_distance_since_received_measures_each_clients_own_training():
     assert distance[0, 1] > 1.9 and runs["start"][3][0, 1] < 0.1
 
 
+def test_a_restarted_client_is_measured_from_the_start_again():
+    """``restart`` puts the restarted clients' ``received`` rows back to the start and
+    leaves the others; without ``received`` (the default) there is nothing to restart."""
+    data = np.zeros((3, 3), np.float32)
+    origin = np.full((1, 2, 2), 0.5, np.float32)
+    uploads, sizes = _one_core([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), jnp.ones(3)
+    strategy = celora_method.personalized_strategy(data, AggregationConfig(update_since="received"),
+                                                   core_origin=origin)
+    state, _, _ = strategy.aggregate(strategy.init(uploads, sizes), uploads, sizes, jnp.ones(3, bool))
+    restarted = jax.jit(strategy.restart)(state, jnp.array([False, True, False]))
+    np.testing.assert_array_equal(restarted["received"][1], origin)
+    np.testing.assert_array_equal(np.asarray(restarted["received"])[[0, 2]], np.asarray(state["received"])[[0, 2]])
+    assert not np.allclose(state["received"][1], origin)
+    plain = celora_method.personalized_strategy(data, AggregationConfig(), core_origin=origin)
+    plain_state = plain.init(uploads, sizes)
+    assert plain.restart(plain_state, jnp.ones(3, bool)) is plain_state
+
+
 def test_update_since_is_checked():
     with pytest.raises(ValueError, match="update_since must be one of"):
         AggregationConfig(update_since="sent")

@@ -110,6 +110,47 @@ def test_server_refuses_nan_and_keeps_absent_clients_out():
         server.aggregate({7: uploads[0]})
 
 
+def _cores(tree) -> np.ndarray:
+    """``[L * r * r]``: a client's cores, flattened (the toy has one adapted matrix)."""
+    return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree["lora"])])
+
+
+def test_a_client_that_started_over_is_measured_from_the_initial_parameters():
+    """Client 0 lost its state after round 1 and had no download to apply (a Flower node
+    restarted after an unaccepted upload): it trains round 2 from the initial parameters,
+    and its update is measured from there, not from the mixture it was sent in round 1.
+    Client 3 also started over and then sent NaN: the server holds it at the initial
+    parameters (what it trains from next), not at its round-1 mixture."""
+    config = toy_config("celora", num_clients=4)
+    config = dataclasses.replace(config, aggregation=dataclasses.replace(config.aggregation,
+                                                                         update_since="received"))
+    setup = toy_setup(config)
+    nodes = [ClientNode(setup, i) for i in range(4)]
+    initial = [node.initial_state() for node in nodes]
+    like = nodes[0].shared(initial[0])
+    statistics = stack_statistics({i: node.statistic() for i, node in enumerate(nodes)}, 4)
+    server = ServerNode(setup.method, config.aggregation, like, setup.sizes, statistics)
+    states, uploads = list(initial), {}
+    for i in range(4):
+        states[i], uploads[i], _ = nodes[i].train(states[i], 0)
+    first, _ = server.aggregate(uploads)
+    states = [nodes[i].receive(states[i], first[i]) for i in range(4)]
+    states[0] = states[3] = None  # lost: they start over from their initial states
+    for i in range(4):
+        states[i], uploads[i], _ = nodes[i].train(initial[i] if states[i] is None else states[i], 1)
+    uploads[3] = jax.tree.map(lambda x: np.full_like(x, np.nan), uploads[3])
+    _, logs = server.aggregate(uploads, started_over=[0, 3])
+    origins = [_cores(like)] + [_cores(first[i]) for i in (1, 2)]
+    deltas = np.stack([_cores(uploads[i]) - origin for i, origin in enumerate(origins)])
+    unit = deltas / np.linalg.norm(deltas, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(logs["param_distance"])[:3, :3], 1.0 - unit @ unit.T, atol=1e-5)
+    assert logs["non_finite"] == [3]
+    for held, start in zip(jax.tree.leaves(jax.tree.map(lambda x: x[3], server.sent)), jax.tree.leaves(like)):
+        np.testing.assert_array_equal(held, start)
+    with pytest.raises(ValueError, match=r"clients \[2\] started over but sent no upload"):
+        server.aggregate({0: uploads[0]}, started_over=[2])
+
+
 def test_methods_a_node_cannot_run_are_refused():
     with pytest.raises(ValueError, match="cannot run on separate nodes: .*true clusters"):
         ClientNode(toy_setup(toy_config("cluster_oracle")), 0)

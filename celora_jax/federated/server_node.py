@@ -19,7 +19,7 @@ A round, with uploads keyed by client index::
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -86,16 +86,28 @@ class ServerNode:
         state, downloads, logs = self.strategy.aggregate(state, uploads, sizes, accepted)
         return state, downloads, accepted, non_finite, logs
 
-    def aggregate(self, uploads: Mapping[int, PyTree]) -> tuple[dict[int, PyTree], dict]:
+    def aggregate(self, uploads: Mapping[int, PyTree],
+                  started_over: Collection[int] = ()) -> tuple[dict[int, PyTree], dict]:
         """This round's downloads for the clients whose upload was accepted, and the logs
         (the strategy's, plus ``accepted``, ``rejected`` and ``non_finite`` client lists).
 
         ``uploads`` maps client index to its shared leaves (structure of ``upload_like``);
-        clients not in it did not report this round.
+        clients not in it did not report this round. ``started_over``: reporting clients
+        that trained this round from the initial parameters, not from what they were last
+        sent (a node that lost its state and had no download to apply); their uploads are
+        measured from the start, in the norm check and in the strategy's state.
         """
         unknown = sorted(set(uploads) - set(range(self.num_clients)))
         if unknown:
             raise ValueError(f"uploads from clients {unknown}; this server has clients 0..{self.num_clients - 1}")
+        if set(started_over) - set(uploads):
+            raise ValueError(f"clients {sorted(set(started_over) - set(uploads))} started over but sent no upload")
+        if started_over:
+            over = np.zeros(self.num_clients, bool)
+            over[list(started_over)] = True
+            self.sent = usable.where_clients(jnp.asarray(over), strategies.broadcast(self._like, self.num_clients),
+                                             self.sent)
+            self.state = self.strategy.restart(self.state, jnp.asarray(over))
         mask = np.zeros(self.num_clients, bool)
         mask[list(uploads)] = True
         rows = [uploads.get(i, self._like) for i in range(self.num_clients)]

@@ -36,12 +36,17 @@ class Strategy:
       init: ``init(uploads, sizes) -> state`` from the round-0 uploads (shapes only matter).
       aggregate: ``aggregate(state, uploads, sizes, mask) -> (state, downloads, logs)``.
       initial_logs: ``initial_logs(state) -> {name: array}``, recorded once with round 1.
+      restart: ``restart(state, mask) -> state``: the clients in ``mask`` hold the initial
+        parameters again (a Flower node that lost its state and had no download to apply);
+        per-client state about what they hold goes back to its start. Most strategies keep
+        none, hence the default.
     """
 
     name: str
     init: Callable[[PyTree, Array], PyTree]
     aggregate: Callable[[PyTree, PyTree, Array, Array], tuple[PyTree, PyTree, Mapping[str, Array]]]
     initial_logs: Callable[[PyTree], Mapping[str, Array]] = lambda state: {}
+    restart: Callable[[PyTree, Array], PyTree] = lambda state, mask: state
 
 
 def broadcast(tree: PyTree, count: int) -> PyTree:

@@ -10,7 +10,9 @@ Messages (all arrays as flat records by path, ``celora_jax.flower.records``):
             in round 1 or when its last upload was not accepted); the node applies it,
             trains one round and replies ``upload`` (its shared leaves) with metrics
             ``train_loss``, ``train_accuracy``, ``num-examples``, ``state_restored`` (1: its
-            state came from its state-dir) and ``state_fresh`` (1: it had lost its state).
+            state came from its state-dir), ``state_fresh`` (1: it had lost its state) and
+            ``started_over`` (1: lost, and no download to apply: it trained from the initial
+            parameters, and the server measures its upload from there).
   evaluate  ``download`` of the last round; the node applies it and replies its own-test
             ``correct``, ``count`` and ``loss``.
 
@@ -215,9 +217,11 @@ def client_app_for(build_setup: Callable[[Context], "setup_lib.Setup"]) -> Clien
         node = node_for(context)
         server_round = int(msg.content["config"]["server-round"])
         state, origin = _load_state(node, context, server_round)
-        origin_metrics = {"state_restored": int(origin == "disk"),
-                          "state_fresh": int(origin == "initial" and server_round > 1)}
-        if records.has_tree(msg.content, "download"):
+        fresh = origin == "initial" and server_round > 1
+        has_download = records.has_tree(msg.content, "download")
+        origin_metrics = {"state_restored": int(origin == "disk"), "state_fresh": int(fresh),
+                          "started_over": int(fresh and not has_download)}
+        if has_download:
             download = records.take_tree(msg.content, "download", node.download_like(state),
                                          what=f"the download of client {node.client}")
             state = node.receive(state, download)

@@ -20,8 +20,10 @@ Nodes come and go: a node that does not answer within the round's timeout is lef
 that round (``silent`` in the history) and keeps its download pending; at the start of every
 round a node the SuperLink lists for the first time (a restarted SuperNode) is asked which
 client it is and takes that client's place (``restored``/``fresh`` in the history say
-whether it came back with its state); one that comes back during a round is asked then, and
-the round stops waiting for its client's old node. Each history record also has the round's
+whether it came back with its state; ``started_over``, which fresh ones had no download
+either, so that the server measures their uploads from the initial parameters); one that
+comes back during a round is asked then, and the round stops waiting for its client's old
+node. Each history record also has the round's
 ``seconds``.
 Replies are matched to clients by the message they answer (``reply_to_message_id``), not by
 their sender: the SuperLink itself answers for a node whose heartbeat expired ("Node
@@ -322,7 +324,7 @@ class CeloraStrategy(Strategy):
         if silent:
             logger.error("round %d: clients %s did not answer (round timeout %s s); the round goes on without them",
                          server_round, silent, self.timeout)
-        uploads, losses, up, message_up, excluded, restored, fresh = {}, [], 0, 0, [], [], []
+        uploads, losses, up, message_up, excluded, restored, fresh, started_over = {}, [], 0, 0, [], [], [], []
         node_seconds = {}
         for client, reply in sorted(answered, key=lambda pair: pair[0]):  # client order, whatever the replies'
             if reply.has_error():
@@ -342,7 +344,8 @@ class CeloraStrategy(Strategy):
                 logger.error("round %d: %s; client %d is left out of this round", server_round, err, client)
                 excluded.append(client)
                 continue
-            for flag, clients in (("state_restored", restored), ("state_fresh", fresh)):
+            for flag, clients in (("state_restored", restored), ("state_fresh", fresh),
+                                  ("started_over", started_over)):
                 if int(metrics.get(flag, 0)):
                     clients.append(client)
             uploads[client] = upload
@@ -354,11 +357,11 @@ class CeloraStrategy(Strategy):
         if fresh:
             logger.warning("round %d: clients %s lost their state and started again from the initial parameters",
                            server_round, fresh)
-        downloads, logs = self.server.aggregate(uploads)
+        downloads, logs = self.server.aggregate(uploads, started_over)
         self.pending.update(downloads)
         record = self.history[-1]
         record.update(bytes_up=up, message_bytes_up=message_up, reporting=sorted(uploads), excluded=excluded,
-                      silent=silent, restored=restored, fresh=fresh,
+                      silent=silent, restored=restored, fresh=fresh, started_over=started_over,
                       seconds=time.perf_counter() - self._round_started,
                       train_loss=float(np.mean(losses)) if losses else float("nan"),
                       accepted=logs["accepted"], rejected=logs["rejected"], node_seconds=node_seconds)

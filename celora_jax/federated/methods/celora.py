@@ -39,10 +39,16 @@ def personalized_strategy(data_distance: np.ndarray, config: aggregation.Aggrega
     r, r]``: the core each client was last sent (C⁰ before its first accepted upload), the
     origin of its next update. Only clients in ``mask`` (those whose upload was accepted,
     the ones that take their download) move it, so the simulator and the server node, which
-    pass the same mask, keep the same state.
+    pass the same mask, keep the same state; ``restart`` puts a client's row back to C⁰.
     """
 
     since_received = config.update_since == "received"
+
+    def start(stacked):
+        """``[N, L, r, r]``: the core every client started from, per client."""
+        one = (jnp.broadcast_to(jnp.eye(stacked.shape[-1], dtype=stacked.dtype), stacked.shape[1:])
+               if core_origin is None else jnp.asarray(core_origin, stacked.dtype))
+        return jnp.broadcast_to(one, stacked.shape)
 
     def init(uploads, sizes):
         n_pad = sizes.shape[0]
@@ -51,10 +57,7 @@ def personalized_strategy(data_distance: np.ndarray, config: aggregation.Aggrega
         state = {"data_distance": jnp.asarray(padded)}
         if since_received:
             # Only then: a run's server state (and its checkpoints) is unchanged otherwise.
-            stacked = cores.stack_cores(uploads["lora"])
-            start = (jnp.broadcast_to(jnp.eye(stacked.shape[-1], dtype=stacked.dtype), stacked.shape[1:])
-                     if core_origin is None else jnp.asarray(core_origin, stacked.dtype))
-            state["received"] = jnp.broadcast_to(start, stacked.shape)
+            state["received"] = start(cores.stack_cores(uploads["lora"]))
         return state
 
     def aggregate(state, uploads, sizes, mask):
@@ -75,7 +78,14 @@ def personalized_strategy(data_distance: np.ndarray, config: aggregation.Aggrega
         distance = state["data_distance"]
         return {"data_distance": jnp.where(jnp.isfinite(distance), distance, 0.0)}
 
-    return strategies.Strategy("celora_personalized", init, aggregate, initial_logs)
+    def restart(state, mask):
+        # A client that starts again from C⁰ measures its next update from there.
+        if not since_received:
+            return state
+        received = state["received"]
+        return {**state, "received": jnp.where(mask[:, None, None, None], start(received), received)}
+
+    return strategies.Strategy("celora_personalized", init, aggregate, initial_logs, restart)
 
 
 def server(inputs: ServerInputs) -> strategies.Strategy:
