@@ -168,6 +168,7 @@ def test_a_round_does_not_wait_for_a_node_whose_client_came_back_on_a_new_node(t
     assert "client 3 came back on a new node; not waiting for its old node 103" in caplog.text
     assert third["reporting"] == [0, 1, 2, 3] and third["fresh"] == [3] and strategy.node_of[3] == 203
     assert third["started_over"] == []  # its round-1 download was still pending: it took that
+    assert "clients [3] lost their state and went on from the download they had pending" in caplog.text
     assert "client 3 rejoined as node 203 (replacing node 103)" in caplog.text
     assert len(strategy.accuracies) == 4
 
@@ -205,6 +206,7 @@ def test_a_node_that_lost_its_state_and_has_no_download_started_over(task_identi
     assert first["excluded"] == [2] and first["started_over"] == []
     assert second["fresh"] == [2] and second["started_over"] == [2] and strategy.node_of[2] == 202
     assert told == [[], [2]] and second["reporting"] == [0, 1, 2, 3]
+    assert "clients [2] lost their state and trained from the initial parameters" in caplog.text
 
 
 def test_a_bad_upload_is_excluded_and_the_round_goes_on(task_identity, caplog):

@@ -354,9 +354,13 @@ class CeloraStrategy(Strategy):
             up += records.tree_bytes(upload)
             message_up += content_bytes(reply.content)
             losses.append(float(metrics["train_loss"]))
-        if fresh:
-            logger.warning("round %d: clients %s lost their state and started again from the initial parameters",
-                           server_round, fresh)
+        went_on = sorted(set(fresh) - set(started_over))
+        if went_on:
+            logger.warning("round %d: clients %s lost their state and went on from the download they had pending",
+                           server_round, went_on)
+        if started_over:
+            logger.warning("round %d: clients %s lost their state and trained from the initial parameters",
+                           server_round, started_over)
         downloads, logs = self.server.aggregate(uploads, started_over)
         self.pending.update(downloads)
         record = self.history[-1]
