@@ -609,14 +609,20 @@ TARGET_CANDIDATES = (*(f"celora_{init}_r{rank}" for init in SHARED_BASES for ran
 
 def target_check(setting: str, rows: dict[str, dict], frontier: list[str]) -> dict:
     """Which shared-basis CE-LoRA arms meet the target on ``setting``, and by how much each
-    misses; undecided while an arm it needs is missing or has fewer than three seeds."""
+    misses. Each candidate is judged once it has three seeds (``measured``); those still
+    running are ``pending``, so a new arm entering the grid does not withdraw the verdicts
+    already given. Undecided while a reference it needs, or every candidate, lacks seeds."""
     clustered = setting in CLUSTERED
     needed = ("cluster_oracle", "fedavg_lora_r8", "local") if clustered else WHOLE_ADAPTER
     tried = [name for name in TARGET_CANDIDATES if name in rows]
-    if not tried or _unmeasured(rows, *needed, *tried):
-        return {"rule": _target_rule(clustered), "decided": False, "tried": tried, "met_by": []}
+    measured = [name for name in tried if not _unmeasured(rows, name)]
+    pending = [name for name in tried if name not in measured]
+    if not measured or _unmeasured(rows, *needed):
+        waiting = _unmeasured(rows, *needed) + ([] if measured else pending or ["a shared-basis CE-LoRA arm"])
+        return {"rule": _target_rule(clustered), "decided": False, "tried": tried, "pending": pending,
+                "waiting_on": waiting, "met_by": []}
     checks = {}
-    for name in tried:
+    for name in measured:
         row = rows[name]
         on_frontier = name in frontier
         if clustered:
@@ -633,7 +639,7 @@ def target_check(setting: str, rows: dict[str, dict], frontier: list[str]) -> di
             met = gap <= 0.01 and fewer >= 10 and on_frontier
             checks[name] = {"best_whole_adapter": best, "gap": gap, "times_fewer_bytes": fewer,
                             "on_frontier": on_frontier, "met": met}
-    return {"rule": _target_rule(clustered), "decided": True, "tried": tried, "checks": checks,
+    return {"rule": _target_rule(clustered), "decided": True, "tried": tried, "pending": pending, "checks": checks,
             "met_by": [name for name, check in checks.items() if check["met"]]}
 
 
@@ -735,18 +741,21 @@ def _target_rule(clustered: bool) -> str:
 
 def target_line(target: dict) -> str:
     if not target["decided"]:
-        return f"Target ({target['rule']}): undecided until its arms have three seeds."
+        return (f"Target ({target['rule']}): undecided until {', '.join(target['waiting_on'])} "
+                "have three seeds.")
+    running = target.get("pending", [])
+    running_note = f" Still running: {', '.join(running)}." if running else ""
     if target["met_by"]:
-        return f"Target ({target['rule']}): met by {', '.join(target['met_by'])}."
+        return f"Target ({target['rule']}): met by {', '.join(target['met_by'])}.{running_note}"
     def miss(name, check):
         if "gap_to_oracle" in check:
             return (f"{name} {100 * check['gap_to_oracle']:.1f} points below the oracle, "
                     f"{'ahead of' if check['beats_fedavg_lora_and_local_by_3_se'] else 'not ahead of'} both by 3 SE")
         return (f"{name} {100 * check['gap']:.1f} points below {check['best_whole_adapter']} at "
                 f"{check['times_fewer_bytes']:.0f}x fewer bytes")
-    pending = len(target["tried"]) < len(TARGET_CANDIDATES)
-    return (f"Target ({target['rule']}): MISSED{' by the arms measured so far' if pending else ''}, a finding: "
-            + "; ".join(miss(n, c) for n, c in target["checks"].items()) + ".")
+    more_to_come = len(target["checks"]) < len(TARGET_CANDIDATES)
+    return (f"Target ({target['rule']}): MISSED{' by the arms measured so far' if more_to_come else ''}, a finding: "
+            + "; ".join(miss(n, c) for n, c in target["checks"].items()) + "." + running_note)
 
 
 def _adapter_bytes(rows: dict[str, dict], by_arm: dict[str, dict]) -> None:

@@ -193,6 +193,17 @@ def test_the_target_is_met_missed_or_undecided():
         protocol.target_line(missed))
     assert not protocol.target_check("trec_fewshot_iid", {**rows, "fedex_lora": row(0.9, 1200, seeds=2)},
                                      [])["decided"]
+    # A candidate still on its first seeds waits; the others' verdicts stand meanwhile.
+    running = protocol.target_check("trec_fewshot_iid", {**whole, "celora_weight_svd_r64": row(0.85, 20.0),
+                                                         "celora_gradient_svd_r16": row(0.95, 5.0, seeds=1)}, [])
+    assert running["decided"] and list(running["checks"]) == ["celora_weight_svd_r64"]
+    assert running["pending"] == ["celora_gradient_svd_r16"]
+    assert "5.0 points below" in protocol.target_line(running) and (
+        "Still running: celora_gradient_svd_r16." in protocol.target_line(running))
+    only_running = {**whole, "celora_gradient_svd_r16": row(0.95, 5.0, seeds=1)}
+    waiting = protocol.target_check("trec_fewshot_iid", {**only_running, "fedex_lora": row(0.9, 1200, seeds=2)}, [])
+    assert not waiting["decided"] and protocol.target_line(waiting).endswith(
+        "undecided until fedex_lora, celora_gradient_svd_r16 have three seeds.")
     ahead = {"fedavg_lora_r8": {"diff": 0.20, "se": 0.01}, "local": {"diff": 0.02, "se": 0.01}}
     clustered = {"cluster_oracle": row(0.35, 50), "fedavg_lora_r8": row(0.15, 50), "local": row(0.31, 0),
                  "celora_gradient_svd_r16": row(0.345, 3.0, paired=ahead)}
