@@ -741,8 +741,9 @@ def _target_rule(clustered: bool) -> str:
 
 def target_line(target: dict) -> str:
     if not target["decided"]:
-        return (f"Target ({target['rule']}): undecided until {', '.join(target['waiting_on'])} "
-                "have three seeds.")
+        waiting = target.get("waiting_on") or ["its arms"]
+        return (f"Target ({target['rule']}): undecided until {', '.join(waiting)} "
+                f"{'has' if len(waiting) == 1 and waiting != ['its arms'] else 'have'} three seeds.")
     running = target.get("pending", [])
     running_note = f" Still running: {', '.join(running)}." if running else ""
     if target["met_by"]:
@@ -847,7 +848,10 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
         machines = collections.Counter(run["machine"] for runs in by_arm.values() for run in runs.values())
         result["settings"][setting] = {"arms": rows, "frontier": frontier, "gate": checked,
                                        "machines": dict(sorted(machines.items())),
-                                       "target": target_check(setting, rows, frontier),
+                                       # Judged on the arms with every seed, as the target's candidates are.
+                                       "target": target_check(setting, rows, pareto(
+                                           {name: point for name, point in points.items()
+                                            if not _unmeasured(rows, name)})),
                                        "claims": claims(setting, rows, by_arm)}
         partition = setting_base(setting, smoke).partition
         result["settings"][setting]["validation_examples"] = partition.validation_examples * partition.num_clients

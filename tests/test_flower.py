@@ -14,6 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from toy import toy_config, toy_setup, with_federation  # noqa: E402
 
 from celora_jax.federated import loop  # noqa: E402
+from celora_jax.federated.nodes import ClientNode  # noqa: E402
 from celora_jax.flower.client_app import make_client_app  # noqa: E402
 from celora_jax.flower.server_app import CeloraStrategy  # noqa: E402
 
@@ -173,25 +174,34 @@ def test_a_round_does_not_wait_for_a_node_whose_client_came_back_on_a_new_node(t
     assert len(strategy.accuracies) == 4
 
 
-def test_a_node_that_lost_its_state_and_has_no_download_started_over(task_identity, caplog):
+def test_a_node_that_lost_its_state_and_has_no_download_started_over(task_identity, caplog, monkeypatch):
     """Client 2's round-1 upload is NaN (excluded: no download pending for it); its SuperNode
-    then restarts without a state-dir as node 202. In round 2 it trains from the initial
-    parameters, says so, and the server is told to measure that upload from there."""
-    setup = toy_setup(with_federation(toy_config("celora", num_clients=4), rounds=2))
+    then restarts without a state-dir as node 202 and starts over. Its round-2 training
+    gives NaN (the node fails the round), so it says it started over with its next upload,
+    in round 3; that upload is NaN again and left out, but the server is told all the same.
+    In round 4 it trains on from there and is accepted."""
+    setup = toy_setup(with_federation(toy_config("celora", num_clients=4), rounds=4))
     app = make_client_app(setup.config, prepare=lambda config: setup)
+    train = ClientNode.train
 
-    def nan_in_round_one(message, context):
+    def nan_training_in_round_two(node, state, round_index):
+        trained, upload, metrics = train(node, state, round_index)
+        return (state, None, metrics) if (node.client, round_index) == (2, 1) else (trained, upload, metrics)
+
+    monkeypatch.setattr(ClientNode, "train", nan_training_in_round_two)
+
+    def nan_upload_in_rounds_one_and_three(message, context):
         reply = app(message, context)
         if (message.metadata.message_type == "train" and context.node_config["partition-id"] == 2
-                and int(message.content["config"]["server-round"]) == 1):
+                and int(message.content["config"]["server-round"]) in (1, 3)):
             record = reply.content.array_records["upload"]
             from flwr.app import Array
 
             record["lora/dense/C"] = Array(np.full_like(record["lora/dense/C"].numpy(), np.nan))
         return reply
 
-    grid = FakeGrid(nan_in_round_one, 4)
-    strategy = CeloraStrategy(setup.method, setup.config.aggregation, 4, num_rounds=2,
+    grid = FakeGrid(nan_upload_in_rounds_one_and_three, 4)
+    strategy = CeloraStrategy(setup.method, setup.config.aggregation, 4, num_rounds=4,
                               on_round=lambda s: grid.add_node(202, 2) if len(s.history) == 1 else None)
     strategy.setup(grid, timeout=10)
     told = []
@@ -201,12 +211,26 @@ def test_a_node_that_lost_its_state_and_has_no_download_started_over(task_identi
     from flwr.app import ArrayRecord
 
     with caplog.at_level("WARNING"):
-        strategy.start(grid, ArrayRecord(), num_rounds=2, timeout=10)
-    first, second = strategy.history
+        strategy.start(grid, ArrayRecord(), num_rounds=4, timeout=10)
+    first, second, third, fourth = strategy.history
     assert first["excluded"] == [2] and first["started_over"] == []
-    assert second["fresh"] == [2] and second["started_over"] == [2] and strategy.node_of[2] == 202
-    assert told == [[], [2]] and second["reporting"] == [0, 1, 2, 3]
+    assert second["excluded"] == [2] and "produced NaN/Inf" in caplog.text and strategy.node_of[2] == 202
+    assert third["excluded"] == [2] and third["started_over"] == [2] and third["fresh"] == []
+    assert fourth["reporting"] == [0, 1, 2, 3] and fourth["started_over"] == [] and 2 in fourth["accepted"]
+    assert told == [[], [], [2], []]
     assert "clients [2] lost their state and trained from the initial parameters" in caplog.text
+
+
+def test_a_state_file_keeps_whether_the_node_still_owes_the_server_its_restart(tmp_path):
+    from celora_jax.flower import client_app
+
+    setup = toy_setup(toy_config("celora", num_clients=2))
+    node = ClientNode(setup, 0)
+    state = node.initial_state()
+    for owed in (True, False):
+        client_app._write_state_file(tmp_path / "client0.npz", state, owed)
+        parts, read = client_app._read_state_file(tmp_path / "client0.npz", client_app._parts_like(node, state))
+        assert read is owed and sorted(parts) == sorted(client_app._parts(state))
 
 
 def test_a_bad_upload_is_excluded_and_the_round_goes_on(task_identity, caplog):

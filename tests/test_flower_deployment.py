@@ -259,7 +259,7 @@ def test_killed_supernodes_rejoin_with_or_without_their_state(deployment, tmp_pa
     assert first["reporting"] == [0, 1, 2]
     assert second["reporting"] == [0] and second["silent"] == [1, 2], deployment.logs()
     assert third["reporting"] == [0, 1, 2], deployment.logs()
-    assert third["restored"] == [1] and third["fresh"] == [2]
+    assert third["restored"] == [1] and third["fresh"] == [2] and third["started_over"] == []  # 2 had a download
     assert all(a is not None for a in summary["client_test_accuracy"])
     # Every node, the restarted ones included, was sent a core in round 3 (theirs still
     # pending from round 1, which they never answered).

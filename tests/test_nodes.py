@@ -147,8 +147,36 @@ def test_a_client_that_started_over_is_measured_from_the_initial_parameters():
     assert logs["non_finite"] == [3]
     for held, start in zip(jax.tree.leaves(jax.tree.map(lambda x: x[3], server.sent)), jax.tree.leaves(like)):
         np.testing.assert_array_equal(held, start)
-    with pytest.raises(ValueError, match=r"clients \[2\] started over but sent no upload"):
-        server.aggregate({0: uploads[0]}, started_over=[2])
+    with pytest.raises(ValueError, match=r"clients started over: \[9\]"):
+        server.aggregate({0: uploads[0]}, started_over=[9])
+
+
+def test_the_norm_check_measures_a_client_that_started_over_from_the_start():
+    """FedAvg-LoRA under the norm check (factor 3). Round 1: every client moves its leaves
+    by about 10, so the average each is sent lies 10 from the start. Round 2: clients 1-3
+    move 0.1 on from it; client 0, which lost its state, moves 0.1 from the start. Measured
+    from what it was sent it is 10 away, an outlier (a server not told it started over
+    rejects it); measured from the start it is like the others. Round 3: client 3 starts
+    over but its upload never arrives; in round 4 its upload is measured from the start."""
+    setup = toy_setup(toy_config("fedavg_lora", num_clients=4))
+    node = ClientNode(setup, 0)
+    like = node.shared(node.initial_state())
+
+    def moved(tree, by):
+        return jax.tree.map(lambda x: np.asarray(x) + by, tree)
+
+    servers = [ServerNode(setup.method, setup.config.aggregation, like, setup.sizes, outlier_factor=3.0)
+               for _ in range(2)]
+    for server in servers:
+        downloads, logs = server.aggregate({i: moved(like, 10.0 + 0.1 * i) for i in range(4)})
+        assert logs["rejected"] == []
+    second = {0: moved(like, 0.1), **{i: moved(downloads[i], 0.1) for i in (1, 2, 3)}}
+    told, _ = servers[0].aggregate(second, started_over=[0])
+    assert sorted(told) == [0, 1, 2, 3]
+    assert servers[1].aggregate(second)[1]["rejected"] == [0]
+    servers[0].aggregate({i: moved(told[i], 0.1) for i in (0, 1, 2)}, started_over=[3])
+    _, logs = servers[0].aggregate({3: moved(like, 0.1), **{i: moved(told[i], 0.2) for i in (0, 1, 2)}})
+    assert logs["rejected"] == []
 
 
 def test_methods_a_node_cannot_run_are_refused():

@@ -92,34 +92,33 @@ class ServerNode:
         (the strategy's, plus ``accepted``, ``rejected`` and ``non_finite`` client lists).
 
         ``uploads`` maps client index to its shared leaves (structure of ``upload_like``);
-        clients not in it did not report this round. ``started_over``: reporting clients
-        that trained this round from the initial parameters, not from what they were last
-        sent (a node that lost its state and had no download to apply); their uploads are
-        measured from the start, in the norm check and in the strategy's state.
+        clients not in it did not report this round. ``started_over``: clients that trained
+        from the initial parameters, not from what they were last sent (a node that lost its
+        state and had no download to apply); the server measures their uploads from the
+        start, in the norm check and in the strategy's state, from this round on (a client
+        whose upload did not arrive is measured from the start when it next reports).
         """
-        unknown = sorted(set(uploads) - set(range(self.num_clients)))
-        if unknown:
-            raise ValueError(f"uploads from clients {unknown}; this server has clients 0..{self.num_clients - 1}")
-        if set(started_over) - set(uploads):
-            raise ValueError(f"clients {sorted(set(started_over) - set(uploads))} started over but sent no upload")
+        for clients, what in ((uploads, "uploads from clients"), (started_over, "clients started over:")):
+            unknown = sorted(set(clients) - set(range(self.num_clients)))
+            if unknown:
+                raise ValueError(f"{what} {unknown}; this server has clients 0..{self.num_clients - 1}")
+        state, sent = self.state, self.sent
         if started_over:
             over = np.zeros(self.num_clients, bool)
             over[list(started_over)] = True
-            self.sent = usable.where_clients(jnp.asarray(over), strategies.broadcast(self._like, self.num_clients),
-                                             self.sent)
-            self.state = self.strategy.restart(self.state, jnp.asarray(over))
+            sent = usable.where_clients(jnp.asarray(over), strategies.broadcast(self._like, self.num_clients), sent)
+            state = self.strategy.restart(state, jnp.asarray(over))
         mask = np.zeros(self.num_clients, bool)
         mask[list(uploads)] = True
         rows = [uploads.get(i, self._like) for i in range(self.num_clients)]
         stacked = jax.tree.map(lambda *leaves: jnp.stack([jnp.asarray(x) for x in leaves]), *rows)
-        self.state, downloads, accepted, non_finite, logs = self._aggregate(
-            self.state, self.sent, stacked, self.sizes, jnp.asarray(mask))
+        self.state, downloads, accepted, non_finite, logs = self._aggregate(state, sent, stacked, self.sizes,
+                                                                            jnp.asarray(mask))
         accepted, non_finite = np.asarray(accepted), np.asarray(non_finite)
         # As in the simulator: an accepted client holds its download, an outlier its own
         # upload (it keeps its training), a client with NaN/Inf or absent what it had.
         kept_own = jnp.asarray(mask & ~non_finite & ~accepted)
-        self.sent = usable.where_clients(jnp.asarray(accepted), downloads,
-                                            usable.where_clients(kept_own, stacked, self.sent))
+        self.sent = usable.where_clients(jnp.asarray(accepted), downloads, usable.where_clients(kept_own, stacked, sent))
         host = jax.device_get(downloads)
         out = {int(i): jax.tree.map(lambda x, i=i: x[i], host) for i in np.flatnonzero(accepted)}
         if self.method.fold_into_base is not keep_base:

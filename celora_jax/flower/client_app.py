@@ -37,7 +37,7 @@ from typing import Callable
 
 import jax
 import numpy as np
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from celora_jax.federated import setup as setup_lib
@@ -48,6 +48,9 @@ from celora_jax.server import wire
 
 logger = logging.getLogger(__name__)
 PREFIX = "celora."  # context.state records: celora.params, celora.opt, celora.fold
+# A node that started over and whose upload has not yet gone out since (its training gave
+# NaN): it says so again with its next upload. Kept in context.state and the state file.
+OWED = "started_over"
 
 
 def _process_started() -> float | None:
@@ -75,26 +78,28 @@ def partition_id(context: Context, num_clients: int) -> int:
     return client
 
 
-def _load_state(node: ClientNode, context: Context, server_round: int) -> tuple[dict, str]:
-    """``(state, origin)``: Flower's ``context.state`` (kept by the SuperNode for the run;
-    origin "memory"), else the node's ``state-dir`` (a SuperNode that restarted; "disk"),
-    else the initial state ("initial")."""
+def _load_state(node: ClientNode, context: Context, server_round: int) -> tuple[dict, str, bool]:
+    """``(state, origin, owed)``: Flower's ``context.state`` (kept by the SuperNode for the
+    run; origin "memory"), else the node's ``state-dir`` (a SuperNode that restarted;
+    "disk"), else the initial state ("initial"); ``owed``: it started over earlier and has
+    not said so with an upload yet."""
     initial = node.initial_state()
     like = _parts_like(node, initial)
     if records.has_tree(context.state, PREFIX + "params"):
         parts = {name: records.take_tree(context.state, PREFIX + name, part_like,
                                          what=f"client {node.client}'s state ({name})")
                  for name, part_like in like.items() if records.has_tree(context.state, PREFIX + name)}
-        return _from_parts(initial, parts), "memory"
+        owed = PREFIX + OWED in context.state.config_records
+        return _from_parts(initial, parts), "memory", owed
     state_file = _state_file(context, node.client)
     if state_file is not None and state_file.is_file():
-        restored = _from_parts(initial, _read_state_file(state_file, like))
+        parts, owed = _read_state_file(state_file, like)
         logger.warning("client %d: restored its state from %s (the node restarted)", node.client, state_file)
-        return restored, "disk"
+        return _from_parts(initial, parts), "disk", owed
     if server_round > 1:
         logger.warning("client %d: no persisted state in round %d (the node restarted without a state-dir in "
                        "its node config?); it starts fresh from the initial parameters", node.client, server_round)
-    return initial, "initial"
+    return initial, "initial", False
 
 
 def _numbered_leaves(tree) -> dict:
@@ -140,10 +145,10 @@ def _state_file(context: Context, client: int) -> pathlib.Path | None:
     return directory / f"client{client}.npz"
 
 
-def _write_state_file(path: pathlib.Path, state: dict) -> None:
-    """Every part by path, with the dtypes, replaced atomically (a node killed mid-write
-    leaves the previous file)."""
-    arrays, dtypes = {}, {}
+def _write_state_file(path: pathlib.Path, state: dict, owed: bool = False) -> None:
+    """Every part by path, with the dtypes (and ``owed``), replaced atomically (a node
+    killed mid-write leaves the previous file)."""
+    arrays, dtypes = {"__" + OWED + "__": np.asarray(owed)}, {}
     for name, tree in _parts(state).items():
         flat, flat_dtypes = wire.flatten_tree(tree)
         arrays.update({f"{name}/{k}": v for k, v in flat.items()})
@@ -155,12 +160,13 @@ def _write_state_file(path: pathlib.Path, state: dict) -> None:
     os.replace(partial, path)
 
 
-def _read_state_file(path: pathlib.Path, like: dict) -> dict:
+def _read_state_file(path: pathlib.Path, like: dict) -> tuple[dict, bool]:
     """The parts in ``path``, each checked against ``like`` (a part not saved yet, e.g. the
-    server state before the first download, is left out)."""
+    server state before the first download, is left out), and ``owed``."""
     with np.load(path) as data:
         dtypes = json.loads(str(data["__dtypes__"]))
-        arrays = {key: data[key] for key in data.files if key != "__dtypes__"}
+        arrays = {key: data[key] for key in data.files if not key.startswith("__")}
+        owed = "__" + OWED + "__" in data.files and bool(data["__" + OWED + "__"])
     parts = {}
     for name, part_like in like.items():
         keys = [k for k in arrays if k.startswith(name + "/")]
@@ -168,15 +174,19 @@ def _read_state_file(path: pathlib.Path, like: dict) -> dict:
             parts[name] = wire.unflatten_tree({k[len(name) + 1:]: arrays[k] for k in keys},
                                               {k[len(name) + 1:]: dtypes[k] for k in keys}, part_like,
                                               what=f"the state file {path} ({name})")
-    return parts
+    return parts, owed
 
 
-def _save_state(context: Context, state: dict, client: int) -> None:
+def _save_state(context: Context, state: dict, client: int, owed: bool = False) -> None:
     for name, tree in _parts(state).items():
         records.put_tree(context.state, PREFIX + name, tree)
+    if owed:
+        context.state[PREFIX + OWED] = ConfigRecord({OWED: True})
+    elif PREFIX + OWED in context.state.config_records:
+        del context.state[PREFIX + OWED]
     state_file = _state_file(context, client)
     if state_file is not None:
-        _write_state_file(state_file, state)
+        _write_state_file(state_file, state, owed)
 
 
 def make_client_app(config: RunConfig, prepare: Callable = setup_lib.prepare) -> ClientApp:
@@ -216,11 +226,11 @@ def client_app_for(build_setup: Callable[[Context], "setup_lib.Setup"]) -> Clien
         metrics saying where the state came from)."""
         node = node_for(context)
         server_round = int(msg.content["config"]["server-round"])
-        state, origin = _load_state(node, context, server_round)
+        state, origin, owed = _load_state(node, context, server_round)
         fresh = origin == "initial" and server_round > 1
         has_download = records.has_tree(msg.content, "download")
         origin_metrics = {"state_restored": int(origin == "disk"), "state_fresh": int(fresh),
-                          "started_over": int(fresh and not has_download)}
+                          "started_over": int((fresh or owed) and not has_download)}
         if has_download:
             download = records.take_tree(msg.content, "download", node.download_like(state),
                                          what=f"the download of client {node.client}")
@@ -247,7 +257,7 @@ def client_app_for(build_setup: Callable[[Context], "setup_lib.Setup"]) -> Clien
         arrived, setup_before = time.time(), prepared["setup_seconds"]
         node, server_round, state, origin = arrive(msg, context)
         state, upload, metrics = node.train(state, server_round - 1)
-        _save_state(context, state, node.client)
+        _save_state(context, state, node.client, owed=bool(origin["started_over"]) and upload is None)
         if upload is None:
             raise ValueError(f"client {node.client}: round {server_round} produced NaN/Inf; nothing uploaded")
         # Where this message's time went on the node (the server records them per round).
@@ -262,7 +272,7 @@ def client_app_for(build_setup: Callable[[Context], "setup_lib.Setup"]) -> Clien
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         node, server_round, state, origin = arrive(msg, context)
-        _save_state(context, state, node.client)
+        _save_state(context, state, node.client, owed=bool(origin["started_over"]))
         # Methods that fine-tune after the download (FedAvg-LoRA+FT) do it now that the
         # last round's answer is in, on that round's batches, and are evaluated with it.
         state = node.finetune(state, server_round - 1)

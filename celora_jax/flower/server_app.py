@@ -337,6 +337,12 @@ class CeloraStrategy(Strategy):
                              server_round, client, metrics["client"])
                 excluded.append(client)
                 continue
+            # Before the upload's checks: a node that started over is measured from the
+            # start from now on, even if this upload is left out.
+            for flag, clients in (("state_restored", restored), ("state_fresh", fresh),
+                                  ("started_over", started_over)):
+                if int(metrics.get(flag, 0)):
+                    clients.append(client)
             try:
                 upload = records.take_tree(reply.content, "upload", self._like, what=f"the upload of client {client}",
                                            require_finite=True)
@@ -344,10 +350,6 @@ class CeloraStrategy(Strategy):
                 logger.error("round %d: %s; client %d is left out of this round", server_round, err, client)
                 excluded.append(client)
                 continue
-            for flag, clients in (("state_restored", restored), ("state_fresh", fresh),
-                                  ("started_over", started_over)):
-                if int(metrics.get(flag, 0)):
-                    clients.append(client)
             uploads[client] = upload
             node_seconds[str(client)] = {name: float(metrics[f"seconds_{name}"]) for name in NODE_TIMINGS
                                          if f"seconds_{name}" in metrics}
