@@ -23,7 +23,8 @@ The rule, the same for every method (an "arm": a method at one rank and adapter 
 3. Methods with their own server settings (CE-LoRA's β, then λ, then what the parameter
    distance measures each core from: the start or the last mixture) then run seed 0 at the
    chosen rate for each value of a small declared grid, stage by stage, each stage at the
-   choices before it (``CELORA_SERVER``), chosen by the same rule.
+   choices before it (``CELORA_SERVER``), chosen by the same rule. A stage that cannot
+   change anything at those choices is skipped (``moot``: the origin when β = 1).
 4. Those methods then choose the learning rate once more, by rule 2, at the chosen server
    settings (step ``lr<rate>_<server choices>``): the first choice was made at METHOD.md's
    default settings, and the best rate moves with them (under concept shift a client that
@@ -115,6 +116,14 @@ LAMBDA_GRID = tuple((f"lam{lam}", (f"aggregation.lam={lam}",)) for lam in (0.1, 
 # which measured from the start reads as similarity and can merge two clusters.
 UPDATE_GRID = (("", ()), ("since_received", ("aggregation.update_since='received'",)))
 CELORA_SERVER = (BETA_GRID, LAMBDA_GRID, UPDATE_GRID)
+
+
+def moot(stage: tuple, server: tuple[str, ...]) -> bool:
+    """Whether ``stage`` cannot change a run at the choices ``server`` before it, and so is
+    skipped (its first option kept, as a tie would keep it): with β = 1 the parameter
+    distance has no weight in the blend, so where it measures from cannot matter (such runs
+    were bit-identical to the λ stage's, 2026-12-06)."""
+    return stage is UPDATE_GRID and "aggregation.beta=1.0" in server
 SHARED_BASES = ("weight_svd", "gradient_svd")
 SHARED_BASIS_RANKS = (16, 32, 64)
 CLASS_CONDITIONAL_SHARED = f"celora_class_conditional_{SHARED_BASES[0]}_r{SHARED_BASIS_RANKS[0]}"
@@ -382,6 +391,8 @@ def server_search(where: pathlib.Path, arm: Arm, rate: float
     keeps the best on validation; while ``missing`` is non-empty the first two are partial."""
     server, step = (), rate_step(rate)
     for stage in arm.server_stages:
+        if moot(stage, server):
+            continue
         scores = {name: final_validation(where / option_step(step, name) / "seed0") for name, _ in stage}
         missing = [(option_step(step, name), (*server, *overrides)) for name, overrides in stage
                    if scores[name] is None]

@@ -110,6 +110,15 @@ def test_the_second_pass_over_rates_extends_an_edge_at_the_server_settings(tmp_p
     assert chosen["server"] == ["aggregation.beta=0.5", "aggregation.lam=0.1", "aggregation.update_since='received'"]
     assert chosen["validation_by_rate_at_server"] == {"0.0003": 0.8, "0.001": 0.85, "0.003": 0.82, "0.01": 0.5}
     assert chosen["validation_by_rate"] == {"0.001": 0.4, "0.003": 0.6, "0.01": 0.5}  # the first pass, unchanged
+    # With β = 1 the parameter distance has no weight: where it measures from is not tried.
+    moot = "trec_fewshot_iid/celora_weight_svd_r16"
+    for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):
+        _fake_run(tmp_path, f"{moot}/lr{rate:g}/seed0", validation)
+    for name, _ in protocol.BETA_GRID:
+        _fake_run(tmp_path, f"{moot}/lr0.003_{name}/seed0", 0.7 if name == "beta1.0" else 0.6)
+    for name, _ in protocol.LAMBDA_GRID:
+        _fake_run(tmp_path, f"{moot}/lr0.003_beta1.0_{name}/seed0", 0.8 if name == "lam1.0" else 0.6)
+    assert _next(tmp_path, "celora_weight_svd_r16") == [f"{moot}/lr{r}_beta1.0_lam1.0/seed0" for r in ("0.001", "0.01")]
     # Arms without server settings choose their rate once.
     for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):
         _fake_run(tmp_path, f"trec_fewshot_iid/local/lr{rate:g}/seed0", validation)
