@@ -116,6 +116,9 @@ LAMBDA_GRID = tuple((f"lam{lam}", (f"aggregation.lam={lam}",)) for lam in (0.1, 
 # which measured from the start reads as similarity and can merge two clusters.
 UPDATE_GRID = (("", ()), ("since_received", ("aggregation.update_since='received'",)))
 CELORA_SERVER = (BETA_GRID, LAMBDA_GRID, UPDATE_GRID)
+SHARED_BASES = ("weight_svd", "gradient_svd")
+SHARED_BASIS_RANKS = (16, 32, 64)
+CLASS_CONDITIONAL_SHARED = f"celora_class_conditional_{SHARED_BASES[0]}_r{SHARED_BASIS_RANKS[0]}"
 
 
 def moot(stage: tuple, server: tuple[str, ...]) -> bool:
@@ -124,9 +127,6 @@ def moot(stage: tuple, server: tuple[str, ...]) -> bool:
     distance has no weight in the blend, so where it measures from cannot matter (such runs
     were bit-identical to the λ stage's, 2026-12-06)."""
     return stage is UPDATE_GRID and "aggregation.beta=1.0" in server
-SHARED_BASES = ("weight_svd", "gradient_svd")
-SHARED_BASIS_RANKS = (16, 32, 64)
-CLASS_CONDITIONAL_SHARED = f"celora_class_conditional_{SHARED_BASES[0]}_r{SHARED_BASIS_RANKS[0]}"
 
 
 def _arms() -> dict[str, Arm]:
