@@ -20,11 +20,9 @@ Nodes come and go: a node that does not answer within the round's timeout is lef
 that round (``silent`` in the history) and keeps its download pending; at the start of every
 round a node the SuperLink lists for the first time (a restarted SuperNode) is asked which
 client it is and takes that client's place (``restored``/``fresh`` in the history say
-whether it came back with its state; ``started_over``, which fresh ones had no download
-either, so that the server measures their uploads from the initial parameters); one that
-comes back during a round is asked then, and the round stops waiting for its client's old
-node. Each history record also has the round's
-``seconds``.
+whether it came back with its state; ``started_over``: fresh, no download, so measured
+from the initial parameters); one that comes back during a round is asked then, and the
+round stops waiting for its client's old node. Each record also has ``seconds``.
 Replies are matched to clients by the message they answer (``reply_to_message_id``), not by
 their sender: the SuperLink itself answers for a node whose heartbeat expired ("Node
 Unavailable", sent from the SuperLink's own node id), and such a node counts as silent,
@@ -324,8 +322,8 @@ class CeloraStrategy(Strategy):
         if silent:
             logger.error("round %d: clients %s did not answer (round timeout %s s); the round goes on without them",
                          server_round, silent, self.timeout)
-        uploads, losses, up, message_up, excluded, restored, fresh, started_over = {}, [], 0, 0, [], [], [], []
-        node_seconds = {}
+        uploads, losses, up, message_up, excluded, node_seconds = {}, [], 0, 0, [], {}
+        flagged = {"state_restored": [], "state_fresh": [], "started_over": []}  # clients whose node says so
         for client, reply in sorted(answered, key=lambda pair: pair[0]):  # client order, whatever the replies'
             if reply.has_error():
                 logger.error("round %d: client %d failed: %s", server_round, client, reply.error.reason)
@@ -337,10 +335,8 @@ class CeloraStrategy(Strategy):
                              server_round, client, metrics["client"])
                 excluded.append(client)
                 continue
-            # Before the upload's checks: a node that started over is measured from the
-            # start from now on, even if this upload is left out.
-            for flag, clients in (("state_restored", restored), ("state_fresh", fresh),
-                                  ("started_over", started_over)):
+            # Before the upload's checks: one that started over is so even if left out.
+            for flag, clients in flagged.items():
                 if int(metrics.get(flag, 0)):
                     clients.append(client)
             try:
@@ -356,13 +352,11 @@ class CeloraStrategy(Strategy):
             up += records.tree_bytes(upload)
             message_up += content_bytes(reply.content)
             losses.append(float(metrics["train_loss"]))
-        went_on = sorted(set(fresh) - set(started_over))
-        if went_on:
-            logger.warning("round %d: clients %s lost their state and went on from the download they had pending",
-                           server_round, went_on)
-        if started_over:
-            logger.warning("round %d: clients %s lost their state and trained from the initial parameters",
-                           server_round, started_over)
+        restored, fresh, started_over = flagged.values()
+        for clients, how in ((sorted(set(fresh) - set(started_over)), "went on from the download they had pending"),
+                             (started_over, "trained from the initial parameters")):
+            if clients:
+                logger.warning("round %d: clients %s lost their state and %s", server_round, clients, how)
         downloads, logs = self.server.aggregate(uploads, started_over)
         self.pending.update(downloads)
         record = self.history[-1]
