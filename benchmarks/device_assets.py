@@ -122,7 +122,8 @@ def pack(settings: list[str], folder: pathlib.Path, chunk_mb: float, wheels: tup
         part = folder / f"part{index:02d}"
         part.write_bytes(data[start:start + size])
         parts.append(part.name)
-    manifest = {"settings": settings, "wheels": list(wheels), "python": python_version, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "parts": parts}
+    manifest = {"settings": settings, "wheels": list(wheels), "python": python_version, "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(), "parts": parts}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 

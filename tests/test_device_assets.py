@@ -31,7 +31,8 @@ def fake_assets(tmp_path, monkeypatch):
         archive.writestr("tinywheel/__init__.py", "VALUE = 7\n")
     monkeypatch.syspath_prepend(str(tmp_path / "installed"))
     monkeypatch.setitem(assets.ASSETS, "fake_setting", (("package", "fakepkg", None), ("path", str(debian), None)))
-    monkeypatch.setattr(assets, "download_wheels", lambda requirements, version, folder: [wheel] if requirements else [])
+    monkeypatch.setattr(assets, "download_wheels",
+                        lambda requirements, version, folder: [wheel] if requirements else [])
     return package, debian
 
 
