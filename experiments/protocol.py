@@ -10,6 +10,15 @@ trained to a plateau, then measured on 3 seeds; the accuracy-vs-communication fr
     python -m experiments.protocol --status                   # how far the grid is, and an estimate of the rest
     python -m experiments.protocol --stage compact            # gzip finished runs' metrics.jsonl (run does it too)
 
+Several processes can run the grid on one results root at once: each takes the first run in
+the protocol's order that no other process holds (``claim``). On a 2-core machine two
+workers, each on one core with one device, overlap what runs on one thread (compilation,
+loading, evaluation set-up): 1.3x the runs per hour of one process on both cores for a
+6-round run, less for the grid's 20-round ones (benchmarks/results/protocol_devices.json):
+
+    for core in 0 1; do XLA_FLAGS=--xla_force_host_platform_device_count=1 taskset -c $core \
+        python -m experiments.protocol --stage run & done
+
 The rule, the same for every method (an "arm": a method at one rank and adapter init):
 
 1. Each client's training examples are split into train and validation
@@ -46,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -54,6 +64,7 @@ import math
 import pathlib
 import shutil
 import sys
+import time
 from typing import Iterator
 
 import numpy as np
@@ -444,36 +455,86 @@ def choice(root: pathlib.Path, setting: str, arm: Arm, smoke: bool) -> dict | No
 
 
 CHECKPOINT_EVERY = 5  # a run stopped mid-way resumes from its last 5-round checkpoint
+CLAIMS = ".claims"  # under the results root: one lock file per run that a process is running
+POLL_SECONDS = 30.0  # how often a worker looks again while every run left is held by others
+
+
+@contextlib.contextmanager
+def claim(root: pathlib.Path, run_id: str) -> Iterator[bool]:
+    """Whether this process holds ``run_id`` for the block: an exclusive lock on a file under
+    ``root / CLAIMS``. The system releases it when the process ends, however it ends, so a
+    killed worker leaves no stale claim (its run resumes from its checkpoint in the next
+    worker that takes it)."""
+    import fcntl  # POSIX; the grid runs on Linux and macOS
+
+    path = root / CLAIMS / f"{run_id.replace('/', '+')}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True  # released when the file is closed
+
+
+def work(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool,
+         overrides: tuple[str, ...] = ()) -> Iterator[tuple[str, RunConfig]]:
+    """The runs the protocol would do next, in its order: arm by arm, setting by setting, the
+    arm's next runs, or, once it is measured there, its plateau check if it needs one (an arm
+    can come to need one later, e.g. when the frontier changes: every pass looks again)."""
+    summaries = {}
+    for name in arms:
+        for setting in settings:
+            todo = list(plan(root, setting, ARMS[name], smoke, overrides))
+            if todo:
+                yield from todo
+                continue
+            if setting not in summaries:
+                summaries[setting] = summarize(root, [setting], smoke)["settings"][setting]
+            rows = summaries[setting]
+            if name in plateau_candidates(rows, smoke):
+                yield from plan_plateau(root, setting, ARMS[name], rows["arms"][name], smoke, overrides)
 
 
 def execute(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool, limit: int | None = None,
             overrides: tuple[str, ...] = ()) -> int:
-    """Runs the plan arm by arm until every arm is measured (or ``limit`` runs have run).
+    """Runs the plan until every arm is measured and checked (or ``limit`` runs have run).
 
-    A run whose configuration equals an already finished run of the same arm and seed (a
-    server stage's default, e.g. β = 0.5 at λ = 1, is the learning-rate run itself) is
-    copied from it. A run stopped
+    After each run it plans again and takes the first run of ``work`` that no other process
+    holds; while the only runs left are held, it waits for them. A run whose configuration
+    equals an already finished run of the same arm and seed (a server stage's default, e.g.
+    β = 0.5 at λ = 1, is the learning-rate run itself) is copied from it. A run stopped
     mid-way resumes from its checkpoint; checkpoints are deleted once the run has finished.
-    An arm's plateau check runs as soon as the arm is measured, if it needs one then; once
-    every arm is measured, those of the arms the final frontier adds. Finished runs' records
-    are gzipped (``compact``): runs written before that, too.
+    Finished runs' records are gzipped (``compact``): runs written before that, too.
     """
     compact_finished(root)
     done = 0
-    for name in arms:
-        for setting in settings:
-            while todo := list(plan(root, setting, ARMS[name], smoke, overrides)):
-                for run_id, config in todo:
-                    if limit is not None and done >= limit:
-                        return done
-                    done += _run(root, run_id, config)
-            done += execute_plateau(root, [setting], [name], smoke, None if limit is None else limit - done, overrides)
-    return done + execute_plateau(root, settings, arms, smoke, None if limit is None else limit - done, overrides)
+    waiting = False
+    while limit is None or done < limit:
+        held = 0
+        for run_id, config in work(root, settings, arms, smoke, overrides):
+            ran = _run(root, run_id, config)
+            if ran is None:
+                held += 1
+                continue
+            done += ran
+            waiting = False
+            break
+        else:
+            if not held:
+                break
+            if not waiting:
+                print(f"protocol: waiting: the {held} runs left to do now are held by other processes", flush=True)
+                waiting = True
+            time.sleep(POLL_SECONDS)
+    return done
 
 
 def execute_plateau(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool,
                     limit: int | None = None, overrides: tuple[str, ...] = ()) -> int:
-    """Runs the plateau check of every measured arm among ``arms`` that needs one."""
+    """Runs the plateau check of every measured arm among ``arms`` that needs one (those
+    another process holds are left to it)."""
     done = 0
     for setting in settings:
         rows = summarize(root, [setting], smoke)["settings"][setting]
@@ -483,28 +544,39 @@ def execute_plateau(root: pathlib.Path, settings: list[str], arms: list[str], sm
             for run_id, config in plan_plateau(root, setting, ARMS[name], rows["arms"][name], smoke, overrides):
                 if limit is not None and done >= limit:
                     return done
-                done += _run(root, run_id, config)
+                done += _run(root, run_id, config) or 0
     return done
 
 
-def _run(root: pathlib.Path, run_id: str, config: RunConfig) -> int:
-    """Runs (or resumes) one run into ``root / run_id``; 0 if a finished twin was copied."""
+def _run(root: pathlib.Path, run_id: str, config: RunConfig) -> int | None:
+    """Runs (or resumes) one run into ``root / run_id``: 1; 0 if it finished elsewhere since
+    it was planned or a finished twin was copied; None if another process holds it."""
+    out = root / run_id
+    with claim(root, run_id) as ours:
+        if not ours:
+            return None
+        if (out / "summary.json").exists():
+            return 0
+        twin = _finished_twin(out, config)
+        if twin is not None:
+            print(f"protocol: {run_id} (same configuration as {twin.relative_to(root)})", flush=True)
+            shutil.copytree(twin, out, dirs_exist_ok=True)
+            return 0
+        print(f"protocol: {run_id}", flush=True)
+        train(out, config)
+        return 1
+
+
+def train(out: pathlib.Path, config: RunConfig) -> None:
+    """One run into ``out``, resumed from its checkpoint if it has one; compacted at the end."""
     from celora_jax.federated import checkpoint, engine
 
-    out = root / run_id
-    twin = _finished_twin(out, config)
-    if twin is not None:
-        print(f"protocol: {run_id} (same configuration as {twin.relative_to(root)})", flush=True)
-        shutil.copytree(twin, out, dirs_exist_ok=True)
-        return 0
-    print(f"protocol: {run_id}", flush=True)
     config = apply_overrides(config, [f"checkpoint.every={CHECKPOINT_EVERY}", "checkpoint.keep=1"])
     # A run killed before its first checkpoint leaves an empty folder: start it afresh.
     resume = checkpoint.has_checkpoints(out / "checkpoints")
     engine.run(config, output_dir=out, resume=resume)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     compact(out)
-    return 1
 
 
 def _finished_twin(out: pathlib.Path, config: RunConfig) -> pathlib.Path | None:

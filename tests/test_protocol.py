@@ -389,6 +389,59 @@ def test_one_arm_end_to_end_on_smoke_runs(tmp_path, tiny_model_dir, wordnet_noun
     assert f"Machines (the table's runs): 2 on {backend}" in table
 
 
+def _fake_train(out, config):
+    """In place of a real run: a finished run whose validation accuracy grows with the rate."""
+    _fake_run(out.parent, out.name, validation=config.optimizer.learning_rate * 10)
+
+
+def test_workers_share_the_grid_run_by_run(tmp_path, monkeypatch, capsys):
+    """A run another process holds is left to it: the worker takes the next one in order,
+    comes back for the held one once it is free, and waits while every run left is held
+    (here the 'other process' finishes its run while this one waits)."""
+    monkeypatch.setattr(protocol, "train", _fake_train)
+    where = "trec_fewshot_iid/local"
+    first, second, third = (f"{where}/lr{r:g}/seed0" for r in protocol.LEARNING_RATES)
+    execute = lambda: protocol.execute(tmp_path, ["trec_fewshot_iid"], ["local"], smoke=False, limit=1)
+    with protocol.claim(tmp_path, first) as ours:
+        assert ours
+        with protocol.claim(tmp_path, first) as again:  # a second claim of a held run fails
+            assert not again
+        assert execute() == 1
+    assert (tmp_path / second / "summary.json").exists() and not (tmp_path / first).exists()
+    assert execute() == 1 and (tmp_path / first / "summary.json").exists()  # released: taken now
+
+    def other_process_finishes(seconds):
+        _fake_train(tmp_path / third, protocol.run_config(
+            protocol.setting_base("trec_fewshot_iid", False), protocol.ARMS["local"], 0.01, 0, ()))
+
+    monkeypatch.setattr(protocol.time, "sleep", other_process_finishes)
+    capsys.readouterr()
+    with protocol.claim(tmp_path, third):
+        assert execute() == 1  # waited for the third rate, then planned again: the edge's extension
+    assert "waiting: the 1 runs left to do now are held by other processes" in capsys.readouterr().out
+    assert (tmp_path / f"{where}/lr0.03/seed0/summary.json").exists()
+
+
+def test_a_claim_held_by_another_process_is_released_when_it_dies(tmp_path):
+    import subprocess
+    import sys
+
+    lock = tmp_path / protocol.CLAIMS / "s+a+lr0.01+seed0.lock"
+    lock.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({str(lock)!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with protocol.claim(tmp_path, "s/a/lr0.01/seed0") as ours:
+            assert not ours
+    finally:
+        holder.kill()
+        holder.wait()
+    with protocol.claim(tmp_path, "s/a/lr0.01/seed0") as ours:
+        assert ours
+
+
 def test_compacting_keeps_every_record_and_skips_unfinished_runs(tmp_path):
     curve = [0.1 * k for k in range(1, 9)]
     _fake_run(tmp_path, "s/a/lr0.001/seed0", 0.8, curve=curve)
