@@ -475,7 +475,29 @@ def claim(root: pathlib.Path, run_id: str) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
-        yield True  # released when the file is closed
+        try:
+            yield True
+        finally:
+            # Removed while still held: a process that opens the name later locks a new file
+            # and then finds the run finished (``_run`` looks under the lock). The lock goes
+            # when the file is closed.
+            path.unlink(missing_ok=True)
+
+
+def running(root: pathlib.Path) -> list[str]:
+    """The runs that processes hold now (their claims' locks are taken)."""
+    import fcntl
+
+    held = []
+    for path in sorted((root / CLAIMS).glob("*.lock")):
+        try:
+            with open(path) as handle:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except FileNotFoundError:  # released and removed since the listing
+            continue
+        except BlockingIOError:
+            held.append(path.stem.replace("+", "/"))
+    return held
 
 
 def work(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool,
@@ -1148,7 +1170,8 @@ def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool
     and an estimate of what is left: per arm left, the grid runs a measured arm of its kind
     (with or without server settings; ``ASSUMED_RUNS`` before one is) took on average, less
     those it has run, at the median minutes of a run so far (a median: a run paused or
-    resumed counts its wall time; plateau checks are neither counted nor timed here)."""
+    resumed counts its wall time; plateau checks are neither counted nor timed here); then
+    the runs that processes are running now, if any (workers side by side divide the hours)."""
     lines = []
     for setting in settings:
         applicable = [name for name in arms if applies(ARMS[name], setting)]
@@ -1186,6 +1209,9 @@ def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool
                      f"{per_arm[True]:.1f}{'' if by_kind[True] else ' assumed'} with them), "
                      f"~{left * np.median(pace) / 3600:.1f} h at this pace, plateau checks besides")
         lines.append(line + ".")
+    held = running(root)
+    if held:  # workers side by side share the hours left
+        lines.append(f"running now ({len(held)} at once): {', '.join(held)}")
     return lines
 
 

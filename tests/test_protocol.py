@@ -406,8 +406,10 @@ def test_workers_share_the_grid_run_by_run(tmp_path, monkeypatch, capsys):
         assert ours
         with protocol.claim(tmp_path, first) as again:  # a second claim of a held run fails
             assert not again
+        assert protocol.running(tmp_path) == [first]
         assert execute() == 1
     assert (tmp_path / second / "summary.json").exists() and not (tmp_path / first).exists()
+    assert protocol.running(tmp_path) == [] and not list((tmp_path / protocol.CLAIMS).iterdir())  # none left
     assert execute() == 1 and (tmp_path / first / "summary.json").exists()  # released: taken now
 
     def other_process_finishes(seconds):
