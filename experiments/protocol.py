@@ -61,6 +61,7 @@ import gzip
 import json
 import logging
 import math
+import os
 import pathlib
 import shutil
 import sys
@@ -241,8 +242,15 @@ def compact(run_dir: pathlib.Path) -> bool:
     plain = run_dir / "metrics.jsonl"
     if not plain.exists() or not (run_dir / "summary.json").exists() or (run_dir / "checkpoints").exists():
         return False
-    (run_dir / "metrics.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes(), mtime=0))
-    plain.unlink()
+    try:
+        data = gzip.compress(plain.read_bytes(), mtime=0)
+    except FileNotFoundError:  # another worker compacted it just now
+        return False
+    # Written aside, then renamed: a reader (or a second worker) never sees half a file.
+    partial = run_dir / f"metrics.jsonl.gz.{os.getpid()}"
+    partial.write_bytes(data)
+    partial.replace(run_dir / "metrics.jsonl.gz")
+    plain.unlink(missing_ok=True)
     return True
 
 
