@@ -11,7 +11,9 @@ In one run on the same machine (issue 9, item 4):
   clients trained one after another with ``torch.optim.AdamW``, then the cores averaged;
 * ``torch_compile``: the same, with the model's loss under ``torch.compile`` (TorchInductor;
   AOTAutograd compiles the backward pass too): the peer a PyTorch user would pick for speed.
-  Its compilation falls in the warm-up round, which is not timed.
+  Its compilation falls in the warm-up round, which is not timed. ``--smoke`` compiles with
+  the ``aot_eager`` backend instead (``--torch-compile-backend`` chooses): the same tracing
+  and compiled backward without Inductor's kernels, whose C++ build costs a CI run ~45 s.
 
 All four train the same parameters (A, B, C, LayerNorms, head) on the same real
 movie-review batches (MiniLM, 10 clients, 8 steps of 16 x 64 tokens; the default preset),
@@ -138,10 +140,11 @@ def time_jax_loop(setup, rounds: int) -> list[float]:
     return seconds[1:]  # the first round compiles
 
 
-def time_pytorch(setup, rounds: int, threads: int, compiled: bool = False) -> list[float]:
+def time_pytorch(setup, rounds: int, threads: int, compiled: bool = False, backend: str = "inductor") -> list[float]:
     """Sequential clients on transformers' PyTorch BERT with tri-factor LoRA modules, on the
     GPU when PyTorch sees one (bf16 autocast when the preset computes in bfloat16);
-    ``compiled``: the loss (forward and, through AOTAutograd, backward) under ``torch.compile``."""
+    ``compiled``: the loss (forward and, through AOTAutograd, backward) under ``torch.compile``
+    with ``backend``."""
     import contextlib
 
     import torch
@@ -198,7 +201,7 @@ def time_pytorch(setup, rounds: int, threads: int, compiled: bool = False) -> li
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
             return torch.nn.functional.cross_entropy(head(pooled).float(), labels)
 
-    loss_of = torch.compile(client_loss) if compiled else client_loss
+    loss_of = torch.compile(client_loss, backend=backend) if compiled else client_loss
     cores = [k for k in trainable if k.endswith(".C")]
     seconds = []
     for round_index in range(rounds + 1):
@@ -331,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="2 clients, 1 step of 4 x 16 tokens")
     parser.add_argument("--skip-pytorch", action="store_true", help="no PyTorch peers (eager or compiled)")
     parser.add_argument("--skip-torch-compile", action="store_true", help="no torch.compile peer")
+    parser.add_argument("--torch-compile-backend", default=None,
+                        help="torch.compile's backend (default inductor; aot_eager under --smoke: the same "
+                             "tracing and AOTAutograd backward without Inductor's C++ build, about 45 s cold on 2 "
+                             "CPU cores, which times nothing a GPU's Triton kernels would)")
     parser.add_argument("--skip-profile", action="store_true", help="no profiler trace of one client step")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a preset field (repeatable), e.g. model.dtype=bfloat16")
@@ -343,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     from celora_jax.federated import engine
 
     rounds = 1 if args.smoke else args.rounds
+    compile_backend = args.torch_compile_backend or ("aot_eager" if args.smoke else "inductor")
     try:
         config = _config((SMOKE if args.smoke else []) + args.overrides, rounds + 2, args.preset)
     except ValueError as error:  # an unknown key or a bad value: say so before loading anything
@@ -356,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_pytorch:
         timings["pytorch"] = lambda: time_pytorch(setup, rounds, os.cpu_count() or 1)
         if not args.skip_torch_compile:
-            timings["torch_compile"] = lambda: time_pytorch(setup, rounds, os.cpu_count() or 1, compiled=True)
+            timings["torch_compile"] = lambda: time_pytorch(setup, rounds, os.cpu_count() or 1, compiled=True,
+                                                            backend=compile_backend)
     for name, measure in timings.items():
         seconds = measure()
         median = statistics.median(seconds)
@@ -383,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
                      "local_steps": setup.local_steps, "batch_size": fed.batch_size,
                      "max_length": setup.config.model.max_length, "rank": setup.task.adapter_config.rank,
                      "dtype": setup.config.model.dtype, "attention": setup.config.model.attention,
-                     "remat": setup.config.model.remat, "timed_rounds": rounds},
+                     "remat": setup.config.model.remat, "timed_rounds": rounds,
+                     "torch_compile_backend": compile_backend if "torch_compile" in results else None},
         "variants": results,
         "ratios": ratios,
         "flops_per_client_step": flops,

@@ -81,6 +81,7 @@ def test_round_speed_benchmark_smoke_with_overrides_writes_json(tmp_path, tiny_m
     settings = report["settings"]
     assert settings["preset"] == "gpu (smoke)" and settings["overrides"] == overrides
     assert (settings["dtype"], settings["attention"], settings["remat"]) == ("bfloat16", "xla", False)
+    assert settings["torch_compile_backend"] == "aot_eager"  # a smoke run skips Inductor's C++ build
     assert set(report["variants"]) == {"engine", "jax_loop", "pytorch", "torch_compile"}
     for name, variant in report["variants"].items():
         assert variant["median_round_s"] > 0
