@@ -191,7 +191,11 @@ def ordered_arms(names: list[str] | None) -> list[str]:
         if unknown:
             raise ValueError(f"unknown arms {unknown}; choose from {sorted(ARMS)}")
         return list(names)
-    return [*FIRST, *[name for name in ARMS if name not in FIRST]]
+    rest = [name for name in ARMS if name not in FIRST]
+    # The shared-basis oracles beyond the first basis and rank are diagnostics the issues do
+    # not ask for: they come last, after every arm the issues name (centralized included).
+    diagnostics = [name for name in rest if name.startswith("cluster_oracle_")]
+    return [*FIRST, *[name for name in rest if name not in diagnostics], *diagnostics]
 
 
 def setting_base(setting: str, smoke: bool, overrides: tuple[str, ...] = ()) -> RunConfig:

@@ -481,3 +481,12 @@ def test_twins_ignore_where_runs_write_and_which_rounds_read_the_test_split():
     other_rate = {**older, "optimizer": {"learning_rate": 0.003}}
     assert protocol._comparable(config) != protocol._comparable(other_rate)
     assert protocol._comparable({"federation": {"rounds": 40}}) != protocol._comparable(older)
+
+
+def test_the_default_order_runs_what_the_issues_name_before_the_extra_oracles():
+    order = protocol.ordered_arms(None)
+    assert sorted(order) == sorted(protocol.ARMS)  # every arm once
+    assert order[:4] == ["fedavg_lora_r8", "local", "celora", "cluster_oracle"]
+    extra = [f"cluster_oracle_{i}_r{r}" for i in protocol.SHARED_BASES for r in protocol.SHARED_BASIS_RANKS][1:]
+    assert order[-len(extra):] == extra and order.index("centralized") < order.index(extra[0])
+    assert protocol.ordered_arms(["local", "celora"]) == ["local", "celora"]  # named arms keep their order
