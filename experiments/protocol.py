@@ -174,7 +174,7 @@ ARMS = _arms()
 # at the first basis and rank, the shared-basis oracle, to tell the basis's cost from the
 # clustering's, and CE-LoRA with the class-conditional data distance, which sees relabelled
 # clusters before round 1; after the first rank, CE-LoRA's cores plainly averaged: claim 2's
-# other side for CE-LoRA as specified), then everything else.
+# other side for CE-LoRA as specified), then everything else (``ordered_arms``).
 FIRST = ("fedavg_lora_r8", "local", "celora", "cluster_oracle",
          *[name for r in SHARED_BASIS_RANKS for i in SHARED_BASES
            for name in (f"fed_sb_{i}_r{r}", f"celora_{i}_r{r}",
