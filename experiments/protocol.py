@@ -13,8 +13,8 @@ trained to a plateau, then measured on 3 seeds; the accuracy-vs-communication fr
 Several processes can run the grid on one results root at once: each takes the first run in
 the protocol's order that no other process holds (``claim``). On a 2-core machine two
 workers, each on one core with one device, overlap what runs on one thread (compilation,
-loading, evaluation set-up): 1.3x the runs per hour of one process on both cores for a
-6-round run, less for the grid's 20-round ones (benchmarks/results/protocol_devices.json):
+loading, evaluation set-up): 1.07x the runs per hour of one process on both cores for the
+grid's 20-round runs, 1.3x for 6-round ones (benchmarks/results/protocol_devices.json):
 
     for core in 0 1; do XLA_FLAGS=--xla_force_host_platform_device_count=1 taskset -c $core \
         python -m experiments.protocol --stage run & done
