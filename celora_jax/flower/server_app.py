@@ -28,7 +28,7 @@ their sender: the SuperLink itself answers for a node whose heartbeat expired ("
 Unavailable", sent from the SuperLink's own node id), and such a node counts as silent,
 its download still pending.
 
-The strategy waits for replies with its own pull loop (``PromptGrid``): Flower's
+The strategy waits for replies with its own pull loop (``prompt_grid.PromptGrid``): Flower's
 ``Grid.send_and_receive`` checks for replies every 3 s, which adds 1.5 s on average to every
 exchange; this one checks after 0.1 s and backs off to once a second.
 
@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -53,6 +53,7 @@ from flwr.serverapp.strategy import Strategy
 from celora_jax.federated.methods.base import FederatedMethod
 from celora_jax.federated.server_node import ServerNode, stack_statistics
 from celora_jax.flower import records
+from celora_jax.flower.prompt_grid import prompt
 from celora_jax.server import wire
 from celora_jax.server.aggregation import AggregationConfig
 from celora_jax.server.gmm import ClassMixtures
@@ -68,44 +69,6 @@ NODE_TIMINGS = ("before_app", "setup", "train")
 # reply was lost), so it did not apply its download.
 UNDELIVERED = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
                          ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
-
-
-class PromptGrid:
-    """A Flower ``Grid`` whose ``send_and_receive`` checks for replies after ``first_poll``
-    seconds, then ever less often up to ``max_poll`` (Flower's own waits 3 s between checks);
-    everything else is the wrapped grid's.
-
-    ``give_up``, if set, is called between checks with the ids of the messages still
-    unanswered and returns those not to wait for any longer (it is not called by the
-    exchanges it starts itself).
-    """
-
-    def __init__(self, grid: Grid, first_poll: float = 0.1, max_poll: float = 1.0):
-        self.grid, self.first_poll, self.max_poll = grid, float(first_poll), float(max_poll)
-        self.give_up: Callable[[set[str]], set[str]] | None = None
-
-    def __getattr__(self, name):
-        return getattr(self.grid, name)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        give_up, self.give_up = self.give_up, None
-        try:
-            waiting = {i for i in self.grid.push_messages(list(messages)) if i}
-            deadline = None if timeout is None else time.monotonic() + timeout
-            replies, poll = [], self.first_poll
-            while waiting:
-                pulled = list(self.grid.pull_messages(waiting))
-                replies.extend(pulled)
-                waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
-                if waiting and give_up is not None:
-                    waiting -= give_up(set(waiting))
-                if not waiting or (deadline is not None and time.monotonic() >= deadline):
-                    break
-                time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
-                poll = min(poll * 1.5, self.max_poll)
-            return replies
-        finally:
-            self.give_up = give_up
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -152,7 +115,7 @@ class CeloraStrategy(Strategy):
     def setup(self, grid: Grid, timeout: float | None = None) -> None:
         """Asks every node who it is, its size and (if needed) its data statistic."""
         self.timeout = timeout
-        grid = _prompt(grid)
+        grid = prompt(grid)
         node_ids = _wait_for_nodes(grid, self.num_clients, timeout)
         queries = _queries(node_ids, 0)
         replies = list(grid.send_and_receive(queries, timeout=timeout))
@@ -264,7 +227,7 @@ class CeloraStrategy(Strategy):
     def start(self, grid: Grid, *args, **kwargs):
         """Flower's ``Strategy.start``, waiting for replies through ``PromptGrid`` (which
         stops waiting for a node whose client came back on a new node, ``_replaced``)."""
-        grid = _prompt(grid)
+        grid = prompt(grid)
         grid.give_up = lambda waiting: self._replaced(grid, waiting)
         try:
             return super().start(grid, *args, **kwargs)
@@ -395,10 +358,6 @@ class CeloraStrategy(Strategy):
 
     def summary(self) -> None:
         logger.info("celora-jax %s over %d clients", self.method.name, self.num_clients)
-
-
-def _prompt(grid: Grid) -> Grid:
-    return grid if isinstance(grid, PromptGrid) else PromptGrid(grid)
 
 
 def _destinations(sent: Iterable[Message]) -> dict[str, int]:
