@@ -34,6 +34,13 @@ The rule, the same for every method (an "arm": a method at one rank and adapter 
    chosen rate for each value of a small declared grid, stage by stage, each stage at the
    choices before it (``CELORA_SERVER``), chosen by the same rule. A stage that cannot
    change anything at those choices is skipped (``moot``: the origin when β = 1).
+   3a. At the ranks above the first, CE-LoRA in a shared basis takes the server settings
+   that CE-LoRA in the same basis chose at the first rank on the same setting
+   (``Arm.server_from``) and chooses only its rate, by rule 2, at them (steps
+   ``lr<rate>_<those choices>``). The settings say how the clients differ, a property of
+   the partition that a larger core should not change; searching them again would cost
+   about 8 more runs per arm, about 9 CPU-hours over the grid's 16 such arms. Declared on
+   2026-12-06, before any of those arms ran; the report names the arm each took them from.
 4. Those methods then choose the learning rate once more, by rule 2, at the chosen server
    settings (step ``lr<rate>_<server choices>``): the first choice was made at METHOD.md's
    default settings, and the best rate moves with them (under concept shift a client that
@@ -103,6 +110,9 @@ class Arm:
     overrides: tuple[str, ...] = ()
     server_stages: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = ()
     needs_clusters: bool = False  # runs only where the partition has hidden clusters
+    # The arm whose chosen server settings (on the same setting) this one takes instead of
+    # searching its own (rule 3a); it waits until that arm has chosen.
+    server_from: str | None = None
 
 
 def applies(arm: Arm, setting: str) -> bool:
@@ -153,8 +163,10 @@ def _arms() -> dict[str, Arm]:
     for init in SHARED_BASES:
         for rank in SHARED_BASIS_RANKS:
             basis = (f"adapter.init='{init}'", f"adapter.rank={rank}")
+            first = rank == SHARED_BASIS_RANKS[0]
             arms += [Arm(f"fed_sb_{init}_r{rank}", "fed_sb", basis),
-                     Arm(f"celora_{init}_r{rank}", "celora", basis, CELORA_SERVER),
+                     Arm(f"celora_{init}_r{rank}", "celora", basis, CELORA_SERVER if first else (),
+                         server_from=None if first else f"celora_{init}_r{SHARED_BASIS_RANKS[0]}"),
                      # Fed-SB inside the true clusters: CE-LoRA's ceiling in this basis.
                      Arm(f"cluster_oracle_{init}_r{rank}", "cluster_oracle",
                          ("federation.method_options.cluster_oracle.shared_basis=True", *basis), needs_clusters=True)]
@@ -304,6 +316,8 @@ def plan(root: pathlib.Path, setting: str, arm: Arm, smoke: bool,
         return
     base = _grid_base(root, setting, smoke, overrides)
     walked = walk(root / setting / arm.name, arm, SMOKE_RATES if smoke else LEARNING_RATES)
+    if walked.waits_on is not None:
+        return
     if walked.missing:
         for step, rate, server in walked.missing:
             yield f"{setting}/{arm.name}/{step}/seed0", run_config(base, arm, rate, 0, server)
@@ -378,6 +392,7 @@ class Walk:
     server overrides), or, once there are none, what it chose and the scores it chose by."""
 
     missing: tuple[tuple[str, float, tuple[str, ...]], ...] = ()
+    waits_on: str | None = None  # the arm whose server choice this one takes has not chosen yet (rule 3a)
     rate: float | None = None
     first_rate: float | None = None  # the rate chosen before the server settings (rule 2)
     server: tuple[str, ...] = ()
@@ -389,7 +404,10 @@ class Walk:
 def walk(where: pathlib.Path, arm: Arm, grid: tuple[float, ...]) -> Walk:
     """Rules 2-4 over the arm's finished seed-0 runs under ``where``: the rate, then the
     server settings at that rate, then (for arms with server settings) the rate again at
-    those settings; stops at the first choice that waits on runs."""
+    those settings; stops at the first choice that waits on runs. An arm that takes another
+    arm's server settings (rule 3a) runs rule 2 at them once that arm has chosen."""
+    if arm.server_from is not None:
+        return inherited_walk(where, arm, grid)
     scores = _rate_scores(where)
     first, missing = rate_pass(scores, grid)
     if first is None:
@@ -406,6 +424,20 @@ def walk(where: pathlib.Path, arm: Arm, grid: tuple[float, ...]) -> Walk:
         return Walk(missing=tuple((rate_step(r) + suffix, r, server) for r in missing))
     return Walk(rate=rate, first_rate=first, server=server, step=rate_step(rate) + suffix, by_rate=scores,
                 by_rate_at_server=again)
+
+
+def inherited_walk(where: pathlib.Path, arm: Arm, grid: tuple[float, ...]) -> Walk:
+    """Rule 3a: the rate (rule 2) at the server settings ``arm.server_from`` chose on the
+    same setting, whose step suffix (e.g. ``_beta0.0_lam1.0``) names this arm's runs."""
+    donor = walk(where.parent / arm.server_from, ARMS[arm.server_from], grid)
+    if donor.missing or donor.waits_on is not None:
+        return Walk(waits_on=arm.server_from)
+    suffix = donor.step[len(rate_step(donor.rate)):]
+    scores = _rate_scores(where, suffix)
+    rate, missing = rate_pass(scores, grid)
+    if rate is None:
+        return Walk(missing=tuple((rate_step(r) + suffix, r, donor.server) for r in missing))
+    return Walk(rate=rate, server=donor.server, step=rate_step(rate) + suffix, by_rate=scores)
 
 
 def server_search(where: pathlib.Path, arm: Arm, rate: float
@@ -453,13 +485,14 @@ def choice(root: pathlib.Path, setting: str, arm: Arm, smoke: bool) -> dict | No
     """What the rule chose for a finished arm, with every tried configuration's score."""
     where = root / setting / arm.name
     walked = walk(where, arm, SMOKE_RATES if smoke else LEARNING_RATES)
-    if walked.missing:
+    if walked.missing or walked.waits_on is not None:
         return None
     # A winner at the extension step: the rule tries nothing beyond it, so the report says so.
     return {"learning_rate": walked.rate, "server": list(walked.server), "step": walked.step,
             "at_grid_edge": not smoke and walked.rate in EXTENSION.values(),
             "validation_by_rate": {f"{r:g}": s[0] for r, s in sorted(walked.by_rate.items())},
-            "validation_by_server": tried_server(where, arm, walked.first_rate),
+            "validation_by_server": {} if walked.first_rate is None else tried_server(where, arm, walked.first_rate),
+            "server_from": arm.server_from,  # rule 3a: the arm whose server choice this one took
             # The second pass over the rates at the chosen server settings (rule 4).
             "first_rate": walked.first_rate,
             "validation_by_rate_at_server": {f"{r:g}": s[0] for r, s in sorted(walked.by_rate_at_server.items())}}
@@ -531,6 +564,16 @@ def work(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool,
             rows = summaries[setting]
             if name in plateau_candidates(rows, smoke):
                 yield from plan_plateau(root, setting, ARMS[name], rows["arms"][name], smoke, overrides)
+
+
+def waiting(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool) -> list[str]:
+    """The arms that cannot start because the arm whose server settings they take (rule 3a)
+    has not chosen them yet, as lines to print."""
+    grid = SMOKE_RATES if smoke else LEARNING_RATES
+    return [f"{setting}/{name} waits for {ARMS[name].server_from}'s server settings (rule 3a)"
+            + ("" if ARMS[name].server_from in arms else "; add that arm to --arms")
+            for name in arms for setting in settings
+            if applies(ARMS[name], setting) and walk(root / setting / name, ARMS[name], grid).waits_on]
 
 
 def execute(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool, limit: int | None = None,
@@ -924,10 +967,13 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
                        "server_stages": {name: [[n or "(as chosen before)" for n, _ in stage]
                                                 for stage in arm.server_stages]
                                          for name, arm in ARMS.items() if arm.server_stages},
+                       "server_from": {name: arm.server_from for name, arm in ARMS.items() if arm.server_from},
                        "selection": "best validation accuracy at the last round on seed 0, ties by lower "
                                     "validation loss; arms with server settings choose them stage by stage at "
-                                    "the chosen rate, then the rate once more at those settings; then seeds 1 "
-                                    "and 2 at the chosen configuration"},
+                                    "the chosen rate, then the rate once more at those settings (CE-LoRA in a shared "
+                                    "basis above the first rank takes its basis's first-rank server settings and "
+                                    "chooses only the rate at them); then seeds 1 and 2 at the chosen "
+                                    "configuration"},
               "settings": {}}
     for setting in settings:
         rows, by_arm = {}, {}
@@ -1063,6 +1109,8 @@ def markdown(summary: dict) -> str:
                 by_rate += "; at the server's choice: " + ", ".join(
                     f"{r}: {_percent(v)}" for r, v in row["validation_by_rate_at_server"].items())
             server = ", ".join(row["server"]) or "-"
+            if row.get("server_from"):
+                server += f" (as {row['server_from']} chose)"
             rising = "n/a" if row["still_rising"] is None else f"{100 * row['still_rising']:+.1f}"
             versus = " | ".join(_difference(row.get("paired", {}).get(base)) for base in BASELINES)
             lines.append(f"| {'**' + name + '**' if name in data['frontier'] else name} | {len(row['seeds'])} | "
@@ -1271,10 +1319,15 @@ def main(argv: list[str] | None = None) -> int:
                     for run_id, _ in plan_plateau(root, setting, ARMS[name], data["arms"][name], args.smoke,
                                                   tuple(args.overrides)):
                         print(f"{run_id} (plateau check)")
+        for line in waiting(root, settings, arms, args.smoke):
+            print(line)
         return 0
     if args.stage in ("run", "all"):
         ran = execute(root, settings, arms, args.smoke, args.limit, tuple(args.overrides))
         print(f"protocol: ran {ran} runs", flush=True)
+        if args.limit is None or ran < args.limit:  # the grid stopped with nothing left it could run
+            for line in waiting(root, settings, arms, args.smoke):
+                print(f"protocol: {line}", flush=True)
     if args.stage == "compact":
         print(f"protocol: compacted the records of {compact_finished(root)} finished runs", flush=True)
     if args.stage == "plateau":

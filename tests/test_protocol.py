@@ -126,6 +126,45 @@ def test_the_second_pass_over_rates_extends_an_edge_at_the_server_settings(tmp_p
     assert local["step"] == "lr0.003" and local["validation_by_rate_at_server"] == {}
 
 
+def test_higher_ranks_take_the_first_ranks_server_settings_and_choose_only_the_rate(tmp_path):
+    """Rule 3a: CE-LoRA at r = 32 in a basis waits for r = 16's server choice in that basis on
+    the same setting, then runs the rate grid at it (no server stages of its own)."""
+    donor, arm = "celora_weight_svd_r16", "celora_weight_svd_r32"
+    assert protocol.ARMS[arm].server_from == donor and not protocol.ARMS[arm].server_stages
+    assert protocol.ARMS["celora_gradient_svd_r64"].server_from == "celora_gradient_svd_r16"
+    assert protocol.ARMS[donor].server_from is None and protocol.ARMS["celora"].server_from is None
+    assert _next(tmp_path, arm) == [] and protocol.choice(tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], False) is None
+    assert protocol.waiting(tmp_path, ["trec_fewshot_iid"], [arm], False) == [
+        f"trec_fewshot_iid/{arm} waits for {donor}'s server settings (rule 3a); add that arm to --arms"]
+    where = f"trec_fewshot_iid/{donor}"
+    for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):
+        _fake_run(tmp_path, f"{where}/lr{rate:g}/seed0", validation)
+    for name, _ in protocol.BETA_GRID:
+        _fake_run(tmp_path, f"{where}/lr0.003_{name}/seed0", 0.7 if name == "beta0.5" else 0.6)
+    for name, _ in protocol.LAMBDA_GRID:
+        _fake_run(tmp_path, f"{where}/lr0.003_beta0.5_{name}/seed0", 0.8 if name == "lam0.1" else 0.6)
+    _fake_run(tmp_path, f"{where}/lr0.003_beta0.5_lam0.1_since_received/seed0", 0.7)
+    assert _next(tmp_path, arm) == []  # the donor's second rate pass is still to run
+    for rate in (0.001, 0.01):
+        _fake_run(tmp_path, f"{where}/lr{rate:g}_beta0.5_lam0.1/seed0", 0.75 if rate == 0.01 else 0.5)
+    assert protocol.waiting(tmp_path, ["trec_fewshot_iid"], [donor, arm], False) == []
+    suffix = "beta0.5_lam0.1"
+    todo = list(protocol.plan(tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], False))
+    assert [run_id for run_id, _ in todo] == [f"trec_fewshot_iid/{arm}/lr{r:g}_{suffix}/seed0"
+                                              for r in protocol.LEARNING_RATES]
+    assert {(c.adapter.rank, c.aggregation.beta, c.aggregation.lam, c.aggregation.update_since)
+            for _, c in todo} == {(32, 0.5, 0.1, "start")}
+    for rate, validation in zip(protocol.LEARNING_RATES, (0.5, 0.8, 0.7)):  # its own rate, not the donor's
+        _fake_run(tmp_path, f"trec_fewshot_iid/{arm}/lr{rate:g}_{suffix}/seed0", validation)
+    todo = list(protocol.plan(tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], False))
+    assert [run_id for run_id, _ in todo] == [f"trec_fewshot_iid/{arm}/lr0.003_{suffix}/seed{k}" for k in (1, 2)]
+    assert {(c.optimizer.learning_rate, c.aggregation.lam) for _, c in todo} == {(0.003, 0.1)}
+    chosen = protocol.choice(tmp_path, "trec_fewshot_iid", protocol.ARMS[arm], False)
+    assert chosen["server"] == ["aggregation.beta=0.5", "aggregation.lam=0.1"] and chosen["server_from"] == donor
+    assert chosen["validation_by_rate"] == {"0.001": 0.5, "0.003": 0.8, "0.01": 0.7}
+    assert chosen["validation_by_server"] == {} and chosen["step"] == f"lr0.003_{suffix}"
+
+
 def test_status_counts_measured_arms_and_estimates_the_rest(tmp_path):
     where = "trec_fewshot_iid/local"
     for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):
