@@ -305,12 +305,15 @@ def test_compilation_cache_directory_resolution(monkeypatch, tmp_path):
 
 def test_compilation_cache_writes_programs_and_can_be_turned_off(monkeypatch, tmp_path):
     monkeypatch.delenv(compile_cache.ENVIRONMENT, raising=False)
+    monkeypatch.delenv(compile_cache.MIN_SECONDS_ENVIRONMENT, raising=False)  # the library's default
     before = jax.config.jax_compilation_cache_dir
     min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
     try:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # JAX's default
         directory = compile_cache.enable(str(tmp_path / "cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # this tiny program too
         assert jax.config.jax_compilation_cache_dir == str(directory)
+        # Programs that compile in moments are cached too (read back, ~170 of them save a run seconds).
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
         jax.jit(lambda x: jnp.sin(x) * 3.0 + jnp.arange(7.0))(jnp.ones(7)).block_until_ready()
         assert any(directory.iterdir())
         assert compile_cache.enable("off") is None and jax.config.jax_compilation_cache_dir is None
