@@ -561,9 +561,25 @@ def work(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool,
                 continue
             if setting not in summaries:
                 summaries[setting] = summarize(root, [setting], smoke)["settings"][setting]
-            rows = summaries[setting]
-            if name in plateau_candidates(rows, smoke):
-                yield from plan_plateau(root, setting, ARMS[name], rows["arms"][name], smoke, overrides)
+            yield from plateau_runs(root, setting, name, summaries[setting], smoke, overrides)
+
+
+def plateau_runs(root: pathlib.Path, setting: str, name: str, rows: dict, smoke: bool,
+                 overrides: tuple[str, ...] = ()) -> Iterator[tuple[str, RunConfig]]:
+    """Arm ``name``'s plateau check on ``setting`` if it is measured there, needs one and
+    has not run (``rows``: the setting's summary)."""
+    if name in plateau_candidates(rows, smoke):
+        yield from plan_plateau(root, setting, ARMS[name], rows["arms"][name], smoke, overrides)
+
+
+def plateau_work(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool,
+                 overrides: tuple[str, ...] = ()) -> Iterator[tuple[str, RunConfig]]:
+    """Every plateau check still to run among ``arms``, setting by setting, as the settings
+    stood when each was summarized."""
+    for setting in settings:
+        rows = summarize(root, [setting], smoke)["settings"][setting]
+        for name in arms:
+            yield from plateau_runs(root, setting, name, rows, smoke, overrides)
 
 
 def waiting(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool) -> list[str]:
@@ -615,15 +631,10 @@ def execute_plateau(root: pathlib.Path, settings: list[str], arms: list[str], sm
     """Runs the plateau check of every measured arm among ``arms`` that needs one (those
     another process holds are left to it)."""
     done = 0
-    for setting in settings:
-        rows = summarize(root, [setting], smoke)["settings"][setting]
-        for name in plateau_candidates(rows, smoke):
-            if name not in arms:
-                continue
-            for run_id, config in plan_plateau(root, setting, ARMS[name], rows["arms"][name], smoke, overrides):
-                if limit is not None and done >= limit:
-                    return done
-                done += _run(root, run_id, config) or 0
+    for run_id, config in plateau_work(root, settings, arms, smoke, overrides):
+        if limit is not None and done >= limit:
+            break
+        done += _run(root, run_id, config) or 0
     return done
 
 
@@ -1312,13 +1323,8 @@ def main(argv: list[str] | None = None) -> int:
             for setting in settings:
                 for run_id, _ in plan(root, setting, ARMS[name], args.smoke, tuple(args.overrides)):
                     print(run_id)
-        for setting in settings:
-            data = summarize(root, [setting], args.smoke)["settings"][setting]
-            for name in plateau_candidates(data, args.smoke):
-                if name in arms:
-                    for run_id, _ in plan_plateau(root, setting, ARMS[name], data["arms"][name], args.smoke,
-                                                  tuple(args.overrides)):
-                        print(f"{run_id} (plateau check)")
+        for run_id, _ in plateau_work(root, settings, arms, args.smoke, tuple(args.overrides)):
+            print(f"{run_id} (plateau check)")
         for line in waiting(root, settings, arms, args.smoke):
             print(line)
         return 0
