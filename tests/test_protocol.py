@@ -24,6 +24,17 @@ def _fake_run(root, run_id, validation, loss=1.0, test=0.5, mb=1.0, curve=None, 
     (run_dir / "config.json").write_text("{}")
 
 
+def _fake_stages(root, where, beta, lam):
+    """Seed 0 of the rate grid (3e-3 wins, in the middle) and of the β and λ stages at 3e-3,
+    where ``beta`` and then ``lam`` win."""
+    for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):
+        _fake_run(root, f"{where}/lr{rate:g}/seed0", validation)
+    for name, _ in protocol.BETA_GRID:
+        _fake_run(root, f"{where}/lr0.003_{name}/seed0", 0.7 if name == f"beta{beta}" else 0.6)
+    for name, _ in protocol.LAMBDA_GRID:
+        _fake_run(root, f"{where}/lr0.003_beta{beta}_{name}/seed0", 0.8 if name == f"lam{lam}" else 0.6)
+
+
 def _next(root, arm, smoke=False):
     return [run_id for run_id, _ in protocol.plan(root, "trec_fewshot_iid", protocol.ARMS[arm], smoke)]
 
@@ -89,12 +100,7 @@ def test_the_rule_tunes_the_rate_then_extends_an_edge_then_the_server_then_seeds
 
 def test_the_second_pass_over_rates_extends_an_edge_at_the_server_settings(tmp_path):
     where = "trec_fewshot_iid/celora"
-    for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):  # 3e-3 first, in the middle
-        _fake_run(tmp_path, f"{where}/lr{rate:g}/seed0", validation)
-    for name, _ in protocol.BETA_GRID:
-        _fake_run(tmp_path, f"{where}/lr0.003_{name}/seed0", 0.7 if name == "beta0.5" else 0.6)
-    for name, _ in protocol.LAMBDA_GRID:
-        _fake_run(tmp_path, f"{where}/lr0.003_beta0.5_{name}/seed0", 0.8 if name == "lam0.1" else 0.6)
+    _fake_stages(tmp_path, where, "0.5", "0.1")
     _fake_run(tmp_path, f"{where}/lr0.003_beta0.5_lam0.1_since_received/seed0", 0.82)  # the distance's origin moves
     suffix = "beta0.5_lam0.1_since_received"
     assert _next(tmp_path, "celora") == [f"{where}/lr{r}_{suffix}/seed0" for r in ("0.001", "0.01")]
@@ -112,12 +118,7 @@ def test_the_second_pass_over_rates_extends_an_edge_at_the_server_settings(tmp_p
     assert chosen["validation_by_rate"] == {"0.001": 0.4, "0.003": 0.6, "0.01": 0.5}  # the first pass, unchanged
     # With β = 1 the parameter distance has no weight: where it measures from is not tried.
     moot = "trec_fewshot_iid/celora_weight_svd_r16"
-    for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):
-        _fake_run(tmp_path, f"{moot}/lr{rate:g}/seed0", validation)
-    for name, _ in protocol.BETA_GRID:
-        _fake_run(tmp_path, f"{moot}/lr0.003_{name}/seed0", 0.7 if name == "beta1.0" else 0.6)
-    for name, _ in protocol.LAMBDA_GRID:
-        _fake_run(tmp_path, f"{moot}/lr0.003_beta1.0_{name}/seed0", 0.8 if name == "lam1.0" else 0.6)
+    _fake_stages(tmp_path, moot, "1.0", "1.0")
     assert _next(tmp_path, "celora_weight_svd_r16") == [f"{moot}/lr{r}_beta1.0_lam1.0/seed0" for r in ("0.001", "0.01")]
     # Arms without server settings choose their rate once.
     for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):
@@ -137,12 +138,7 @@ def test_higher_ranks_take_the_first_ranks_server_settings_and_choose_only_the_r
     assert protocol.waiting(tmp_path, ["trec_fewshot_iid"], [arm], False) == [
         f"trec_fewshot_iid/{arm} waits for {donor}'s server settings (rule 3a); add that arm to --arms"]
     where = f"trec_fewshot_iid/{donor}"
-    for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):
-        _fake_run(tmp_path, f"{where}/lr{rate:g}/seed0", validation)
-    for name, _ in protocol.BETA_GRID:
-        _fake_run(tmp_path, f"{where}/lr0.003_{name}/seed0", 0.7 if name == "beta0.5" else 0.6)
-    for name, _ in protocol.LAMBDA_GRID:
-        _fake_run(tmp_path, f"{where}/lr0.003_beta0.5_{name}/seed0", 0.8 if name == "lam0.1" else 0.6)
+    _fake_stages(tmp_path, where, "0.5", "0.1")
     _fake_run(tmp_path, f"{where}/lr0.003_beta0.5_lam0.1_since_received/seed0", 0.7)
     assert _next(tmp_path, arm) == []  # the donor's second rate pass is still to run
     for rate in (0.001, 0.01):
