@@ -212,6 +212,26 @@ def ordered_arms(names: list[str] | None) -> list[str]:
     return [*FIRST, *[name for name in rest if name not in diagnostics], *diagnostics]
 
 
+# The settings on which the shared-basis issue (#41) compares both bases. Elsewhere the
+# benchmark-protocol issue (#42) asks for one shared basis, the first (data-free: nothing is
+# exchanged before round 1), so the other bases' arms run there after every other arm.
+BOTH_BASES = ("trec_fewshot_iid", "wordnet_clustered_labels")
+
+
+def deferred(name: str, setting: str) -> bool:
+    """Whether arm ``name`` waits behind every other arm on ``setting`` (``BOTH_BASES``)."""
+    return setting not in BOTH_BASES and any(f"_{init}_r" in name for init in SHARED_BASES[1:])
+
+
+def schedule(settings: list[str], arms: list[str]) -> list[tuple[str, str]]:
+    """(arm, setting) pairs in the order the grid runs them: arm by arm, each across the
+    settings, except that a ``deferred`` arm comes after every other arm on its setting."""
+    def position(pair: tuple[str, str]) -> tuple[int, int]:
+        name, setting = pair
+        return arms.index(name) + (len(arms) if deferred(name, setting) else 0), settings.index(setting)
+    return sorted(((name, setting) for name in arms for setting in settings), key=position)
+
+
 def setting_base(setting: str, smoke: bool, overrides: tuple[str, ...] = ()) -> RunConfig:
     """The benchmark preset with the protocol's validation split and rounds (then
     ``overrides``). Train examples are raised so that each client still trains on the
@@ -549,19 +569,19 @@ def running(root: pathlib.Path) -> list[str]:
 
 def work(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool,
          overrides: tuple[str, ...] = ()) -> Iterator[tuple[str, RunConfig]]:
-    """The runs the protocol would do next, in its order: arm by arm, setting by setting, the
-    arm's next runs, or, once it is measured there, its plateau check if it needs one (an arm
-    can come to need one later, e.g. when the frontier changes: every pass looks again)."""
+    """The runs the protocol would do next, in its order (``schedule``): for each arm and
+    setting the arm's next runs, or, once it is measured there, its plateau check if it
+    needs one (an arm can come to need one later, e.g. when the frontier changes: every
+    pass looks again)."""
     summaries = {}
-    for name in arms:
-        for setting in settings:
-            todo = list(plan(root, setting, ARMS[name], smoke, overrides))
-            if todo:
-                yield from todo
-                continue
-            if setting not in summaries:
-                summaries[setting] = summarize(root, [setting], smoke)["settings"][setting]
-            yield from plateau_runs(root, setting, name, summaries[setting], smoke, overrides)
+    for name, setting in schedule(settings, arms):
+        todo = list(plan(root, setting, ARMS[name], smoke, overrides))
+        if todo:
+            yield from todo
+            continue
+        if setting not in summaries:
+            summaries[setting] = summarize(root, [setting], smoke)["settings"][setting]
+        yield from plateau_runs(root, setting, name, summaries[setting], smoke, overrides)
 
 
 def plateau_runs(root: pathlib.Path, setting: str, name: str, rows: dict, smoke: bool,
@@ -1267,7 +1287,7 @@ def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool
                 measured.append(name)
                 by_kind[bool(ARMS[name].server_stages)].append(len(grid))
         pending = [name for name in applicable if name not in measured]
-        nxt = next(((name, len(todo)) for name in pending
+        nxt = next(((name, len(todo)) for name, _ in schedule([setting], pending)
                     if (todo := list(plan(root, setting, ARMS[name], smoke)))), None)
         line = (f"{setting}: {len(measured)} of {len(applicable)} arms measured; {len(seconds)} runs finished "
                 f"({sum(seconds) / 3600:.1f} h")
@@ -1319,10 +1339,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(status(root, settings, arms, args.smoke)))
         return 0
     if args.dry_run:
-        for name in arms:
-            for setting in settings:
-                for run_id, _ in plan(root, setting, ARMS[name], args.smoke, tuple(args.overrides)):
-                    print(run_id)
+        for name, setting in schedule(settings, arms):
+            for run_id, _ in plan(root, setting, ARMS[name], args.smoke, tuple(args.overrides)):
+                print(run_id)
         for run_id, _ in plateau_work(root, settings, arms, args.smoke, tuple(args.overrides)):
             print(f"{run_id} (plateau check)")
         for line in waiting(root, settings, arms, args.smoke):

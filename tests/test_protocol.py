@@ -528,3 +528,19 @@ def test_the_default_order_runs_what_the_issues_name_before_the_extra_oracles():
     extra = [f"cluster_oracle_{i}_r{r}" for i in protocol.SHARED_BASES for r in protocol.SHARED_BASIS_RANKS[1:]]
     assert order[-len(extra):] == extra and order.index("centralized") < order.index(extra[0])
     assert protocol.ordered_arms(["local", "celora"]) == ["local", "celora"]  # named arms keep their order
+
+
+def test_where_one_basis_is_asked_for_the_other_bases_arms_run_after_every_other_arm():
+    order = protocol.ordered_arms(None)
+    settings = ["trec_fewshot_iid", "movie_reviews_clustered_domains"]
+    pairs = protocol.schedule(settings, order)
+    assert sorted(pairs) == sorted((name, setting) for name in order for setting in settings)  # each once
+    # On the shared-basis issue's settings the order is the arms' own, arm by arm across settings.
+    both = [name for name, setting in pairs if setting == "trec_fewshot_iid"]
+    assert both == order and pairs[:2] == [(order[0], settings[0]), (order[0], settings[1])]
+    # On the others every arm in a basis after the first moves behind all the rest, in order.
+    one = [name for name, setting in pairs if setting == "movie_reviews_clustered_domains"]
+    later = [name for name in order if any(f"_{init}_r" in name for init in protocol.SHARED_BASES[1:])]
+    assert later and one == [name for name in order if name not in later] + later
+    assert one.index("celora_weight_svd_r64") < one.index("fed_sb_gradient_svd_r16")
+    assert pairs.index(("centralized", settings[1])) < pairs.index(("fed_sb_gradient_svd_r16", settings[1]))
