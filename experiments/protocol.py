@@ -1194,7 +1194,10 @@ def _mixing_cell(row: dict) -> str:
 
 def plot(summary: dict, out: pathlib.Path) -> list[pathlib.Path]:
     """Per setting: own-test accuracy against MB per round (log axis), the frontier joined,
-    local training and the references as horizontal lines."""
+    local training and the references as horizontal lines. Every arm is named in a legend
+    beside the axes, best first, each with its own colour and marker: a grid of 30 arms puts
+    several at the same bytes (Fed-SB and CE-LoRA in one basis), where labels on the points
+    would overlap. Only the frontier's arms are also named on the plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1202,33 +1205,38 @@ def plot(summary: dict, out: pathlib.Path) -> list[pathlib.Path]:
     from matplotlib import ticker
 
     written = []
+    colours, markers = plt.get_cmap("tab20").colors, "osD^vP*Xhp<>"
     for setting, data in summary["settings"].items():
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(10, 5))
         as_line = {name for name, row in data["arms"].items() if row["mb_per_round"] <= 0 or name in REFERENCES}
-        lines = sorted((100 * data["arms"][name]["test_accuracy"], name) for name in as_line)
-        points = sorted((row["mb_per_round"], -100 * row["test_accuracy"], name) for name, row in data["arms"].items()
-                        if name not in as_line)
-        for k, (megabytes, negative, name) in enumerate(points):
-            row = data["arms"][name]
-            ax.errorbar(megabytes, -negative, yerr=100 * (row["test_accuracy_se"] or 0.0), fmt="o", markersize=4,
-                        capsize=2)
-            # Arms at the same bytes (Fed-SB and CE-LoRA in one basis) stack their labels.
-            stacked = sum(1 for other, _, _ in points[:k] if abs(other / megabytes - 1) < 0.01)
-            ax.annotate(name, (megabytes, -negative), fontsize=6, xytext=(3, 3 - 7 * stacked),
-                        textcoords="offset points")
+        lines = sorted(((100 * data["arms"][name]["test_accuracy"], name) for name in as_line), reverse=True)
+        points = sorted(((-100 * row["test_accuracy"], row["mb_per_round"], name) for name, row in data["arms"].items()
+                         if name not in as_line))
         front = [name for name in data["frontier"] if data["arms"][name]["mb_per_round"] > 0]
+        for k, (negative, megabytes, name) in enumerate(points):
+            row = data["arms"][name]
+            ax.errorbar(megabytes, -negative, yerr=100 * (row["test_accuracy_se"] or 0.0), fmt=markers[k % len(markers)],
+                        color=colours[k % len(colours)], markersize=5, capsize=2,
+                        label=f"{name}: {-negative:.1f}, {megabytes:.3g} MB" + (" (frontier)" if name in front else ""))
+        for k, name in enumerate(front):
+            row = data["arms"][name]
+            # Frontier arms at the same bytes stack their labels.
+            stacked = sum(1 for other in front[:k] if abs(data["arms"][other]["mb_per_round"] / row["mb_per_round"] - 1)
+                          < 0.01)
+            last = k == len(front) - 1 and k > 0  # the rightmost point: its label goes left, inside the axes
+            ax.annotate(name, (row["mb_per_round"], 100 * row["test_accuracy"]), fontsize=6,
+                        xytext=(-4 if last else 4, 3 - 7 * stacked), textcoords="offset points",
+                        ha="right" if last else "left")
         if front:
             ax.plot([data["arms"][n]["mb_per_round"] for n in front],
-                    [100 * data["arms"][n]["test_accuracy"] for n in front], "-", color="black", linewidth=1)
-        # Local training (0 bytes) and the references as lines; a label close under the one
-        # above it goes under its line, so two lines a point apart stay readable.
-        above = None
-        for accuracy, name in reversed(lines):
-            ax.axhline(accuracy, linestyle=":", color="grey", linewidth=1)
-            under = above is not None and above - accuracy < 2.5
-            ax.annotate(f"{name} {accuracy:.1f}", (1.0, accuracy), xycoords=("axes fraction", "data"), fontsize=6,
-                        ha="right", va="top" if under else "bottom")
-            above = None if under else accuracy
+                    [100 * data["arms"][n]["test_accuracy"] for n in front], "-", color="black", linewidth=1,
+                    label="frontier (Pareto-optimal)")
+        # Local training (0 bytes) and the references as lines, each its own dash and shade.
+        for k, (accuracy, name) in enumerate(lines):
+            ax.axhline(accuracy, linestyle=(0, (1 + k % 3, 1 + k // 3)), color=plt.get_cmap("Dark2")(k % 8),
+                       linewidth=1, label=f"{name}: {accuracy:.1f}" + (", 0 MB" if name == "local" else ", reference"))
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=6, frameon=False,
+                  ncol=1 if len(points) + len(lines) <= 34 else 2)
         ax.margins(y=0.08)
         ax.set(xscale="log", xlabel="MB per round (all clients, up + down)",
                ylabel="own-test accuracy (%), mean ± SE over seeds", title=f"{setting}: accuracy vs communication")
@@ -1238,7 +1246,7 @@ def plot(summary: dict, out: pathlib.Path) -> list[pathlib.Path]:
             lambda x, _: f"{x:g}" if round(x / 10 ** math.floor(math.log10(x))) in (2, 5) else ""))
         fig.tight_layout()
         path = out / f"{setting}_frontier.png"
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend sits outside the axes
         plt.close(fig)
         written.append(path)
     return written

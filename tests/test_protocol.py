@@ -266,6 +266,31 @@ def test_frontier_and_plateau():
     assert protocol.still_rising([None, 0.1] * 5) == pytest.approx(0.0)  # evaluated every other round
 
 
+def test_the_frontier_plot_names_every_arm_once_in_a_legend_best_first(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    # 30 arms, ten bytes values: three arms at each, as Fed-SB and CE-LoRA share one.
+    arms = {f"arm{k}": {"mb_per_round": float(1 + k % 10), "test_accuracy": 0.3 + 0.01 * k, "test_accuracy_se": 0.01}
+            for k in range(30)}
+    arms["local"] = {"mb_per_round": 0.0, "test_accuracy": 0.5, "test_accuracy_se": 0.01}
+    arms["cluster_oracle"] = {"mb_per_round": 56.0, "test_accuracy": 0.9, "test_accuracy_se": 0.01}
+    frontier = protocol.pareto({name: (row["mb_per_round"], row["test_accuracy"]) for name, row in arms.items()
+                                if name not in protocol.REFERENCES})  # as the report draws it
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    written = protocol.plot({"settings": {"s": {"arms": arms, "frontier": frontier}}}, tmp_path)
+    assert [path.name for path in written] == ["s_frontier.png"] and written[0].stat().st_size > 0
+    legend = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]
+    named = [line.split(":")[0] for line in legend if ":" in line]
+    assert sorted(named) == sorted(arms)  # every arm once, the reference and local as lines
+    points = [name for name in named if name.startswith("arm")]
+    assert points == sorted(points, key=lambda name: -arms[name]["test_accuracy"])  # best first
+    assert {line.split(":")[0] for line in legend if line.endswith("(frontier)")} == {
+        name for name in frontier if arms[name]["mb_per_round"] > 0}
+    on_plot = {text.get_text() for text in figures[0].axes[0].texts}
+    assert on_plot == {name for name in frontier if arms[name]["mb_per_round"] > 0}  # only the frontier is labelled
+
+
 def test_the_plateau_check_reruns_seed_0_with_twice_the_rounds_for_the_arms_that_need_it(tmp_path):
     """Once measured, an arm named by the comparisons (FedAvg-LoRA r=8), on the frontier or
     still rising reruns seed 0 of its chosen configuration with twice the rounds; a flat arm
