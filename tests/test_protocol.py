@@ -547,10 +547,12 @@ def test_the_default_order_runs_what_the_issues_name_before_the_extra_oracles():
     order = protocol.ordered_arms(None)
     assert sorted(order) == sorted(protocol.ARMS)  # every arm once
     assert order[:4] == ["fedavg_lora_r8", "local", "celora", "cluster_oracle"]
-    first_rank = protocol.SHARED_BASIS_RANKS[0]
-    for basis in protocol.SHARED_BASES:  # each basis's own oracle right after its CE-LoRA at the first rank
-        assert order.index(f"cluster_oracle_{basis}_r{first_rank}") == order.index(f"celora_{basis}_r{first_rank}") + 1
-    extra = [f"cluster_oracle_{i}_r{r}" for i in protocol.SHARED_BASES for r in protocol.SHARED_BASIS_RANKS[1:]]
+    first_rank, first_basis = protocol.SHARED_BASIS_RANKS[0], protocol.SHARED_BASES[0]
+    beside = [(basis, first_rank) for basis in protocol.SHARED_BASES]  # each basis's own oracle at the first rank,
+    beside += [(first_basis, rank) for rank in protocol.SHARED_BASIS_RANKS[1:]]  # and the first basis's at every rank,
+    for basis, rank in beside:  # right after CE-LoRA in that basis and rank
+        assert order.index(f"cluster_oracle_{basis}_r{rank}") == order.index(f"celora_{basis}_r{rank}") + 1
+    extra = [f"cluster_oracle_{i}_r{r}" for i in protocol.SHARED_BASES[1:] for r in protocol.SHARED_BASIS_RANKS[1:]]
     assert order[-len(extra):] == extra and order.index("centralized") < order.index(extra[0])
     assert protocol.ordered_arms(["local", "celora"]) == ["local", "celora"]  # named arms keep their order
 
