@@ -161,6 +161,32 @@ def test_higher_ranks_take_the_first_ranks_server_settings_and_choose_only_the_r
     assert chosen["validation_by_server"] == {} and chosen["step"] == f"lr0.003_{suffix}"
 
 
+def test_rule_3a_is_checked_where_it_met_the_target_by_an_arm_searching_its_own_server(tmp_path):
+    """The check searches the server settings at r = 32 itself, on WordNet only, judged by
+    no target or claim; runs identical to the checked arm's are copied from it, not rerun."""
+    checked, check = "celora_weight_svd_r32", "celora_weight_svd_r32_own_server"
+    arm = protocol.ARMS[check]
+    assert arm.checks == checked and arm.server_stages == protocol.CELORA_SERVER and arm.server_from is None
+    assert arm.overrides == protocol.ARMS[checked].overrides
+    assert [s for s in protocol.DEFAULT_SETTINGS if protocol.applies(arm, s)] == ["wordnet_clustered_labels"]
+    assert check not in protocol.TARGET_CANDIDATES and check not in dict(protocol.CE_LORA_TWINS)
+    order = protocol.ordered_arms(None)
+    assert order.index(check) == order.index("cluster_oracle_weight_svd_r32") + 1
+    todo = list(protocol.plan(tmp_path, "wordnet_clustered_labels", arm, False))
+    assert [run_id.split("/", 2)[2] for run_id, _ in todo] == [f"lr{r:g}/seed0" for r in protocol.LEARNING_RATES]
+    assert {(c.adapter.rank, c.adapter.init, c.federation.method) for _, c in todo} == {(32, "weight_svd", "celora")}
+    # A finished run of the checked arm with the same configuration is this arm's twin.
+    run_id, config = todo[0]
+    out = tmp_path / run_id
+    twin = tmp_path / "wordnet_clustered_labels" / checked / out.parent.name / "seed0"
+    _fake_run(tmp_path, twin.relative_to(tmp_path).as_posix(), 0.5)
+    (twin / "config.json").write_text(json.dumps(protocol.to_dict(config)))
+    assert protocol._finished_twin(out, config) == twin
+    other = protocol.apply_overrides(config, ["aggregation.lam=10.0"])
+    assert protocol._finished_twin(out, other) is None
+    assert protocol._run(tmp_path, run_id, config) == 0 and (out / "summary.json").exists()
+
+
 def test_status_counts_measured_arms_and_estimates_the_rest(tmp_path):
     where = "trec_fewshot_iid/local"
     for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):
@@ -254,6 +280,17 @@ def test_the_target_is_met_missed_or_undecided():
     target = protocol.target_check("wordnet_clustered_labels", clustered, ["celora_gradient_svd_r16"])
     assert target["met_by"] == []  # within 0.5 point of the oracle, but only 2 SE ahead of local
     assert target["checks"]["celora_gradient_svd_r16"]["beats_fedavg_lora_and_local_by_3_se"] is False
+    # The oracle is the yardstick: the line gives the difference to it paired over (client, seed).
+    near = {**ahead, "local": {"diff": 0.05, "se": 0.01}, "cluster_oracle": {"diff": 0.01, "se": 0.007, "seeds": 3}}
+    met = protocol.target_check("wordnet_clustered_labels",
+                                {**clustered, "celora_weight_svd_r32": row(0.36, 9.0, paired=near)},
+                                ["celora_weight_svd_r32"])
+    assert met["met_by"] == ["celora_weight_svd_r32"] and protocol.target_line(met).startswith(
+        "Target (CE-LoRA in a shared basis within 1 point of cluster_oracle")
+    line = protocol.target_line(met)
+    assert "met by celora_weight_svd_r32 (+1.0 ± 0.7 [3] against the oracle, paired)." in line
+    assert line.endswith(" Missed by celora_gradient_svd_r16 0.5 points below the oracle, not ahead of both by "
+                         "3 SE, not on the frontier.")  # the others' misses stand beside it
 
 
 def test_frontier_and_plateau():
