@@ -804,6 +804,16 @@ def still_rising(curve: list, window: int = 5) -> float | None:
     return float(np.mean(last) - np.mean(before))
 
 
+def frontier_points(rows: dict[str, dict]) -> dict[str, tuple[float, float]]:
+    """(MB per round, accuracy) of the arms that compete for the frontier. Local training
+    competes at 0 bytes: an arm that sends bytes for less accuracy is dominated by not
+    communicating at all (the plot's log axis shows it as a line). The references use data
+    or knowledge no client has, and a check of rule 3a is the arm it checks tuned otherwise,
+    not another method: neither is a point of the frontier."""
+    return {name: (row["mb_per_round"], row["test_accuracy"]) for name, row in rows.items()
+            if name not in REFERENCES and not ARMS[name].checks}
+
+
 def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
     """Names of the points no other point beats on both axes (fewer MB per round, higher
     accuracy), sorted by MB."""
@@ -1077,10 +1087,7 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
             row["paired"] = {base: _paired(by_arm[name], by_arm[base]) for base in (*BASELINES, ORACLE)
                              if base in by_arm and base != name}
         _adapter_bytes(rows, by_arm)
-        # Local training competes at 0 bytes: an arm that sends bytes for less accuracy is
-        # dominated by not communicating at all (the plot's log axis shows it as a line).
-        points = {name: (row["mb_per_round"], row["test_accuracy"]) for name, row in rows.items()
-                  if name not in REFERENCES}
+        points = frontier_points(rows)
         gate = GATES.get(setting)
         checked = None if gate is None else gate_result(gate, {method: by_arm.get(arm, {})
                                                                for method, arm in GATE_ARMS.items()})
@@ -1266,7 +1273,8 @@ def plot(summary: dict, out: pathlib.Path) -> list[pathlib.Path]:
             row = data["arms"][name]
             ax.errorbar(megabytes, -negative, yerr=100 * (row["test_accuracy_se"] or 0.0), fmt=markers[k % len(markers)],
                         color=colours[k % len(colours)], markersize=5, capsize=2,
-                        label=f"{name}: {-negative:.1f}, {megabytes:.3g} MB" + (" (frontier)" if name in front else ""))
+                        label=f"{name}: {-negative:.1f}, {megabytes:.3g} MB" + (" (frontier)" if name in front else "")
+                        + (f" (checks {ARMS[name].checks})" if name in ARMS and ARMS[name].checks else ""))
         for k, name in enumerate(front):
             row = data["arms"][name]
             # Frontier arms at the same bytes stack their labels.

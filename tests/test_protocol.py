@@ -185,6 +185,9 @@ def test_rule_3a_is_checked_where_it_met_the_target_by_an_arm_searching_its_own_
     other = protocol.apply_overrides(config, ["aggregation.lam=10.0"])
     assert protocol._finished_twin(out, other) is None
     assert protocol._run(tmp_path, run_id, config) == 0 and (out / "summary.json").exists()
+    # Neither the check nor a reference is a point of the frontier.
+    rows = {name: {"mb_per_round": 9.1, "test_accuracy": 0.65} for name in (checked, check, "cluster_oracle")}
+    assert protocol.frontier_points(rows) == {checked: (9.1, 0.65)}
 
 
 def test_status_counts_measured_arms_and_estimates_the_rest(tmp_path):
