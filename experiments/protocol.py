@@ -997,7 +997,8 @@ def target_line(target: dict) -> str:
                     f"{'ahead of' if check['beats_fedavg_lora_and_local_by_3_se'] else 'not ahead of'} both by 3 SE"
                     + ("" if check["on_frontier"] else ", not on the frontier"))
         return (f"{name} {below(check['gap'], check['best_whole_adapter'])} at "
-                f"{check['times_fewer_bytes']:.0f}x fewer bytes" + ("" if check["on_frontier"] else ", not on the frontier"))
+                f"{check['times_fewer_bytes']:.0f}x fewer bytes"
+                + ("" if check["on_frontier"] else ", not on the frontier"))
     misses = [miss(name, check) for name, check in target["checks"].items() if not check["met"]]
     if target["met_by"]:
         met = [name + paired(target["checks"][name], "the oracle") for name in target["met_by"]]
@@ -1271,8 +1272,8 @@ def plot(summary: dict, out: pathlib.Path) -> list[pathlib.Path]:
         front = [name for name in data["frontier"] if data["arms"][name]["mb_per_round"] > 0]
         for k, (negative, megabytes, name) in enumerate(points):
             row = data["arms"][name]
-            ax.errorbar(megabytes, -negative, yerr=100 * (row["test_accuracy_se"] or 0.0), fmt=markers[k % len(markers)],
-                        color=colours[k % len(colours)], markersize=5, capsize=2,
+            ax.errorbar(megabytes, -negative, yerr=100 * (row["test_accuracy_se"] or 0.0),
+                        fmt=markers[k % len(markers)], color=colours[k % len(colours)], markersize=5, capsize=2,
                         label=f"{name}: {-negative:.1f}, {megabytes:.3g} MB" + (" (frontier)" if name in front else "")
                         + (f" (checks {ARMS[name].checks})" if name in ARMS and ARMS[name].checks else ""))
         for k, name in enumerate(front):
