@@ -249,7 +249,8 @@ BOTH_BASES = ("trec_fewshot_iid", "wordnet_clustered_labels")
 
 def deferred(name: str, setting: str) -> bool:
     """Whether arm ``name`` waits behind every other arm on ``setting`` (``BOTH_BASES``)."""
-    return setting not in BOTH_BASES and any(f"_{init}_r" in name for init in SHARED_BASES[1:])
+    return setting not in BOTH_BASES and any(f"adapter.init='{init}'" in ARMS[name].overrides
+                                             for init in SHARED_BASES[1:])
 
 
 def schedule(settings: list[str], arms: list[str]) -> list[tuple[str, str]]:
