@@ -1323,52 +1323,93 @@ def report(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
 # What an arm costs before any is measured (seed-0 runs, then seeds 1 and 2): 3 rates (and
 # sometimes one more), then, with server settings, 2 + 2 + 1 new server runs and 2 rates again.
 ASSUMED_RUNS = {False: 6.0, True: 13.0}
+EARLIER_GRID = pathlib.Path("experiments/results/benchmarks")  # the dated 1e-3 grid: 10 rounds, no validation
 
 
-def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool) -> list[str]:
+def earlier_pace(setting: str, earlier: pathlib.Path = EARLIER_GRID) -> float | None:
+    """Median seconds per round of the earlier grid's runs on ``setting``, if it ran it."""
+    per_round = [summary["seconds"] / summary["rounds"] for path in (earlier / setting).glob("*/seed*/summary.json")
+                 if (summary := json.loads(path.read_text())).get("seconds") and summary.get("rounds")]
+    return float(np.median(per_round)) if per_round else None
+
+
+def _setting_progress(root: pathlib.Path, setting: str, arms: list[str], smoke: bool) -> dict:
+    """What ``status`` counts for one setting: measured arms, every run's seconds, the grid
+    runs' seconds (plateau checks left out) and each arm's number of grid runs."""
+    applicable = [name for name in arms if applies(ARMS[name], setting)]
+    measured, seconds, pace = [], [], []
+    grid_runs, by_kind = {}, {False: [], True: []}
+    for name in applicable:
+        runs = {}  # a configuration copied from its twin is one run
+        for path in (root / setting / name).glob("*/seed*/summary.json"):
+            runs.setdefault(path.read_text(), path)
+        timed = [(json.loads(text)["seconds"], path) for text, path in runs.items()]
+        seconds += [spent for spent, _ in timed]
+        grid = [spent for spent, path in timed
+                if not path.parent.parent.name.endswith(f"{PLATEAU_ROUNDS_FACTOR}x_rounds")]
+        pace += grid
+        grid_runs[name] = len(grid)
+        chosen = choice(root, setting, ARMS[name], smoke)
+        if chosen is not None and len(seed_runs(root, setting, ARMS[name], chosen["step"])) == len(
+                measured_seeds(smoke)):
+            measured.append(name)
+            by_kind[bool(ARMS[name].server_stages)].append(len(grid))
+    return {"applicable": applicable, "measured": measured, "seconds": seconds, "pace": pace,
+            "grid_runs": grid_runs, "by_kind": by_kind}
+
+
+def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool,
+           earlier: pathlib.Path = EARLIER_GRID) -> list[str]:
     """One line per setting: arms measured, runs finished and their wall time, the next arm,
     and an estimate of what is left: per arm left, the grid runs a measured arm of its kind
-    (with or without server settings; ``ASSUMED_RUNS`` before one is) took on average, less
+    (with or without server settings; before one is, such arms on the other settings given, else
+    ``ASSUMED_RUNS``) took on average, less
     those it has run, at the median minutes of a run so far (a median: a run paused or
-    resumed counts its wall time; plateau checks are neither counted nor timed here); then
-    the runs that processes are running now, if any (workers side by side divide the hours)."""
-    lines = []
-    for setting in settings:
-        applicable = [name for name in arms if applies(ARMS[name], setting)]
-        measured, seconds, pace = [], [], []
-        grid_runs, by_kind = {}, {False: [], True: []}
-        for name in applicable:
-            where = root / setting / name
-            runs = {}  # a configuration copied from its twin is one run
-            for path in where.glob("*/seed*/summary.json"):
-                runs.setdefault(path.read_text(), path)
-            timed = [(json.loads(text)["seconds"], path) for text, path in runs.items()]
-            seconds += [spent for spent, _ in timed]
-            grid = [spent for spent, path in timed
-                    if not path.parent.parent.name.endswith(f"{PLATEAU_ROUNDS_FACTOR}x_rounds")]
-            pace += grid
-            grid_runs[name] = len(grid)
-            chosen = choice(root, setting, ARMS[name], smoke)
-            if chosen is not None and len(seed_runs(root, setting, ARMS[name], chosen["step"])) == len(
-                    measured_seeds(smoke)):
-                measured.append(name)
-                by_kind[bool(ARMS[name].server_stages)].append(len(grid))
-        pending = [name for name in applicable if name not in measured]
+    resumed counts its wall time; plateau checks are neither counted nor timed here). A
+    setting with no run yet is paced by the earlier 1e-3 grid's median seconds per round
+    there, scaled to the protocol's rounds and by how much slower the protocol's runs were
+    than the earlier grid's on the settings both measured (validation rounds, other sizes of
+    core). Then the hours left in all, and the runs that processes are running now, if any
+    (workers side by side divide the hours)."""
+    progress = {setting: _setting_progress(root, setting, arms, smoke) for setting in settings}
+    rounds = {setting: setting_base(setting, smoke).federation.rounds for setting in settings}
+    ratios = [np.median(facts["pace"]) / (before * rounds[setting]) for setting, facts in progress.items()
+              if facts["pace"] and (before := earlier_pace(setting, earlier))]
+    slower = float(np.median(ratios)) if ratios else None
+    # Runs per arm before a setting has measured an arm of a kind: as on the other settings, else assumed.
+    pooled = {kind: float(np.mean(done)) if (done := [runs for facts in progress.values()
+                                                      for runs in facts["by_kind"][kind]]) else ASSUMED_RUNS[kind]
+              for kind in (False, True)}
+    source = {kind: " [assumed]" if pooled[kind] == ASSUMED_RUNS[kind] else " [as on the other settings]"
+              for kind in pooled}
+    lines, hours_left = [], 0.0
+    for setting, facts in progress.items():
+        measured, pace, by_kind = facts["measured"], facts["pace"], facts["by_kind"]
+        pending = [name for name in facts["applicable"] if name not in measured]
         nxt = next(((name, len(todo)) for name, _ in schedule([setting], pending)
                     if (todo := list(plan(root, setting, ARMS[name], smoke)))), None)
-        line = (f"{setting}: {len(measured)} of {len(applicable)} arms measured; {len(seconds)} runs finished "
-                f"({sum(seconds) / 3600:.1f} h")
+        line = (f"{setting}: {len(measured)} of {len(facts['applicable'])} arms measured; "
+                f"{len(facts['seconds'])} runs finished ({sum(facts['seconds']) / 3600:.1f} h")
         line += f", median {np.median(pace) / 60:.1f} min per run)" if pace else ")"
         if nxt is not None:
             line += f"; next: {nxt[0]} ({nxt[1]} run{'s' if nxt[1] > 1 else ''} ready)"
-        if pending and pace:
-            per_arm = {kind: float(np.mean(done)) if done else ASSUMED_RUNS[kind] for kind, done in by_kind.items()}
-            left = sum(max(per_arm[bool(ARMS[name].server_stages)] - grid_runs[name], 0.0) for name in pending)
+        minutes, paced = (np.median(pace) / 60, "at this pace") if pace else (None, "")
+        if not pace and slower is not None and (before := earlier_pace(setting, earlier)):
+            minutes = before * rounds[setting] * slower / 60
+            paced = (f"at an estimated {minutes:.1f} min per run (the 1e-3 grid's pace here, x{slower:.2f} as on "
+                     f"the settings both grids ran)")
+        if pending and minutes is not None:
+            per_arm = {kind: float(np.mean(done)) if done else pooled[kind] for kind, done in by_kind.items()}
+            left = sum(max(per_arm[bool(ARMS[name].server_stages)] - facts["grid_runs"][name], 0.0)
+                       for name in pending)
+            hours_left += left * minutes / 60
             line += (f"; left: about {len(pending)} arms, ~{left:.0f} runs (an arm takes "
-                     f"{per_arm[False]:.1f}{'' if by_kind[False] else ' assumed'} without server settings, "
-                     f"{per_arm[True]:.1f}{'' if by_kind[True] else ' assumed'} with them), "
-                     f"~{left * np.median(pace) / 3600:.1f} h at this pace, plateau checks besides")
+                     f"{per_arm[False]:.1f} without server settings{'' if by_kind[False] else source[False]}, "
+                     f"{per_arm[True]:.1f} with them{'' if by_kind[True] else source[True]}), "
+                     f"~{left * minutes / 60:.1f} h {paced}, plateau checks besides")
         lines.append(line + ".")
+    if len(settings) > 1 and hours_left:
+        lines.append(f"in all: ~{hours_left:.1f} h of runs left on the settings estimated above.")
     held = running(root)
     if held:  # workers side by side share the hours left
         lines.append(f"running now ({len(held)} at once): {', '.join(held)}")

@@ -201,10 +201,37 @@ def test_status_counts_measured_arms_and_estimates_the_rest(tmp_path):
     # 6 runs of 30-42 s (median 30 s); local took 5; celora (server settings: 13 assumed) ran 1.
     assert line == ("trec_fewshot_iid: 1 of 2 arms measured; 6 runs finished (0.1 h, median 0.5 min per run); "
                     "next: celora (2 runs ready); left: about 1 arms, ~12 runs (an arm takes 5.0 without server "
-                    "settings, 13.0 assumed with them), ~0.1 h at this pace, plateau checks besides.")
+                    "settings, 13.0 with them [assumed]), ~0.1 h at this pace, plateau checks besides.")
     _fake_run(tmp_path, "trec_fewshot_iid/local/lr0.003_2x_rounds/seed0", 0.6, test=5.0)  # a plateau check
     [line] = protocol.status(tmp_path, ["trec_fewshot_iid"], ["local", "celora"], smoke=False)
     assert "median 0.5 min per run" in line and "5.0 without server settings" in line
+
+
+def test_status_paces_a_setting_not_yet_run_by_the_earlier_grid_scaled_as_on_the_settings_both_ran(tmp_path):
+    """WordNet has run (local: 5 runs of 30-31 s, median 30 s); the earlier grid ran both
+    settings at 10 rounds, 1 s a round on WordNet and 3 s on reviews. The protocol's 20 rounds
+    took 30 s on WordNet, 1.5x the earlier pace there, so reviews are paced at 3 x 20 x 1.5 s
+    = 1.5 min per run, with WordNet's 5 runs per arm without server settings."""
+    root, earlier = tmp_path / "protocol", tmp_path / "earlier"
+    where = "wordnet_clustered_labels/local"
+    for rate, validation in zip(protocol.LEARNING_RATES, (0.4, 0.6, 0.5)):
+        _fake_run(root, f"{where}/lr{rate:g}/seed0", validation, test=0.5)
+    for seed in (1, 2):
+        _fake_run(root, f"{where}/lr0.003/seed{seed}", 0.6, test=0.5 + seed / 100)
+    for setting, seconds in (("wordnet_clustered_labels", 10.0), ("movie_reviews_clustered_domains", 30.0)):
+        for seed in (0, 1, 2):
+            run = earlier / setting / "local" / f"seed{seed}"
+            run.mkdir(parents=True)
+            (run / "summary.json").write_text(json.dumps({"seconds": seconds, "rounds": 10}))
+    settings = ["wordnet_clustered_labels", "movie_reviews_clustered_domains"]
+    wordnet, reviews, total = protocol.status(root, settings, ["local"], smoke=False, earlier=earlier)
+    assert "1 of 1 arms measured" in wordnet and "left" not in wordnet
+    assert reviews == ("movie_reviews_clustered_domains: 0 of 1 arms measured; 0 runs finished (0.0 h); next: local "
+                       "(3 runs ready); left: about 1 arms, ~5 runs (an arm takes 5.0 without server settings "
+                       "[as on the other settings], 13.0 with them [assumed]), ~0.1 h at an estimated 1.5 min "
+                       "per run (the 1e-3 grid's pace here, x1.50 as on the settings both grids ran), plateau checks "
+                       "besides.")
+    assert total == "in all: ~0.1 h of runs left on the settings estimated above."
 
 
 def test_a_middle_winner_needs_no_extension_and_runs_carry_the_chosen_settings(tmp_path):
