@@ -288,6 +288,11 @@ def test_the_target_is_met_missed_or_undecided():
     rows = {**whole, "celora_weight_svd_r32": row(0.893, 5.0), "celora_weight_svd_r64": row(0.85, 20.0)}
     target = protocol.target_check("trec_fewshot_iid", rows, frontier=["celora_weight_svd_r32", "fedavg_lora_r8"])
     assert target["decided"] and target["met_by"] == ["celora_weight_svd_r32"]  # 0.7 points, 16x fewer bytes
+    # A basis exchanged once counts: 5 MB per round and 100 MB once over 20 rounds is 10 MB in all, 8x fewer.
+    bought = {**whole, "celora_gradient_svd_r32": {**row(0.893, 5.0), "mb_basis_once": 100.0, "rounds": 20}}
+    check = protocol.target_check("trec_fewshot_iid", bought, ["celora_gradient_svd_r32", "fedavg_lora_r8"])
+    assert check["met_by"] == [] and check["checks"]["celora_gradient_svd_r32"]["times_fewer_bytes"] == pytest.approx(8)
+    assert "at 8x fewer bytes" in protocol.target_line(check)
     missed = protocol.target_check("trec_fewshot_iid", {**whole, "celora_weight_svd_r64": row(0.85, 20.0)}, [])
     assert missed["met_by"] == [] and "MISSED" in protocol.target_line(missed) and "5.0 points below" in (
         protocol.target_line(missed))
@@ -328,6 +333,13 @@ def test_frontier_and_plateau():
     assert protocol.pareto(points) == ["d", "a", "b"]
     # Not communicating is a point too: at 0 bytes, it dominates every arm it beats.
     assert protocol.pareto({**points, "local": (0.0, 0.55)}) == ["local", "b"]
+    # A basis exchanged once (gradient-SVD, round 0) is spread over the run's rounds: 4.67 MB per
+    # round plus 174.2 MB once over 20 rounds costs 13.38 MB per round in all, more than 9.1.
+    rows = {"celora_gradient_svd_r16": {"mb_per_round": 4.67, "mb_basis_once": 174.2, "rounds": 20,
+                                        "test_accuracy": 0.633},
+            "celora_weight_svd_r32": {"mb_per_round": 9.1, "mb_basis_once": 0.0, "rounds": 20, "test_accuracy": 0.655}}
+    assert protocol.frontier_points(rows)["celora_gradient_svd_r16"] == pytest.approx((13.38, 0.633))
+    assert protocol.pareto(protocol.frontier_points(rows)) == ["celora_weight_svd_r32"]
     assert protocol.still_rising([0.1] * 5 + [0.3] * 5) == pytest.approx(0.2)
     assert protocol.still_rising([0.1] * 9) is None
     assert protocol.still_rising([None, 0.1] * 5) == pytest.approx(0.0)  # evaluated every other round
