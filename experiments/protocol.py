@@ -1383,8 +1383,9 @@ def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool
     setting with no run yet is paced by the earlier 1e-3 grid's median seconds per round
     there, scaled to the protocol's rounds and by how much slower the protocol's runs were
     than the earlier grid's on the settings both measured (validation rounds, other sizes of
-    core). Then the hours left in all, and the runs that processes are running now, if any
-    (workers side by side divide the hours)."""
+    core), and the hours of the arms that run last there (``deferred``) are told apart. Then
+    the hours left in all, and the runs that processes are running now, if any (workers side
+    by side divide the hours)."""
     progress = {setting: _setting_progress(root, setting, arms, smoke) for setting in settings}
     rounds = {setting: setting_base(setting, smoke).federation.rounds for setting in settings}
     ratios = [np.median(facts["pace"]) / (before * rounds[setting]) for setting, facts in progress.items()
@@ -1414,13 +1415,19 @@ def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool
                      f"the settings both grids ran)")
         if pending and minutes is not None:
             per_arm = {kind: float(np.mean(done)) if done else pooled[kind] for kind, done in by_kind.items()}
-            left = sum(max(per_arm[bool(ARMS[name].server_stages)] - facts["grid_runs"][name], 0.0)
-                       for name in pending)
+            runs_left = {name: max(per_arm[bool(ARMS[name].server_stages)] - facts["grid_runs"][name], 0.0)
+                         for name in pending}
+            left = sum(runs_left.values())
             hours_left += left * minutes / 60
             line += (f"; left: about {len(pending)} arms, ~{left:.0f} runs (an arm takes "
                      f"{per_arm[False]:.1f} without server settings{'' if by_kind[False] else source[False]}, "
                      f"{per_arm[True]:.1f} with them{'' if by_kind[True] else source[True]}), "
-                     f"~{left * minutes / 60:.1f} h {paced}, plateau checks besides")
+                     f"~{left * minutes / 60:.1f} h {paced}")
+            last = [name for name in pending if deferred(name, setting)]
+            if last:
+                line += (f", of which ~{sum(runs_left[name] for name in last) * minutes / 60:.1f} h for the "
+                         f"{len(last)} {'/'.join(SHARED_BASES[1:])} arms, which run last here")
+            line += ", plateau checks besides"
         lines.append(line + ".")
     if len(settings) > 1 and hours_left:
         lines.append(f"in all: ~{hours_left:.1f} h of runs left on the settings estimated above.")

@@ -232,6 +232,12 @@ def test_status_paces_a_setting_not_yet_run_by_the_earlier_grid_scaled_as_on_the
                        "per run (the 1e-3 grid's pace here, x1.50 as on the settings both grids ran), plateau checks "
                        "besides.")
     assert total == "in all: ~0.1 h of runs left on the settings estimated above."
+    # Where only one basis is asked for, the other basis's arms run last: their hours are told apart.
+    _, reviews, total = protocol.status(root, settings, ["local", "fed_sb_gradient_svd_r16"], smoke=False,
+                                        earlier=earlier)
+    assert "left: about 2 arms, ~10 runs" in reviews and (
+        "~0.2 h at an estimated 1.5 min per run" in reviews) and (
+        "of which ~0.1 h for the 1 gradient_svd arms, which run last here" in reviews)
 
 
 def test_a_middle_winner_needs_no_extension_and_runs_carry_the_chosen_settings(tmp_path):
