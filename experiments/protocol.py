@@ -1376,9 +1376,9 @@ def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool
            earlier: pathlib.Path = EARLIER_GRID) -> list[str]:
     """One line per setting: arms measured, runs finished and their wall time, the next arm,
     and an estimate of what is left: per arm left, the grid runs a measured arm of its kind
-    (with or without server settings; before one is, such arms on the other settings given, else
-    ``ASSUMED_RUNS``) took on average, less
-    those it has run, at the median minutes of a run so far (a median: a run paused or
+    (with or without server settings; before the setting has measured one, the mean over the
+    other settings, else ``ASSUMED_RUNS``) took on average, less those it has run, at the
+    median minutes of a run so far (a median: a run paused or
     resumed counts its wall time; plateau checks are neither counted nor timed here). A
     setting with no run yet is paced by the earlier 1e-3 grid's median seconds per round
     there, scaled to the protocol's rounds and by how much slower the protocol's runs were
