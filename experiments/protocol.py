@@ -1388,15 +1388,16 @@ def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool
     by side divide the hours)."""
     progress = {setting: _setting_progress(root, setting, arms, smoke) for setting in settings}
     rounds = {setting: setting_base(setting, smoke).federation.rounds for setting in settings}
-    ratios = [np.median(facts["pace"]) / (before * rounds[setting]) for setting, facts in progress.items()
-              if facts["pace"] and (before := earlier_pace(setting, earlier))]
+    before = {setting: earlier_pace(setting, earlier) for setting in settings}  # each setting's files read once
+    ratios = [np.median(facts["pace"]) / (before[setting] * rounds[setting]) for setting, facts in progress.items()
+              if facts["pace"] and before[setting]]
     slower = float(np.median(ratios)) if ratios else None
     # Runs per arm before a setting has measured an arm of a kind: as on the other settings, else assumed.
-    pooled = {kind: float(np.mean(done)) if (done := [runs for facts in progress.values()
-                                                      for runs in facts["by_kind"][kind]]) else ASSUMED_RUNS[kind]
-              for kind in (False, True)}
-    source = {kind: " [assumed]" if pooled[kind] == ASSUMED_RUNS[kind] else " [as on the other settings]"
-              for kind in pooled}
+    measured_elsewhere = {kind: [runs for facts in progress.values() for runs in facts["by_kind"][kind]]
+                          for kind in (False, True)}
+    pooled = {kind: float(np.mean(done)) if done else ASSUMED_RUNS[kind] for kind, done in measured_elsewhere.items()}
+    source = {kind: " [as on the other settings]" if done else " [assumed]"
+              for kind, done in measured_elsewhere.items()}
     lines, hours_left = [], 0.0
     for setting, facts in progress.items():
         measured, pace, by_kind = facts["measured"], facts["pace"], facts["by_kind"]
@@ -1409,8 +1410,8 @@ def status(root: pathlib.Path, settings: list[str], arms: list[str], smoke: bool
         if nxt is not None:
             line += f"; next: {nxt[0]} ({nxt[1]} run{'s' if nxt[1] > 1 else ''} ready)"
         minutes, paced = (np.median(pace) / 60, "at this pace") if pace else (None, "")
-        if not pace and slower is not None and (before := earlier_pace(setting, earlier)):
-            minutes = before * rounds[setting] * slower / 60
+        if not pace and slower is not None and before[setting]:
+            minutes = before[setting] * rounds[setting] * slower / 60
             paced = (f"at an estimated {minutes:.1f} min per run (the 1e-3 grid's pace here, x{slower:.2f} as on "
                      f"the settings both grids ran)")
         if pending and minutes is not None:
