@@ -1152,16 +1152,24 @@ def plateau_line(data: dict) -> str:
     checks = {name: row["plateau"] for name, row in data["arms"].items() if row.get("plateau")}
     if not checks and not data.get("plateau_pending"):
         return "Plateau check: no arm measured yet."
+    # One seed's validation accuracy near 50% has a binomial SE of sqrt(0.25 / n).
+    resolution = 100 * math.sqrt(0.25 / data["validation_examples"]) if data.get("validation_examples") else None
     under = [name for name, check in checks.items() if check["under_trained"]]
-    flat = [name for name, check in checks.items() if not check["under_trained"]]
+    # A longer run that loses more than that SE did not plateau either: it went somewhere else
+    # (a stretched schedule is another trajectory), and "flat" would hide it.
+    worse = [name for name, check in checks.items() if not check["under_trained"] and resolution is not None
+             and -100 * check["validation_gain"] > resolution]
+    flat = [name for name in checks if name not in under and name not in worse]
     parts = [f"under-trained at {ROUNDS} rounds (more than {100 * PLATEAU_GAIN:g} point of validation accuracy "
-             f"gained): {', '.join(under) or 'none'}", f"flat: {', '.join(flat) or 'none'}"]
+             f"gained): {', '.join(under) or 'none'}"]
+    if worse:
+        parts.append("worse with twice the rounds (validation accuracy lost beyond one seed's SE): "
+                     + ", ".join(f"{name} ({100 * checks[name]['validation_gain']:+.1f})" for name in worse))
+    parts.append(f"flat: {', '.join(flat) or 'none'}")
     if data.get("plateau_pending"):
         parts.append(f"to run: {', '.join(data['plateau_pending'])}")
     line = f"Plateau check (seed 0 with {PLATEAU_ROUNDS_FACTOR}x the rounds): " + "; ".join(parts) + "."
-    if data.get("validation_examples"):
-        # One seed's validation accuracy near 50% has a binomial SE of sqrt(0.25 / n).
-        resolution = 100 * math.sqrt(0.25 / data["validation_examples"])
+    if resolution is not None:
         line += (f" One seed's validation accuracy rests on {data['validation_examples']} examples (SE up to "
                  f"{resolution:.1f} points), so gains or losses smaller than that are not resolved.")
     return line

@@ -416,6 +416,11 @@ def test_the_plateau_check_reruns_seed_0_with_twice_the_rounds_for_the_arms_that
     assert data["validation_examples"] == 120
     assert line.endswith("rests on 120 examples (SE up to 4.6 points), so gains or losses smaller than that are "
                          "not resolved.")
+    # A longer run that loses more than one seed's SE is named apart, with its loss, not called flat.
+    data["arms"]["fedavg_lora_r8"]["plateau"]["validation_gain"] = -0.05
+    line = protocol.plateau_line(data)
+    assert "worse with twice the rounds (validation accuracy lost beyond one seed's SE): fedavg_lora_r8 (-5.0)" in line
+    assert "flat: none" in line
     # The tuning runs never mistake the longer run for a rate of the grid.
     assert protocol.choice(tmp_path, "trec_fewshot_iid", protocol.ARMS["fedsa_lora"], smoke=False)["learning_rate"] == 0.003
 
