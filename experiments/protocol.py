@@ -1301,8 +1301,11 @@ def plot(summary: dict, out: pathlib.Path) -> list[pathlib.Path]:
                         + (f" (checks {ARMS[name].checks})" if name in ARMS and ARMS[name].checks else ""))
         for k, name in enumerate(front):
             row = data["arms"][name]
-            # Frontier arms at the same bytes stack their labels.
-            stacked = sum(1 for other in front[:k] if abs(mb_in_all(data["arms"][other]) / mb_in_all(row) - 1) < 0.01)
+            # Frontier arms near each other (within 3x in bytes, on the log axis, and 1.5 points in
+            # accuracy) stack their labels, which would otherwise run into each other.
+            stacked = sum(1 for other in front[:k]
+                          if mb_in_all(row) < 3 * max(mb_in_all(data["arms"][other]), 1e-9)
+                          and abs(data["arms"][other]["test_accuracy"] - row["test_accuracy"]) < 0.015)
             last = k == len(front) - 1 and k > 0  # the rightmost point: its label goes left, inside the axes
             ax.annotate(name, (mb_in_all(row), 100 * row["test_accuracy"]), fontsize=6,
                         xytext=(-4 if last else 4, 3 - 7 * stacked), textcoords="offset points",
