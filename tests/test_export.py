@@ -54,22 +54,28 @@ def test_export_rejects_client_stacked_adapters(tmp_path):
         export.export_peft(stacked, tmp_path, rank=2, alpha=2)
 
 
-def test_run_exports_a_peft_folder_per_client(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method, init", [("celora", None), ("fed_sb", "weight_svd")])
+def test_run_exports_a_peft_folder_per_client(tiny_model_dir, tmp_path, method, init):
+    """In a shared frozen basis too: each client's pair is (A, C_i·B), so its update A·C_i·B
+    reaches PEFT whole, though only C_i was trained."""
     import dataclasses
 
     from celora_jax.federated import engine
 
-    config = dataclasses.replace(tiny_config(tiny_model_dir, "celora"), export_peft=True)
+    config = tiny_config(tiny_model_dir, method)
+    config = dataclasses.replace(config, export_peft=True, adapter=dataclasses.replace(config.adapter, init=init))
     result = engine.run(config, output_dir=tmp_path)
     folders = sorted((tmp_path / "adapters").iterdir())
     assert [f.name for f in folders] == [f"client_{i:04d}" for i in range(5)]
     loaded, peft_config = export.load_peft(folders[3])
     assert peft_config["base_model_name_or_path"] == str(tiny_model_dir)
     client = jax.tree.map(lambda x: np.asarray(x)[3], result.client_params["lora"]["backbone"])
-    expected = adapters.to_two_factor(client)
-    for path, pair in adapters.adapter_modules(expected).items():
+    for path, tri in adapters.adapter_modules(client).items():
         got = adapters.adapter_modules(loaded)[path]
-        np.testing.assert_allclose(got["B"], pair["B"], atol=1e-6)
+        np.testing.assert_allclose(got["A"], tri["A"], atol=1e-7)
+        np.testing.assert_allclose(got["B"], tri["C"] @ tri["B"], atol=1e-6)
+        np.testing.assert_allclose(got["A"] @ got["B"], tri["A"] @ tri["C"] @ tri["B"], atol=1e-6)
+        assert np.abs(tri["C"]).max() > 0  # trained: the check is not of zeros
 
 
 def test_decoder_adapters_export_to_peft_and_match_pytorch_llama(tmp_path):
