@@ -99,6 +99,7 @@ EVAL_EVERY = 2
 SEEDS = (0, 1, 2)
 PLATEAU_ROUNDS_FACTOR = 2
 PLATEAU_GAIN = 0.01  # validation accuracy gained with twice the rounds beyond which ROUNDS under-trains
+CLUSTERS_FOUND = 0.99  # a share of the server's weights at or above which they count as all there
 SMOKE_RATES = (1e-3, 1e-2)
 
 
@@ -794,6 +795,58 @@ def plateau_check(root: pathlib.Path, setting: str, name: str, row: dict, short:
             "under_trained": gain > PLATEAU_GAIN}
 
 
+def cluster_finding(root: pathlib.Path, setting: str) -> list[dict]:
+    """How reliably a personalized server's weights find a clustered setting's true clusters,
+    over every finished run that learned weights (tuning runs and plateau checks included;
+    the references, whose weights are given, left out), by basis, server settings and rate.
+    A run found the clusters if at its last round each client gives all of its weight that it
+    does not keep inside its true cluster (mean share >= ``CLUSTERS_FOUND``) and does give
+    some away; it kept to itself if it gives almost none (local training). The verdicts rest
+    on three seeds of one configuration; this tells what the configurations around it did."""
+    groups: dict[tuple, dict] = {}
+    for summary_path in sorted((root / setting).glob("*/*/seed*/summary.json")):
+        run_dir = summary_path.parent
+        if run_dir.parent.parent.name in REFERENCES:
+            continue
+        last = records(run_dir)[-1]
+        inside, own = last.get("weight_in_true_cluster_mean"), last.get("self_weight_mean")
+        if inside is None or own is None:
+            continue
+        config = json.loads((run_dir / "config.json").read_text())
+        aggregation = config["aggregation"]
+        key = (config["adapter"].get("init") or "random", aggregation["data_distance"], aggregation["beta"],
+               aggregation["lam"], aggregation.get("update_since", "start"))
+        rate = config["optimizer"]["learning_rate"]
+        counts = groups.setdefault(key, {}).setdefault(rate, {"runs": 0, "found": 0, "kept_to_itself": 0})
+        counts["runs"] += 1
+        counts["kept_to_itself"] += own >= CLUSTERS_FOUND
+        counts["found"] += own < CLUSTERS_FOUND and inside >= CLUSTERS_FOUND
+    return [{"basis": key[0], "data_distance": key[1], "beta": key[2], "lam": key[3], "distance_since": key[4],
+             "by_rate": {f"{rate:g}": counts for rate, counts in sorted(by_rate.items())}}
+            for key, by_rate in sorted(groups.items())]
+
+
+def cluster_finding_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    rates = sorted({rate for row in rows for rate in row["by_rate"]}, key=float)
+    lines = [f"Clusters found (every run whose server learned weights, tuning runs and 2x-rounds checks included): "
+             f"found/runs at each rate; a run found them if each client's weight outside itself lies in its true "
+             f"cluster (mean share of W inside it >= {CLUSTERS_FOUND:g}); (k local) = k runs kept to themselves "
+             "(local training).", "",
+             "| basis | data distance | β | λ | distance since | " + " | ".join(rates) + " |",
+             "|---|---|---|---|---|" + "---|" * len(rates)]
+    for row in rows:
+        cells = []
+        for rate in rates:
+            counts = row["by_rate"].get(rate)
+            cells.append("-" if counts is None else f"{counts['found']}/{counts['runs']}"
+                         + (f" ({counts['kept_to_itself']} local)" if counts["kept_to_itself"] else ""))
+        lines.append(f"| {row['basis']} | {row['data_distance']} | {row['beta']:g} | {row['lam']:g} | "
+                     f"{row['distance_since']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def still_rising(curve: list, window: int = 5) -> float | None:
     """Mean validation accuracy over the evaluated rounds among the last ``window`` minus
     that over the ``window`` rounds before (``curve[k]``: round k + 1, None where not
@@ -1116,6 +1169,7 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
                                        "claims": claims(setting, rows, by_arm)}
         partition = setting_base(setting, smoke).partition
         result["settings"][setting]["validation_examples"] = partition.validation_examples * partition.num_clients
+        result["settings"][setting]["cluster_finding"] = cluster_finding(root, setting)
         result["settings"][setting]["plateau_pending"] = [
             name for name in plateau_candidates(result["settings"][setting], smoke) if rows[name]["plateau"] is None]
     return result
@@ -1204,7 +1258,8 @@ def markdown(summary: dict) -> str:
                   f"{', '.join(data['frontier']) or 'n/a'}.",
                   "", gate_line(data.get("gate")), "", target_line(data["target"]), "",
                   *[part for line in claim_lines(data.get("claims", {})) for part in (line, "")], plateau_line(data),
-                  "", machines_line(data.get("machines", {})),
+                  "", *cluster_finding_lines(data.get("cluster_finding", [])),
+                  machines_line(data.get("machines", {})),
                   "", "| arm | seeds | test accuracy | vs local | vs FedAvg-LoRA r=8 | MB/round | adapter MB/round | "
                   "basis MB (once) | "
                   "chosen lr | server | validation by lr | rising | 2x rounds |",

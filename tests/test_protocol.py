@@ -661,3 +661,35 @@ def test_where_one_basis_is_asked_for_the_other_bases_arms_run_after_every_other
     assert later and one == [name for name in order if name not in later] + later
     assert one.index("celora_weight_svd_r64") < one.index("fed_sb_gradient_svd_r16")
     assert pairs.index(("centralized", settings[1])) < pairs.index(("fed_sb_gradient_svd_r16", settings[1]))
+
+
+def test_cluster_finding_counts_found_merged_and_local_runs_by_server_settings_and_rate(tmp_path):
+    """Every run whose server learned weights counts, tuning runs and longer checks too; the
+    references, whose weights are given, do not. Found: all the weight a client gives away lies
+    in its true cluster; local: it gives none away."""
+    def run(arm, step, rate, beta, inside, own, seed=0):
+        _fake_run(tmp_path, f"wordnet_clustered_labels/{arm}/{step}/seed{seed}", 0.5)
+        run_dir = tmp_path / "wordnet_clustered_labels" / arm / step / f"seed{seed}"
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "weight_in_true_cluster_mean": inside,
+                                                           "self_weight_mean": own}) + "\n")
+        (run_dir / "config.json").write_text(json.dumps({
+            "adapter": {"init": "weight_svd"}, "optimizer": {"learning_rate": rate},
+            "aggregation": {"data_distance": "marginal", "beta": beta, "lam": 1.0}}))
+
+    run("celora_weight_svd_r16", "lr0.01_beta0.0_lam1.0", 0.01, 0.0, 1.0, 0.2)
+    run("celora_weight_svd_r16", "lr0.01_beta0.0_lam1.0", 0.01, 0.0, 0.75, 0.15, seed=1)  # two clusters merged
+    run("celora_weight_svd_r32", "lr0.01_beta0.0_lam1.0_2x_rounds", 0.01, 0.0, 1.0, 0.2)
+    run("celora_weight_svd_r16", "lr0.003_beta0.0_lam1.0", 0.003, 0.0, 1.0, 1.0)  # kept to itself
+    run("celora_weight_svd_r16", "lr0.003_beta1.0_lam1.0", 0.003, 1.0, 0.6, 0.5)
+    run("cluster_oracle_weight_svd_r16", "lr0.01", 0.01, 0.5, 1.0, 0.2)  # a reference: left out
+    _fake_run(tmp_path, "wordnet_clustered_labels/fed_sb_weight_svd_r16/lr0.01/seed0", 0.2)  # no weights
+    rows = protocol.cluster_finding(tmp_path, "wordnet_clustered_labels")
+    assert [(row["beta"], row["by_rate"]) for row in rows] == [
+        (0.0, {"0.003": {"runs": 1, "found": 0, "kept_to_itself": 1}, "0.01": {"runs": 3, "found": 2, "kept_to_itself": 0}}),
+        (1.0, {"0.003": {"runs": 1, "found": 0, "kept_to_itself": 0}})]
+    assert rows[0]["basis"] == "weight_svd" and rows[0]["distance_since"] == "start"
+    lines = protocol.cluster_finding_lines(rows)
+    assert lines[2] == "| basis | data distance | β | λ | distance since | 0.003 | 0.01 |"
+    assert lines[4] == "| weight_svd | marginal | 0 | 1 | start | 0/1 (1 local) | 2/3 |"
+    assert lines[5] == "| weight_svd | marginal | 1 | 1 | start | 0/1 | - |"
+    assert protocol.cluster_finding_lines([]) == []
