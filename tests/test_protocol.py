@@ -685,7 +685,8 @@ def test_cluster_finding_counts_found_merged_and_local_runs_by_server_settings_a
     _fake_run(tmp_path, "wordnet_clustered_labels/fed_sb_weight_svd_r16/lr0.01/seed0", 0.2)  # no weights
     rows = protocol.cluster_finding(tmp_path, "wordnet_clustered_labels")
     assert [(row["beta"], row["by_rate"]) for row in rows] == [
-        (0.0, {"0.003": {"runs": 1, "found": 0, "kept_to_itself": 1}, "0.01": {"runs": 3, "found": 2, "kept_to_itself": 0}}),
+        (0.0, {"0.003": {"runs": 1, "found": 0, "kept_to_itself": 1},
+               "0.01": {"runs": 3, "found": 2, "kept_to_itself": 0}}),
         (1.0, {"0.003": {"runs": 1, "found": 0, "kept_to_itself": 0}})]
     assert rows[0]["basis"] == "weight_svd" and rows[0]["distance_since"] == "start"
     lines = protocol.cluster_finding_lines(rows)
