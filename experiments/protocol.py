@@ -1362,9 +1362,11 @@ def plot(summary: dict, out: pathlib.Path) -> list[pathlib.Path]:
                           if mb_in_all(row) < 3 * max(mb_in_all(data["arms"][other]), 1e-9)
                           and abs(data["arms"][other]["test_accuracy"] - row["test_accuracy"]) < 0.015)
             last = k == len(front) - 1 and k > 0  # the rightmost point: its label goes left, inside the axes
+            # A stacked label is joined to its point by a thin line: moved down, it may sit beside another's.
             ax.annotate(name, (mb_in_all(row), 100 * row["test_accuracy"]), fontsize=6,
                         xytext=(-4 if last else 4, 3 - 7 * stacked), textcoords="offset points",
-                        ha="right" if last else "left")
+                        ha="right" if last else "left",
+                        arrowprops=dict(arrowstyle="-", linewidth=0.6, color="dimgrey") if stacked else None)
         if front:
             ax.plot([mb_in_all(data["arms"][n]) for n in front],
                     [100 * data["arms"][n]["test_accuracy"] for n in front], "-", color="black", linewidth=1,

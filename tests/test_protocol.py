@@ -374,6 +374,9 @@ def test_the_frontier_plot_names_every_arm_once_in_a_legend_best_first(tmp_path,
         name for name in frontier if arms[name]["mb_per_round"] > 0}
     on_plot = {text.get_text() for text in figures[0].axes[0].texts}
     assert on_plot == {name for name in frontier if arms[name]["mb_per_round"] > 0}  # only the frontier is labelled
+    # A label moved down beside a neighbour's is joined to its own point; one left in place is not.
+    moved = {text.get_text(): text.arrow_patch is not None for text in figures[0].axes[0].texts}
+    assert moved == {text.get_text(): text.xyann[1] < 3 for text in figures[0].axes[0].texts} and any(moved.values())
 
 
 def test_the_plateau_check_reruns_seed_0_with_twice_the_rounds_for_the_arms_that_need_it(tmp_path):
