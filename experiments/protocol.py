@@ -773,7 +773,31 @@ def finished_run(run_dir: pathlib.Path) -> dict | None:
             "machine": _machine(summary),
             # How a personalized server mixed at the last round (W's diagonal, the share of
             # the rest in the true cluster); {} for methods without weights.
-            "mixing": mixing_shares(rounds[-1].get("weights"), summary.get("true_clusters"))}
+            "mixing": mixing_shares(rounds[-1].get("weights"), summary.get("true_clusters")),
+            "by_cluster": {name: blocks for name, record in (("first_round", rounds[0]), ("last_round", rounds[-1]))
+                           if (blocks := by_cluster(record, summary.get("true_clusters")))}}
+
+
+def by_cluster(record: dict, clusters) -> dict:
+    """A personalized server's round, cluster by cluster ({} without weights or without two
+    true clusters): ``weights`` [K, K], row k the mean over cluster k's clients of the weight
+    each gives to each cluster (rows sum to 1); ``param_distance`` [K, K], the mean distance
+    between the clusters' clients (the diagonal over distinct pairs), divided by the median
+    off-diagonal distance as the server normalizes it before mixing. It shows what the two
+    shares of ``mixing_shares`` cannot: which clusters the weights confuse, and whether the
+    parameter distance separates them."""
+    if record.get("weights") is None or clusters is None or len(np.unique(clusters)) < 2:
+        return {}
+    clusters = np.asarray(clusters)
+    members = [clusters == k for k in np.unique(clusters)]
+    weights = np.asarray(record["weights"], np.float64)
+    blocks = {"weights": [[float(weights[i][:, j].sum(1).mean()) for j in members] for i in members]}
+    if record.get("param_distance") is not None:
+        distance = np.asarray(record["param_distance"], np.float64)
+        off = ~np.eye(len(clusters), dtype=bool)
+        scaled = distance / np.median(distance[off])
+        blocks["param_distance"] = [[float(scaled[np.outer(i, j) & off].mean()) for j in members] for i in members]
+    return {key: [[round(v, 3) for v in row] for row in value] for key, value in blocks.items()}
 
 
 def _machine(summary: dict) -> str:
@@ -1146,7 +1170,9 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
                           "rounds": first["rounds"],
                           "sent_params_per_client": first["sent_params_per_client"],
                           "validation_by_round": curve, "still_rising": still_rising(curve),
-                          **_mixing(runs)}
+                          **_mixing(runs),
+                          **({"mixing_by_cluster": {str(seed): run["by_cluster"] for seed, run in runs.items()}}
+                             if any(run["by_cluster"] for run in runs.values()) else {})}
         for name, row in rows.items():
             row["paired"] = {base: _paired(by_arm[name], by_arm[base]) for base in (*BASELINES, ORACLE)
                              if base in by_arm and base != name}

@@ -5,6 +5,7 @@ import gzip
 import json
 
 import jax
+import numpy as np
 import pytest
 
 from experiments import protocol
@@ -697,3 +698,28 @@ def test_cluster_finding_counts_found_merged_and_local_runs_by_server_settings_a
     assert lines[4] == "| weight_svd | marginal | 0 | 1 | start | 0/1 (1 local) | 2/3 |"
     assert lines[5] == "| weight_svd | marginal | 1 | 1 | start | 0/1 | - |"
     assert protocol.cluster_finding_lines([]) == []
+
+
+def test_weights_and_parameter_distance_are_read_cluster_by_cluster():
+    """Checked against explicit loops: clients 0, 2 in cluster 7 and 1, 3 in cluster 9."""
+    rng = np.random.default_rng(0)
+    weights = rng.dirichlet(np.ones(4), size=4)
+    distance = rng.uniform(0.5, 2.0, (4, 4))
+    distance = (distance + distance.T) / 2
+    np.fill_diagonal(distance, 0.0)
+    clusters = [7, 9, 7, 9]
+    blocks = protocol.by_cluster({"weights": weights.tolist(), "param_distance": distance.tolist()}, clusters)
+    median = np.median([distance[i, j] for i in range(4) for j in range(4) if i != j])
+    for a, ka in enumerate((7, 9)):
+        rows = [i for i in range(4) if clusters[i] == ka]
+        for b, kb in enumerate((7, 9)):
+            cols = [j for j in range(4) if clusters[j] == kb]
+            share = np.mean([sum(weights[i, j] for j in cols) for i in rows])
+            pairs = [distance[i, j] / median for i in rows for j in cols if i != j]
+            assert blocks["weights"][a][b] == pytest.approx(share, abs=5e-4)
+            assert blocks["param_distance"][a][b] == pytest.approx(np.mean(pairs), abs=5e-4)
+    assert np.allclose(np.sum(blocks["weights"], axis=1), 1.0, atol=2e-3)
+    assert protocol.by_cluster({"weights": weights.tolist()}, clusters).keys() == {"weights"}
+    assert protocol.by_cluster({"weights": None}, clusters) == {}
+    assert protocol.by_cluster({"weights": weights.tolist()}, [0, 0, 0, 0]) == {}
+    assert protocol.by_cluster({"weights": weights.tolist()}, None) == {}
