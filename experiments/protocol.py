@@ -796,8 +796,10 @@ def by_cluster(record: dict, clusters) -> dict:
         distance = np.asarray(record["param_distance"], np.float64)
         off = ~np.eye(len(clusters), dtype=bool)
         scaled = distance / np.median(distance[off])
-        blocks["param_distance"] = [[float(scaled[np.outer(i, j) & off].mean()) for j in members] for i in members]
-    return {key: [[round(v, 3) for v in row] for row in value] for key, value in blocks.items()}
+        # A one-client cluster has no distinct pair inside it: None there.
+        blocks["param_distance"] = [[float(scaled[pairs].mean()) if (pairs := np.outer(i, j) & off).any() else None
+                                     for j in members] for i in members]
+    return {key: [[None if v is None else round(v, 3) for v in row] for row in value] for key, value in blocks.items()}
 
 
 def _machine(summary: dict) -> str:

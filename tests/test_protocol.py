@@ -723,3 +723,5 @@ def test_weights_and_parameter_distance_are_read_cluster_by_cluster():
     assert protocol.by_cluster({"weights": None}, clusters) == {}
     assert protocol.by_cluster({"weights": weights.tolist()}, [0, 0, 0, 0]) == {}
     assert protocol.by_cluster({"weights": weights.tolist()}, None) == {}
+    alone = protocol.by_cluster({"weights": weights.tolist(), "param_distance": distance.tolist()}, [7, 9, 9, 9])
+    assert alone["param_distance"][0][0] is None and alone["param_distance"][1][1] is not None
