@@ -82,6 +82,7 @@ import numpy as np
 from celora_jax.federated.config import RunConfig, apply_overrides, to_dict
 from celora_jax.federated.loop import mixing_shares
 from celora_jax.federated.presets import BENCHMARKS, smoke_variant
+from celora_jax.server.aggregation import normalize_by_median
 from experiments.benchmarks import GATES, gate_result, paired
 from experiments.grid import twin_among, with_defaults
 
@@ -793,9 +794,10 @@ def by_cluster(record: dict, clusters) -> dict:
     weights = np.asarray(record["weights"], np.float64)
     blocks = {"weights": [[float(weights[i][:, j].sum(1).mean()) for j in members] for i in members]}
     if record.get("param_distance") is not None:
-        distance = np.asarray(record["param_distance"], np.float64)
+        distance = np.asarray(record["param_distance"], np.float32)
         off = ~np.eye(len(clusters), dtype=bool)
-        scaled = distance / np.median(distance[off])
+        # The server's own normalization (all clients active: the protocol has no dropouts).
+        scaled = np.asarray(normalize_by_median(distance, np.ones(len(clusters), bool)), np.float64)
         # A one-client cluster has no distinct pair inside it: None there.
         blocks["param_distance"] = [[float(scaled[pairs].mean()) if (pairs := np.outer(i, j) & off).any() else None
                                      for j in members] for i in members]

@@ -725,3 +725,5 @@ def test_weights_and_parameter_distance_are_read_cluster_by_cluster():
     assert protocol.by_cluster({"weights": weights.tolist()}, None) == {}
     alone = protocol.by_cluster({"weights": weights.tolist(), "param_distance": distance.tolist()}, [7, 9, 9, 9])
     assert alone["param_distance"][0][0] is None and alone["param_distance"][1][1] is not None
+    same = protocol.by_cluster({"weights": weights.tolist(), "param_distance": np.zeros((4, 4)).tolist()}, clusters)
+    assert same["param_distance"] == [[0.0, 0.0], [0.0, 0.0]]  # a zero median leaves them unscaled, as the server does
