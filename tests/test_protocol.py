@@ -286,6 +286,32 @@ def test_arms_are_compared_paired_and_the_gate_is_rechecked_at_the_chosen_rates(
     assert gate["pilot"] and not gate["passed"] and "not yet measured" in protocol.gate_line(gate)
 
 
+def test_every_arm_is_paired_with_the_strongest_federated_baseline_on_three_seeds(tmp_path):
+    """The strongest federated baseline is the one with the best mean own-test accuracy on
+    every seed: an arm on fewer seeds, or a reference (the cluster oracle), never is."""
+    accuracy = {"local": 0.5, "fedavg_lora_r8": 0.7, "ffa_lora": 0.8, "fedprox": 0.95, "cluster_oracle": 0.9}
+    for arm, test in accuracy.items():
+        where = f"wordnet_clustered_labels/{arm}"
+        for rate in protocol.LEARNING_RATES:  # 3e-3 wins on validation: no extension
+            _fake_run(tmp_path, f"{where}/lr{rate:g}/seed0", 0.9 if rate == 0.003 else 0.1, test=test,
+                      clients=[test, test + 0.02])
+        for seed in (1, 2) if arm != "fedprox" else (1,):  # FedProx: two seeds, not yet a baseline
+            _fake_run(tmp_path, f"{where}/lr0.003/seed{seed}", 0.9, test=test + 0.01 * seed,
+                      clients=[test + 0.01 * seed, test + 0.02])
+    data = protocol.summarize(tmp_path, ["wordnet_clustered_labels"], smoke=False)["settings"][
+        "wordnet_clustered_labels"]
+    assert data["strongest_federated_baseline"] == "ffa_lora"
+    arms = data["arms"]
+    assert arms["fedavg_lora_r8"]["paired"]["ffa_lora"]["diff"] == pytest.approx(-0.1)
+    assert arms["fedprox"]["paired"]["ffa_lora"]["seeds"] == 2
+    assert "ffa_lora" not in arms["ffa_lora"]["paired"]
+    table = protocol.markdown({"rule": protocol.summarize(tmp_path, [], smoke=False)["rule"],
+                               "settings": {"wordnet_clustered_labels": data}})
+    assert "Strongest federated baseline (best mean own-test accuracy on three seeds" in table
+    assert "| local | 3 | 51.5 ± 0.3 | - | -20.0 ± 0.0 [3] | -30.0 ± 0.0 [3] |" in table
+    assert protocol.strongest_baseline({}) is None
+
+
 def test_the_target_is_met_missed_or_undecided():
     def row(accuracy, mb, seeds=3, paired=None):
         return {"test_accuracy": accuracy, "mb_per_round": mb, "seeds": list(range(seeds)), "paired": paired or {}}
