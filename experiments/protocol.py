@@ -1192,8 +1192,10 @@ def summarize(root: pathlib.Path, settings: list[str], smoke: bool) -> dict:
                           **({"mixing_by_cluster": {str(seed): run["by_cluster"] for seed, run in runs.items()}}
                              if any(run["by_cluster"] for run in runs.values()) else {})}
         strongest = strongest_baseline(rows)
+        # Once each: the strongest baseline may be one of BASELINES (FedAvg-LoRA r=8 on the reviews).
+        compared_with = dict.fromkeys((*BASELINES, ORACLE, strongest))
         for name, row in rows.items():
-            row["paired"] = {base: _paired(by_arm[name], by_arm[base]) for base in (*BASELINES, ORACLE, strongest)
+            row["paired"] = {base: _paired(by_arm[name], by_arm[base]) for base in compared_with
                              if base in by_arm and base != name}
             row["mb_per_round_in_all"] = mb_in_all(row)
         _adapter_bytes(rows, by_arm)
